@@ -1,0 +1,3 @@
+from taskpool.cli import entry_point
+
+entry_point()

@@ -1,0 +1,182 @@
+"""The command line: `taskpool run ...`. Parses and validates, then hands over to main.py.
+
+Errors meant for people are one line, `taskpool: <where>: <reason>`, on stderr, with exit
+status 2 for a wrong command line or bad input. A traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from typing import Sequence
+
+from taskpool import ipc, log as tplog
+from taskpool.dealer import DealerConfig
+from taskpool.generator import GeneratorInput
+from taskpool.jobs import Job, JobKind, read_job_file
+from taskpool.main import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, RunConfig, run
+from taskpool.worker import CrashPlan, InjectedFault
+
+MAX_WORKERS = 512
+
+# The seed's 12 jobs (fib 40..45), scaled down by 10 so the demo takes seconds, not minutes.
+DEMO_FIB_ARGS = (30, 31, 32, 33, 34, 35, 35, 31, 32, 33, 34, 35)
+DEMO_WORKERS = 4
+DEMO_CRASH_RATE = 0.3
+DEMO_SEED = 21  # five crashes, at each of the three steps
+
+
+def error(message: str) -> None:
+    os.write(2, f"taskpool: {message}\n".encode("utf-8", "replace"))
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{n} is out of range 1..{MAX_WORKERS}")
+    return n
+
+
+def _crash_rate(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text} is out of range: 0 <= P < 1 (at 1 every attempt would crash)")
+    return p
+
+
+def _fault(text: str) -> InjectedFault:
+    try:
+        return InjectedFault.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskpool",
+        description="A fault-tolerant pool of forked workers over POSIX message queues.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    run_cmd = commands.add_parser(
+        "run", help="run jobs on a pool of workers",
+        description="Run the jobs of FILE (or standard input) on a pool of forked workers; "
+                    "a worker that dies mid-job is replaced and its job sent again.",
+    )
+    run_cmd.add_argument("--workers", type=_workers, metavar="N",
+                         help=f"pool size, 1..{MAX_WORKERS} (default: CPU count; --demo: "
+                              f"{DEMO_WORKERS})")
+    run_cmd.add_argument("--jobs", metavar="FILE",
+                         help="job file ('fib N' or 'sleep SECONDS' a line); '-' or omitted "
+                              "with piped input: standard input, read as the pool runs")
+    run_cmd.add_argument("--crash-rate", type=_crash_rate, metavar="P",
+                         help="simulate crashes: each attempt of a job crashes its worker "
+                              "with SIGSEGV with probability P (default 0; --demo: "
+                              f"{DEMO_CRASH_RATE})")
+    run_cmd.add_argument("--seed", type=int, metavar="S",
+                         help="seed of the crash simulation (default: random, printed)")
+    run_cmd.add_argument("--results", metavar="OUT.jsonl",
+                         help="write one JSON object per job as it is recorded")
+    run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
+    run_cmd.add_argument("--demo", action="store_true",
+                         help="run the demo: the seed's 12 fib jobs, 4 workers, crashes")
+    run_cmd.add_argument("--inject-fault", type=_fault, action="append", default=[],
+                         metavar="JOB:STEP[:ATTEMPT]",
+                         help="testing hook: SIGKILL the worker that reaches STEP "
+                              "(before_ack, during_compute, before_result, after_result) "
+                              "of job JOB on attempt ATTEMPT (default 1); repeatable")
+    return parser
+
+
+def _load_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GeneratorInput | None:
+    """The validated job list, or None after printing why nothing can run."""
+    if args.demo:
+        if args.jobs is not None:
+            parser.error("--demo brings its own jobs: drop --jobs")
+        return GeneratorInput(
+            [Job(i, JobKind.FIB, n) for i, n in enumerate(DEMO_FIB_ARGS, start=1)])
+    if args.jobs is None and sys.stdin.isatty():
+        parser.print_usage(sys.stderr)
+        error("no jobs: give --jobs FILE, or pipe jobs into standard input")
+        return None
+    if args.jobs is None or args.jobs == "-":
+        return GeneratorInput(None)
+    try:
+        jobs, errors = read_job_file(args.jobs)
+    except OSError as e:
+        error(f"{args.jobs}: cannot read: {e.strerror}")
+        return None
+    for line_error in errors:
+        error(str(line_error))
+    if errors:
+        error(f"{args.jobs}: {len(errors)} bad line(s); nothing was run")
+        return None
+    return GeneratorInput(jobs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    source = _load_jobs(args, parser)
+    if source is None:
+        return EXIT_BAD_INPUT
+
+    log_fd = 2
+    if args.log is not None:
+        try:
+            log_fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        except OSError as e:
+            error(f"{args.log}: cannot write the log: {e.strerror}")
+            return EXIT_BAD_INPUT
+    results = None
+    if args.results is not None:
+        try:
+            results = open(args.results, "w", encoding="utf-8")
+        except OSError as e:
+            error(f"{args.results}: cannot write results: {e.strerror}")
+            return EXIT_BAD_INPUT
+    tplog.setup(log_fd)
+
+    crash_rate = args.crash_rate
+    if crash_rate is None:
+        crash_rate = DEMO_CRASH_RATE if args.demo else 0.0
+    seed = args.seed
+    if seed is None:
+        seed = DEMO_SEED if args.demo else secrets.randbits(32)
+    workers = args.workers or (DEMO_WORKERS if args.demo else (os.cpu_count() or 1))
+    main_log = logging.getLogger("taskpool.main")
+    if crash_rate > 0:
+        main_log.info("Simulating crashes: rate %g, seed %d (repeat with --seed %d)",
+                      crash_rate, seed, seed)
+    config = RunConfig(
+        dealer=DealerConfig(
+            workers=workers,
+            plan=CrashPlan(crash_rate, seed, frozenset(args.inject_fault)),
+            log_fd=log_fd,
+        ),
+        source=source,
+        results=results,
+        report_error=error,
+    )
+    try:
+        return run(config)
+    except ipc.QueueLimitError as e:
+        error(str(e))
+        return EXIT_JOBS_NOT_DONE
+    finally:
+        if results is not None:
+            results.close()
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The Dealer: hands jobs to workers, records results, recovers from worker deaths.
+
+Threads, and what each may block on::
+
+    send thread      ready queue receive; state.worker_free wait; result queue send (rare)
+    recv thread      result queue receive; record pipe write to main
+    recovery thread  sigwait(); result queue send (see recovery.py)
+
+The send and recv threads are separate, as in the seed, so that the Dealer never blocks on
+sending while workers block on a full result queue. The recv thread is the sink: it never
+waits for another thread of ours (its sends to the ready queue are non-blocking tries), so
+every other blocked thread or worker is eventually released by it.
+
+No job is lost, whenever a worker dies:
+- a job is recorded in its worker's `outstanding` list, under the lock, in the same critical
+  section that sends it to that worker's own queue. From then on the Dealer knows exactly
+  which worker holds it, whether the worker has read it yet or not; so the seed's window
+  between a worker's receive and its ACK does not exist here;
+- when a worker dies, the recv thread (after every message the worker sent) drains the dead
+  worker's queue: what is still there was never started; what is outstanding and not there
+  was taken (at most one job: a worker takes the next job only after sending the result of
+  the last). All of them are resent; only the taken one counts an attempt.
+No result is doubled: a job is recorded once, by job id, in the recv thread; a late
+duplicate is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import NoReturn
+
+import posix_ipc
+
+from taskpool import ipc
+from taskpool.pool_state import JobState, PoolState, WorkerHandle
+from taskpool.protocol import (
+    Ack,
+    DealerStats,
+    EndOfJobs,
+    JobMessage,
+    JobRecord,
+    ProtocolError,
+    Result,
+    Shutdown,
+    Status,
+    Stop,
+    Terminate,
+    Wake,
+    WorkerExited,
+    decode,
+    encode_record,
+)
+from taskpool.recovery import NUDGE_SIGNAL, SUPERVISOR_SIGNALS, Supervisor, WorkerSetup
+from taskpool.worker import CrashPlan
+
+log = logging.getLogger("taskpool.dealer")
+recovery_log = logging.getLogger("taskpool.recovery")
+
+EXIT_ALL_DONE = 0
+EXIT_STOPPED_EARLY = 3  # terminated, or the pool could not go on
+
+
+@dataclass(frozen=True)
+class DealerConfig:
+    workers: int
+    plan: CrashPlan
+    log_fd: int
+    credit: int = ipc.WORKER_QUEUE_DEPTH
+
+
+class Dealer:
+    def __init__(
+        self, config: DealerConfig, ready_queue: posix_ipc.MessageQueue, record_fd: int
+    ) -> None:
+        self.config = config
+        self.ready_queue = ready_queue
+        self.record_fd = record_fd
+        self.result_queue = ipc.create_queue("result", ipc.RESULT_QUEUE_DEPTH)
+        self.state = PoolState(credit=config.credit)
+        # Owned by the recv thread alone: no lock.
+        self.expected_total: int | None = None
+        self.recorded = 0
+        self.terminated = False
+        self.supervisor = Supervisor(
+            self.state,
+            config.workers,
+            WorkerSetup(self.result_queue, config.plan, config.log_fd),
+        )
+
+    def run(self) -> int:
+        log.info("Starting (PID %d) with %d workers", os.getpid(), self.config.workers)
+        threads = [
+            self.supervisor,
+            threading.Thread(target=self._send_loop, name="send", daemon=True),
+            threading.Thread(target=self._recv_loop, name="recv", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends)
+        self._write_to_main(encode_record(stats))
+        self.result_queue.close()
+        self.ready_queue.close()
+        log.info("Shutting down.")
+        if self.terminated or self.supervisor.failure is not None:
+            return EXIT_STOPPED_EARLY
+        return EXIT_ALL_DONE
+
+    # --- send thread -----------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        """Owns: taking jobs from the ready queue and sending each to a worker."""
+        state = self.state
+        while not state.stopping:
+            with state.lock:
+                job_id = state.resend.popleft() if state.resend else None
+            if job_id is None:
+                data, _ = self.ready_queue.receive()
+                try:
+                    message = decode(data)
+                except ProtocolError as e:
+                    log.error("Dropped a malformed message from the generator: %s", e)
+                    continue
+                if isinstance(message, Stop):
+                    return
+                if isinstance(message, EndOfJobs):
+                    # Ordered after every job the generator sent; the recv thread owns the
+                    # count of what is recorded, so it decides when all is done.
+                    self.result_queue.send(message.encode())
+                    continue
+                if not isinstance(message, JobMessage):
+                    continue  # Wake: look at the resend list again
+                job_id = message.job.job_id
+                with state.lock:
+                    if job_id in state.jobs:
+                        log.error("Dropped job %d: its id was already taken", job_id)
+                        continue
+                    state.jobs[job_id] = JobState(message.job)
+            self._dispatch(job_id)
+
+    def _dispatch(self, job_id: int) -> None:
+        state = self.state
+        with state.lock:
+            worker = state.pick_worker()
+            while worker is None and not state.stopping:
+                state.worker_free.wait()
+                worker = state.pick_worker()
+            job_state = state.jobs[job_id]
+            if worker is None or job_state.recorded:
+                return
+            attempt = job_state.failed_attempts + 1
+            worker.outstanding.append(job_id)
+            # Never blocks: this worker has fewer outstanding jobs than its queue has slots.
+            worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
+        retry = f" (attempt {attempt})" if attempt > 1 else ""
+        log.info("Sent job %d -> %s%s", job_id, job_state.job.describe(), retry)
+
+    # --- recv thread -----------------------------------------------------------------
+
+    def _recv_loop(self) -> None:
+        """Owns: the job records, the all-done decision, and what to resend after a death.
+        Ends when the pool is stopping and every worker's exit has been seen."""
+        state = self.state
+        while True:
+            data, _ = self.result_queue.receive()
+            try:
+                message = decode(data)
+            except ProtocolError as e:
+                log.error("Dropped a malformed message from a worker: %s", e)
+                continue
+            if isinstance(message, Result):
+                self._on_result(message)
+            elif isinstance(message, Ack):
+                pass  # the assignment is already known; an Ack only says the job started
+            elif isinstance(message, WorkerExited):
+                self._on_worker_exited(message)
+            elif isinstance(message, EndOfJobs):
+                self.expected_total = message.total
+            elif isinstance(message, Terminate):
+                self._terminate(message.signum)
+            if not state.stopping and self.recorded == self.expected_total:
+                log.info("All jobs completed. Shutting down workers...")
+                self._stop_pool(kill=False)
+            if state.stopping:
+                with state.lock:
+                    if not state.workers:
+                        return
+
+    def _on_result(self, result: Result) -> None:
+        state = self.state
+        with state.lock:
+            worker = state.workers.get(result.pid)
+            if worker is not None and result.job_id in worker.outstanding:
+                worker.outstanding.remove(result.job_id)
+                state.worker_free.notify()
+            job_state = state.jobs.get(result.job_id)
+            duplicate = job_state is not None and job_state.recorded
+            if job_state is not None:
+                job_state.recorded = True
+        if job_state is None:
+            log.error("Dropped a result for unknown job %d", result.job_id)
+            return
+        if duplicate:
+            log.info("Dropped duplicate result for job %d from worker PID [%d]",
+                     result.job_id, result.pid)
+            return
+        job = job_state.job
+        record = JobRecord(
+            job=job.job_id, kind=job.kind.label, arg=job.arg, status=Status.DONE.value,
+            result=result.value, worker=result.pid, attempts=result.attempt,
+        )
+        self.recorded += 1
+        self._write_to_main(encode_record(record))
+        log.info("Received result for job %d: %s from worker PID [%d]",
+                 result.job_id, result.value, result.pid)
+
+    def _on_worker_exited(self, exited: WorkerExited) -> None:
+        """The worker is dead and all its messages were handled: resend what it held."""
+        state = self.state
+        crashed: list[int] = []  # taken by the worker: this attempt failed
+        requeued: list[int] = []  # still in its queue: never started
+        with state.lock:
+            worker = state.workers.pop(exited.pid, None)
+            if worker is None:
+                return
+            never_started = self._drain(worker)
+            worker.request_queue.close()
+            for job_id in worker.outstanding:
+                job_state = state.jobs[job_id]
+                if job_state.recorded:
+                    continue
+                if job_id in never_started:
+                    requeued.append(job_id)
+                else:
+                    job_state.failed_attempts += 1
+                    crashed.append(job_id)
+            if state.stopping:
+                return
+            state.resend.extend(crashed + requeued)
+            state.resends += len(crashed)
+        if crashed or requeued:
+            self._wake_send_thread()
+        for job_id in crashed:
+            recovery_log.info("Resent job %d after crash of %d", job_id, exited.pid)
+        for job_id in requeued:
+            recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
+                              job_id, exited.pid)
+
+    @staticmethod
+    def _drain(worker: WorkerHandle) -> set[int]:
+        """Take back the jobs still waiting in a dead worker's queue."""
+        waiting: set[int] = set()
+        while True:
+            try:
+                data, _ = worker.request_queue.receive(timeout=0)
+            except posix_ipc.BusyError:
+                return waiting
+            try:
+                message = decode(data)
+            except ProtocolError:
+                continue
+            if isinstance(message, JobMessage):
+                waiting.add(message.job.job_id)
+
+    def _terminate(self, signum: int) -> None:
+        if self.state.stopping:
+            return
+        self.terminated = True
+        with self.state.lock:
+            pending = sum(1 for s in self.state.jobs.values() if not s.recorded)
+        cause = f"signal {signum}" if signum else "the pool cannot go on"
+        log.info("Stopping on %s: %d jobs not done", cause, pending)
+        self._stop_pool(kill=True)
+
+    def _stop_pool(self, kill: bool) -> None:
+        """Set stopping, and end every worker: a Shutdown message when all jobs are done,
+        SIGKILL when terminated (a Shutdown would wait behind queued jobs)."""
+        state = self.state
+        with state.lock:
+            state.stopping = True
+            for worker in state.workers.values():
+                if not worker.alive:
+                    continue
+                if kill:
+                    os.kill(worker.pid, signal.SIGKILL)
+                else:
+                    try:
+                        # With all jobs done, every worker's queue is empty: never blocks.
+                        worker.request_queue.send(Shutdown().encode(), timeout=0)
+                    except posix_ipc.BusyError:
+                        os.kill(worker.pid, signal.SIGKILL)
+            state.worker_free.notify_all()
+        self._try_send(self.ready_queue, Stop().encode())
+        # The recovery thread may be waiting with no worker left to wake it.
+        os.kill(os.getpid(), NUDGE_SIGNAL)
+
+    def _wake_send_thread(self) -> None:
+        self._try_send(self.ready_queue, Wake().encode())
+
+    @staticmethod
+    def _try_send(queue: posix_ipc.MessageQueue, data: bytes) -> None:
+        """A wake-up for the send thread. If the ready queue is full, the send thread is
+        not blocked in receive: it will look at the state after its next message."""
+        try:
+            queue.send(data, timeout=0)
+        except posix_ipc.BusyError:
+            pass
+
+    def _write_to_main(self, line: bytes) -> None:
+        try:
+            os.write(self.record_fd, line)
+        except BrokenPipeError:
+            # main is gone; PR_SET_PDEATHSIG is about to end us, and our workers with us.
+            os._exit(EXIT_STOPPED_EARLY)
+
+
+def run_dealer(
+    config: DealerConfig,
+    ready_queue: posix_ipc.MessageQueue,
+    record_fd: int,
+    main_pid: int,
+) -> NoReturn:
+    """The Dealer process, forked by main. Leaves only through os._exit()."""
+    code = EXIT_STOPPED_EARLY
+    try:
+        ipc.set_parent_death_signal(main_pid)
+        ipc.reset_signals_in_child()
+        ipc.redirect_stdin_to_devnull()
+        ipc.close_fds_except({0, 1, 2, config.log_fd, ready_queue.mqd, record_fd})
+        # Before any thread starts, so that all inherit it: the recovery thread alone takes
+        # these with sigwait(). A handler is installed for SIGCHLD so that the kernel
+        # queues it rather than discarding it as default-ignored.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+        code = Dealer(config, ready_queue, record_fd).run()
+    except ipc.QueueLimitError as e:
+        log.error("Cannot start: %s", e)
+    except BaseException:
+        log.exception("Dealer failed")
+    finally:
+        os._exit(code)

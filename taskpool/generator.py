@@ -1,0 +1,84 @@
+"""The TaskGenerator: a forked process that puts the jobs on the ready queue.
+
+A job file was read and validated whole by main before anything started; the generator sends
+that list. Standard input is read here, line by line, while the pool runs: each good line
+is reported to main (so that main can account for it even if the Dealer dies) and then
+queued; each bad line is reported to main, which prints the error, and skipped. The ready
+queue holds ten messages, so a fast producer is held back by the pool's pace rather than
+filling memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, NoReturn
+
+import posix_ipc
+
+from taskpool import ipc
+from taskpool.jobs import Job, LineError, parse_lines
+from taskpool.protocol import EndOfJobs, JobAccepted, JobMessage, LineRejected, encode_record
+
+log = logging.getLogger("taskpool.generator")
+
+STDIN_NAME = "<stdin>"
+
+
+@dataclass(frozen=True)
+class GeneratorInput:
+    """Either the validated jobs of a file, or None to stream standard input."""
+
+    jobs: list[Job] | None
+
+
+def _stdin_lines() -> Iterable[str]:
+    with os.fdopen(0, "rb", closefd=False) as stream:
+        while True:
+            line = stream.readline()
+            if not line:
+                return
+            yield line.decode("utf-8", "replace")
+
+
+def run_generator(
+    source: GeneratorInput,
+    ready_queue: posix_ipc.MessageQueue,
+    intake_fd: int | None,
+    main_pid: int,
+    log_fd: int,
+) -> NoReturn:
+    code = 1
+    try:
+        ipc.set_parent_death_signal(main_pid)
+        ipc.reset_signals_in_child()
+        keep = {0, 1, 2, log_fd, ready_queue.mqd}
+        if intake_fd is not None:
+            keep.add(intake_fd)
+        ipc.close_fds_except(keep)
+        log.info("Starting (PID %d), reading %s", os.getpid(),
+                 "standard input" if source.jobs is None else f"{len(source.jobs)} jobs")
+        total = 0
+        if source.jobs is not None:
+            for job in source.jobs:
+                ready_queue.send(JobMessage(job, attempt=1).encode())
+            total = len(source.jobs)
+        else:
+            assert intake_fd is not None
+            for item in parse_lines(_stdin_lines(), STDIN_NAME):
+                if isinstance(item, LineError):
+                    os.write(intake_fd, encode_record(
+                        LineRejected(f"{item.source}:{item.line}", item.reason)))
+                    continue
+                # Tell main first: a job main knows of is reported at the end, done or not.
+                os.write(intake_fd, encode_record(JobAccepted(item)))
+                ready_queue.send(JobMessage(item, attempt=1).encode())
+                total += 1
+        ready_queue.send(EndOfJobs(total).encode())
+        log.info("All %d jobs queued", total)
+        code = 0
+    except BaseException:
+        log.exception("TaskGenerator failed")
+    finally:
+        os._exit(code)

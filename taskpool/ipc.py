@@ -1,0 +1,148 @@
+"""POSIX message queues and process plumbing shared by every role.
+
+Queue lifetime: every queue is created with O_EXCL, mode 0600, under an unguessable name, and
+its name is unlinked at once. The processes that use it get the descriptor through fork(), so
+the queue lives exactly as long as some process of ours holds it open: no run, however it
+ends, leaves a name in /dev/mqueue (the only window is the microseconds between mq_open and
+mq_unlink in one thread).
+
+Queue budget: the kernel charges a queue about max_messages * (msgsize + 96) bytes against
+the user's RLIMIT_MSGQUEUE (819,200 bytes by default). Our messages are under 128 bytes, so a
+worker's queue of `WORKER_QUEUE_DEPTH` messages costs ~450 bytes and 64 workers fit with
+room to spare for other programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import secrets
+import signal
+
+import posix_ipc
+
+from taskpool.protocol import MAX_MESSAGE_SIZE
+
+# The kernel's default fs.mqueue.msg_max is 10: never ask for more.
+READY_QUEUE_DEPTH = 10
+RESULT_QUEUE_DEPTH = 10
+WORKER_QUEUE_DEPTH = 2
+
+_PER_MESSAGE_OVERHEAD = 96  # bytes of kernel bookkeeping per message slot, x86-64
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class QueueLimitError(RuntimeError):
+    """The kernel refused a queue; the message says why in plain words."""
+
+
+def queue_cost(depth: int, msgsize: int = MAX_MESSAGE_SIZE) -> int:
+    return depth * (msgsize + _PER_MESSAGE_OVERHEAD)
+
+
+def _read_sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/fs/mqueue/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def create_queue(role: str, depth: int) -> posix_ipc.MessageQueue:
+    """Create a private queue and unlink its name at once (see the module doc)."""
+    name = f"/taskpool-{os.getpid()}-{role}-{secrets.token_hex(8)}"
+    try:
+        queue = posix_ipc.MessageQueue(
+            name,
+            flags=posix_ipc.O_CREX,
+            mode=0o600,
+            max_messages=depth,
+            max_message_size=MAX_MESSAGE_SIZE,
+            read=True,
+            write=True,
+        )
+    except ValueError as e:
+        raise QueueLimitError(
+            f"the kernel refused a message queue of {depth} x {MAX_MESSAGE_SIZE} bytes ({e}); "
+            f"fs.mqueue.msg_max is {_read_sysctl('msg_max')} and fs.mqueue.msgsize_max is "
+            f"{_read_sysctl('msgsize_max')}: raise them with sysctl"
+        ) from None
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENOMEM, errno.ENOSPC):
+            soft, _ = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
+            raise QueueLimitError(
+                "the kernel refused another message queue: this user's queue memory "
+                f"(RLIMIT_MSGQUEUE, {soft} bytes) or the system's queue count "
+                f"(fs.mqueue.queues_max, {_read_sysctl('queues_max')}) is used up. "
+                f"This queue needs {queue_cost(depth)} bytes. Other programs, or queues "
+                "still open in processes of an earlier run, may hold the rest: raise the "
+                "limit with `ulimit -q` (or `prlimit --msgqueue`) or `sysctl fs.mqueue.queues_max`"
+            ) from None
+        raise
+    queue.unlink()
+    return queue
+
+
+def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> None:
+    """Die with `sig` when the thread that forked us exits; if the parent is already gone,
+    exit now. Call first thing in a child."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (workers of a killed Dealer) are reparented to us, so that we
+    can reap them instead of leaving zombies to an init that may not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor not in `keep`: queues, pipes and pidfds a forked child
+    inherited but must not hold (a held queue outlives its owner and eats the budget)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+
+
+def redirect_stdin_to_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def reset_signals_in_child(ignore_sigint: bool = True) -> None:
+    """A forked child starts with the parent's mask and Python handlers: undo both.
+    SIGINT is ignored because Ctrl-C reaches the whole process group, and main alone
+    decides how a run ends."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+
+
+def describe_wait_status(status: int) -> str:
+    """'exited with status 3' or 'killed by signal 11 (SIGSEGV)'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by signal {sig} ({name})"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"changed state ({status:#x})"

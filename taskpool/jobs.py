@@ -1,0 +1,137 @@
+"""The job model and the job file format.
+
+A job file has one job a line::
+
+    fib 30          # naive-recursive fib(N), the CPU-bound load
+    sleep 0.5       # sleep for SECONDS, the waiting load
+
+Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
+accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
+line and the reason, so that the caller can list every bad line.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Union
+
+# Naive recursion is exponential: fib(30) takes ~0.2 s in CPython, fib(40) ~20 s, fib(45)
+# ~4 minutes. 45 leaves room for long jobs while refusing typos that would run for days.
+FIB_MAX = 45
+# An hour; longer sleeps are almost certainly a unit mistake (ms for s).
+SLEEP_MAX = 3600.0
+
+
+class JobKind(enum.IntEnum):
+    FIB = 1
+    SLEEP = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+Arg = Union[int, float]
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    kind: JobKind
+    arg: Arg
+
+    def describe(self) -> str:
+        """The job as the log shows it: ``fib(30)`` or ``sleep(0.5)``."""
+        return f"{self.kind.label}({self.arg})"
+
+
+@dataclass(frozen=True)
+class LineError:
+    source: str  # the file name, or "<stdin>"
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+def parse_job_text(text: str) -> tuple[JobKind, Arg] | str | None:
+    """Parse one line's text: (kind, arg), None for a blank or comment line, or the reason
+    it is bad."""
+    body = text.split("#", 1)[0].strip()
+    if not body:
+        return None
+    words = body.split()
+    name, args = words[0].lower(), words[1:]
+    if name == "fib":
+        if len(args) != 1:
+            return f"fib takes one argument, got {len(args)}"
+        try:
+            n = int(args[0])
+        except ValueError:
+            return f"fib argument {args[0]!r} is not an integer"
+        if not 0 <= n <= FIB_MAX:
+            return f"fib argument {n} is out of range 0..{FIB_MAX}"
+        return JobKind.FIB, n
+    if name == "sleep":
+        if len(args) != 1:
+            return f"sleep takes one argument, got {len(args)}"
+        try:
+            seconds = float(args[0])
+        except ValueError:
+            return f"sleep argument {args[0]!r} is not a number"
+        if not math.isfinite(seconds) or seconds < 0:
+            return f"sleep argument {args[0]} must be a finite number >= 0"
+        if seconds > SLEEP_MAX:
+            return f"sleep argument {seconds:g} is over the limit of {SLEEP_MAX:g} seconds"
+        return JobKind.SLEEP, seconds
+    return f"unknown job kind {words[0]!r} (expected 'fib N' or 'sleep SECONDS')"
+
+
+def parse_lines(
+    lines: Iterable[str], source: str, first_id: int = 1
+) -> Iterator[Job | LineError]:
+    """Yield a Job for each accepted line and a LineError for each bad one, in order.
+
+    Ids count accepted jobs only, so a skipped bad line on stdin does not leave a hole."""
+    next_id = first_id
+    for number, text in enumerate(lines, start=1):
+        parsed = parse_job_text(text)
+        if parsed is None:
+            continue
+        if isinstance(parsed, str):
+            yield LineError(source, number, parsed)
+            continue
+        kind, arg = parsed
+        yield Job(next_id, kind, arg)
+        next_id += 1
+
+
+def read_job_file(path: str) -> tuple[list[Job], list[LineError]]:
+    """Validate a whole job file. The caller runs nothing if any error comes back."""
+    jobs: list[Job] = []
+    errors: list[LineError] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for item in parse_lines(f, path):
+            if isinstance(item, LineError):
+                errors.append(item)
+            else:
+                jobs.append(item)
+    return jobs, errors
+
+
+def fib(n: int) -> int:
+    """Naive recursion on purpose: it is the CPU-bound load, not a fast Fibonacci."""
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def execute(kind: JobKind, arg: Arg) -> Arg:
+    """Run a job in the worker. A sleep job's result is the time it slept, as seed 000's
+    workers report their duration back."""
+    if kind is JobKind.FIB:
+        return fib(int(arg))
+    time.sleep(float(arg))
+    return float(arg)

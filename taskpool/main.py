@@ -1,0 +1,305 @@
+"""main: forks the TaskGenerator and the Dealer, records every job's outcome, ends the run.
+
+main is the recorder: the Dealer sends it each outcome over the record pipe and main writes
+the --results line, once per job id. Because main outlives both children, a killed Dealer or
+generator cannot take recorded results with it: main keeps them, reports every other job it
+knows of as not done, and exits 1.
+
+main is single-threaded. Its signal handlers only note the signal; signal.set_wakeup_fd()
+wakes the select() loop, which does the work: read the pipes, reap children with
+waitpid(-1, WNOHANG), and end the run. main is a child subreaper, so workers orphaned by a
+killed Dealer (which PR_SET_PDEATHSIG kills at once) are reaped here too, not left as zombies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+from taskpool import ipc
+from taskpool.dealer import EXIT_ALL_DONE, DealerConfig, run_dealer
+from taskpool.generator import GeneratorInput, run_generator
+from taskpool.jobs import Job
+from taskpool.protocol import (
+    DealerStats,
+    JobAccepted,
+    JobRecord,
+    LineRejected,
+    ProtocolError,
+    Status,
+    decode_record,
+)
+
+log = logging.getLogger("taskpool.main")
+
+EXIT_OK = 0
+EXIT_JOBS_NOT_DONE = 1
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class RunConfig:
+    dealer: DealerConfig
+    source: GeneratorInput
+    results: IO[str] | None
+    report_error: Callable[[str], None]  # prints "taskpool: ..." to the user
+
+
+@dataclass
+class Child:
+    role: str
+    pid: int
+    status: int | None = None  # raw wait status once reaped
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    def ended_normally(self, expected_code: int = 0) -> bool:
+        return (
+            self.status is not None
+            and os.WIFEXITED(self.status)
+            and os.WEXITSTATUS(self.status) == expected_code
+        )
+
+
+class LineReader:
+    """Splits what arrives on a pipe into lines."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = b""
+        self.open = True
+
+    def read_lines(self) -> list[bytes]:
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            self.open = False
+            os.close(self.fd)
+            return []
+        lines = (self.pending + chunk).split(b"\n")
+        self.pending = lines.pop()
+        return lines
+
+
+@dataclass
+class Recorder:
+    """Every job main knows of, and each one's outcome, recorded once."""
+
+    results: IO[str] | None
+    known: dict[int, Job] = field(default_factory=dict)
+    outcomes: dict[int, JobRecord] = field(default_factory=dict)
+    rejected_lines: int = 0
+    stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
+
+    def record(self, record: JobRecord) -> None:
+        if record.job in self.outcomes:
+            log.info("Dropped duplicate record for job %d", record.job)
+            return
+        self.outcomes[record.job] = record
+        if self.results is not None:
+            self.results.write(json.dumps(record.to_json()) + "\n")
+            self.results.flush()
+
+    def record_not_done(self, reason: str) -> None:
+        for job_id in sorted(self.known):
+            if job_id not in self.outcomes:
+                job = self.known[job_id]
+                self.record(JobRecord(
+                    job=job_id, kind=job.kind.label, arg=job.arg, status=Status.NOT_DONE.value,
+                    result=None, worker=None, attempts=0, reason=reason,
+                ))
+
+    def count(self, status: Status) -> int:
+        return sum(1 for r in self.outcomes.values() if r.status == status.value)
+
+
+class Main:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.recorder = Recorder(config.results)
+        if config.source.jobs is not None:
+            self.recorder.known = {job.job_id: job for job in config.source.jobs}
+        self.interrupted: int | None = None  # the first SIGINT/SIGTERM
+        self.signals_seen: list[int] = []
+        self.end_reason: str | None = None
+
+    def run(self) -> int:
+        started = time.monotonic()
+        ipc.become_subreaper()
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._note_signal)
+
+        ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH)
+        record_r, record_w = os.pipe()
+        streaming = self.config.source.jobs is None
+        intake_r, intake_w = os.pipe() if streaming else (None, None)
+        main_pid = os.getpid()
+        if self.config.results is not None:
+            self.config.results.flush()
+
+        # main is single-threaded: these forks copy no other thread's state.
+        generator_pid = os.fork()
+        if generator_pid == 0:
+            run_generator(self.config.source, ready_queue, intake_w, main_pid,
+                          self.config.dealer.log_fd)
+        dealer_pid = os.fork()
+        if dealer_pid == 0:
+            os.close(record_r)
+            run_dealer(self.config.dealer, ready_queue, record_w, main_pid)
+        ready_queue.close()
+        os.close(record_w)
+        if intake_w is not None:
+            os.close(intake_w)
+        self.generator = Child("TaskGenerator", generator_pid)
+        self.dealer = Child("Dealer", dealer_pid)
+
+        readers = [LineReader(record_r)] + ([LineReader(intake_r)] if intake_r is not None else [])
+        while any(r.open for r in readers) or self.dealer.running or self.generator.running:
+            watched = [r.fd for r in readers if r.open] + [wake_r]
+            ready, _, _ = select.select(watched, [], [])
+            for reader in readers:
+                if reader.open and reader.fd in ready:
+                    for line in reader.read_lines():
+                        self._on_pipe_line(line)
+            if wake_r in ready:
+                self._on_signals(wake_r)
+
+        self._reap_orphans()
+        signal.set_wakeup_fd(-1)
+        self._finish(time.monotonic() - started)
+        return self._exit_status()
+
+    # --- events ----------------------------------------------------------------------
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        pass  # the wake-up fd carries the signal number to the loop
+
+    def _on_signals(self, wake_r: int) -> None:
+        try:
+            data = os.read(wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGINT, signal.SIGTERM):
+                self._on_interrupt(signum)
+        self._reap_children()
+
+    def _on_interrupt(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.interrupted is None:
+            self.interrupted = signum
+            self.end_reason = f"interrupted by {name}"
+            log.info("Interrupted by %s: stopping the pool", name)
+            self._signal_children(signal.SIGTERM)
+        else:
+            log.info("Second %s: killing the pool", name)
+            self._signal_children(signal.SIGKILL)
+
+    def _signal_children(self, sig: int) -> None:
+        for child in (self.generator, self.dealer):
+            if child.running:
+                try:
+                    os.kill(child.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def _reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for child in (self.generator, self.dealer):
+                if child.pid == pid:
+                    child.status = status
+                    self._on_child_exit(child)
+
+    def _on_child_exit(self, child: Child) -> None:
+        assert child.status is not None
+        if self.interrupted is not None:
+            return
+        if child is self.generator and child.ended_normally():
+            return
+        if child is self.dealer and child.ended_normally(EXIT_ALL_DONE):
+            return
+        if child is self.dealer and os.WIFEXITED(child.status):
+            # The Dealer stopped the pool itself and has said why in the log.
+            self.end_reason = self.end_reason or "the pool stopped before the job completed"
+            return
+        how = ipc.describe_wait_status(child.status)
+        if self.end_reason is None:
+            self.end_reason = f"the {child.role} was lost ({how})"
+            log.info("%s (PID %d) %s: ending the run", child.role, child.pid, how)
+        self._signal_children(signal.SIGTERM)
+
+    def _on_pipe_line(self, line: bytes) -> None:
+        try:
+            record = decode_record(line)
+        except ProtocolError as e:
+            log.error("Dropped a malformed record: %s", e)
+            return
+        if isinstance(record, JobRecord):
+            self.recorder.record(record)
+        elif isinstance(record, JobAccepted):
+            self.recorder.known[record.job.job_id] = record.job
+        elif isinstance(record, LineRejected):
+            self.recorder.rejected_lines += 1
+            self.config.report_error(f"{record.where}: {record.reason}")
+        else:
+            self.recorder.stats = record
+
+    def _reap_orphans(self) -> None:
+        """Wait for workers orphaned by a lost Dealer: PR_SET_PDEATHSIG has already sent
+        them SIGKILL, and as a subreaper we are their parent now."""
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+
+    # --- the end ---------------------------------------------------------------------
+
+    def _finish(self, wall_time: float) -> None:
+        recorder = self.recorder
+        recorder.record_not_done(self.end_reason or "the run ended before the job completed")
+        not_done = recorder.count(Status.NOT_DONE)
+        if not_done:
+            log.info("%d jobs not done: %s", not_done, self.end_reason)
+        else:
+            log.info("All done.")
+        total = len(recorder.outcomes)
+        log.info(
+            "Summary: %d jobs, %d done, %d failed, %d not done, %d crashes, %d resends, "
+            "wall time %.2f s",
+            total, recorder.count(Status.DONE), recorder.count(Status.FAILED), not_done,
+            recorder.stats.crashes, recorder.stats.resends, wall_time,
+        )
+
+    def _exit_status(self) -> int:
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        if self.recorder.rejected_lines:
+            return EXIT_BAD_INPUT
+        if self.recorder.count(Status.DONE) < len(self.recorder.outcomes):
+            return EXIT_JOBS_NOT_DONE
+        return EXIT_OK
+
+
+def run(config: RunConfig) -> int:
+    return Main(config).run()

@@ -1,0 +1,78 @@
+"""The Dealer's shared state, and the one lock that guards it.
+
+Three threads of the Dealer touch this state (see dealer.py for their roles):
+
+- the send thread assigns jobs to workers (`WorkerHandle.outstanding`) and sends them;
+- the recv thread records results, and on a worker's death computes what to resend;
+- the recovery thread registers forked workers and marks reaped ones dead.
+
+Every field below is read and written under `PoolState.lock`, with one exception named
+where it is. Nothing blocks while holding the lock: sends to a worker's queue are
+non-blocking by construction (a worker never has more `outstanding` jobs than its queue
+has slots), and the recovery thread's fork() is quick.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import posix_ipc
+
+from taskpool.jobs import Job
+
+
+@dataclass
+class WorkerHandle:
+    pid: int
+    request_queue: posix_ipc.MessageQueue  # this worker's own queue; nobody else reads it
+    # Job ids sent to this worker and not yet answered by a Result, in the order sent. The
+    # worker takes them in this order (its queue is FIFO), one at a time.
+    outstanding: list[int] = field(default_factory=list)
+    alive: bool = True  # False once reaped: no job may be sent to it any more
+
+
+@dataclass
+class JobState:
+    job: Job
+    # Workers that took this job and died before its result reached us. The next send
+    # carries attempt = failed_attempts + 1.
+    failed_attempts: int = 0
+    recorded: bool = False
+
+
+@dataclass
+class PoolState:
+    credit: int  # jobs a worker may hold at once: one running, the rest queued
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    workers: dict[int, WorkerHandle] = field(default_factory=dict)
+    jobs: dict[int, JobState] = field(default_factory=dict)
+    # Jobs to send again, ahead of any new job from the generator.
+    resend: deque[int] = field(default_factory=deque)
+    # Set once by the recv thread (all done, or terminated); never cleared. The send
+    # thread also reads it without the lock at the top of its loop: a stale False costs
+    # one more iteration, never a wrong send, since sends re-check it under the lock.
+    stopping: bool = False
+    crashes: int = 0
+    resends: int = 0
+
+    def __post_init__(self) -> None:
+        # Signalled whenever a worker may have gained free credit, or stopping was set.
+        self.worker_free = threading.Condition(self.lock)
+
+    def pick_worker(self) -> WorkerHandle | None:
+        """The live worker with the fewest outstanding jobs, if any has free credit.
+        Idle workers first, so a queued job never waits behind a running one while
+        another worker idles."""
+        best: WorkerHandle | None = None
+        for worker in self.workers.values():
+            if worker.alive and len(worker.outstanding) < self.credit:
+                if best is None or len(worker.outstanding) < len(best.outstanding):
+                    best = worker
+                    if not best.outstanding:
+                        break
+        return best
+
+    def live_workers(self) -> int:
+        return sum(1 for worker in self.workers.values() if worker.alive)

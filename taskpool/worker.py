@@ -1,0 +1,131 @@
+"""The worker: a forked process that runs one job at a time.
+
+Protocol, per job: receive it from its own request queue, send an Ack to the shared result
+queue, run it, send the Result. Each step boundary is a `Step`; simulated crashes
+(--crash-rate) and injected kills (--inject-fault, a test hook) happen exactly there, so
+that a test can kill a worker at every point of the protocol.
+
+"Let it crash": a worker never tries to survive its own faults. Any unexpected error ends
+the process; the Dealer notices the death and restores the pool.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import resource
+import signal
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import posix_ipc
+
+from taskpool.jobs import execute
+from taskpool.protocol import Ack, JobMessage, ProtocolError, Result, Shutdown, decode
+
+log = logging.getLogger("taskpool.worker")
+
+
+class Step(str, enum.Enum):
+    """Points of the worker protocol where a crash can be made to happen."""
+
+    BEFORE_ACK = "before_ack"  # job received from the queue, Ack not sent
+    DURING_COMPUTE = "during_compute"  # Ack sent, result not computed
+    BEFORE_RESULT = "before_result"  # result computed, not sent
+    AFTER_RESULT = "after_result"  # result sent, next job not taken (test hook only)
+
+
+SIMULATED_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """Test hook: SIGKILL the worker that reaches `step` of `job_id` on `attempt`."""
+
+    job_id: int
+    step: Step
+    attempt: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> InjectedFault:
+        """JOB:STEP[:ATTEMPT], e.g. ``3:before_ack`` or ``3:before_result:2``."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"expected JOB:STEP[:ATTEMPT], got {text!r}")
+        attempt = int(parts[2]) if len(parts) == 3 else 1
+        return cls(int(parts[0]), Step(parts[1]), attempt)
+
+
+@dataclass(frozen=True)
+class CrashPlan:
+    """Which (job, attempt) pairs crash, and where.
+
+    A decision is a pure function of (seed, job id, attempt), so a seeded run crashes the
+    same jobs at the same steps whichever worker takes them and in whatever order."""
+
+    rate: float = 0.0
+    seed: int = 0
+    injected: frozenset[InjectedFault] = field(default_factory=frozenset)
+
+    def simulated_step(self, job_id: int, attempt: int) -> Step | None:
+        if self.rate <= 0.0:
+            return None
+        digest = hashlib.blake2b(
+            f"{self.seed}:{job_id}:{attempt}".encode(), digest_size=16
+        ).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2.0**64
+        if draw >= self.rate:
+            return None
+        return SIMULATED_STEPS[digest[8] % len(SIMULATED_STEPS)]
+
+    def is_injected(self, job_id: int, step: Step, attempt: int) -> bool:
+        return InjectedFault(job_id, step, attempt) in self.injected
+
+
+def _simulate_crash() -> NoReturn:
+    log.info("Simulated crash!")
+    # A simulated segfault should not leave a core file per crash.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    os.kill(os.getpid(), signal.SIGSEGV)
+    os._exit(128 + signal.SIGSEGV)  # not reached: SIGSEGV's default action ends us
+
+
+def run_worker(
+    request_queue: posix_ipc.MessageQueue,
+    result_queue: posix_ipc.MessageQueue,
+    plan: CrashPlan,
+) -> NoReturn:
+    """The worker loop. Returns only through os._exit()."""
+    pid = os.getpid()
+    log.info("Starting up")
+
+    def checkpoint(job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:
+        if plan.is_injected(job_id, step, attempt):
+            os.kill(pid, signal.SIGKILL)
+        if crash_at is step:
+            _simulate_crash()
+
+    while True:
+        data, _priority = request_queue.receive()
+        try:
+            message = decode(data)
+        except ProtocolError as e:
+            log.error("Dropped a malformed message: %s", e)
+            continue
+        if isinstance(message, Shutdown):
+            log.info("Received shutdown signal")
+            os._exit(0)
+        if not isinstance(message, JobMessage):
+            log.error("Dropped an unexpected %s message", type(message).__name__)
+            continue
+        job, attempt = message.job, message.attempt
+        crash_at = plan.simulated_step(job.job_id, attempt)
+        checkpoint(job.job_id, attempt, Step.BEFORE_ACK, crash_at)
+        result_queue.send(Ack(job.job_id, attempt, pid).encode())
+        checkpoint(job.job_id, attempt, Step.DURING_COMPUTE, crash_at)
+        value = execute(job.kind, job.arg)
+        checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
+        result_queue.send(Result(job.job_id, attempt, pid, job.kind, value).encode())
+        checkpoint(job.job_id, attempt, Step.AFTER_RESULT, None)

@@ -72,7 +72,9 @@ def create_queue(role: str, depth: int) -> posix_ipc.MessageQueue:
             f"{_read_sysctl('msgsize_max')}: raise them with sysctl"
         ) from None
     except OSError as e:
-        if e.errno in (errno.EMFILE, errno.ENOMEM, errno.ENOSPC):
+        # posix_ipc raises a bare OSError (errno None) saying "the maximum number of files
+        # open" for EMFILE, which is what mq_open returns when RLIMIT_MSGQUEUE is used up.
+        if e.errno in (errno.EMFILE, errno.ENOMEM, errno.ENOSPC, None):
             soft, _ = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
             raise QueueLimitError(
                 "the kernel refused another message queue: this user's queue memory "

@@ -130,6 +130,7 @@ class Main:
         self.interrupted: int | None = None  # the first SIGINT/SIGTERM
         self.signals_seen: list[int] = []
         self.end_reason: str | None = None
+        self.lost_role = False  # a Dealer or generator died: the run was cut short
 
     def run(self) -> int:
         started = time.monotonic()
@@ -241,6 +242,7 @@ class Main:
             self.end_reason = self.end_reason or "the pool stopped before the job completed"
             return
         how = ipc.describe_wait_status(child.status)
+        self.lost_role = True
         if self.end_reason is None:
             self.end_reason = f"the {child.role} was lost ({how})"
             log.info("%s (PID %d) %s: ending the run", child.role, child.pid, how)
@@ -296,7 +298,7 @@ class Main:
             return 128 + self.interrupted
         if self.recorder.rejected_lines:
             return EXIT_BAD_INPUT
-        if self.recorder.count(Status.DONE) < len(self.recorder.outcomes):
+        if self.lost_role or self.recorder.count(Status.DONE) < len(self.recorder.outcomes):
             return EXIT_JOBS_NOT_DONE
         return EXIT_OK
 

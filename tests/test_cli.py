@@ -1,0 +1,84 @@
+"""The command line's contract: usage errors and bad input get one clear line and exit 2,
+never a traceback; a bad job file runs nothing; bad lines on stdin are skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import ROOT, PoolRun, assert_done_right, assert_exactly_once, read_results
+
+
+def taskpool(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "taskpool", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=60, **kw)  # type: ignore[call-overload]
+
+
+def test_a_bad_job_file_lists_every_bad_line_runs_nothing_and_exits_2(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("fib 10\nfib 99\nsleep 1\nsleep -2\n# fine\nwork 3\n")
+    proc = taskpool("run", "--jobs", str(jobs), "--results", str(tmp_path / "r.jsonl"),
+                    stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"taskpool: {jobs}:2: fib argument 99 is out of range 0..45",
+        f"taskpool: {jobs}:4: sleep argument -2 must be a finite number >= 0",
+        f"taskpool: {jobs}:6: unknown job kind 'work' (expected 'fib N' or 'sleep SECONDS')",
+        f"taskpool: {jobs}: 3 bad line(s); nothing was run",
+    ]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.jsonl").exists(), "nothing may start before the file is valid"
+
+
+def test_a_missing_job_file_is_named_with_the_reason(tmp_path: Path) -> None:
+    proc = taskpool("run", "--jobs", str(tmp_path / "nope.txt"))
+    assert proc.returncode == 2
+    assert proc.stderr == f"taskpool: {tmp_path / 'nope.txt'}: cannot read: No such file or directory\n"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "--workers", "0"], "argument --workers: 0 is out of range"),
+    (["run", "--workers", "many"], "argument --workers: 'many' is not a whole number"),
+    (["run", "--crash-rate", "1"], "argument --crash-rate: 1 is out of range"),
+    (["run", "--inject-fault", "3:sometime"], "argument --inject-fault"),
+    (["run", "--demo", "--jobs", "x"], "--demo brings its own jobs"),
+    (["fly"], "invalid choice: 'fly'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_a_wrong_command_line_exits_2_with_usage(args: list[str], fragment: str) -> None:
+    proc = taskpool(*args, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr and "usage: taskpool" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_jobs_with_a_terminal_on_stdin_prints_usage_and_exits_2() -> None:
+    controller, terminal = os.openpty()
+    try:
+        proc = taskpool("run", stdin=terminal)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert proc.returncode == 2
+    assert "usage: taskpool" in proc.stderr
+    assert "taskpool: no jobs: give --jobs FILE, or pipe jobs into standard input" in proc.stderr
+
+
+def test_bad_lines_on_stdin_are_skipped_the_rest_complete_and_exit_is_2(tmp_path: Path) -> None:
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--results", str(results)],
+                  stdin=b"fib 10\nfib ten\nsleep 0\n\nsleep forever\nfib 20\n")
+    assert run.finish() == 2
+    log = run.log_text()
+    assert "taskpool: <stdin>:2: fib argument 'ten' is not an integer" in log
+    assert "taskpool: <stdin>:5: sleep argument 'forever' is not a number" in log
+    assert "Traceback" not in log
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 4))
+    assert_done_right(records)
+    assert [(r["kind"], r["arg"]) for r in sorted(records, key=lambda r: r["job"])] == [
+        ("fib", 10), ("sleep", 0.0), ("fib", 20)]

@@ -1,0 +1,210 @@
+"""Fault injection: kill a worker at every step of the protocol, kill workers at random
+instants, kill the Dealer, the generator and main. Every job's result is recorded exactly
+once with the right value, or the job is reported not done; nothing is left behind."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import (
+    PoolRun,
+    assert_done_right,
+    assert_exactly_once,
+    kill_quietly,
+    read_results,
+)
+
+STEPS_THAT_LOSE_THE_ATTEMPT = {
+    "before_ack": "test_worker_killed_between_receive_and_ack_loses_no_job",
+    "during_compute": "test_worker_killed_after_ack_during_compute_loses_no_job",
+    "before_result": "test_worker_killed_after_compute_before_sending_result_loses_no_job",
+}
+
+
+def _job_file(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "jobs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("step", list(STEPS_THAT_LOSE_THE_ATTEMPT),
+                         ids=list(STEPS_THAT_LOSE_THE_ATTEMPT.values()))
+def test_worker_killed_at_a_protocol_step_loses_no_job(tmp_path: Path, step: str) -> None:
+    jobs = _job_file(tmp_path, [f"fib {n}" for n in range(15, 21)])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                   "--inject-fault", f"3:{step}"])
+    assert run.finish() == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 7))
+    assert_done_right(records)
+    by_job = {r["job"]: r for r in records}
+    assert by_job[3]["attempts"] == 2, "the killed attempt counts, the retry completes"
+    [killed] = re.findall(r"^\[Supervisor\] Worker PID (\d+) killed by signal 9 \(SIGKILL\)$",
+                          run.log_text(), re.M)
+    assert f"[Recovery] Resent job 3 after crash of {killed}" in run.log_text()
+    assert by_job[3]["worker"] != int(killed)
+
+
+def test_worker_killed_after_sending_its_result_doubles_nothing(tmp_path: Path) -> None:
+    jobs = _job_file(tmp_path, [f"fib {n}" for n in range(15, 21)])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                   "--inject-fault", "3:after_result"])
+    assert run.finish() == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 7))
+    assert_done_right(records)
+    assert {r["job"]: r for r in records}[3]["attempts"] == 1
+    assert "killed by signal 9 (SIGKILL)" in run.log_text()
+    assert "Resent job 3" not in run.log_text(), "its result had arrived: nothing to resend"
+
+
+def test_jobs_queued_behind_a_killed_job_are_requeued_without_counting_an_attempt(
+    tmp_path: Path,
+) -> None:
+    # One worker holds a running job and a queued one; killing it mid-job gives back both.
+    jobs = _job_file(tmp_path, ["sleep 1", "fib 10", "fib 11", "fib 12"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results)])
+    run.wait_for(r"^\[Dealer\] Sent job 2 -> fib\(10\)$")
+    [worker] = run.worker_pids()
+    kill_quietly(worker)
+    assert run.finish() == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 5))
+    assert_done_right(records)
+    attempts = {r["job"]: r["attempts"] for r in records}
+    assert attempts == {1: 2, 2: 1, 3: 1, 4: 1}
+    assert f"[Recovery] Resent job 1 after crash of {worker}" in run.log_text()
+    assert f"[Recovery] Requeued job 2: it was waiting, unstarted, for {worker}" in run.log_text()
+    [_, replacement] = run.worker_pids()
+    assert {r["worker"] for r in records} == {replacement}, "the replacement ran every job"
+
+
+def test_workers_killed_at_random_instants_lose_no_job_and_double_no_result(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(20261124)
+    lines = [rng.choice(["sleep 0.01", "fib 12", "sleep 0", "fib 19"]) for _ in range(400)]
+    jobs = _job_file(tmp_path, lines)
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results)])
+    kills = kill_workers_at_random(run, rng, kills=40, pool_size=3)
+    assert run.finish() == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 401))
+    assert_done_right(records)
+    assert kills >= 10, "the test must actually kill workers mid-run"
+    crashes = int(re.findall(r"(\d+) crashes", run.log_text().splitlines()[-1])[0])
+    assert kills - 1 <= crashes <= kills, "a last kill may hit a worker already shutting down"
+
+
+def kill_workers_at_random(run: PoolRun, rng: random.Random, kills: int, pool_size: int) -> int:
+    """Kill a random live worker at a random instant, wait for its replacement to start,
+    repeat; stop early when the run is finishing. Returns how many were killed."""
+    killed: list[int] = []
+    for _ in range(kills):
+        def pool_full_or_finishing(lines: list[str]) -> bool:
+            if any("All jobs completed" in line for line in lines):
+                return True
+            return len(run.worker_pids()) >= pool_size + len(killed)
+
+        if not run.wait_until(pool_full_or_finishing):
+            break
+        if "All jobs completed" in run.log_text():
+            break
+        live = [pid for pid in run.worker_pids() if pid not in killed]
+        victim = rng.choice(live)
+        time.sleep(rng.uniform(0, 0.01))  # the random instant; not a synchronisation
+        kill_quietly(victim)
+        killed.append(victim)
+    return len(killed)
+
+
+def _assert_ended_run_accounts_for_every_job(results: Path, total: int) -> list[dict]:  # type: ignore[type-arg]
+    records = read_results(results)
+    assert_exactly_once(records, range(1, total + 1))
+    done = [r for r in records if r["status"] == "done"]
+    assert_done_right(done)
+    for r in records:
+        if r["status"] != "done":
+            assert r["status"] == "not_done" and r["result"] is None and r["reason"], r
+    return records
+
+
+def test_dealer_killed_mid_run_keeps_recorded_results_and_reports_the_rest(tmp_path: Path) -> None:
+    jobs = _job_file(tmp_path, ["sleep 0.05"] * 40)
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
+    run.wait_for(r"Received result for job 5:")
+    dealer = run.role_pid("Dealer")
+    kill_quietly(dealer)
+    assert run.finish() == 1
+    records = _assert_ended_run_accounts_for_every_job(results, 40)
+    assert 5 <= sum(r["status"] == "done" for r in records) < 40
+    assert re.search(rf"^\[Main\] Dealer \(PID {dealer}\) killed by signal 9 \(SIGKILL\): "
+                     "ending the run$", run.log_text(), re.M)
+    assert all("Dealer was lost" in r["reason"] for r in records if r["status"] == "not_done")
+
+
+def test_generator_killed_while_reading_stdin_ends_the_run(tmp_path: Path) -> None:
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--results", str(results)], pipe_stdin=True)
+    for n in range(3):
+        run.send_line(f"fib {n + 10}")
+        run.wait_for(rf"Received result for job {n + 1}:")
+    generator = run.role_pid("TaskGenerator")
+    kill_quietly(generator)
+    assert run.finish() == 1
+    records = _assert_ended_run_accounts_for_every_job(results, 3)
+    assert all(r["status"] == "done" for r in records)
+    assert f"[Main] TaskGenerator (PID {generator}) killed by signal 9 (SIGKILL)" in run.log_text()
+    run.close_stdin()
+
+
+def test_generator_killed_with_jobs_still_to_queue_reports_them_not_done(tmp_path: Path) -> None:
+    jobs = _job_file(tmp_path, ["sleep 0.02"] * 100)
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
+    run.wait_for(r"Received result for job 2:")
+    kill_quietly(run.role_pid("TaskGenerator"))
+    assert run.finish() == 1
+    records = _assert_ended_run_accounts_for_every_job(results, 100)
+    assert any(r["status"] == "not_done" for r in records)
+
+
+def test_main_killed_takes_the_whole_pool_with_it(tmp_path: Path) -> None:
+    jobs = _job_file(tmp_path, ["sleep 0.05"] * 100)
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results)])
+    run.wait_for(r"Received result for job 3:")
+    run.wait_for(r"^\[Worker \d+\] Starting up$", count=3)
+    kill_quietly(run.pid, signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    # The leftovers check (conftest) awaits every process of the run and fails on any left.
+    records = read_results(results)
+    ids = [r["job"] for r in records]
+    assert len(ids) == len(set(ids)) >= 3
+    assert_done_right(records)
+
+
+def test_every_kill_of_the_dealer_at_a_random_instant_ends_cleanly(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    jobs = _job_file(tmp_path, ["sleep 0.01", "fib 14"] * 30)
+    for attempt in range(5):
+        results = tmp_path / f"r{attempt}.jsonl"
+        run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                       "--crash-rate", "0.2", "--seed", str(attempt)])
+        dealer = run.role_pid("Dealer")
+        run.wait_for(rf"Received result for job {rng.randint(1, 40)}:")
+        kill_quietly(dealer)
+        code = run.finish()
+        assert code in (0, 1)
+        _assert_ended_run_accounts_for_every_job(results, 60)

@@ -1,0 +1,78 @@
+"""Default kernel limits, normal user: 64 workers fit; a refused queue is explained."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from harness import PoolRun, assert_done_right, assert_exactly_once, read_results
+
+DEFAULT_MSGQUEUE_BYTES = 819200  # the kernel's default RLIMIT_MSGQUEUE, soft and hard
+NOBODY = 65534
+
+
+def _default_queue_budget(limit: int = DEFAULT_MSGQUEUE_BYTES) -> None:
+    resource.setrlimit(resource.RLIMIT_MSGQUEUE, (limit, limit))
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory a normal user can write (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="taskpool-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def _as_normal_user() -> int | None:
+    """Run as `nobody` when the tests run as root: root may exceed msg_max and queues_max."""
+    return NOBODY if os.geteuid() == 0 else None
+
+
+def test_64_workers_run_as_a_normal_user_under_default_mq_limits(shared_dir: Path) -> None:
+    limits = {name: Path(f"/proc/sys/fs/mqueue/{name}").read_text().strip()
+              for name in ("msg_max", "msgsize_max")}
+    assert limits == {"msg_max": "10", "msgsize_max": "8192"}, "this test means default limits"
+    results = shared_dir / "r.jsonl"
+    run = PoolRun(["--workers", "64", "--results", str(results)],
+                  stdin=b"fib 12\nsleep 0\n" * 100,
+                  preexec_fn=_default_queue_budget, user=_as_normal_user())
+    assert run.finish() == 0, run.log_text()
+    assert len(run.worker_pids()) == 64
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 201))
+    assert_done_right(records)
+
+
+def test_a_used_up_queue_budget_is_explained_in_plain_words(shared_dir: Path) -> None:
+    # A budget too small even for the first queue: what a user sees when other programs,
+    # or leaked queues of a crashed run of something else, hold the rest.
+    run = PoolRun(["--workers", "2"], stdin=b"fib 1\n",
+                  preexec_fn=lambda: _default_queue_budget(1000), user=_as_normal_user())
+    assert run.finish() == 1
+    log = run.log_text()
+    assert "Traceback" not in log and "too many open files" not in log.lower()
+    assert "taskpool: the kernel refused another message queue" in log
+    assert "RLIMIT_MSGQUEUE, 1000 bytes" in log and "ulimit -q" in log
+
+
+def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
+    shared_dir: Path,
+) -> None:
+    # Enough for main's and the Dealer's queues and a few workers, not for 64.
+    results = shared_dir / "r.jsonl"
+    run = PoolRun(["--workers", "64", "--results", str(results)], stdin=b"fib 5\n" * 3,
+                  preexec_fn=lambda: _default_queue_budget(8000), user=_as_normal_user())
+    code = run.finish()
+    log = run.log_text()
+    assert "Traceback" not in log
+    assert "[Supervisor] Cannot start a worker: the kernel refused another message queue" in log
+    assert code == 1
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 4))

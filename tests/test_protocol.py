@@ -1,0 +1,103 @@
+"""The wire format: every message survives a round trip, and nothing malformed decodes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from taskpool.jobs import Job, JobKind
+from taskpool.protocol import (
+    MAX_MESSAGE_SIZE,
+    Ack,
+    DealerStats,
+    EndOfJobs,
+    JobAccepted,
+    JobMessage,
+    JobRecord,
+    LineRejected,
+    ProtocolError,
+    Result,
+    Shutdown,
+    Stop,
+    Terminate,
+    Wake,
+    WorkerExited,
+    decode,
+    decode_record,
+    encode_record,
+)
+
+MESSAGES = [
+    JobMessage(Job(1, JobKind.FIB, 30), attempt=1),
+    JobMessage(Job(2**40, JobKind.SLEEP, 0.25), attempt=7),
+    EndOfJobs(12),
+    Wake(),
+    Stop(),
+    Shutdown(),
+    Ack(3, 2, 4242),
+    Result(3, 2, 4242, JobKind.FIB, 832040),
+    Result(4, 1, 4243, JobKind.SLEEP, 1.5),
+    WorkerExited(4242, 11),
+    Terminate(15),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips_within_the_queue_message_size(message: object) -> None:
+    data = message.encode()  # type: ignore[attr-defined]
+    assert len(data) <= MAX_MESSAGE_SIZE
+    assert decode(data) == message
+
+
+def test_fib_values_and_sleep_values_keep_their_types() -> None:
+    assert decode(Result(1, 1, 1, JobKind.FIB, 2**62).encode()).value == 2**62  # type: ignore[union-attr]
+    value = decode(Result(1, 1, 1, JobKind.SLEEP, 0.1).encode()).value  # type: ignore[union-attr]
+    assert isinstance(value, float) and value == 0.1
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "shorter than its header"),
+        (b"\x01", "shorter than its header"),
+        (b"\x02\x01" + bytes(19), "version 2"),
+        (b"\x01\x63", "unknown message type 99"),
+        (JobMessage(Job(1, JobKind.FIB, 3), 1).encode()[:-1], "JOB message"),
+        (Ack(1, 1, 1).encode() + b"x", "ACK message"),
+        (Wake().encode() + b"x", "unexpected bytes"),
+        (b"\x01\x01" + struct.pack("!QHB8s", 1, 1, 9, bytes(8)), "unknown job kind 9"),
+    ],
+)
+def test_malformed_messages_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        decode(data)
+
+
+RECORDS = [
+    JobRecord(job=3, kind="fib", arg=30, status="done", result=832040, worker=1471, attempts=2),
+    JobRecord(job=4, kind="sleep", arg=0.5, status="not_done", result=None, worker=None,
+              attempts=0, reason="interrupted by SIGINT"),
+    DealerStats(crashes=5, resends=4),
+    JobAccepted(Job(9, JobKind.SLEEP, 0.0)),
+    LineRejected("<stdin>:7", "unknown job kind 'x'"),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
+def test_pipe_records_round_trip_as_one_json_line(record: object) -> None:
+    line = encode_record(record)  # type: ignore[arg-type]
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and len(line) < 4096
+    assert decode_record(line.rstrip(b"\n")) == record
+
+
+def test_results_line_has_the_contract_fields() -> None:
+    fields = RECORDS[0].to_json()  # type: ignore[union-attr]
+    assert fields == {"job": 3, "kind": "fib", "arg": 30, "status": "done", "result": 832040,
+                      "worker": 1471, "attempts": 2}
+
+
+@pytest.mark.parametrize("line", [b"not json", b"{}", b'{"t":"nope"}', b'{"t":"record"}'])
+def test_malformed_pipe_records_are_rejected(line: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_record(line)

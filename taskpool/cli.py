@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded")
     run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
+    run_cmd.add_argument("--verbose", "-v", action="store_true",
+                         help="also log each job's ACK (the worker has started it)")
     run_cmd.add_argument("--demo", action="store_true",
                          help="run the demo: the seed's 12 fib jobs, 4 workers, crashes")
     run_cmd.add_argument("--inject-fault", type=_fault, action="append", default=[],
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             error(f"{args.results}: cannot write results: {e.strerror}")
             return EXIT_BAD_INPUT
-    tplog.setup(log_fd)
+    tplog.setup(log_fd, logging.DEBUG if args.verbose else logging.INFO)
 
     crash_rate = args.crash_rate
     if crash_rate is None:

@@ -95,11 +95,16 @@ class Dealer:
         log.info("Starting (PID %d) with %d workers", os.getpid(), self.config.workers)
         threads = [
             self.supervisor,
-            threading.Thread(target=self._send_loop, name="send", daemon=True),
             threading.Thread(target=self._recv_loop, name="recv", daemon=True),
         ]
         for thread in threads:
             thread.start()
+        # No job is sent before the whole pool is up: a pool that cannot start its workers
+        # (the queue budget, say) runs nothing rather than a part of the pool.
+        self.supervisor.pool_started.wait()
+        if self.supervisor.failure is None:
+            threads.append(threading.Thread(target=self._send_loop, name="send", daemon=True))
+            threads[-1].start()
         for thread in threads:
             thread.join()
         stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends)
@@ -176,7 +181,9 @@ class Dealer:
             if isinstance(message, Result):
                 self._on_result(message)
             elif isinstance(message, Ack):
-                pass  # the assignment is already known; an Ack only says the job started
+                # The assignment is already known; an Ack only says the job started.
+                log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
+                          message.job_id, message.pid, message.attempt)
             elif isinstance(message, WorkerExited):
                 self._on_worker_exited(message)
             elif isinstance(message, EndOfJobs):

@@ -233,20 +233,33 @@ class Main:
         assert child.status is not None
         if self.interrupted is not None:
             return
-        if child is self.generator and child.ended_normally():
-            return
-        if child is self.dealer and child.ended_normally(EXIT_ALL_DONE):
-            return
-        if child is self.dealer and os.WIFEXITED(child.status):
-            # The Dealer stopped the pool itself and has said why in the log.
-            self.end_reason = self.end_reason or "the pool stopped before the job completed"
-            return
+        if child is self.dealer:
+            if child.ended_normally(EXIT_ALL_DONE):
+                return
+            # Nobody reads the ready queue any more: a generator blocked on it would wait
+            # forever.
+            self._stop(self.generator)
+            if os.WIFEXITED(child.status):
+                # The Dealer stopped the pool itself and has said why in the log.
+                self.end_reason = self.end_reason or "the pool stopped before the job completed"
+                return
+        elif child.ended_normally() or not self.dealer.running:
+            return  # a generator that finished, or that we stopped after the Dealer ended
         how = ipc.describe_wait_status(child.status)
         self.lost_role = True
         if self.end_reason is None:
             self.end_reason = f"the {child.role} was lost ({how})"
             log.info("%s (PID %d) %s: ending the run", child.role, child.pid, how)
-        self._signal_children(signal.SIGTERM)
+        self._stop(self.dealer)
+        self._stop(self.generator)
+
+    @staticmethod
+    def _stop(child: Child) -> None:
+        if child.running:
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def _on_pipe_line(self, line: bytes) -> None:
         try:

@@ -63,11 +63,14 @@ class Supervisor(threading.Thread):
         self.setup = setup
         self.dealer_pid = os.getpid()
         self.failure: BaseException | None = None
+        # Set once the first `size` workers are forked, or the attempt failed (`failure`).
+        self.pool_started = threading.Event()
 
     def run(self) -> None:
         try:
             for _ in range(self.size):
                 self.spawn_worker()
+            self.pool_started.set()
             while True:
                 sig = signal.sigwait(SUPERVISOR_SIGNALS)
                 if sig == signal.SIGTERM:
@@ -83,6 +86,7 @@ class Supervisor(threading.Thread):
         except BaseException as e:  # a bug: say so, and let the Dealer end the run
             log.exception("Recovery thread failed: %s", e)
             self.failure = e
+        self.pool_started.set()
         # Without a supervisor the pool cannot go on: ask the recv thread to stop it, and
         # kill the workers ourselves, since nobody will reap and replace them now.
         self.setup.result_queue.send(Terminate(0).encode())

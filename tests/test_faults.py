@@ -72,9 +72,11 @@ def test_jobs_queued_behind_a_killed_job_are_requeued_without_counting_an_attemp
     # One worker holds a running job and a queued one; killing it mid-job gives back both.
     jobs = _job_file(tmp_path, ["sleep 1", "fib 10", "fib 11", "fib 12"])
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results)])
+    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
+                   "--verbose"])
+    started = run.wait_for(r"^\[Dealer\] Job 1 started by worker PID \[(\d+)\]")[0]
     run.wait_for(r"^\[Dealer\] Sent job 2 -> fib\(10\)$")
-    [worker] = run.worker_pids()
+    worker = int(started.group(1))
     kill_quietly(worker)
     assert run.finish() == 0
     records = read_results(results)
@@ -120,7 +122,11 @@ def kill_workers_at_random(run: PoolRun, rng: random.Random, kills: int, pool_si
             break
         if "All jobs completed" in run.log_text():
             break
-        live = [pid for pid in run.worker_pids() if pid not in killed]
+        dead = {int(pid) for pid in re.findall(r"^\[Supervisor\] Worker PID (\d+) ",
+                                               run.log_text(), re.M)}
+        live = [pid for pid in run.worker_pids() if pid not in killed and pid not in dead]
+        if not live:
+            continue
         victim = rng.choice(live)
         time.sleep(rng.uniform(0, 0.01))  # the random instant; not a synchronisation
         kill_quietly(victim)

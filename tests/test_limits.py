@@ -67,7 +67,10 @@ def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
 ) -> None:
     # Enough for main's and the Dealer's queues and a few workers, not for 64.
     results = shared_dir / "r.jsonl"
-    run = PoolRun(["--workers", "64", "--results", str(results)], stdin=b"fib 5\n" * 3,
+    # More jobs than the ready queue holds: the generator must not be left blocked on it.
+    jobs = shared_dir / "jobs.txt"
+    jobs.write_text("fib 5\n" * 30)
+    run = PoolRun(["--workers", "64", "--jobs", str(jobs), "--results", str(results)],
                   preexec_fn=lambda: _default_queue_budget(8000), user=_as_normal_user())
     code = run.finish()
     log = run.log_text()
@@ -75,4 +78,6 @@ def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
     assert "[Supervisor] Cannot start a worker: the kernel refused another message queue" in log
     assert code == 1
     records = read_results(results)
-    assert_exactly_once(records, range(1, 4))
+    assert_exactly_once(records, range(1, 31))
+    assert all(r["status"] == "not_done" for r in records), "a pool that cannot start runs nothing"
+    assert "Sent job" not in log

@@ -1,0 +1,52 @@
+"""No busy waiting: an idle pool does not run.
+
+While one worker sleeps in a long job and no input arrives, every thread of every process of
+the run must stay blocked in the kernel. A polling loop, however slow, would show up as
+voluntary context switches; a blocked thread makes none. The 2.5-second window is the
+measurement, not a synchronisation: the test waits on log lines for everything else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from harness import PoolRun, _group_members
+
+
+def _context_switches(pgid: int) -> dict[tuple[int, int], int]:
+    """Voluntary + involuntary switches of every thread of every process of the run."""
+    counts = {}
+    for pid in _group_members(pgid):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            counts[(pid, int(tid))] = (int(fields["voluntary_ctxt_switches"])
+                                       + int(fields["nonvoluntary_ctxt_switches"]))
+    return counts
+
+
+def test_an_idle_pool_blocks_every_thread_in_the_kernel() -> None:
+    run = PoolRun(["--workers", "3"], pipe_stdin=True)
+    run.send_line("fib 5")
+    run.wait_for(r"Received result for job 1:")
+    run.send_line("sleep 2.5")
+    run.wait_for(r"^\[Dealer\] Sent job 2 -> sleep\(2.5\)$")
+    before = _context_switches(run.pid)
+    run.wait_for(r"Received result for job 2:")  # the window: ~2.5 s with nothing to do
+    after = _context_switches(run.pid)
+    run.close_stdin()
+    assert run.finish() == 0
+    busy = {thread: after[thread] - count for thread, count in before.items()
+            if thread in after and after[thread] - count > 8}
+    # Waking for job 2's result costs a handful of switches in the threads that carry it;
+    # a thread that polls polling even four times a second would show here.
+    assert not busy, f"threads that woke up while idle (pid, tid): switches: {busy}"
+    assert len(before) >= 3 + 3 + 2, "main, generator, Dealer's 4 threads, 3 workers"

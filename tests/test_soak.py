@@ -1,0 +1,72 @@
+"""Long fault-injection runs, for `make soak` (not part of `make test`).
+
+Thousands of jobs with hundreds of simulated and external kills, and every role killed at
+random instants, many times over. Each run is checked for exactly-once results with the
+right values, and (by the conftest fixture) for leftovers.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from harness import PoolRun, assert_done_right, assert_exactly_once, kill_quietly, read_results
+from test_faults import kill_workers_at_random
+
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
+
+
+def test_thousands_of_jobs_with_hundreds_of_crashes_and_kills(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    total = 4000
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(rng.choice(["sleep 0.003\n", "fib 15\n", "sleep 0\n", "fib 18\n"])
+                            for _ in range(total)))
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "4", "--jobs", str(jobs), "--results", str(results),
+                   "--crash-rate", "0.08", "--seed", "5"])
+    kills = kill_workers_at_random(run, rng, kills=300, pool_size=4)
+    assert run.finish(timeout=600) == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, total + 1))
+    assert_done_right(records)
+    summary = run.log_text().splitlines()[-1]
+    crashes = int(re.findall(r"(\d+) crashes", summary)[0])
+    assert kills >= 100 and crashes >= 300, summary
+    print(f"\nsoak: {total} jobs, {kills} external kills, {crashes} crashes in all: {summary}")
+
+
+@pytest.mark.parametrize("role", ["Dealer", "TaskGenerator", "main", "worker"])
+def test_each_role_killed_at_random_instants(tmp_path: Path, role: str) -> None:
+    rng = random.Random(role)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("sleep 0.005\nfib 14\n" * 150)
+    for round_number in range(15):
+        results = tmp_path / f"r{round_number}.jsonl"
+        run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results),
+                       "--crash-rate", "0.05", "--seed", str(round_number)])
+        run.wait_for(rf"Received result for job {rng.randint(1, 250)}:")
+        if role == "main":
+            victim = run.pid
+        elif role == "worker":
+            victim = rng.choice(run.worker_pids())
+        else:
+            victim = run.role_pid(role)
+        kill_quietly(victim, signal.SIGKILL)
+        code = run.finish()
+        records = read_results(results)
+        ids = [r["job"] for r in records]
+        assert len(ids) == len(set(ids)), "a result recorded twice"
+        assert_done_right([r for r in records if r["status"] == "done"])
+        if role == "main":
+            assert code == -signal.SIGKILL
+        elif role == "worker":
+            assert code == 0
+            assert_exactly_once(records, range(1, 301))
+        else:
+            assert code in (0, 1)  # 0 if the role was already on its way out
+            assert_exactly_once(records, range(1, 301))

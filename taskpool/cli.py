@@ -11,9 +11,10 @@ import logging
 import os
 import secrets
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from taskpool import ipc, log as tplog
+from taskpool import ipc
+from taskpool import log as tplog
 from taskpool.dealer import DealerConfig
 from taskpool.generator import GeneratorInput
 from taskpool.jobs import Job, JobKind, read_job_file

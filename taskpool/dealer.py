@@ -31,7 +31,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import posix_ipc
 
@@ -62,6 +62,7 @@ recovery_log = logging.getLogger("taskpool.recovery")
 
 EXIT_ALL_DONE = 0
 EXIT_STOPPED_EARLY = 3  # terminated, or the pool could not go on
+EXIT_THREAD_FAILED = 70  # a bug: the traceback is in the log
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Dealer:
         log.info("Starting (PID %d) with %d workers", os.getpid(), self.config.workers)
         threads = [
             self.supervisor,
-            threading.Thread(target=self._recv_loop, name="recv", daemon=True),
+            threading.Thread(target=self._guarded(self._recv_loop), name="recv", daemon=True),
         ]
         for thread in threads:
             thread.start()
@@ -103,10 +104,13 @@ class Dealer:
         # (the queue budget, say) runs nothing rather than a part of the pool.
         self.supervisor.pool_started.wait()
         if self.supervisor.failure is None:
-            threads.append(threading.Thread(target=self._send_loop, name="send", daemon=True))
+            threads.append(
+                threading.Thread(target=self._guarded(self._send_loop), name="send", daemon=True))
             threads[-1].start()
         for thread in threads:
             thread.join()
+        for queue in self.state.spare_queues:
+            queue.close()
         stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends)
         self._write_to_main(encode_record(stats))
         self.result_queue.close()
@@ -115,6 +119,21 @@ class Dealer:
         if self.terminated or self.supervisor.failure is not None:
             return EXIT_STOPPED_EARLY
         return EXIT_ALL_DONE
+
+    @staticmethod
+    def _guarded(loop: Callable[[], None]) -> Callable[[], None]:
+        """A bug in the send or recv thread must end the run loudly, not leave the other
+        threads waiting for it. Let it crash: the Dealer exits, main reports it lost (keeping
+        every recorded result), and PR_SET_PDEATHSIG takes the workers with it."""
+
+        def run() -> None:
+            try:
+                loop()
+            except BaseException:
+                log.exception("The %s thread failed", threading.current_thread().name)
+                os._exit(EXIT_THREAD_FAILED)
+
+        return run
 
     # --- send thread -----------------------------------------------------------------
 
@@ -156,7 +175,7 @@ class Dealer:
                 state.worker_free.wait()
                 worker = state.pick_worker()
             job_state = state.jobs[job_id]
-            if worker is None or job_state.recorded:
+            if worker is None or state.stopping or job_state.recorded:
                 return
             attempt = job_state.failed_attempts + 1
             worker.outstanding.append(job_id)
@@ -195,13 +214,13 @@ class Dealer:
                 self._stop_pool(kill=False)
             if state.stopping:
                 with state.lock:
-                    if not state.workers:
+                    if not state.workers and not state.exited:
                         return
 
     def _on_result(self, result: Result) -> None:
         state = self.state
         with state.lock:
-            worker = state.workers.get(result.pid)
+            worker = state.handle_of(result.pid)
             if worker is not None and result.job_id in worker.outstanding:
                 worker.outstanding.remove(result.job_id)
                 state.worker_free.notify()
@@ -232,11 +251,16 @@ class Dealer:
         crashed: list[int] = []  # taken by the worker: this attempt failed
         requeued: list[int] = []  # still in its queue: never started
         with state.lock:
-            worker = state.workers.pop(exited.pid, None)
+            worker = state.exited.pop(exited.pid, None)
             if worker is None:
                 return
             never_started = self._drain(worker)
-            worker.request_queue.close()
+            if state.short_of_workers and not state.stopping:
+                state.spare_queues.append(worker.request_queue)  # empty now: reusable
+                os.kill(os.getpid(), NUDGE_SIGNAL)
+            else:
+                worker.request_queue.close()
+                state.queues_closed += 1
             for job_id in worker.outstanding:
                 job_state = state.jobs[job_id]
                 if job_state.recorded:
@@ -291,8 +315,8 @@ class Dealer:
         with state.lock:
             state.stopping = True
             for worker in state.workers.values():
-                if not worker.alive:
-                    continue
+                # Not reaped yet (reaping moves a worker out of `workers` under this lock),
+                # so the pid is still this worker's.
                 if kill:
                     os.kill(worker.pid, signal.SIGKILL)
                 else:
@@ -336,15 +360,15 @@ def run_dealer(
     code = EXIT_STOPPED_EARLY
     try:
         ipc.set_parent_death_signal(main_pid)
-        ipc.reset_signals_in_child()
-        ipc.redirect_stdin_to_devnull()
-        ipc.close_fds_except({0, 1, 2, config.log_fd, ready_queue.mqd, record_fd})
-        # Before any thread starts, so that all inherit it: the recovery thread alone takes
-        # these with sigwait(). A handler is installed for SIGCHLD so that the kernel
-        # queues it rather than discarding it as default-ignored.
+        # Blocked before any thread starts, so that all inherit the mask: the recovery
+        # thread alone takes these signals, with sigwait().
+        ipc.reset_signals_in_child(blocked=SUPERVISOR_SIGNALS)
+        # A handler for SIGCHLD, so that the kernel queues it for sigwait() rather than
+        # discarding it as default-ignored. It never runs: SIGCHLD stays blocked.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+        ipc.redirect_stdin_to_devnull()
+        ipc.close_fds_except({0, 1, 2, config.log_fd, ready_queue.mqd, record_fd})
         code = Dealer(config, ready_queue, record_fd).run()
     except ipc.QueueLimitError as e:
         log.error("Cannot start: %s", e)

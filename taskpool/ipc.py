@@ -35,6 +35,9 @@ _PER_MESSAGE_OVERHEAD = 96  # bytes of kernel bookkeeping per message slot, x86-
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
+# Loaded once, at import, before any fork or thread: a forked child must not dlopen().
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
 
 class QueueLimitError(RuntimeError):
     """The kernel refused a queue; the message says why in plain words."""
@@ -92,8 +95,7 @@ def create_queue(role: str, depth: int) -> posix_ipc.MessageQueue:
 def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Die with `sig` when the thread that forked us exits; if the parent is already gone,
     exit now. Call first thing in a child."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    if _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != expected_parent:
         os._exit(1)
@@ -102,8 +104,7 @@ def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> 
 def become_subreaper() -> None:
     """Orphaned descendants (workers of a killed Dealer) are reparented to us, so that we
     can reap them instead of leaving zombies to an init that may not."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
@@ -125,15 +126,18 @@ def redirect_stdin_to_devnull() -> None:
     os.close(devnull)
 
 
-def reset_signals_in_child(ignore_sigint: bool = True) -> None:
-    """A forked child starts with the parent's mask and Python handlers: undo both.
-    SIGINT is ignored because Ctrl-C reaches the whole process group, and main alone
-    decides how a run ends."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
+def reset_signals_in_child(blocked: frozenset[int] = frozenset()) -> None:
+    """A forked child starts with its parent's handlers, wake-up fd and signal mask (the
+    parent forks with its signals blocked, so none is handled in between). Reset the
+    handlers and the wake-up fd first, then set the mask, so that a signal pending since the
+    fork meets this process's own dispositions. SIGINT is ignored because Ctrl-C reaches the
+    whole process group, and main alone decides how a run ends."""
     signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
+                signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def describe_wait_status(status: int) -> str:

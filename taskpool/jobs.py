@@ -15,8 +15,9 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Union
+from typing import Union
 
 # Naive recursion is exponential: fib(30) takes ~0.2 s in CPython, fib(40) ~20 s, fib(45)
 # ~4 minutes. 45 leaves room for long jobs while refusing typos that would run for days.

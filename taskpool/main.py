@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from taskpool import ipc
-from taskpool.dealer import EXIT_ALL_DONE, DealerConfig, run_dealer
+from taskpool.dealer import EXIT_ALL_DONE, EXIT_STOPPED_EARLY, DealerConfig, run_dealer
 from taskpool.generator import GeneratorInput, run_generator
 from taskpool.jobs import Job
 from taskpool.protocol import (
@@ -150,7 +150,11 @@ class Main:
         if self.config.results is not None:
             self.config.results.flush()
 
-        # main is single-threaded: these forks copy no other thread's state.
+        # main is single-threaded: these forks copy no other thread's state. Our signals are
+        # blocked across the forks, so that none is handled by main's handlers in a child
+        # (or written to main's wake-up pipe) before the child has set its own.
+        handled = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         generator_pid = os.fork()
         if generator_pid == 0:
             run_generator(self.config.source, ready_queue, intake_w, main_pid,
@@ -159,6 +163,7 @@ class Main:
         if dealer_pid == 0:
             os.close(record_r)
             run_dealer(self.config.dealer, ready_queue, record_w, main_pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
         ready_queue.close()
         os.close(record_w)
         if intake_w is not None:
@@ -239,7 +244,7 @@ class Main:
             # Nobody reads the ready queue any more: a generator blocked on it would wait
             # forever.
             self._stop(self.generator)
-            if os.WIFEXITED(child.status):
+            if os.WIFEXITED(child.status) and os.WEXITSTATUS(child.status) == EXIT_STOPPED_EARLY:
                 # The Dealer stopped the pool itself and has said why in the log.
                 self.end_reason = self.end_reason or "the pool stopped before the job completed"
                 return

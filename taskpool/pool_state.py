@@ -4,7 +4,9 @@ Three threads of the Dealer touch this state (see dealer.py for their roles):
 
 - the send thread assigns jobs to workers (`WorkerHandle.outstanding`) and sends them;
 - the recv thread records results, and on a worker's death computes what to resend;
-- the recovery thread registers forked workers and marks reaped ones dead.
+- the recovery thread registers forked workers, and moves reaped ones from `workers` to
+  `exited` in the same critical section as its waitpid(), so that no other thread can see
+  (and signal) a pid that is already reaped and may be reused.
 
 Every field below is read and written under `PoolState.lock`, with one exception named
 where it is. Nothing blocks while holding the lock: sends to a worker's queue are
@@ -30,7 +32,6 @@ class WorkerHandle:
     # Job ids sent to this worker and not yet answered by a Result, in the order sent. The
     # worker takes them in this order (its queue is FIFO), one at a time.
     outstanding: list[int] = field(default_factory=list)
-    alive: bool = True  # False once reaped: no job may be sent to it any more
 
 
 @dataclass
@@ -46,7 +47,11 @@ class JobState:
 class PoolState:
     credit: int  # jobs a worker may hold at once: one running, the rest queued
     lock: threading.Lock = field(default_factory=threading.Lock)
-    workers: dict[int, WorkerHandle] = field(default_factory=dict)
+    workers: dict[int, WorkerHandle] = field(default_factory=dict)  # live: not yet reaped
+    # Reaped, and their WorkerExited not yet handled by the recv thread. While a pid is here,
+    # every message from that pid comes from the dead worker (a new worker with the same
+    # pid is forked after WorkerExited was posted, so its messages come after it).
+    exited: dict[int, WorkerHandle] = field(default_factory=dict)
     jobs: dict[int, JobState] = field(default_factory=dict)
     # Jobs to send again, ahead of any new job from the generator.
     resend: deque[int] = field(default_factory=deque)
@@ -54,6 +59,13 @@ class PoolState:
     # thread also reads it without the lock at the top of its loop: a stale False costs
     # one more iteration, never a wrong send, since sends re-check it under the lock.
     stopping: bool = False
+    # Set by the recovery thread when the kernel refused a replacement's queue. The recv
+    # thread then hands each dead worker's drained queue over in `spare_queues` instead of
+    # closing it (a replacement reuses it, needing no new budget), and nudges the recovery
+    # thread.
+    short_of_workers: bool = False
+    spare_queues: list[posix_ipc.MessageQueue] = field(default_factory=list)
+    queues_closed: int = 0  # dead workers' queues closed so far, by the recv thread
     crashes: int = 0
     resends: int = 0
 
@@ -67,12 +79,13 @@ class PoolState:
         another worker idles."""
         best: WorkerHandle | None = None
         for worker in self.workers.values():
-            if worker.alive and len(worker.outstanding) < self.credit:
+            if len(worker.outstanding) < self.credit:
                 if best is None or len(worker.outstanding) < len(best.outstanding):
                     best = worker
                     if not best.outstanding:
                         break
         return best
 
-    def live_workers(self) -> int:
-        return sum(1 for worker in self.workers.values() if worker.alive)
+    def handle_of(self, pid: int) -> WorkerHandle | None:
+        """The worker that sent a message: a reaped one first (see `exited`)."""
+        return self.exited.get(pid) or self.workers.get(pid)

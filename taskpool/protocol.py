@@ -133,7 +133,8 @@ class Ack:
     pid: int
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.ACK) + _ACK.pack(self.job_id, self.attempt, self.pid)
+        payload = _ACK.pack(self.job_id, self.attempt, self.pid)
+        return _HEADER.pack(VERSION, MessageType.ACK) + payload
 
 
 @dataclass(frozen=True)

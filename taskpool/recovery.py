@@ -68,8 +68,7 @@ class Supervisor(threading.Thread):
 
     def run(self) -> None:
         try:
-            for _ in range(self.size):
-                self.spawn_worker()
+            self.fill_pool(starting=True)
             self.pool_started.set()
             while True:
                 sig = signal.sigwait(SUPERVISOR_SIGNALS)
@@ -77,8 +76,9 @@ class Supervisor(threading.Thread):
                     log.info("Received SIGTERM: stopping the pool")
                     self.setup.result_queue.send(Terminate(sig).encode())
                 self.reap_workers()
+                self.fill_pool()
                 with self.state.lock:
-                    if self.state.stopping and self.state.live_workers() == 0:
+                    if self.state.stopping and not self.state.workers:
                         return
         except ipc.QueueLimitError as e:
             log.error("Cannot start a worker: %s", e)
@@ -93,14 +93,46 @@ class Supervisor(threading.Thread):
         self.kill_workers()
         self.reap_until_empty()
 
-    def spawn_worker(self) -> int | None:
-        """Fork a worker with a queue of its own; None if the pool is stopping."""
-        request_queue = ipc.create_queue("worker", self.state.credit)
+    def fill_pool(self, starting: bool = False) -> None:
+        """Fork workers until the pool has its size again (unless stopping).
+
+        A replacement takes a spare queue (a dead worker's, drained) if there is one, else a
+        new one. When the kernel refuses a new queue: if dead workers' queues are still to
+        be drained, wait for the recv thread to hand them over (it nudges us); if not, the
+        pool runs smaller and says so, and tries again at the next death. Only a pool that
+        cannot start, or has no worker left, is a failure."""
+        while True:
+            with self.state.lock:
+                if self.state.stopping or len(self.state.workers) >= self.size:
+                    self.state.short_of_workers = False
+                    return
+                queue = self.state.spare_queues.pop() if self.state.spare_queues else None
+                closed_before = self.state.queues_closed
+            try:
+                if queue is None:
+                    queue = ipc.create_queue("worker", self.state.credit)
+            except ipc.QueueLimitError as e:
+                with self.state.lock:
+                    if self.state.spare_queues or self.state.queues_closed != closed_before:
+                        continue  # budget or a queue was freed since we tried
+                    self.state.short_of_workers = True
+                    if self.state.exited:
+                        return  # the recv thread will hand over their queues
+                    if starting or not self.state.workers:
+                        raise
+                    live = len(self.state.workers)
+                log.warning("Running with %d of %d workers until a queue frees up: %s",
+                            live, self.size, e)
+                return
+            if self.spawn_worker(queue) is None:
+                queue.close()
+
+    def spawn_worker(self, request_queue: posix_ipc.MessageQueue) -> int | None:
+        """Fork a worker on `request_queue`; None if the pool is stopping."""
         with self.state.lock:
             # Checked under the lock that the recv thread holds while it sends Shutdown to
             # every live worker: a worker is either told to shut down or never forked.
             if self.state.stopping:
-                request_queue.close()
                 return None
             # FORK SAFETY. We fork from a process that runs three threads. The child gets
             # only this thread, and cannot deadlock, because:
@@ -112,8 +144,10 @@ class Supervisor(threading.Thread):
             #   lock and logging's module lock are reset in the child by logging's own
             #   os.register_at_fork hooks;
             # - the GIL, the import lock and glibc's malloc locks are reset by CPython and
-            #   glibc at fork; posix_ipc holds no locks across its calls;
-            # - the child's first acts are to reset its signal mask and handlers and close
+            #   glibc at fork; posix_ipc holds no locks across its calls; libc for prctl()
+            #   was loaded before any thread started (ipc._LIBC), so the child calls no
+            #   dlopen();
+            # - the child's first acts are to reset its signal handlers and mask and close
             #   every descriptor it does not need; then it runs run_worker(), which uses
             #   only its two queues and the log descriptor, and leaves by os._exit(),
             #   never returning into this stack.
@@ -138,48 +172,50 @@ class Supervisor(threading.Thread):
         finally:
             os._exit(70)
 
+    def _reaped(self, pid: int) -> WorkerHandle | None:
+        """Move a reaped worker to `exited`. Called with state.lock held, in the same
+        critical section as the waitpid() that reaped it."""
+        worker = self.state.workers.pop(pid, None)
+        if worker is not None:
+            self.state.exited[pid] = worker
+        return worker
+
     def reap_workers(self) -> None:
-        """Reap every exited worker; post each death; replace it unless we are stopping."""
+        """Reap every exited worker and post each death to the recv thread."""
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
             with self.state.lock:
-                worker = self.state.workers.get(pid)
-                if worker is None:
-                    continue
-                worker.alive = False
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+                worker = self._reaped(pid)
                 stopping = self.state.stopping
-                if not stopping:
+                if worker is not None and not stopping:
                     self.state.crashes += 1
+            if worker is None:
+                continue
             if not stopping:
                 log.info("Worker PID %d %s", pid, ipc.describe_wait_status(status))
-            # Post the death before forking, so that the job is resent (to another idle
-            # worker, if there is one) without waiting for the new worker to start.
+            # Posted before any replacement is forked, so that the job is resent (to another
+            # idle worker, if there is one) without waiting for the new worker to start.
             self.setup.result_queue.send(WorkerExited(pid, status).encode())
-            if not stopping:
-                self.spawn_worker()
 
     def kill_workers(self) -> None:
         with self.state.lock:
-            pids = [w.pid for w in self.state.workers.values() if w.alive]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in self.state.workers:
+                os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still ours
 
     def reap_until_empty(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, 0)
+                # Wait without reaping, so that the reap below can happen under the lock.
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:
                 return
             with self.state.lock:
-                worker = self.state.workers.get(pid)
-                if worker is not None:
-                    worker.alive = False
-            self.setup.result_queue.send(WorkerExited(pid, status).encode())
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                worker = self._reaped(pid) if pid else None
+            if worker is not None:
+                self.setup.result_queue.send(WorkerExited(pid, status).encode())

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 60.0  # generous: a loaded 2-core CI machine must never fail a correct run

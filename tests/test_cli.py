@@ -37,7 +37,8 @@ def test_a_bad_job_file_lists_every_bad_line_runs_nothing_and_exits_2(tmp_path: 
 def test_a_missing_job_file_is_named_with_the_reason(tmp_path: Path) -> None:
     proc = taskpool("run", "--jobs", str(tmp_path / "nope.txt"))
     assert proc.returncode == 2
-    assert proc.stderr == f"taskpool: {tmp_path / 'nope.txt'}: cannot read: No such file or directory\n"
+    missing = tmp_path / "nope.txt"
+    assert proc.stderr == f"taskpool: {missing}: cannot read: No such file or directory\n"
 
 
 @pytest.mark.parametrize("args, fragment", [

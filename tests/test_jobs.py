@@ -17,8 +17,11 @@ def test_jobs_get_one_based_ids_in_input_order_skipping_blanks_and_comments() ->
 
 def test_bad_lines_do_not_take_an_id() -> None:
     items = list(parse_lines(["fib 1", "fib x", "fib 2"], "<stdin>"))
-    assert items == [Job(1, JobKind.FIB, 1), LineError("<stdin>", 2, "fib argument 'x' is not an integer"),
-                     Job(2, JobKind.FIB, 2)]
+    assert items == [
+        Job(1, JobKind.FIB, 1),
+        LineError("<stdin>", 2, "fib argument 'x' is not an integer"),
+        Job(2, JobKind.FIB, 2),
+    ]
 
 
 @pytest.mark.parametrize(

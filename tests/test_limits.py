@@ -6,8 +6,8 @@ import os
 import resource
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -81,3 +81,21 @@ def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
     assert_exactly_once(records, range(1, 31))
     assert all(r["status"] == "not_done" for r in records), "a pool that cannot start runs nothing"
     assert "Sent job" not in log
+
+
+def test_a_pool_that_fits_its_queue_budget_exactly_still_replaces_crashed_workers(
+    shared_dir: Path,
+) -> None:
+    # Budget: ready + result queues (2 x 2,240 bytes) + 5 workers x 448 = 6,720 bytes. A
+    # replacement's queue fits only once the dead worker's queue is closed.
+    jobs = shared_dir / "jobs.txt"
+    jobs.write_text("fib 12\n" * 30)
+    results = shared_dir / "r.jsonl"
+    faults = [arg for job in (1, 7, 13) for arg in ("--inject-fault", f"{job}:during_compute")]
+    run = PoolRun(["--workers", "5", "--jobs", str(jobs), "--results", str(results), *faults],
+                  preexec_fn=lambda: _default_queue_budget(7000), user=_as_normal_user())
+    assert run.finish() == 0, run.log_text()
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 31))
+    assert_done_right(records)
+    assert "3 crashes" in run.log_text().splitlines()[-1]

@@ -19,7 +19,7 @@ def _start(tmp_path: Path) -> tuple[PoolRun, Path]:
     jobs.write_text("sleep 0.1\n" * JOBS)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
-    run.wait_for(r"Received result for job 2:")
+    run.wait_for(r"Received result for job \d+:", count=2)
     return run, results
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from taskpool import ipc
 from taskpool import log as tplog
@@ -19,6 +20,14 @@ from taskpool.dealer import DealerConfig
 from taskpool.generator import GeneratorInput
 from taskpool.jobs import Job, JobKind, read_job_file
 from taskpool.main import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, RunConfig, run
+from taskpool.policy import (
+    DEFAULT_GRACE,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_RESTART_WINDOW,
+    SupervisionPolicy,
+)
 from taskpool.worker import CrashPlan, InjectedFault
 
 MAX_WORKERS = 512
@@ -55,6 +64,33 @@ def _crash_rate(text: str) -> float:
     return p
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{n} is below the minimum of {minimum}")
+        return n
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
+def _seconds_or_off(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
+
+
 def _fault(text: str) -> InjectedFault:
     try:
         return InjectedFault.parse(text)
@@ -89,6 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded")
     run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
+    policy = run_cmd.add_argument_group(
+        "supervision", "what the Dealer does when workers die, hang or take too long")
+    policy.add_argument("--max-attempts", type=_count(0), metavar="N",
+                        help="a job whose worker died N times is recorded as failed; 0: "
+                             f"unlimited (default {DEFAULT_MAX_ATTEMPTS}; --demo: unlimited)")
+    policy.add_argument("--max-restarts", type=_count(1), metavar="R",
+                        help="stop the pool when more than R workers die without taking a "
+                             f"job within --restart-window (default: {DEFAULT_MAX_RESTARTS} "
+                             "or the pool size, whichever is larger)")
+    policy.add_argument("--restart-window", type=_seconds, metavar="T",
+                        default=DEFAULT_RESTART_WINDOW,
+                        help=f"seconds (default {DEFAULT_RESTART_WINDOW:g})")
+    policy.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help="kill a worker whose job runs longer; the job counts an attempt "
+                             "(default: none; a job line's timeout= overrides it)")
+    policy.add_argument("--heartbeat", type=_seconds_or_off, metavar="SECONDS",
+                        default=DEFAULT_HEARTBEAT,
+                        help="kill a worker that runs a job and sends no heartbeat for this "
+                             f"long (stopped, or wedged); 0: off (default {DEFAULT_HEARTBEAT:g})")
+    policy.add_argument("--grace", type=_seconds_or_off, metavar="SECONDS",
+                        default=DEFAULT_GRACE,
+                        help="on Ctrl-C or SIGTERM, let running jobs finish this long before "
+                             f"killing them; a second signal skips it (default {DEFAULT_GRACE:g})")
+    policy.add_argument("--max-tasks-per-child", type=_count(1), metavar="N",
+                        help="replace a worker after it has done N jobs (default: never)")
+    policy.add_argument("--max-memory", type=_count(1), metavar="MB",
+                        help="cap each worker's address space; a job that exceeds it fails "
+                             "the attempt with reason 'memory limit' (default: none)")
     run_cmd.add_argument("--verbose", "-v", action="store_true",
                          help="also log each job's ACK (the worker has started it)")
     run_cmd.add_argument("--demo", action="store_true",
@@ -97,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="JOB:STEP[:ATTEMPT]",
                          help="testing hook: SIGKILL the worker that reaches STEP "
                               "(before_ack, during_compute, before_result, after_result) "
-                              "of job JOB on attempt ATTEMPT (default 1); repeatable")
+                              "of job JOB on attempt ATTEMPT (default 1); or 'at_start': "
+                              "every worker dies as it starts; repeatable")
     return parser
 
 
@@ -161,11 +226,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if crash_rate > 0:
         main_log.info("Simulating crashes: rate %g, seed %d (repeat with --seed %d)",
                       crash_rate, seed, seed)
+    max_attempts = args.max_attempts
+    if max_attempts is None:
+        max_attempts = 0 if args.demo else DEFAULT_MAX_ATTEMPTS
+    policy = SupervisionPolicy(
+        max_attempts=max_attempts,
+        max_restarts=args.max_restarts or max(DEFAULT_MAX_RESTARTS, workers),
+        restart_window=args.restart_window,
+        timeout=args.timeout,
+        heartbeat=args.heartbeat or None,
+        grace=args.grace,
+        max_tasks_per_child=args.max_tasks_per_child,
+        max_memory_mb=args.max_memory,
+    )
     config = RunConfig(
         dealer=DealerConfig(
             workers=workers,
             plan=CrashPlan(crash_rate, seed, frozenset(args.inject_fault)),
             log_fd=log_fd,
+            policy=policy,
         ),
         source=source,
         results=results,

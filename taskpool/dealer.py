@@ -30,17 +30,21 @@ import logging
 import os
 import signal
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 import posix_ipc
 
 from taskpool import ipc
-from taskpool.pool_state import JobState, PoolState, WorkerHandle
+from taskpool.policy import SupervisionPolicy
+from taskpool.pool_state import Deadline, JobState, PoolState, WorkerHandle
 from taskpool.protocol import (
     Ack,
     DealerStats,
     EndOfJobs,
+    Heartbeat,
     JobMessage,
     JobRecord,
     ProtocolError,
@@ -55,10 +59,11 @@ from taskpool.protocol import (
     encode_record,
 )
 from taskpool.recovery import NUDGE_SIGNAL, SUPERVISOR_SIGNALS, Supervisor, WorkerSetup
-from taskpool.worker import CrashPlan
+from taskpool.worker import EXIT_MEMORY_LIMIT, EXIT_RETIRED, CrashPlan
 
 log = logging.getLogger("taskpool.dealer")
 recovery_log = logging.getLogger("taskpool.recovery")
+supervisor_log = logging.getLogger("taskpool.supervisor")
 
 EXIT_ALL_DONE = 0
 EXIT_STOPPED_EARLY = 3  # terminated, or the pool could not go on
@@ -70,6 +75,7 @@ class DealerConfig:
     workers: int
     plan: CrashPlan
     log_fd: int
+    policy: SupervisionPolicy = SupervisionPolicy()
     credit: int = ipc.WORKER_QUEUE_DEPTH
 
 
@@ -86,14 +92,17 @@ class Dealer:
         self.expected_total: int | None = None
         self.recorded = 0
         self.terminated = False
+        self.stop_reason: str | None = None
+        self.idle_deaths: deque[float] = deque()  # when workers died without taking a job
         self.supervisor = Supervisor(
             self.state,
             config.workers,
-            WorkerSetup(self.result_queue, config.plan, config.log_fd),
+            WorkerSetup(self.result_queue, config.plan, config.log_fd, config.policy),
         )
 
     def run(self) -> int:
         log.info("Starting (PID %d) with %d workers", os.getpid(), self.config.workers)
+        supervisor_log.info("%s", self.config.policy.describe())
         threads = [
             self.supervisor,
             threading.Thread(target=self._guarded(self._recv_loop), name="recv", daemon=True),
@@ -111,7 +120,10 @@ class Dealer:
             thread.join()
         for queue in self.state.spare_queues:
             queue.close()
-        stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends)
+        if self.supervisor.failure is not None and self.stop_reason is None:
+            self.stop_reason = f"the pool could not start its workers: {self.supervisor.failure}"
+        stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends,
+                            stop_reason=self.stop_reason)
         self._write_to_main(encode_record(stats))
         self.result_queue.close()
         self.ready_queue.close()
@@ -200,9 +212,9 @@ class Dealer:
             if isinstance(message, Result):
                 self._on_result(message)
             elif isinstance(message, Ack):
-                # The assignment is already known; an Ack only says the job started.
-                log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
-                          message.job_id, message.pid, message.attempt)
+                self._on_ack(message)
+            elif isinstance(message, Heartbeat):
+                self._on_heartbeat(message)
             elif isinstance(message, WorkerExited):
                 self._on_worker_exited(message)
             elif isinstance(message, EndOfJobs):
@@ -217,9 +229,46 @@ class Dealer:
                     if not state.workers and not state.exited:
                         return
 
+    def _on_ack(self, ack: Ack) -> None:
+        """The job has started: from now on its timeout and the heartbeat run."""
+        policy = self.config.policy
+        state = self.state
+        now = time.monotonic()
+        nudge = False
+        with state.lock:
+            job_state = state.jobs.get(ack.job_id)
+            if ack.pid in state.workers and job_state is not None:
+                timeout = job_state.job.timeout or policy.timeout
+                if timeout is not None:
+                    reason = f"ran job {ack.job_id} past its timeout of {timeout:g} s"
+                    nudge |= state.set_deadline(
+                        state.job_deadlines, ack.pid, Deadline(now + timeout, reason))
+                nudge |= self._expect_heartbeat(ack.pid, now)
+        if nudge:
+            os.kill(os.getpid(), NUDGE_SIGNAL)
+        # The assignment is already known; an Ack only says the job started.
+        log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
+                  ack.job_id, ack.pid, ack.attempt)
+
+    def _expect_heartbeat(self, pid: int, now: float) -> bool:
+        """Called with the lock held; True if the recovery thread needs a nudge."""
+        period = self.config.policy.heartbeat
+        if period is None:
+            return False
+        reason = f"sent no heartbeat for {period:g} s"
+        return self.state.set_deadline(
+            self.state.heartbeat_deadlines, pid, Deadline(now + period, reason))
+
+    def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
+        with self.state.lock:
+            # Only while the worker runs a job: a late beat after its Result is ignored.
+            if heartbeat.pid in self.state.heartbeat_deadlines:
+                self._expect_heartbeat(heartbeat.pid, time.monotonic())
+
     def _on_result(self, result: Result) -> None:
         state = self.state
         with state.lock:
+            state.forget_deadlines(result.pid)
             worker = state.handle_of(result.pid)
             if worker is not None and result.job_id in worker.outstanding:
                 worker.outstanding.remove(result.job_id)
@@ -246,14 +295,20 @@ class Dealer:
                  result.job_id, result.value, result.pid)
 
     def _on_worker_exited(self, exited: WorkerExited) -> None:
-        """The worker is dead and all its messages were handled: resend what it held."""
+        """The worker is dead and all its messages were handled: resend what it held, fail
+        a job that has used up its attempts, and give up on a pool whose workers die
+        before they take any job."""
         state = self.state
-        crashed: list[int] = []  # taken by the worker: this attempt failed
+        policy = self.config.policy
+        crashed: list[int] = []  # taken by the worker: this attempt failed; sent again
+        failed: list[JobState] = []  # taken, and out of attempts
         requeued: list[int] = []  # still in its queue: never started
+        reason = self._death_reason(exited)
         with state.lock:
             worker = state.exited.pop(exited.pid, None)
             if worker is None:
                 return
+            state.forget_deadlines(exited.pid)
             never_started = self._drain(worker)
             if state.short_of_workers and not state.stopping:
                 state.spare_queues.append(worker.request_queue)  # empty now: reusable
@@ -267,8 +322,13 @@ class Dealer:
                     continue
                 if job_id in never_started:
                     requeued.append(job_id)
+                    continue
+                job_state.failed_attempts += 1
+                job_state.last_failure = reason
+                if policy.max_attempts and job_state.failed_attempts >= policy.max_attempts:
+                    job_state.recorded = True
+                    failed.append(job_state)
                 else:
-                    job_state.failed_attempts += 1
                     crashed.append(job_id)
             if state.stopping:
                 return
@@ -281,6 +341,56 @@ class Dealer:
         for job_id in requeued:
             recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
                               job_id, exited.pid)
+        for job_state in failed:
+            self._record_failure(job_state, exited.pid)
+        took_a_job = bool(crashed or failed)
+        if not took_a_job and not self._retired(exited):
+            self._count_idle_death()
+
+    def _death_reason(self, exited: WorkerExited) -> str:
+        with self.state.lock:
+            killed_for = self.state.kill_reasons.pop(exited.pid, None)
+        if killed_for is not None:
+            return killed_for
+        status = exited.wait_status
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
+            return f"memory limit ({self.config.policy.max_memory_mb} MB)"
+        return ipc.describe_wait_status(status)
+
+    @staticmethod
+    def _retired(exited: WorkerExited) -> bool:
+        status = exited.wait_status
+        return os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RETIRED
+
+    def _record_failure(self, job_state: JobState, pid: int) -> None:
+        job = job_state.job
+        attempts = job_state.failed_attempts
+        record = JobRecord(
+            job=job.job_id, kind=job.kind.label, arg=job.arg, status=Status.FAILED.value,
+            result=None, worker=pid, attempts=attempts,
+            reason=f"{job_state.last_failure} on {attempts} attempts",
+        )
+        self.recorded += 1
+        self._write_to_main(encode_record(record))
+        supervisor_log.info("Job %d failed after %d attempts: %s", job.job_id, attempts,
+                            job_state.last_failure)
+
+    def _count_idle_death(self) -> None:
+        """Restart intensity: too many workers dead without taking a job, too fast, means
+        a pool that cannot work (a crash loop at start-up): stop it rather than fork
+        forever."""
+        policy = self.config.policy
+        now = time.monotonic()
+        self.idle_deaths.append(now)
+        while self.idle_deaths and self.idle_deaths[0] < now - policy.restart_window:
+            self.idle_deaths.popleft()
+        if len(self.idle_deaths) > policy.max_restarts and not self.state.stopping:
+            self.stop_reason = (
+                f"{len(self.idle_deaths)} workers died without taking a job within "
+                f"{policy.restart_window:g} s (max_restarts={policy.max_restarts})")
+            supervisor_log.error("Giving up: %s", self.stop_reason)
+            self.terminated = True
+            self._stop_pool(kill=True)
 
     @staticmethod
     def _drain(worker: WorkerHandle) -> set[int]:
@@ -299,14 +409,40 @@ class Dealer:
                 waiting.add(message.job.job_id)
 
     def _terminate(self, signum: int) -> None:
-        if self.state.stopping:
+        """SIGTERM (from main, on Ctrl-C or SIGTERM): take back the jobs not started, let
+        the running ones finish within the grace period, then kill what is left. A second
+        SIGTERM, or a supervisor that cannot go on (signum 0), kills at once."""
+        state = self.state
+        if signum == 0 or self.terminated:
+            self.terminated = True
+            self.stop_reason = self.stop_reason or (
+                None if signum else "the pool could not keep its workers")
+            with state.lock:
+                running = sum(1 for w in state.workers.values() if w.outstanding)
+            log.info("Stopping now: killing %d running jobs", running)
+            self._stop_pool(kill=True)
             return
+        if state.stopping:
+            return  # all jobs are done and the workers are already shutting down
         self.terminated = True
-        with self.state.lock:
-            pending = sum(1 for s in self.state.jobs.values() if not s.recorded)
-        cause = f"signal {signum}" if signum else "the pool cannot go on"
-        log.info("Stopping on %s: %d jobs not done", cause, pending)
-        self._stop_pool(kill=True)
+        grace = self.config.policy.grace
+        with state.lock:
+            state.stopping = True
+            for worker in state.workers.values():
+                taken_back = self._drain(worker)
+                worker.outstanding = [j for j in worker.outstanding if j not in taken_back]
+                # The queue is empty now: never blocks. The worker reads it after its job.
+                worker.request_queue.send(Shutdown().encode(), timeout=0)
+            running = sum(1 for w in state.workers.values() if w.outstanding)
+            not_started = sum(1 for s in state.jobs.values() if not s.recorded) - running
+            state.grace_deadline = Deadline(time.monotonic() + grace,
+                                            f"was still running when the {grace:g} s grace "
+                                            "period ended")
+            state.worker_free.notify_all()
+        log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
+                 "%d jobs not started", signum, running, grace, not_started)
+        self._try_send(self.ready_queue, Stop().encode())
+        os.kill(os.getpid(), NUDGE_SIGNAL)  # to set its timer for the grace deadline
 
     def _stop_pool(self, kill: bool) -> None:
         """Set stopping, and end every worker: a Shutdown message when all jobs are done,

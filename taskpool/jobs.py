@@ -4,6 +4,9 @@ A job file has one job a line::
 
     fib 30          # naive-recursive fib(N), the CPU-bound load
     sleep 0.5       # sleep for SECONDS, the waiting load
+    alloc 200       # allocate and touch MB megabytes (to meet --max-memory)
+    crash           # kill the worker with SIGSEGV (a poison job, for testing)
+    sleep 10 timeout=2   # any job: its own timeout in seconds, overriding --timeout
 
 Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
 accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import enum
 import math
+import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,11 +29,14 @@ from typing import Union
 FIB_MAX = 45
 # An hour; longer sleeps are almost certainly a unit mistake (ms for s).
 SLEEP_MAX = 3600.0
+ALLOC_MAX_MB = 65536
 
 
 class JobKind(enum.IntEnum):
     FIB = 1
     SLEEP = 2
+    ALLOC = 3
+    CRASH = 4
 
     @property
     def label(self) -> str:
@@ -43,10 +51,11 @@ class Job:
     job_id: int
     kind: JobKind
     arg: Arg
+    timeout: float | None = None  # the job file's timeout=, if any
 
     def describe(self) -> str:
-        """The job as the log shows it: ``fib(30)`` or ``sleep(0.5)``."""
-        return f"{self.kind.label}({self.arg})"
+        """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``."""
+        return f"{self.kind.label}({'' if self.kind is JobKind.CRASH else self.arg})"
 
 
 @dataclass(frozen=True)
@@ -59,14 +68,59 @@ class LineError:
         return f"{self.source}:{self.line}: {self.reason}"
 
 
-def parse_job_text(text: str) -> tuple[JobKind, Arg] | str | None:
-    """Parse one line's text: (kind, arg), None for a blank or comment line, or the reason
-    it is bad."""
+def _parse_options(words: list[str]) -> tuple[list[str], float | None] | str:
+    """Split `key=value` options (only `timeout=`) from the arguments."""
+    args: list[str] = []
+    timeout: float | None = None
+    for word in words:
+        if "=" not in word:
+            args.append(word)
+            continue
+        key, value = word.split("=", 1)
+        if key.lower() != "timeout":
+            return f"unknown option {key!r} (expected timeout=SECONDS)"
+        try:
+            timeout = float(value)
+        except ValueError:
+            return f"timeout {value!r} is not a number"
+        if not math.isfinite(timeout) or timeout <= 0:
+            return f"timeout {value} must be a finite number > 0"
+    return args, timeout
+
+
+def parse_job_text(text: str) -> tuple[JobKind, Arg, float | None] | str | None:
+    """Parse one line's text: (kind, arg, timeout), None for a blank or comment line, or
+    the reason it is bad."""
     body = text.split("#", 1)[0].strip()
     if not body:
         return None
     words = body.split()
-    name, args = words[0].lower(), words[1:]
+    options = _parse_options(words[1:])
+    if isinstance(options, str):
+        return options
+    args, timeout = options
+    parsed = _parse_kind(words[0], args)
+    if isinstance(parsed, str):
+        return parsed
+    return parsed[0], parsed[1], timeout
+
+
+def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
+    name = word.lower()
+    if name == "crash":
+        if args:
+            return f"crash takes no argument, got {len(args)}"
+        return JobKind.CRASH, 0
+    if name == "alloc":
+        if len(args) != 1:
+            return f"alloc takes one argument, got {len(args)}"
+        try:
+            megabytes = int(args[0])
+        except ValueError:
+            return f"alloc argument {args[0]!r} is not an integer"
+        if not 0 <= megabytes <= ALLOC_MAX_MB:
+            return f"alloc argument {megabytes} is out of range 0..{ALLOC_MAX_MB}"
+        return JobKind.ALLOC, megabytes
     if name == "fib":
         if len(args) != 1:
             return f"fib takes one argument, got {len(args)}"
@@ -89,7 +143,8 @@ def parse_job_text(text: str) -> tuple[JobKind, Arg] | str | None:
         if seconds > SLEEP_MAX:
             return f"sleep argument {seconds:g} is over the limit of {SLEEP_MAX:g} seconds"
         return JobKind.SLEEP, seconds
-    return f"unknown job kind {words[0]!r} (expected 'fib N' or 'sleep SECONDS')"
+    return (f"unknown job kind {word!r} "
+            "(expected 'fib N', 'sleep SECONDS', 'alloc MB' or 'crash')")
 
 
 def parse_lines(
@@ -106,8 +161,8 @@ def parse_lines(
         if isinstance(parsed, str):
             yield LineError(source, number, parsed)
             continue
-        kind, arg = parsed
-        yield Job(next_id, kind, arg)
+        kind, arg, timeout = parsed
+        yield Job(next_id, kind, arg, timeout)
         next_id += 1
 
 
@@ -131,8 +186,14 @@ def fib(n: int) -> int:
 
 def execute(kind: JobKind, arg: Arg) -> Arg:
     """Run a job in the worker. A sleep job's result is the time it slept, as seed 000's
-    workers report their duration back."""
+    workers report their duration back; an alloc job's is the megabytes it touched."""
     if kind is JobKind.FIB:
         return fib(int(arg))
-    time.sleep(float(arg))
-    return float(arg)
+    if kind is JobKind.SLEEP:
+        time.sleep(float(arg))
+        return float(arg)
+    if kind is JobKind.ALLOC:
+        block = bytearray(int(arg) * 1024 * 1024)  # zero-filled: every page is touched
+        return len(block) // (1024 * 1024)
+    os.kill(os.getpid(), signal.SIGSEGV)  # JobKind.CRASH: a poison job
+    raise AssertionError("not reached: SIGSEGV's default action ends the process")

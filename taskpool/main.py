@@ -203,14 +203,20 @@ class Main:
         self._reap_children()
 
     def _on_interrupt(self, signum: int) -> None:
+        """First signal: the Dealer lets running jobs finish within the grace period.
+        Second: the Dealer kills them at once. Third: the pool is killed outright."""
         name = signal.Signals(signum).name
+        self.signals_seen.append(signum)
         if self.interrupted is None:
             self.interrupted = signum
             self.end_reason = f"interrupted by {name}"
             log.info("Interrupted by %s: stopping the pool", name)
             self._signal_children(signal.SIGTERM)
+        elif len(self.signals_seen) == 2:
+            log.info("Second %s: stopping running jobs now", name)
+            self._signal_children(signal.SIGTERM)
         else:
-            log.info("Second %s: killing the pool", name)
+            log.info("%s again: killing the pool", name)
             self._signal_children(signal.SIGKILL)
 
     def _signal_children(self, sig: int) -> None:
@@ -297,7 +303,11 @@ class Main:
 
     def _finish(self, wall_time: float) -> None:
         recorder = self.recorder
-        recorder.record_not_done(self.end_reason or "the run ended before the job completed")
+        reason = self.end_reason or recorder.stats.stop_reason
+        if reason == "the pool stopped before the job completed" and recorder.stats.stop_reason:
+            reason = recorder.stats.stop_reason
+        recorder.record_not_done(reason or "the run ended before the job completed")
+        self.end_reason = reason
         not_done = recorder.count(Status.NOT_DONE)
         if not_done:
             log.info("%d jobs not done: %s", not_done, self.end_reason)

@@ -40,7 +40,16 @@ class JobState:
     # Workers that took this job and died before its result reached us. The next send
     # carries attempt = failed_attempts + 1.
     failed_attempts: int = 0
+    last_failure: str = ""  # why the last attempt's worker died
     recorded: bool = False
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the recovery thread must kill a worker, and the reason it will give."""
+
+    at: float  # time.monotonic()
+    reason: str
 
 
 @dataclass
@@ -66,6 +75,16 @@ class PoolState:
     short_of_workers: bool = False
     spare_queues: list[posix_ipc.MessageQueue] = field(default_factory=list)
     queues_closed: int = 0  # dead workers' queues closed so far, by the recv thread
+    # Set by the recv thread (on Ack, Heartbeat, Terminate), enforced by the recovery
+    # thread, which sleeps in sigtimedwait() until the earliest one. `wake_at` is when it
+    # will wake next: whoever sets an earlier deadline nudges it.
+    job_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid: --timeout
+    heartbeat_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid
+    grace_deadline: Deadline | None = None
+    wake_at: float = float("inf")
+    # Why the recovery thread killed a worker (timeout, no heartbeat, stopped, grace over),
+    # for the recv thread to give as the reason of the attempt.
+    kill_reasons: dict[int, str] = field(default_factory=dict)
     crashes: int = 0
     resends: int = 0
 
@@ -85,6 +104,22 @@ class PoolState:
                     if not best.outstanding:
                         break
         return best
+
+    def next_deadline(self) -> float:
+        deadlines = [d.at for d in self.job_deadlines.values()]
+        deadlines += [d.at for d in self.heartbeat_deadlines.values()]
+        if self.grace_deadline is not None:
+            deadlines.append(self.grace_deadline.at)
+        return min(deadlines, default=float("inf"))
+
+    def set_deadline(self, table: dict[int, Deadline], pid: int, deadline: Deadline) -> bool:
+        """Record a deadline; True if the recovery thread must be nudged to meet it."""
+        table[pid] = deadline
+        return deadline.at < self.wake_at
+
+    def forget_deadlines(self, pid: int) -> None:
+        self.job_deadlines.pop(pid, None)
+        self.heartbeat_deadlines.pop(pid, None)
 
     def handle_of(self, pid: int) -> WorkerHandle | None:
         """The worker that sent a message: a reaped one first (see `exited`)."""

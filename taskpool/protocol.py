@@ -5,7 +5,7 @@ Who sends what, on which channel::
     TaskGenerator --Job, EndOfJobs--------------> ready queue ----> Dealer send thread
     Dealer (own threads) --Wake, Stop-----------> ready queue ----> Dealer send thread
     Dealer send thread --Job, Shutdown----------> request queue (one per worker) --> Worker
-    Worker --Ack, Result------------------------> result queue ---> Dealer recv thread
+    Worker --Ack, Result, Heartbeat-------------> result queue ---> Dealer recv thread
     Dealer recovery thread --WorkerExited, Terminate--> result queue
     Dealer send thread --EndOfJobs--------------> result queue
     TaskGenerator --JobAccepted, LineRejected---> intake pipe  ---> main   (stdin input only)
@@ -48,25 +48,29 @@ class MessageType(enum.IntEnum):
     RESULT = 7
     WORKER_EXITED = 8
     TERMINATE = 9
+    HEARTBEAT = 10
 
 
-# Payload layouts. An argument or result is 8 bytes: int64 for fib, float64 for sleep.
-_JOB = struct.Struct("!QHB8s")  # job id, attempt, kind, arg
+# Payload layouts. An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
+_JOB = struct.Struct("!QHB8sd")  # job id, attempt, kind, arg, timeout (0: none)
 _END = struct.Struct("!Q")  # number of jobs accepted
 _ACK = struct.Struct("!QHI")  # job id, attempt, worker pid
 _RESULT = struct.Struct("!QHIB8s")  # job id, attempt, worker pid, kind, value
 _EXITED = struct.Struct("!Ii")  # pid, raw wait status
 _TERMINATE = struct.Struct("!B")  # signal number that asked for it
+_HEARTBEAT = struct.Struct("!I")  # worker pid
 
 
 def _pack_value(kind: JobKind, value: Arg) -> bytes:
-    return struct.pack("!q", int(value)) if kind is JobKind.FIB else struct.pack("!d", float(value))
+    if kind is JobKind.SLEEP:
+        return struct.pack("!d", float(value))
+    return struct.pack("!q", int(value))
 
 
 def _unpack_value(kind: JobKind, raw: bytes) -> Arg:
-    if kind is JobKind.FIB:
-        return int(struct.unpack("!q", raw)[0])
-    return float(struct.unpack("!d", raw)[0])
+    if kind is JobKind.SLEEP:
+        return float(struct.unpack("!d", raw)[0])
+    return int(struct.unpack("!q", raw)[0])
 
 
 def _kind(code: int) -> JobKind:
@@ -86,7 +90,8 @@ class JobMessage:
 
     def encode(self) -> bytes:
         job = self.job
-        payload = _JOB.pack(job.job_id, self.attempt, job.kind, _pack_value(job.kind, job.arg))
+        payload = _JOB.pack(job.job_id, self.attempt, job.kind, _pack_value(job.kind, job.arg),
+                            job.timeout or 0.0)
         return _HEADER.pack(VERSION, MessageType.JOB) + payload
 
 
@@ -138,6 +143,16 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """A worker running a job is alive and not stopped (sent every heartbeat/3 s)."""
+
+    pid: int
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.HEARTBEAT) + _HEARTBEAT.pack(self.pid)
+
+
+@dataclass(frozen=True)
 class Result:
     job_id: int
     attempt: int
@@ -177,7 +192,7 @@ class Terminate:
 
 
 Message = Union[
-    JobMessage, EndOfJobs, Wake, Stop, Shutdown, Ack, Result, WorkerExited, Terminate
+    JobMessage, EndOfJobs, Wake, Stop, Shutdown, Ack, Heartbeat, Result, WorkerExited, Terminate
 ]
 
 
@@ -194,9 +209,10 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"unknown message type {code}") from None
     try:
         if mtype is MessageType.JOB:
-            job_id, attempt, kind_code, raw = _JOB.unpack(body)
+            job_id, attempt, kind_code, raw, timeout = _JOB.unpack(body)
             kind = _kind(kind_code)
-            return JobMessage(Job(job_id, kind, _unpack_value(kind, raw)), attempt)
+            job = Job(job_id, kind, _unpack_value(kind, raw), timeout or None)
+            return JobMessage(job, attempt)
         if mtype is MessageType.ACK:
             return Ack(*_ACK.unpack(body))
         if mtype is MessageType.RESULT:
@@ -209,6 +225,8 @@ def decode(data: bytes) -> Message:
             return WorkerExited(*_EXITED.unpack(body))
         if mtype is MessageType.TERMINATE:
             return Terminate(*_TERMINATE.unpack(body))
+        if mtype is MessageType.HEARTBEAT:
+            return Heartbeat(*_HEARTBEAT.unpack(body))
     except struct.error as e:
         raise ProtocolError(f"{mtype.name} message of {len(data)} bytes: {e}") from None
     if body:
@@ -252,6 +270,7 @@ class JobRecord:
 class DealerStats:
     crashes: int
     resends: int
+    stop_reason: str | None = None  # why the pool stopped before all jobs were done
 
 
 @dataclass(frozen=True)
@@ -276,7 +295,8 @@ def encode_record(record: PipeRecord) -> bytes:
         body = {"t": "stats", **asdict(record)}
     elif isinstance(record, JobAccepted):
         job = record.job
-        body = {"t": "accepted", "job": job.job_id, "kind": int(job.kind), "arg": job.arg}
+        body = {"t": "accepted", "job": job.job_id, "kind": int(job.kind), "arg": job.arg,
+                "timeout": job.timeout}
     else:
         body = {"t": "rejected", **asdict(record)}
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
@@ -291,7 +311,8 @@ def decode_record(line: bytes) -> PipeRecord:
         if tag == "stats":
             return DealerStats(**body)
         if tag == "accepted":
-            return JobAccepted(Job(body["job"], JobKind(body["kind"]), body["arg"]))
+            return JobAccepted(
+                Job(body["job"], JobKind(body["kind"]), body["arg"], body.get("timeout")))
         if tag == "rejected":
             return LineRejected(**body)
     except (ValueError, TypeError, KeyError, AttributeError) as e:

@@ -4,14 +4,21 @@ How a death reaches it: the Dealer blocks SIGCHLD, SIGTERM and SIGUSR1 in all it
 before starting any, and this thread alone takes them with sigwait(). No handler runs, no
 other thread's blocking mq receive is ever interrupted (posix_ipc does not retry after EINTR),
 and the thread sleeps in the kernel until a child exits. Several deaths may arrive as one
-SIGCHLD, so it reaps with waitpid(-1, WNOHANG) until nothing is left.
+SIGCHLD, so it reaps with waitpid(-1, WNOHANG) until nothing is left. Each reap moves the
+worker out of `workers` under the lock, so no thread ever signals a reaped pid.
 
 What it does with a death: it marks the worker dead (so the send thread stops choosing it),
-posts WorkerExited to the result queue, and forks a replacement. Deciding which jobs to resend
-is the recv thread's work, not this one's: the dead worker's messages are all in the result
-queue ahead of WorkerExited (mq_send is atomic, and the worker is already reaped), so the
-recv thread sees its last Ack and Result before it sees the death, and resends exactly the
-jobs that have no result.
+posts WorkerExited to the result queue, and forks a replacement.
+
+Timers without polling: it sleeps in sigtimedwait() until the earliest deadline (a job's
+--timeout, a missed heartbeat, the end of the grace period), and not at all while none is
+set; a thread that sets an earlier deadline nudges it with SIGUSR1. A worker stopped by
+SIGSTOP is reported by waitpid(WUNTRACED) at once, through the same SIGCHLD.
+
+Deciding which jobs to resend is the recv thread's work, not this one's: the dead worker's
+messages are all in the result queue ahead of WorkerExited (mq_send is atomic, and the
+worker is already reaped), so the recv thread sees its last Ack and Result before it sees
+the death, and resends exactly the jobs that have no result.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import NoReturn
@@ -27,9 +35,10 @@ from typing import NoReturn
 import posix_ipc
 
 from taskpool import ipc
+from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import PoolState, WorkerHandle
 from taskpool.protocol import Terminate, WorkerExited
-from taskpool.worker import CrashPlan, run_worker
+from taskpool.worker import EXIT_RETIRED, CrashPlan, WorkerLimits, run_worker
 
 log = logging.getLogger("taskpool.supervisor")
 
@@ -50,6 +59,7 @@ class WorkerSetup:
     result_queue: posix_ipc.MessageQueue
     plan: CrashPlan
     log_fd: int
+    policy: SupervisionPolicy
 
 
 class Supervisor(threading.Thread):
@@ -71,11 +81,11 @@ class Supervisor(threading.Thread):
             self.fill_pool(starting=True)
             self.pool_started.set()
             while True:
-                sig = signal.sigwait(SUPERVISOR_SIGNALS)
+                sig = self.wait_for_signal_or_deadline()
                 if sig == signal.SIGTERM:
-                    log.info("Received SIGTERM: stopping the pool")
                     self.setup.result_queue.send(Terminate(sig).encode())
                 self.reap_workers()
+                self.kill_overdue_workers()
                 self.fill_pool()
                 with self.state.lock:
                     if self.state.stopping and not self.state.workers:
@@ -92,6 +102,40 @@ class Supervisor(threading.Thread):
         self.setup.result_queue.send(Terminate(0).encode())
         self.kill_workers()
         self.reap_until_empty()
+
+    def wait_for_signal_or_deadline(self) -> int | None:
+        """Block until a signal comes or the earliest deadline passes (None then)."""
+        with self.state.lock:
+            wake_at = self.state.wake_at = self.state.next_deadline()
+        if wake_at == float("inf"):
+            return signal.sigwait(SUPERVISOR_SIGNALS)
+        info = signal.sigtimedwait(SUPERVISOR_SIGNALS, max(0.0, wake_at - time.monotonic()))
+        return None if info is None else info.si_signo
+
+    def kill_overdue_workers(self) -> None:
+        """SIGKILL every worker past a deadline, noting why for the recv thread."""
+        now = time.monotonic()
+        overdue: list[tuple[int, str]] = []
+        with self.state.lock:
+            state = self.state
+            for pid in state.workers:
+                for table in (state.job_deadlines, state.heartbeat_deadlines):
+                    deadline = table.get(pid)
+                    if deadline is not None and deadline.at <= now:
+                        overdue.append((pid, deadline.reason))
+                        break
+                else:
+                    grace = state.grace_deadline
+                    if grace is not None and grace.at <= now:
+                        overdue.append((pid, grace.reason))
+            for pid, reason in overdue:
+                state.forget_deadlines(pid)
+                state.kill_reasons[pid] = reason
+                os.kill(pid, signal.SIGKILL)  # still in `workers`: not reaped, still ours
+            if state.grace_deadline is not None and state.grace_deadline.at <= now:
+                state.grace_deadline = None
+        for pid, reason in overdue:
+            log.info("Worker PID %d %s: killed it", pid, reason)
 
     def fill_pool(self, starting: bool = False) -> None:
         """Fork workers until the pool has its size again (unless stopping).
@@ -165,10 +209,16 @@ class Supervisor(threading.Thread):
         try:
             ipc.set_parent_death_signal(self.dealer_pid)
             ipc.reset_signals_in_child()
+            # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
+            # mid-way: the Dealer decides, and lets running jobs finish within --grace.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             ipc.close_fds_except(
                 {0, 1, 2, self.setup.log_fd, request_queue.mqd, self.setup.result_queue.mqd}
             )
-            run_worker(request_queue, self.setup.result_queue, self.setup.plan)
+            policy = self.setup.policy
+            limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
+                                  policy.max_memory_mb)
+            run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits)
         finally:
             os._exit(70)
 
@@ -185,22 +235,45 @@ class Supervisor(threading.Thread):
         while True:
             with self.state.lock:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
                 except ChildProcessError:
                     return
                 if pid == 0:
                     return
-                worker = self._reaped(pid)
+                stopped, worker = None, None
+                if os.WIFSTOPPED(status):
+                    stopped = self._kill_stopped(pid, status)
+                else:
+                    worker = self._reaped(pid)
                 stopping = self.state.stopping
-                if worker is not None and not stopping:
+                retired = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RETIRED
+                if worker is not None and not stopping and not retired:
                     self.state.crashes += 1
+            if stopped:
+                log.info("Worker PID %d %s: killed it", pid, stopped)
             if worker is None:
                 continue
-            if not stopping:
+            if retired:
+                log.info("Worker PID %d retired after %d jobs", pid,
+                         self.setup.policy.max_tasks_per_child or 0)
+            elif not stopping:
                 log.info("Worker PID %d %s", pid, ipc.describe_wait_status(status))
             # Posted before any replacement is forked, so that the job is resent (to another
             # idle worker, if there is one) without waiting for the new worker to start.
             self.setup.result_queue.send(WorkerExited(pid, status).encode())
+
+    def _kill_stopped(self, pid: int, status: int) -> str | None:
+        """A stopped worker is hung: kill it (its death comes as another SIGCHLD) and
+        return why. Called with state.lock held; the worker is not reaped, so the pid is
+        still ours."""
+        if pid not in self.state.workers:
+            return None
+        sig = os.WSTOPSIG(status)
+        reason = f"was stopped by signal {sig} ({signal.Signals(sig).name})"
+        self.state.kill_reasons[pid] = reason
+        self.state.forget_deadlines(pid)
+        os.kill(pid, signal.SIGKILL)
+        return reason
 
     def kill_workers(self) -> None:
         with self.state.lock:

@@ -17,15 +17,21 @@ import logging
 import os
 import resource
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import posix_ipc
 
 from taskpool.jobs import execute
-from taskpool.protocol import Ack, JobMessage, ProtocolError, Result, Shutdown, decode
+from taskpool.protocol import Ack, Heartbeat, JobMessage, ProtocolError, Result, Shutdown, decode
 
 log = logging.getLogger("taskpool.worker")
+
+
+# Exit statuses that say why a worker left on its own.
+EXIT_RETIRED = 75  # --max-tasks-per-child reached: replace me, nothing went wrong
+EXIT_MEMORY_LIMIT = 76  # a job ran out of --max-memory: counts as a failed attempt
 
 
 class Step(str, enum.Enum):
@@ -35,6 +41,7 @@ class Step(str, enum.Enum):
     DURING_COMPUTE = "during_compute"  # Ack sent, result not computed
     BEFORE_RESULT = "before_result"  # result computed, not sent
     AFTER_RESULT = "after_result"  # result sent, next job not taken (test hook only)
+    AT_START = "at_start"  # a worker that has just started (test hook only, any job)
 
 
 SIMULATED_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
@@ -50,7 +57,10 @@ class InjectedFault:
 
     @classmethod
     def parse(cls, text: str) -> InjectedFault:
-        """JOB:STEP[:ATTEMPT], e.g. ``3:before_ack`` or ``3:before_result:2``."""
+        """JOB:STEP[:ATTEMPT], e.g. ``3:before_ack`` or ``3:before_result:2``; or
+        ``at_start``: every worker dies as it starts (a crash loop)."""
+        if text == Step.AT_START.value:
+            return cls(0, Step.AT_START)
         parts = text.split(":")
         if len(parts) not in (2, 3):
             raise ValueError(f"expected JOB:STEP[:ATTEMPT], got {text!r}")
@@ -92,14 +102,64 @@ def _simulate_crash() -> NoReturn:
     os._exit(128 + signal.SIGSEGV)  # not reached: SIGSEGV's default action ends us
 
 
+@dataclass(frozen=True)
+class WorkerLimits:
+    heartbeat: float | None = None  # seconds; a beat every third of it while a job runs
+    max_tasks: int | None = None
+    max_memory_mb: int | None = None
+
+
+class HeartbeatThread(threading.Thread):
+    """Sends a Heartbeat every `interval` seconds while a job runs; blocks, untimed, while
+    the worker is idle. It stops beating if the worker is stopped (SIGSTOP) or wedged in C
+    code holding the GIL, which is how the Dealer tells a hung worker from a slow job."""
+
+    def __init__(self, queue: posix_ipc.MessageQueue, interval: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.queue = queue
+        self.interval = interval
+        self.busy = threading.Condition()
+        self.running_job = False
+        self.beat = Heartbeat(os.getpid()).encode()
+
+    def run(self) -> None:
+        with self.busy:
+            while True:
+                while not self.running_job:
+                    self.busy.wait()
+                if not self.busy.wait(self.interval) and self.running_job:
+                    self.queue.send(self.beat)
+
+    def job_started(self) -> None:
+        with self.busy:
+            self.running_job = True
+            self.busy.notify()
+
+    def job_finished(self) -> None:
+        with self.busy:
+            self.running_job = False
+            self.busy.notify()
+
+
 def run_worker(
     request_queue: posix_ipc.MessageQueue,
     result_queue: posix_ipc.MessageQueue,
     plan: CrashPlan,
+    limits: WorkerLimits = WorkerLimits(),
 ) -> NoReturn:
     """The worker loop. Returns only through os._exit()."""
     pid = os.getpid()
     log.info("Starting up")
+    if plan.is_injected(0, Step.AT_START, 1):
+        os.kill(pid, signal.SIGKILL)
+    if limits.max_memory_mb is not None:
+        cap = limits.max_memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    heartbeat = None
+    if limits.heartbeat is not None:
+        heartbeat = HeartbeatThread(result_queue, limits.heartbeat / 3)
+        heartbeat.start()
+    jobs_done = 0
 
     def checkpoint(job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:
         if plan.is_injected(job_id, step, attempt):
@@ -125,7 +185,20 @@ def run_worker(
         checkpoint(job.job_id, attempt, Step.BEFORE_ACK, crash_at)
         result_queue.send(Ack(job.job_id, attempt, pid).encode())
         checkpoint(job.job_id, attempt, Step.DURING_COMPUTE, crash_at)
-        value = execute(job.kind, job.arg)
+        if heartbeat is not None:
+            heartbeat.job_started()
+        try:
+            value = execute(job.kind, job.arg)
+        except MemoryError:
+            log.info("Job %d ran out of memory (--max-memory %s MB)", job.job_id,
+                     limits.max_memory_mb)
+            os._exit(EXIT_MEMORY_LIMIT)
+        if heartbeat is not None:
+            heartbeat.job_finished()
         checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
         result_queue.send(Result(job.job_id, attempt, pid, job.kind, value).encode())
         checkpoint(job.job_id, attempt, Step.AFTER_RESULT, None)
+        jobs_done += 1
+        if limits.max_tasks is not None and jobs_done >= limits.max_tasks:
+            log.info("Retiring after %d jobs", jobs_done)
+            os._exit(EXIT_RETIRED)

@@ -99,7 +99,8 @@ def test_workers_killed_at_random_instants_lose_no_job_and_double_no_result(
     lines = [rng.choice(["sleep 0.01", "fib 12", "sleep 0", "fib 19"]) for _ in range(400)]
     jobs = _job_file(tmp_path, lines)
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results)])
+    run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results),
+                   "--max-attempts", "0"])
     kills = kill_workers_at_random(run, rng, kills=40, pool_size=3)
     assert run.finish() == 0
     records = read_results(results)
@@ -211,7 +212,7 @@ def test_every_kill_of_the_dealer_at_a_random_instant_ends_cleanly(tmp_path: Pat
     for attempt in range(5):
         results = tmp_path / f"r{attempt}.jsonl"
         run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                       "--crash-rate", "0.2", "--seed", str(attempt)])
+                       "--crash-rate", "0.2", "--seed", str(attempt), "--max-attempts", "0"])
         dealer = run.role_pid("Dealer")
         run.wait_for(rf"Received result for job {rng.randint(1, 40)}:")
         kill_quietly(dealer)

@@ -10,6 +10,7 @@ from taskpool.jobs import Job, JobKind
 from taskpool.protocol import (
     MAX_MESSAGE_SIZE,
     Ack,
+    Heartbeat,
     DealerStats,
     EndOfJobs,
     JobAccepted,
@@ -30,7 +31,9 @@ from taskpool.protocol import (
 
 MESSAGES = [
     JobMessage(Job(1, JobKind.FIB, 30), attempt=1),
-    JobMessage(Job(2**40, JobKind.SLEEP, 0.25), attempt=7),
+    JobMessage(Job(2**40, JobKind.SLEEP, 0.25, timeout=2.5), attempt=7),
+    JobMessage(Job(5, JobKind.CRASH, 0), attempt=3),
+    Heartbeat(4242),
     EndOfJobs(12),
     Wake(),
     Stop(),
@@ -66,7 +69,7 @@ def test_fib_values_and_sleep_values_keep_their_types() -> None:
         (JobMessage(Job(1, JobKind.FIB, 3), 1).encode()[:-1], "JOB message"),
         (Ack(1, 1, 1).encode() + b"x", "ACK message"),
         (Wake().encode() + b"x", "unexpected bytes"),
-        (b"\x01\x01" + struct.pack("!QHB8s", 1, 1, 9, bytes(8)), "unknown job kind 9"),
+        (b"\x01\x01" + struct.pack("!QHB8sd", 1, 1, 9, bytes(8), 0.0), "unknown job kind 9"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(data: bytes, reason: str) -> None:

@@ -28,7 +28,7 @@ def test_thousands_of_jobs_with_hundreds_of_crashes_and_kills(tmp_path: Path) ->
                             for _ in range(total)))
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "4", "--jobs", str(jobs), "--results", str(results),
-                   "--crash-rate", "0.08", "--seed", "5"])
+                   "--crash-rate", "0.08", "--seed", "5", "--max-attempts", "0"])
     kills = kill_workers_at_random(run, rng, kills=300, pool_size=4)
     assert run.finish(timeout=600) == 0
     records = read_results(results)
@@ -48,7 +48,8 @@ def test_each_role_killed_at_random_instants(tmp_path: Path, role: str) -> None:
     for round_number in range(15):
         results = tmp_path / f"r{round_number}.jsonl"
         run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results),
-                       "--crash-rate", "0.05", "--seed", str(round_number)])
+                       "--crash-rate", "0.05", "--seed", str(round_number),
+                       "--max-attempts", "0"])
         run.wait_for(rf"Received result for job {rng.randint(1, 250)}:")
         if role == "main":
             victim = run.pid

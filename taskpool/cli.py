@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--inject-fault", type=_fault, action="append", default=[],
                          metavar="JOB:STEP[:ATTEMPT]",
                          help="testing hook: SIGKILL the worker that reaches STEP "
-                              "(before_ack, during_compute, before_result, after_result) "
+                              "(before_ack, during_compute, before_result, after_result; "
+                              "or hang: stop beating and block) "
                               "of job JOB on attempt ATTEMPT (default 1); or 'at_start': "
                               "every worker dies as it starts; repeatable")
     return parser

@@ -59,7 +59,7 @@ from taskpool.protocol import (
     encode_record,
 )
 from taskpool.recovery import NUDGE_SIGNAL, SUPERVISOR_SIGNALS, Supervisor, WorkerSetup
-from taskpool.worker import EXIT_MEMORY_LIMIT, EXIT_RETIRED, CrashPlan
+from taskpool.worker import EXIT_MEMORY_LIMIT, CrashPlan
 
 log = logging.getLogger("taskpool.dealer")
 recovery_log = logging.getLogger("taskpool.recovery")
@@ -237,6 +237,9 @@ class Dealer:
         nudge = False
         with state.lock:
             job_state = state.jobs.get(ack.job_id)
+            worker = state.handle_of(ack.pid)
+            if worker is not None:
+                worker.took_a_job = True
             if ack.pid in state.workers and job_state is not None:
                 timeout = job_state.job.timeout or policy.timeout
                 if timeout is not None:
@@ -308,6 +311,7 @@ class Dealer:
             worker = state.exited.pop(exited.pid, None)
             if worker is None:
                 return
+            never_took_a_job = not worker.took_a_job
             state.forget_deadlines(exited.pid)
             never_started = self._drain(worker)
             if state.short_of_workers and not state.stopping:
@@ -343,8 +347,7 @@ class Dealer:
                               job_id, exited.pid)
         for job_state in failed:
             self._record_failure(job_state, exited.pid)
-        took_a_job = bool(crashed or failed)
-        if not took_a_job and not self._retired(exited):
+        if never_took_a_job and not crashed and not failed:
             self._count_idle_death()
 
     def _death_reason(self, exited: WorkerExited) -> str:
@@ -356,11 +359,6 @@ class Dealer:
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
             return f"memory limit ({self.config.policy.max_memory_mb} MB)"
         return ipc.describe_wait_status(status)
-
-    @staticmethod
-    def _retired(exited: WorkerExited) -> bool:
-        status = exited.wait_status
-        return os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RETIRED
 
     def _record_failure(self, job_state: JobState, pid: int) -> None:
         job = job_state.job
@@ -376,9 +374,10 @@ class Dealer:
                             job_state.last_failure)
 
     def _count_idle_death(self) -> None:
-        """Restart intensity: too many workers dead without taking a job, too fast, means
-        a pool that cannot work (a crash loop at start-up): stop it rather than fork
-        forever."""
+        """Restart intensity: too many workers dead before they ever took a job, too fast,
+        means a pool that cannot work (a crash loop at start-up): stop it rather than fork
+        forever. A worker that died during a job, or idle after doing some, is not
+        counted: jobs are bounded by --max-attempts instead."""
         policy = self.config.policy
         now = time.monotonic()
         self.idle_deaths.append(now)

@@ -32,6 +32,7 @@ class WorkerHandle:
     # Job ids sent to this worker and not yet answered by a Result, in the order sent. The
     # worker takes them in this order (its queue is FIFO), one at a time.
     outstanding: list[int] = field(default_factory=list)
+    took_a_job: bool = False  # ever: a worker that never did is what a crash loop makes
 
 
 @dataclass

@@ -42,6 +42,7 @@ class Step(str, enum.Enum):
     BEFORE_RESULT = "before_result"  # result computed, not sent
     AFTER_RESULT = "after_result"  # result sent, next job not taken (test hook only)
     AT_START = "at_start"  # a worker that has just started (test hook only, any job)
+    HANG = "hang"  # instead of computing: stop beating and block forever (test hook only)
 
 
 SIMULATED_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
@@ -164,6 +165,11 @@ def run_worker(
     def checkpoint(job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:
         if plan.is_injected(job_id, step, attempt):
             os.kill(pid, signal.SIGKILL)
+        if step is Step.DURING_COMPUTE and plan.is_injected(job_id, Step.HANG, attempt):
+            # A worker wedged where waitpid() cannot see it (not stopped, not dead), as
+            # one stuck in C code holding the GIL would be: only the heartbeat tells.
+            log.info("Hanging (test hook)")
+            os.read(os.pipe()[0], 1)
         if crash_at is step:
             _simulate_crash()
 

@@ -99,8 +99,10 @@ def test_workers_killed_at_random_instants_lose_no_job_and_double_no_result(
     lines = [rng.choice(["sleep 0.01", "fib 12", "sleep 0", "fib 19"]) for _ in range(400)]
     jobs = _job_file(tmp_path, lines)
     results = tmp_path / "r.jsonl"
+    # Killing fresh workers before they take a job is what a crash loop looks like: raise
+    # the bound that stops one, since this test does it on purpose.
     run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results),
-                   "--max-attempts", "0"])
+                   "--max-attempts", "0", "--max-restarts", "1000"])
     kills = kill_workers_at_random(run, rng, kills=40, pool_size=3)
     assert run.finish() == 0
     records = read_results(results)

@@ -10,9 +10,9 @@ from taskpool.jobs import Job, JobKind
 from taskpool.protocol import (
     MAX_MESSAGE_SIZE,
     Ack,
-    Heartbeat,
     DealerStats,
     EndOfJobs,
+    Heartbeat,
     JobAccepted,
     JobMessage,
     JobRecord,

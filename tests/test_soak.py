@@ -28,7 +28,8 @@ def test_thousands_of_jobs_with_hundreds_of_crashes_and_kills(tmp_path: Path) ->
                             for _ in range(total)))
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "4", "--jobs", str(jobs), "--results", str(results),
-                   "--crash-rate", "0.08", "--seed", "5", "--max-attempts", "0"])
+                   "--crash-rate", "0.08", "--seed", "5", "--max-attempts", "0",
+                   "--max-restarts", "100000"])
     kills = kill_workers_at_random(run, rng, kills=300, pool_size=4)
     assert run.finish(timeout=600) == 0
     records = read_results(results)

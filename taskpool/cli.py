@@ -7,18 +7,22 @@ status 2 for a wrong command line or bad input. A traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
 import math
 import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from taskpool import ipc
 from taskpool import log as tplog
 from taskpool.dealer import DealerConfig
 from taskpool.generator import GeneratorInput
 from taskpool.jobs import Job, JobKind, read_job_file
+from taskpool.journal import Journal, JournalError
 from taskpool.main import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, RunConfig, run
 from taskpool.policy import (
     DEFAULT_GRACE,
@@ -28,6 +32,7 @@ from taskpool.policy import (
     DEFAULT_RESTART_WINDOW,
     SupervisionPolicy,
 )
+from taskpool.protocol import JobRecord
 from taskpool.worker import CrashPlan, InjectedFault
 
 MAX_WORKERS = 512
@@ -153,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-memory", type=_count(1), metavar="MB",
                         help="cap each worker's address space; a job that exceeds it fails "
                              "the attempt with reason 'memory limit' (default: none)")
+    journal = run_cmd.add_argument_group(
+        "journal", "make a long run restartable, with exactly-once results across restarts")
+    journal.add_argument("--journal", metavar="RUN.db",
+                         help="record accepted jobs and every outcome in this SQLite file")
+    journal.add_argument("--resume", action="store_true",
+                         help="go on with the journal's run: rewrite --results from it and run "
+                              "only the jobs it has no outcome for (the same job file, or stdin)")
+    journal.add_argument("--force-resume", action="store_true",
+                         help="with --resume: accept a job file that differs from the "
+                              "journal's (jobs are matched by id, done ones are not run again)")
     run_cmd.add_argument("--verbose", "-v", action="store_true",
                          help="also log each job's ACK (the worker has started it)")
     run_cmd.add_argument("--demo", action="store_true",
@@ -164,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "or hang: stop beating and block) "
                               "of job JOB on attempt ATTEMPT (default 1); or 'at_start': "
                               "every worker dies as it starts; repeatable")
+    results_cmd = commands.add_parser(
+        "results", help="print what a journal holds",
+        description="Print every job of a journal with its outcome (done, failed) or "
+                    "not_done, without running anything.")
+    results_cmd.add_argument("journal", metavar="RUN.db")
+    results_cmd.add_argument("--format", choices=("jsonl", "csv", "table"), default="table")
     return parser
 
 
@@ -193,12 +214,93 @@ def _load_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Gen
     return GeneratorInput(jobs)
 
 
+@dataclass(frozen=True)
+class Journaled:
+    journal: Journal
+    source: GeneratorInput  # with what --resume skips
+    resumed: dict[int, JobRecord]
+
+
+def _open_journal(args: argparse.Namespace, source: GeneratorInput) -> Journaled | None:
+    """Open the journal, check it against the jobs, and say what to skip; None after
+    printing why the run cannot go on."""
+    try:
+        journal = Journal.open(args.journal, resume=args.resume)
+    except JournalError as e:
+        error(str(e))
+        return None
+    resumed = journal.outcomes() if args.resume else {}
+    if source.jobs is not None:
+        if args.resume and not args.force_resume:
+            difference = journal.first_difference(source.jobs, args.jobs or "<demo>")
+            if difference is not None:
+                error(f"{difference}; the journal belongs to another job file "
+                      "(--force-resume runs it anyway, matching jobs by id)")
+                journal.close()
+                return None
+        for job in source.jobs:
+            journal.add_job(job)
+        journal.commit()  # every job is journaled before any runs
+    journal_digests = {job: entry[0] for job, entry in journal.jobs().items()}
+    source = GeneratorInput(source.jobs, frozenset(resumed), journal_digests)
+    return Journaled(journal, source, resumed)
+
+
+def _print_results(path: str, form: str) -> int:
+    try:
+        journal = Journal.open(path, resume=True)
+    except JournalError as e:
+        error(str(e))
+        return EXIT_BAD_INPUT
+    outcomes = journal.outcomes()
+    rows = []
+    for job_id, (_digest, _line, description) in sorted(journal.jobs().items()):
+        record = outcomes.get(job_id)
+        if record is None:
+            kind, arg = description.split()[:2]
+            rows.append({"job": job_id, "kind": kind, "arg": arg, "status": "not_done",
+                         "result": None, "worker": None, "attempts": 0})
+        else:
+            rows.append(record.to_json())
+    journal.close()
+    out = sys.stdout
+    if form == "jsonl":
+        out.write("".join(json.dumps(row) + "\n" for row in rows))
+    elif form == "csv":
+        fields = ["job", "kind", "arg", "status", "result", "worker", "attempts", "reason"]
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        out.write(f"{'job':>6}  {'job spec':<18} {'status':<9} {'result':>14}  attempts\n")
+        for row in rows:
+            spec = f"{row['kind']} {row['arg']}"
+            result = "" if row["result"] is None else str(row["result"])
+            out.write(f"{row['job']:>6}  {spec:<18} {row['status']:<9} {result:>14}  "
+                      f"{row['attempts']}\n")
+        counts = {s: sum(1 for r in rows if r["status"] == s)
+                  for s in ("done", "failed", "not_done")}
+        out.write(f"{len(rows)} jobs: {counts['done']} done, {counts['failed']} failed, "
+                  f"{counts['not_done']} not done\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "results":
+        return _print_results(args.journal, args.format)
+    if (args.resume or args.force_resume) and args.journal is None:
+        parser.error("--resume needs --journal")
     source = _load_jobs(args, parser)
     if source is None:
         return EXIT_BAD_INPUT
+    journaled = None
+    if args.journal is not None:
+        journaled = _open_journal(args, source)
+        if journaled is None:
+            return EXIT_BAD_INPUT
+        source = journaled.source
 
     log_fd = 2
     if args.log is not None:
@@ -250,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         source=source,
         results=results,
         report_error=error,
+        journal=journaled.journal if journaled else None,
+        resumed=journaled.resumed if journaled else {},
     )
     try:
         return run(config)
@@ -259,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if results is not None:
             results.close()
+        if journaled is not None:
+            journaled.journal.close()
 
 
 def entry_point() -> None:

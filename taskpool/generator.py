@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import posix_ipc
 
 from taskpool import ipc
 from taskpool.jobs import Job, LineError, parse_lines
+from taskpool.journal import job_digest
 from taskpool.protocol import EndOfJobs, JobAccepted, JobMessage, LineRejected, encode_record
 
 log = logging.getLogger("taskpool.generator")
@@ -29,9 +30,13 @@ STDIN_NAME = "<stdin>"
 
 @dataclass(frozen=True)
 class GeneratorInput:
-    """Either the validated jobs of a file, or None to stream standard input."""
+    """Either the validated jobs of a file, or None to stream standard input. On --resume,
+    `done` are the ids the journal has outcomes for (not run again) and `journal_digests`
+    what each journaled job was (a streamed line that differs is rejected)."""
 
     jobs: list[Job] | None
+    done: frozenset[int] = frozenset()
+    journal_digests: dict[int, str] = field(default_factory=dict)
 
 
 def _stdin_lines() -> Iterable[str]:
@@ -63,8 +68,9 @@ def run_generator(
         total = 0
         if source.jobs is not None:
             for job in source.jobs:
-                ready_queue.send(JobMessage(job, attempt=1).encode())
-            total = len(source.jobs)
+                if job.job_id not in source.done:
+                    ready_queue.send(JobMessage(job, attempt=1).encode())
+                    total += 1
         else:
             assert intake_fd is not None
             for item in parse_lines(_stdin_lines(), STDIN_NAME):
@@ -72,10 +78,17 @@ def run_generator(
                     os.write(intake_fd, encode_record(
                         LineRejected(f"{item.source}:{item.line}", item.reason)))
                     continue
+                journaled = source.journal_digests.get(item.job_id)
+                if journaled is not None and journaled != job_digest(item):
+                    os.write(intake_fd, encode_record(LineRejected(
+                        f"{STDIN_NAME}:{item.line}",
+                        f"job {item.job_id} differs from the journal's; not run")))
+                    continue
                 # Tell main first: a job main knows of is reported at the end, done or not.
                 os.write(intake_fd, encode_record(JobAccepted(item)))
-                ready_queue.send(JobMessage(item, attempt=1).encode())
-                total += 1
+                if item.job_id not in source.done:
+                    ready_queue.send(JobMessage(item, attempt=1).encode())
+                    total += 1
         ready_queue.send(EndOfJobs(total).encode())
         log.info("All %d jobs queued", total)
         code = 0

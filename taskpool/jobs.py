@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 # Naive recursion is exponential: fib(30) takes ~0.2 s in CPython, fib(40) ~20 s, fib(45)
@@ -52,6 +52,7 @@ class Job:
     kind: JobKind
     arg: Arg
     timeout: float | None = None  # the job file's timeout=, if any
+    line: int = field(default=0, compare=False)  # where it was read; not sent on the wire
 
     def describe(self) -> str:
         """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``."""
@@ -162,7 +163,7 @@ def parse_lines(
             yield LineError(source, number, parsed)
             continue
         kind, arg, timeout = parsed
-        yield Job(next_id, kind, arg, timeout)
+        yield Job(next_id, kind, arg, timeout, line=number)
         next_id += 1
 
 

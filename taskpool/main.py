@@ -27,6 +27,7 @@ from taskpool import ipc
 from taskpool.dealer import EXIT_ALL_DONE, EXIT_STOPPED_EARLY, DealerConfig, run_dealer
 from taskpool.generator import GeneratorInput, run_generator
 from taskpool.jobs import Job
+from taskpool.journal import Journal
 from taskpool.protocol import (
     DealerStats,
     JobAccepted,
@@ -50,6 +51,8 @@ class RunConfig:
     source: GeneratorInput
     results: IO[str] | None
     report_error: Callable[[str], None]  # prints "taskpool: ..." to the user
+    journal: Journal | None = None
+    resumed: dict[int, JobRecord] = field(default_factory=dict)  # the journal's outcomes
 
 
 @dataclass
@@ -89,26 +92,69 @@ class LineReader:
         return lines
 
 
+# A journal batch is committed when it holds this many outcomes, or when its oldest outcome
+# has waited this long: the cost of a commit is spread over many jobs, and no result waits
+# long to reach the results file.
+JOURNAL_BATCH_MAX = 500
+JOURNAL_BATCH_DELAY = 0.05
+
+
 @dataclass
 class Recorder:
-    """Every job main knows of, and each one's outcome, recorded once."""
+    """Every job main knows of, and each one's outcome, recorded once.
+
+    With a journal, an outcome goes to the journal's pending batch first, and its results
+    line is written only once the batch is committed."""
 
     results: IO[str] | None
+    journal: Journal | None = None
     known: dict[int, Job] = field(default_factory=dict)
     outcomes: dict[int, JobRecord] = field(default_factory=dict)
     rejected_lines: int = 0
     stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
+    batch_started: float | None = None  # when the oldest uncommitted outcome came
 
     def record(self, record: JobRecord) -> None:
         if record.job in self.outcomes:
             log.info("Dropped duplicate record for job %d", record.job)
             return
         self.outcomes[record.job] = record
-        if self.results is not None:
-            self.results.write(json.dumps(record.to_json()) + "\n")
+        if self.journal is None or record.status == Status.NOT_DONE.value:
+            self._write_results([record])
+            return
+        self.journal.add_outcome(record)
+        if self.batch_started is None:
+            self.batch_started = time.monotonic()
+        if len(self.journal.pending_outcomes) >= JOURNAL_BATCH_MAX:
+            self.commit()
+
+    def accept(self, job: Job) -> None:
+        self.known[job.job_id] = job
+        if self.journal is not None:
+            self.journal.add_job(job)
+
+    def seconds_to_commit(self) -> float | None:
+        """How long main's loop may sleep before the pending batch is due; None: nothing
+        pending, sleep until something happens."""
+        if self.batch_started is None:
+            return None
+        return max(0.0, self.batch_started + JOURNAL_BATCH_DELAY - time.monotonic())
+
+    def commit(self) -> None:
+        if self.journal is not None:
+            committed = self.journal.commit()
+            if committed:
+                log.debug("Journal: committed %d outcomes", len(committed))
+            self._write_results(committed)
+        self.batch_started = None
+
+    def _write_results(self, records: list[JobRecord]) -> None:
+        if self.results is not None and records:
+            self.results.write("".join(json.dumps(r.to_json()) + "\n" for r in records))
             self.results.flush()
 
     def record_not_done(self, reason: str) -> None:
+        self.commit()
         for job_id in sorted(self.known):
             if job_id not in self.outcomes:
                 job = self.known[job_id]
@@ -124,9 +170,14 @@ class Recorder:
 class Main:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.recorder = Recorder(config.results)
+        self.recorder = Recorder(config.results, config.journal)
         if config.source.jobs is not None:
             self.recorder.known = {job.job_id: job for job in config.source.jobs}
+        # On --resume, what the journal already holds is recorded first, and the results
+        # file rewritten from it: the two never disagree about what is done.
+        for record in config.resumed.values():
+            self.recorder.outcomes[record.job] = record
+        self.recorder._write_results(list(config.resumed.values()))
         self.interrupted: int | None = None  # the first SIGINT/SIGTERM
         self.signals_seen: list[int] = []
         self.end_reason: str | None = None
@@ -174,7 +225,9 @@ class Main:
         readers = [LineReader(record_r)] + ([LineReader(intake_r)] if intake_r is not None else [])
         while any(r.open for r in readers) or self.dealer.running or self.generator.running:
             watched = [r.fd for r in readers if r.open] + [wake_r]
-            ready, _, _ = select.select(watched, [], [])
+            ready, _, _ = select.select(watched, [], [], self.recorder.seconds_to_commit())
+            if self.recorder.seconds_to_commit() == 0.0:
+                self.recorder.commit()
             for reader in readers:
                 if reader.open and reader.fd in ready:
                     for line in reader.read_lines():
@@ -281,7 +334,7 @@ class Main:
         if isinstance(record, JobRecord):
             self.recorder.record(record)
         elif isinstance(record, JobAccepted):
-            self.recorder.known[record.job.job_id] = record.job
+            self.recorder.accept(record.job)
         elif isinstance(record, LineRejected):
             self.recorder.rejected_lines += 1
             self.config.report_error(f"{record.where}: {record.reason}")

@@ -296,7 +296,7 @@ def encode_record(record: PipeRecord) -> bytes:
     elif isinstance(record, JobAccepted):
         job = record.job
         body = {"t": "accepted", "job": job.job_id, "kind": int(job.kind), "arg": job.arg,
-                "timeout": job.timeout}
+                "timeout": job.timeout, "line": job.line}
     else:
         body = {"t": "rejected", **asdict(record)}
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
@@ -311,8 +311,8 @@ def decode_record(line: bytes) -> PipeRecord:
         if tag == "stats":
             return DealerStats(**body)
         if tag == "accepted":
-            return JobAccepted(
-                Job(body["job"], JobKind(body["kind"]), body["arg"], body.get("timeout")))
+            return JobAccepted(Job(body["job"], JobKind(body["kind"]), body["arg"],
+                                   body.get("timeout"), line=body.get("line", 0)))
         if tag == "rejected":
             return LineRejected(**body)
     except (ValueError, TypeError, KeyError, AttributeError) as e:

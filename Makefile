@@ -24,6 +24,9 @@ test: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak -p no:cacheprovider
 
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
 lint: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(VENV)/bin/ruff check taskpool tests

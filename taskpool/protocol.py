@@ -260,9 +260,12 @@ class JobRecord:
     reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        fields = asdict(self)
-        if fields["reason"] is None:
-            del fields["reason"]
+        # Built by hand: dataclasses.asdict() deep-copies every field, and this runs once
+        # per job in the Dealer's recv thread and in main.
+        fields = {"job": self.job, "kind": self.kind, "arg": self.arg, "status": self.status,
+                  "result": self.result, "worker": self.worker, "attempts": self.attempts}
+        if self.reason is not None:
+            fields["reason"] = self.reason
         return fields
 
 

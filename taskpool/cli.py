@@ -48,16 +48,6 @@ def error(message: str) -> None:
     os.write(2, f"taskpool: {message}\n".encode("utf-8", "replace"))
 
 
-def _workers(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= n <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"{n} is out of range 1..{MAX_WORKERS}")
-    return n
-
-
 def _crash_rate(text: str) -> float:
     try:
         p = float(text)
@@ -69,12 +59,14 @@ def _crash_rate(text: str) -> float:
     return p
 
 
-def _count(minimum: int) -> Callable[[str], int]:
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if maximum is not None and not minimum <= n <= maximum:
+            raise argparse.ArgumentTypeError(f"{n} is out of range {minimum}..{maximum}")
         if n < minimum:
             raise argparse.ArgumentTypeError(f"{n} is below the minimum of {minimum}")
         return n
@@ -115,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the jobs of FILE (or standard input) on a pool of forked workers; "
                     "a worker that dies mid-job is replaced and its job sent again.",
     )
-    run_cmd.add_argument("--workers", type=_workers, metavar="N",
+    run_cmd.add_argument("--workers", type=_count(1, MAX_WORKERS), metavar="N",
                          help=f"pool size, 1..{MAX_WORKERS} (default: CPU count; --demo: "
                               f"{DEMO_WORKERS})")
     run_cmd.add_argument("--jobs", metavar="FILE",

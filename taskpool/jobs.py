@@ -106,6 +106,19 @@ def parse_job_text(text: str) -> tuple[JobKind, Arg, float | None] | str | None:
     return parsed[0], parsed[1], timeout
 
 
+def _int_argument(kind: JobKind, args: list[str], maximum: int) -> tuple[JobKind, Arg] | str:
+    name = kind.label
+    if len(args) != 1:
+        return f"{name} takes one argument, got {len(args)}"
+    try:
+        n = int(args[0])
+    except ValueError:
+        return f"{name} argument {args[0]!r} is not an integer"
+    if not 0 <= n <= maximum:
+        return f"{name} argument {n} is out of range 0..{maximum}"
+    return kind, n
+
+
 def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
     name = word.lower()
     if name == "crash":
@@ -113,25 +126,9 @@ def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
             return f"crash takes no argument, got {len(args)}"
         return JobKind.CRASH, 0
     if name == "alloc":
-        if len(args) != 1:
-            return f"alloc takes one argument, got {len(args)}"
-        try:
-            megabytes = int(args[0])
-        except ValueError:
-            return f"alloc argument {args[0]!r} is not an integer"
-        if not 0 <= megabytes <= ALLOC_MAX_MB:
-            return f"alloc argument {megabytes} is out of range 0..{ALLOC_MAX_MB}"
-        return JobKind.ALLOC, megabytes
+        return _int_argument(JobKind.ALLOC, args, ALLOC_MAX_MB)
     if name == "fib":
-        if len(args) != 1:
-            return f"fib takes one argument, got {len(args)}"
-        try:
-            n = int(args[0])
-        except ValueError:
-            return f"fib argument {args[0]!r} is not an integer"
-        if not 0 <= n <= FIB_MAX:
-            return f"fib argument {n} is out of range 0..{FIB_MAX}"
-        return JobKind.FIB, n
+        return _int_argument(JobKind.FIB, args, FIB_MAX)
     if name == "sleep":
         if len(args) != 1:
             return f"sleep takes one argument, got {len(args)}"

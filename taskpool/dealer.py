@@ -306,7 +306,7 @@ class Dealer:
         crashed: list[int] = []  # taken by the worker: this attempt failed; sent again
         failed: list[JobState] = []  # taken, and out of attempts
         requeued: list[int] = []  # still in its queue: never started
-        reason = self._death_reason(exited)
+        reason, charged = self._death_reason(exited)
         with state.lock:
             worker = state.exited.pop(exited.pid, None)
             if worker is None:
@@ -327,6 +327,8 @@ class Dealer:
                 if job_id in never_started:
                     requeued.append(job_id)
                     continue
+                if not charged:
+                    continue  # stopped by us, not by its own fault: reported not done
                 job_state.failed_attempts += 1
                 job_state.last_failure = reason
                 if policy.max_attempts and job_state.failed_attempts >= policy.max_attempts:
@@ -334,10 +336,16 @@ class Dealer:
                     failed.append(job_state)
                 else:
                     crashed.append(job_id)
-            if state.stopping:
-                return
-            state.resend.extend(crashed + requeued)
-            state.resends += len(crashed)
+            if not state.stopping:
+                state.resend.extend(crashed + requeued)
+                state.resends += len(crashed)
+        for job_state in failed:
+            self._record_failure(job_state, exited.pid)
+        if state.stopping:
+            if crashed:
+                supervisor_log.info("Worker PID %d %s while stopping: job(s) %s not done",
+                                    exited.pid, reason, ", ".join(map(str, crashed)))
+            return
         if crashed or requeued:
             self._wake_send_thread()
         for job_id in crashed:
@@ -345,20 +353,19 @@ class Dealer:
         for job_id in requeued:
             recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
                               job_id, exited.pid)
-        for job_state in failed:
-            self._record_failure(job_state, exited.pid)
         if never_took_a_job and not crashed and not failed:
             self._count_idle_death()
 
-    def _death_reason(self, exited: WorkerExited) -> str:
+    def _death_reason(self, exited: WorkerExited) -> tuple[str, bool]:
+        """Why the worker died, and whether that charges the job it held an attempt."""
         with self.state.lock:
             killed_for = self.state.kill_reasons.pop(exited.pid, None)
         if killed_for is not None:
-            return killed_for
+            return killed_for.reason, killed_for.charges_attempt
         status = exited.wait_status
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
-            return f"memory limit ({self.config.policy.max_memory_mb} MB)"
-        return ipc.describe_wait_status(status)
+            return f"memory limit ({self.config.policy.max_memory_mb} MB)", True
+        return ipc.describe_wait_status(status), True
 
     def _record_failure(self, job_state: JobState, pid: int) -> None:
         job = job_state.job
@@ -436,7 +443,7 @@ class Dealer:
             not_started = sum(1 for s in state.jobs.values() if not s.recorded) - running
             state.grace_deadline = Deadline(time.monotonic() + grace,
                                             f"was still running when the {grace:g} s grace "
-                                            "period ended")
+                                            "period ended", charges_attempt=False)
             state.worker_free.notify_all()
         log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
                  "%d jobs not started", signum, running, grace, not_started)
@@ -453,6 +460,8 @@ class Dealer:
                 # Not reaped yet (reaping moves a worker out of `workers` under this lock),
                 # so the pid is still this worker's.
                 if kill:
+                    state.kill_reasons[worker.pid] = Deadline(
+                        time.monotonic(), "was stopped with the pool", charges_attempt=False)
                     os.kill(worker.pid, signal.SIGKILL)
                 else:
                     try:

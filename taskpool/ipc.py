@@ -126,17 +126,18 @@ def redirect_stdin_to_devnull() -> None:
     os.close(devnull)
 
 
-def reset_signals_in_child(blocked: frozenset[int] = frozenset()) -> None:
+def reset_signals_in_child(
+    blocked: frozenset[int] = frozenset(), ignored: frozenset[int] = frozenset({signal.SIGINT})
+) -> None:
     """A forked child starts with its parent's handlers, wake-up fd and signal mask (the
     parent forks with its signals blocked, so none is handled in between). Reset the
     handlers and the wake-up fd first, then set the mask, so that a signal pending since the
     fork meets this process's own dispositions. SIGINT is ignored because Ctrl-C reaches the
     whole process group, and main alone decides how a run ends."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
                 signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 

@@ -185,6 +185,9 @@ class Main:
 
     def run(self) -> int:
         started = time.monotonic()
+        # A shell may exec us with children of its own (a process substitution): those are
+        # not ours to wait for.
+        self.inherited_children = _children_of_self()
         ipc.become_subreaper()
         wake_r, wake_w = os.pipe()
         for fd in (wake_r, wake_w):
@@ -343,14 +346,13 @@ class Main:
 
     def _reap_orphans(self) -> None:
         """Wait for workers orphaned by a lost Dealer: PR_SET_PDEATHSIG has already sent
-        them SIGKILL, and as a subreaper we are their parent now."""
-        while True:
+        them SIGKILL, and as a subreaper we are their parent now (they were reparented as
+        the Dealer exited, before we reaped it)."""
+        for pid in _children_of_self() - self.inherited_children:
             try:
-                os.waitpid(-1, 0)
+                os.waitpid(pid, 0)
             except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
+                pass
 
     # --- the end ---------------------------------------------------------------------
 
@@ -382,6 +384,15 @@ class Main:
         if self.lost_role or self.recorder.count(Status.DONE) < len(self.recorder.outcomes):
             return EXIT_JOBS_NOT_DONE
         return EXIT_OK
+
+
+def _children_of_self() -> set[int]:
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(child) for child in f.read().split()}
+    except OSError:
+        return set()
 
 
 def run(config: RunConfig) -> int:

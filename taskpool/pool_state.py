@@ -51,6 +51,9 @@ class Deadline:
 
     at: float  # time.monotonic()
     reason: str
+    # False for kills that are our doing, not the job's (the grace period ran out, a
+    # second Ctrl-C): the job is reported not done, and no attempt is charged.
+    charges_attempt: bool = True
 
 
 @dataclass
@@ -85,7 +88,7 @@ class PoolState:
     wake_at: float = float("inf")
     # Why the recovery thread killed a worker (timeout, no heartbeat, stopped, grace over),
     # for the recv thread to give as the reason of the attempt.
-    kill_reasons: dict[int, str] = field(default_factory=dict)
+    kill_reasons: dict[int, Deadline] = field(default_factory=dict)
     crashes: int = 0
     resends: int = 0
 

@@ -36,7 +36,7 @@ import posix_ipc
 
 from taskpool import ipc
 from taskpool.policy import SupervisionPolicy
-from taskpool.pool_state import PoolState, WorkerHandle
+from taskpool.pool_state import Deadline, PoolState, WorkerHandle
 from taskpool.protocol import Terminate, WorkerExited
 from taskpool.worker import EXIT_RETIRED, CrashPlan, WorkerLimits, run_worker
 
@@ -45,6 +45,7 @@ log = logging.getLogger("taskpool.supervisor")
 # Signals this thread takes with sigwait(); blocked in every thread of the Dealer.
 SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1})
 NUDGE_SIGNAL = signal.SIGUSR1  # "look at the state again", sent by the recv thread
+HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messages to read
 
 # Python 3.12+ warns on every fork() from a threaded process; the argument in
 # Supervisor.spawn_worker is why ours is safe.
@@ -113,29 +114,38 @@ class Supervisor(threading.Thread):
         return None if info is None else info.si_signo
 
     def kill_overdue_workers(self) -> None:
-        """SIGKILL every worker past a deadline, noting why for the recv thread."""
+        """SIGKILL every worker past a deadline, noting why for the recv thread.
+
+        Deadlines move only when the recv thread reads a Heartbeat or a Result. While it
+        is behind (messages wait in the result queue: it may be blocked writing the log to
+        a paused terminal), a due job or heartbeat deadline may be met by a message not yet
+        read: it is put off by HOLD_OFF rather than kill a healthy worker."""
         now = time.monotonic()
-        overdue: list[tuple[int, str]] = []
+        overdue: list[tuple[int, Deadline]] = []
+        recv_is_behind = self.setup.result_queue.current_messages > 0
         with self.state.lock:
             state = self.state
             for pid in state.workers:
                 for table in (state.job_deadlines, state.heartbeat_deadlines):
                     deadline = table.get(pid)
                     if deadline is not None and deadline.at <= now:
-                        overdue.append((pid, deadline.reason))
+                        if recv_is_behind:
+                            table[pid] = Deadline(now + HOLD_OFF, deadline.reason)
+                            break
+                        overdue.append((pid, deadline))
                         break
                 else:
                     grace = state.grace_deadline
                     if grace is not None and grace.at <= now:
-                        overdue.append((pid, grace.reason))
-            for pid, reason in overdue:
+                        overdue.append((pid, grace))
+            for pid, deadline in overdue:
                 state.forget_deadlines(pid)
-                state.kill_reasons[pid] = reason
+                state.kill_reasons[pid] = deadline
                 os.kill(pid, signal.SIGKILL)  # still in `workers`: not reaped, still ours
             if state.grace_deadline is not None and state.grace_deadline.at <= now:
                 state.grace_deadline = None
-        for pid, reason in overdue:
-            log.info("Worker PID %d %s: killed it", pid, reason)
+        for pid, deadline in overdue:
+            log.info("Worker PID %d %s: killed it", pid, deadline.reason)
 
     def fill_pool(self, starting: bool = False) -> None:
         """Fork workers until the pool has its size again (unless stopping).
@@ -208,10 +218,9 @@ class Supervisor(threading.Thread):
     def _become_worker(self, request_queue: posix_ipc.MessageQueue) -> NoReturn:
         try:
             ipc.set_parent_death_signal(self.dealer_pid)
-            ipc.reset_signals_in_child()
             # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
             # mid-way: the Dealer decides, and lets running jobs finish within --grace.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            ipc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
             ipc.close_fds_except(
                 {0, 1, 2, self.setup.log_fd, request_queue.mqd, self.setup.result_queue.mqd}
             )
@@ -228,6 +237,7 @@ class Supervisor(threading.Thread):
         worker = self.state.workers.pop(pid, None)
         if worker is not None:
             self.state.exited[pid] = worker
+            self.state.forget_deadlines(pid)  # no timer may fire for a reaped pid
         return worker
 
     def reap_workers(self) -> None:
@@ -270,7 +280,7 @@ class Supervisor(threading.Thread):
             return None
         sig = os.WSTOPSIG(status)
         reason = f"was stopped by signal {sig} ({signal.Signals(sig).name})"
-        self.state.kill_reasons[pid] = reason
+        self.state.kill_reasons[pid] = Deadline(time.monotonic(), reason)
         self.state.forget_deadlines(pid)
         os.kill(pid, signal.SIGKILL)
         return reason

@@ -142,6 +142,14 @@ class HeartbeatThread(threading.Thread):
             self.busy.notify()
 
 
+def _address_space_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_worker(
     request_queue: posix_ipc.MessageQueue,
     result_queue: posix_ipc.MessageQueue,
@@ -153,13 +161,15 @@ def run_worker(
     log.info("Starting up")
     if plan.is_injected(0, Step.AT_START, 1):
         os.kill(pid, signal.SIGKILL)
-    if limits.max_memory_mb is not None:
-        cap = limits.max_memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     heartbeat = None
     if limits.heartbeat is not None:
         heartbeat = HeartbeatThread(result_queue, limits.heartbeat / 3)
-        heartbeat.start()
+        heartbeat.start()  # before the memory cap: a thread's stack is address space too
+    if limits.max_memory_mb is not None:
+        # On top of what the worker already maps (inherited from the Dealer: 150-250 MB of
+        # address space, mostly per-thread malloc arenas), so MB is what a job may use.
+        cap = _address_space_bytes() + limits.max_memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     jobs_done = 0
 
     def checkpoint(job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:

@@ -207,3 +207,33 @@ def test_a_second_signal_skips_the_grace_period(tmp_path: Path) -> None:
     assert run.finish(timeout=30) == 130, "only the second signal can end this run in time"
     assert "[Dealer] Stopping now: killing 1 running jobs" in run.log_text()
     assert [r["status"] for r in read_results(results)] == ["not_done"]
+
+
+def test_the_memory_cap_is_on_top_of_what_a_worker_maps_and_replacements_start(
+    tmp_path: Path,
+) -> None:
+    # Replacements (one per job here) inherit more address space than the first workers:
+    # a cap counted from zero used to hang their start-up.
+    jobs = _job_file(tmp_path, ["alloc 30"] * 6)
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                   "--max-memory", "100", "--max-tasks-per-child", "1"])
+    assert run.finish(timeout=60) == 0, run.log_text()
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 7))
+    assert all(r["status"] == "done" and r["result"] == 30 for r in records)
+
+
+def test_a_job_that_fails_during_the_grace_period_is_recorded_failed(tmp_path: Path) -> None:
+    jobs = _job_file(tmp_path, ["sleep 30 timeout=0.5", "sleep 30"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                   "--max-attempts", "1", "--grace", "2", "--verbose"])
+    run.wait_for(r"^\[Dealer\] Job \d+ started by", count=2)
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.finish(timeout=30) == 143
+    by_job = _by_job(results)
+    assert by_job[1]["status"] == "failed"
+    assert by_job[1]["reason"] == "ran job 1 past its timeout of 0.5 s on 1 attempts"
+    assert by_job[2]["status"] == "not_done", "the grace period ran out: not the job's fault"
+    assert by_job[2]["reason"] == "interrupted by SIGTERM"

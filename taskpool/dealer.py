@@ -94,6 +94,8 @@ class Dealer:
         self.terminated = False
         self.stop_reason: str | None = None
         self.idle_deaths: deque[float] = deque()  # when workers died without taking a job
+        heartbeat = config.policy.heartbeat
+        self.no_heartbeat_reason = f"sent no heartbeat for {heartbeat:g} s" if heartbeat else ""
         self.supervisor = Supervisor(
             self.state,
             config.workers,
@@ -258,9 +260,8 @@ class Dealer:
         period = self.config.policy.heartbeat
         if period is None:
             return False
-        reason = f"sent no heartbeat for {period:g} s"
         return self.state.set_deadline(
-            self.state.heartbeat_deadlines, pid, Deadline(now + period, reason))
+            self.state.heartbeat_deadlines, pid, Deadline(now + period, self.no_heartbeat_reason))
 
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
         with self.state.lock:

@@ -120,7 +120,7 @@ class Recorder:
             return
         self.outcomes[record.job] = record
         if self.journal is None or record.status == Status.NOT_DONE.value:
-            self._write_results([record])
+            self.write_results([record])
             return
         self.journal.add_outcome(record)
         if self.batch_started is None:
@@ -145,10 +145,10 @@ class Recorder:
             committed = self.journal.commit()
             if committed:
                 log.debug("Journal: committed %d outcomes", len(committed))
-            self._write_results(committed)
+            self.write_results(committed)
         self.batch_started = None
 
-    def _write_results(self, records: list[JobRecord]) -> None:
+    def write_results(self, records: list[JobRecord]) -> None:
         if self.results is not None and records:
             self.results.write("".join(json.dumps(r.to_json()) + "\n" for r in records))
             self.results.flush()
@@ -177,7 +177,7 @@ class Main:
         # file rewritten from it: the two never disagree about what is done.
         for record in config.resumed.values():
             self.recorder.outcomes[record.job] = record
-        self.recorder._write_results(list(config.resumed.values()))
+        self.recorder.write_results(list(config.resumed.values()))
         self.interrupted: int | None = None  # the first SIGINT/SIGTERM
         self.signals_seen: list[int] = []
         self.end_reason: str | None = None
@@ -307,9 +307,7 @@ class Main:
             # forever.
             self._stop(self.generator)
             if os.WIFEXITED(child.status) and os.WEXITSTATUS(child.status) == EXIT_STOPPED_EARLY:
-                # The Dealer stopped the pool itself and has said why in the log.
-                self.end_reason = self.end_reason or "the pool stopped before the job completed"
-                return
+                return  # the Dealer stopped the pool itself: its stats say why
         elif child.ended_normally() or not self.dealer.running:
             return  # a generator that finished, or that we stopped after the Dealer ended
         how = ipc.describe_wait_status(child.status)
@@ -358,14 +356,12 @@ class Main:
 
     def _finish(self, wall_time: float) -> None:
         recorder = self.recorder
-        reason = self.end_reason or recorder.stats.stop_reason
-        if reason == "the pool stopped before the job completed" and recorder.stats.stop_reason:
-            reason = recorder.stats.stop_reason
-        recorder.record_not_done(reason or "the run ended before the job completed")
-        self.end_reason = reason
+        reason = (self.end_reason or recorder.stats.stop_reason
+                  or "the pool stopped before the job completed")
+        recorder.record_not_done(reason)
         not_done = recorder.count(Status.NOT_DONE)
         if not_done:
-            log.info("%d jobs not done: %s", not_done, self.end_reason)
+            log.info("%d jobs not done: %s", not_done, reason)
         else:
             log.info("All done.")
         total = len(recorder.outcomes)

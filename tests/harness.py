@@ -152,6 +152,12 @@ class PoolRun:
 RUNS: list[PoolRun] = []
 
 
+def write_job_file(directory: Path, lines: list[str]) -> Path:
+    path = directory / "jobs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

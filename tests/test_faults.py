@@ -18,6 +18,7 @@ from harness import (
     assert_exactly_once,
     kill_quietly,
     read_results,
+    write_job_file,
 )
 
 STEPS_THAT_LOSE_THE_ATTEMPT = {
@@ -27,16 +28,10 @@ STEPS_THAT_LOSE_THE_ATTEMPT = {
 }
 
 
-def _job_file(tmp_path: Path, lines: list[str]) -> Path:
-    path = tmp_path / "jobs.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.mark.parametrize("step", list(STEPS_THAT_LOSE_THE_ATTEMPT),
                          ids=list(STEPS_THAT_LOSE_THE_ATTEMPT.values()))
 def test_worker_killed_at_a_protocol_step_loses_no_job(tmp_path: Path, step: str) -> None:
-    jobs = _job_file(tmp_path, [f"fib {n}" for n in range(15, 21)])
+    jobs = write_job_file(tmp_path, [f"fib {n}" for n in range(15, 21)])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--inject-fault", f"3:{step}"])
@@ -55,7 +50,7 @@ def test_worker_killed_at_a_protocol_step_loses_no_job(tmp_path: Path, step: str
 def test_worker_killed_after_sending_its_result_doubles_nothing(tmp_path: Path) -> None:
     # One worker: job 4 is queued behind job 3, so the run cannot end before the death of
     # the worker is handled, and the handling is what this test checks.
-    jobs = _job_file(tmp_path, ["fib 15", "fib 16", "fib 17", "sleep 0.1", "fib 18"])
+    jobs = write_job_file(tmp_path, ["fib 15", "fib 16", "fib 17", "sleep 0.1", "fib 18"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
                    "--inject-fault", "3:after_result"])
@@ -72,7 +67,7 @@ def test_jobs_queued_behind_a_killed_job_are_requeued_without_counting_an_attemp
     tmp_path: Path,
 ) -> None:
     # One worker holds a running job and a queued one; killing it mid-job gives back both.
-    jobs = _job_file(tmp_path, ["sleep 1", "fib 10", "fib 11", "fib 12"])
+    jobs = write_job_file(tmp_path, ["sleep 1", "fib 10", "fib 11", "fib 12"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
                    "--verbose"])
@@ -97,7 +92,7 @@ def test_workers_killed_at_random_instants_lose_no_job_and_double_no_result(
 ) -> None:
     rng = random.Random(20261124)
     lines = [rng.choice(["sleep 0.01", "fib 12", "sleep 0", "fib 19"]) for _ in range(400)]
-    jobs = _job_file(tmp_path, lines)
+    jobs = write_job_file(tmp_path, lines)
     results = tmp_path / "r.jsonl"
     # Killing fresh workers before they take a job is what a crash loop looks like: raise
     # the bound that stops one, since this test does it on purpose.
@@ -151,7 +146,7 @@ def _assert_ended_run_accounts_for_every_job(results: Path, total: int) -> list[
 
 
 def test_dealer_killed_mid_run_keeps_recorded_results_and_reports_the_rest(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 0.05"] * 40)
+    jobs = write_job_file(tmp_path, ["sleep 0.05"] * 40)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
     run.wait_for(r"Received result for job 5:")
@@ -181,7 +176,7 @@ def test_generator_killed_while_reading_stdin_ends_the_run(tmp_path: Path) -> No
 
 
 def test_generator_killed_with_jobs_still_to_queue_reports_them_not_done(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 0.02"] * 100)
+    jobs = write_job_file(tmp_path, ["sleep 0.02"] * 100)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
     run.wait_for(r"Received result for job 2:")
@@ -192,7 +187,7 @@ def test_generator_killed_with_jobs_still_to_queue_reports_them_not_done(tmp_pat
 
 
 def test_main_killed_takes_the_whole_pool_with_it(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 0.05"] * 100)
+    jobs = write_job_file(tmp_path, ["sleep 0.05"] * 100)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results)])
     run.wait_for(r"Received result for job 3:")
@@ -210,7 +205,7 @@ def test_main_killed_takes_the_whole_pool_with_it(tmp_path: Path) -> None:
 
 def test_every_kill_of_the_dealer_at_a_random_instant_ends_cleanly(tmp_path: Path) -> None:
     rng = random.Random(7)
-    jobs = _job_file(tmp_path, ["sleep 0.01", "fib 14"] * 30)
+    jobs = write_job_file(tmp_path, ["sleep 0.01", "fib 14"] * 30)
     for attempt in range(5):
         results = tmp_path / f"r{attempt}.jsonl"
         run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),

@@ -8,13 +8,13 @@ import re
 import signal
 from pathlib import Path
 
-from harness import PoolRun, assert_done_right, assert_exactly_once, read_results
-
-
-def _job_file(tmp_path: Path, lines: list[str]) -> Path:
-    path = tmp_path / "jobs.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from harness import (
+    PoolRun,
+    assert_done_right,
+    assert_exactly_once,
+    read_results,
+    write_job_file,
+)
 
 
 def _by_job(results: Path) -> dict[int, dict]:  # type: ignore[type-arg]
@@ -30,7 +30,7 @@ def test_the_policy_is_printed_at_start() -> None:
 
 
 def test_a_poison_job_fails_after_max_attempts_and_the_others_go_on(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["fib 10", "crash", "fib 12", "sleep 0", "fib 14"])
+    jobs = write_job_file(tmp_path, ["fib 10", "crash", "fib 12", "sleep 0", "fib 14"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
     assert run.finish() == 1
@@ -51,7 +51,7 @@ def test_a_poison_job_fails_after_max_attempts_and_the_others_go_on(tmp_path: Pa
 def test_workers_that_die_at_start_up_stop_the_pool_instead_of_forking_forever(
     tmp_path: Path,
 ) -> None:
-    jobs = _job_file(tmp_path, ["fib 5"] * 20)
+    jobs = write_job_file(tmp_path, ["fib 5"] * 20)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--inject-fault", "at_start"])
@@ -69,7 +69,7 @@ def test_workers_that_die_at_start_up_stop_the_pool_instead_of_forking_forever(
 def test_a_job_past_its_timeout_has_its_worker_killed_and_counts_an_attempt(
     tmp_path: Path,
 ) -> None:
-    jobs = _job_file(tmp_path, ["sleep 60 timeout=0.3", "fib 10", "sleep 0.05"])
+    jobs = write_job_file(tmp_path, ["sleep 60 timeout=0.3", "fib 10", "sleep 0.05"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--max-attempts", "2"])
@@ -82,7 +82,7 @@ def test_a_job_past_its_timeout_has_its_worker_killed_and_counts_an_attempt(
 
 
 def test_the_global_timeout_applies_to_jobs_without_their_own(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 60", "sleep 0.05 timeout=30"])
+    jobs = write_job_file(tmp_path, ["sleep 60", "sleep 0.05 timeout=30"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--timeout", "0.2", "--max-attempts", "1"])
@@ -93,7 +93,7 @@ def test_the_global_timeout_applies_to_jobs_without_their_own(tmp_path: Path) ->
 
 
 def test_a_worker_stopped_mid_job_is_killed_replaced_and_its_job_resent(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 0.5", "fib 12"])
+    jobs = write_job_file(tmp_path, ["sleep 0.5", "fib 12"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--verbose"])
@@ -109,7 +109,7 @@ def test_a_worker_stopped_mid_job_is_killed_replaced_and_its_job_resent(tmp_path
 
 
 def test_a_worker_that_stops_beating_mid_job_is_killed_and_its_job_resent(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["fib 10", "sleep 0.3"])
+    jobs = write_job_file(tmp_path, ["fib 10", "sleep 0.3"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--heartbeat", "0.5", "--inject-fault", "2:hang"])
@@ -122,17 +122,17 @@ def test_a_worker_that_stops_beating_mid_job_is_killed_and_its_job_resent(tmp_pa
 
 
 def test_a_long_job_that_beats_is_not_mistaken_for_a_hung_one(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 1.2", "fib 27"])  # each longer than the heartbeat
+    jobs = write_job_file(tmp_path, ["sleep 1.2", "fib 27"])  # each longer than the heartbeat
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--heartbeat", "0.4"])
     assert run.finish() == 0
     assert all(r["attempts"] == 1 for r in read_results(results))
-    assert "heartbeat" not in run.log_text().split("[Supervisor] one_for_one")[1].split("\n", 1)[1]
+    assert "sent no heartbeat" not in run.log_text()
 
 
 def test_workers_retire_after_max_tasks_per_child(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["fib 8"] * 10)
+    jobs = write_job_file(tmp_path, ["fib 8"] * 10)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--max-tasks-per-child", "2"])
@@ -151,7 +151,7 @@ def test_workers_retire_after_max_tasks_per_child(tmp_path: Path) -> None:
 
 
 def test_a_job_over_the_memory_cap_fails_like_a_crash(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["alloc 4", "alloc 600", "fib 10"])
+    jobs = write_job_file(tmp_path, ["alloc 4", "alloc 600", "fib 10"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--max-memory", "300", "--max-attempts", "2"])
@@ -164,7 +164,7 @@ def test_a_job_over_the_memory_cap_fails_like_a_crash(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_running_jobs_finish_and_reports_the_rest(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 0.4"] * 20)
+    jobs = write_job_file(tmp_path, ["sleep 0.4"] * 20)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--verbose"])
@@ -184,7 +184,7 @@ def test_sigterm_lets_running_jobs_finish_and_reports_the_rest(tmp_path: Path) -
 
 
 def test_jobs_still_running_when_the_grace_period_ends_are_killed(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 60", "sleep 60", "sleep 60"])
+    jobs = write_job_file(tmp_path, ["sleep 60", "sleep 60", "sleep 60"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--grace", "0.3", "--verbose"])
@@ -196,7 +196,7 @@ def test_jobs_still_running_when_the_grace_period_ends_are_killed(tmp_path: Path
 
 
 def test_a_second_signal_skips_the_grace_period(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 60"])
+    jobs = write_job_file(tmp_path, ["sleep 60"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
                    "--grace", "1000", "--verbose"])
@@ -214,7 +214,7 @@ def test_the_memory_cap_is_on_top_of_what_a_worker_maps_and_replacements_start(
 ) -> None:
     # Replacements (one per job here) inherit more address space than the first workers:
     # a cap counted from zero used to hang their start-up.
-    jobs = _job_file(tmp_path, ["alloc 30"] * 6)
+    jobs = write_job_file(tmp_path, ["alloc 30"] * 6)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--max-memory", "100", "--max-tasks-per-child", "1"])
@@ -225,7 +225,7 @@ def test_the_memory_cap_is_on_top_of_what_a_worker_maps_and_replacements_start(
 
 
 def test_a_job_that_fails_during_the_grace_period_is_recorded_failed(tmp_path: Path) -> None:
-    jobs = _job_file(tmp_path, ["sleep 30 timeout=0.5", "sleep 30"])
+    jobs = write_job_file(tmp_path, ["sleep 30 timeout=0.5", "sleep 30"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--max-attempts", "1", "--grace", "2", "--verbose"])

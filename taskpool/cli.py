@@ -16,6 +16,7 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from taskpool import ipc
 from taskpool import log as tplog
@@ -32,7 +33,8 @@ from taskpool.policy import (
     DEFAULT_RESTART_WINDOW,
     SupervisionPolicy,
 )
-from taskpool.protocol import JobRecord
+from taskpool.pools import PoolLayout, PoolSpecError
+from taskpool.protocol import JobRecord, Status
 from taskpool.worker import CrashPlan, InjectedFault
 
 MAX_WORKERS = 512
@@ -95,6 +97,10 @@ def _fault(text: str) -> InjectedFault:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _pool_items(text: str) -> list[str]:
+    return [item for item in text.split(",") if item.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskpool",
@@ -110,9 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--workers", type=_count(1, MAX_WORKERS), metavar="N",
                          help=f"pool size, 1..{MAX_WORKERS} (default: CPU count; --demo: "
                               f"{DEMO_WORKERS})")
+    run_cmd.add_argument("--pools", type=_pool_items, metavar="LIST",
+                         help="typed pools instead of one: worker counts per job type, "
+                              "'1,3,1' (types 1..3), or named for a job kind, 'fib=2,sleep=1'; "
+                              "the same as 'taskpool dispatch'")
+    _add_run_options(run_cmd, dispatch=False)
+    dispatch_cmd = commands.add_parser(
+        "dispatch", help="run jobs on typed pools, one per job type (seed 000's dispatcher)",
+        description="Start COUNT workers for each job type (1 3 1: one of type 1, three of "
+                    "type 2, one of type 3) and run the jobs of standard input (or --jobs "
+                    "FILE), '<job_type> <duration> [priority]' a line, each on a worker of "
+                    "its type. The same as 'taskpool run --pools 1,3,1'.")
+    dispatch_cmd.add_argument("counts", nargs="+", metavar="COUNT",
+                              help="workers of job type 1, 2, ... (or KIND=COUNT)")
+    _add_run_options(dispatch_cmd, dispatch=True)
+    _add_results_command(commands)
+    return parser
+
+
+def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
     run_cmd.add_argument("--jobs", metavar="FILE",
-                         help="job file ('fib N' or 'sleep SECONDS' a line); '-' or omitted "
-                              "with piped input: standard input, read as the pool runs")
+                         help="job file ('fib N', 'sleep SECONDS' or '<job_type> <duration> "
+                              "[priority]' a line); '-' or omitted with piped input: standard "
+                              "input, read as the pool runs")
     run_cmd.add_argument("--crash-rate", type=_crash_rate, metavar="P",
                          help="simulate crashes: each attempt of a job crashes its worker "
                               "with SIGSEGV with probability P (default 0; --demo: "
@@ -147,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"killing them; a second signal skips it (default {DEFAULT_GRACE:g})")
     policy.add_argument("--max-tasks-per-child", type=_count(1), metavar="N",
                         help="replace a worker after it has done N jobs (default: never)")
+    policy.add_argument("--preempt", action="store_true",
+                        help="let a queued job stop a running job of lower priority in its "
+                             "pool; the stopped job is requeued, not charged an attempt "
+                             "(turns off prefetch)")
     policy.add_argument("--max-memory", type=_count(1), metavar="MB",
                         help="cap each worker's address space; a job that exceeds it fails "
                              "the attempt with reason 'memory limit' (default: none)")
@@ -162,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "journal's (jobs are matched by id, done ones are not run again)")
     run_cmd.add_argument("--verbose", "-v", action="store_true",
                          help="also log each job's ACK (the worker has started it)")
-    run_cmd.add_argument("--demo", action="store_true",
-                         help="run the demo: the seed's 12 fib jobs, 4 workers, crashes")
+    if not dispatch:
+        run_cmd.add_argument("--demo", action="store_true",
+                             help="run the demo: the seed's 12 fib jobs, 4 workers, crashes")
     run_cmd.add_argument("--inject-fault", type=_fault, action="append", default=[],
                          metavar="JOB:STEP[:ATTEMPT]",
                          help="testing hook: SIGKILL the worker that reaches STEP "
@@ -171,30 +202,52 @@ def build_parser() -> argparse.ArgumentParser:
                               "or hang: stop beating and block) "
                               "of job JOB on attempt ATTEMPT (default 1); or 'at_start': "
                               "every worker dies as it starts; repeatable")
+
+
+def _add_results_command(commands: Any) -> None:
     results_cmd = commands.add_parser(
         "results", help="print what a journal holds",
         description="Print every job of a journal with its outcome (done, failed) or "
                     "not_done, without running anything.")
     results_cmd.add_argument("journal", metavar="RUN.db")
     results_cmd.add_argument("--format", choices=("jsonl", "csv", "table"), default="table")
-    return parser
 
 
-def _load_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GeneratorInput | None:
+def _pool_layout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> PoolLayout:
+    items = args.counts if args.command == "dispatch" else args.pools
+    if items is None:
+        return PoolLayout.single(
+            args.workers or (DEMO_WORKERS if args.demo else (os.cpu_count() or 1)))
+    if args.command == "run" and args.workers is not None:
+        parser.error("--pools gives the worker count of each pool: drop --workers")
+    if args.command == "run" and args.demo:
+        parser.error("--demo runs its own pool: drop --pools")
+    try:
+        layout = PoolLayout.parse(items)
+    except PoolSpecError as e:
+        parser.error(str(e))
+    if layout.total_workers > MAX_WORKERS:
+        parser.error(f"{layout.total_workers} workers in all: at most {MAX_WORKERS}")
+    return layout
+
+
+def _load_jobs(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, layout: PoolLayout
+) -> GeneratorInput | None:
     """The validated job list, or None after printing why nothing can run."""
     if args.demo:
         if args.jobs is not None:
             parser.error("--demo brings its own jobs: drop --jobs")
         return GeneratorInput(
-            [Job(i, JobKind.FIB, n) for i, n in enumerate(DEMO_FIB_ARGS, start=1)])
+            [Job(i, JobKind.FIB, n) for i, n in enumerate(DEMO_FIB_ARGS, start=1)], layout)
     if args.jobs is None and sys.stdin.isatty():
         parser.print_usage(sys.stderr)
         error("no jobs: give --jobs FILE, or pipe jobs into standard input")
         return None
     if args.jobs is None or args.jobs == "-":
-        return GeneratorInput(None)
+        return GeneratorInput(None, layout)
     try:
-        jobs, errors = read_job_file(args.jobs)
+        jobs, errors = read_job_file(args.jobs, layout)
     except OSError as e:
         error(f"{args.jobs}: cannot read: {e.strerror}")
         return None
@@ -203,7 +256,7 @@ def _load_jobs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Gen
     if errors:
         error(f"{args.jobs}: {len(errors)} bad line(s); nothing was run")
         return None
-    return GeneratorInput(jobs)
+    return GeneratorInput(jobs, layout)
 
 
 @dataclass(frozen=True)
@@ -234,7 +287,7 @@ def _open_journal(args: argparse.Namespace, source: GeneratorInput) -> Journaled
             journal.add_job(job)
         journal.commit()  # every job is journaled before any runs
     journal_digests = {job: entry[0] for job, entry in journal.jobs().items()}
-    source = GeneratorInput(source.jobs, frozenset(resumed), journal_digests)
+    source = GeneratorInput(source.jobs, source.layout, frozenset(resumed), journal_digests)
     return Journaled(journal, source, resumed)
 
 
@@ -246,20 +299,16 @@ def _print_results(path: str, form: str) -> int:
         return EXIT_BAD_INPUT
     outcomes = journal.outcomes()
     rows = []
-    for job_id, (_digest, _line, description) in sorted(journal.jobs().items()):
-        record = outcomes.get(job_id)
-        if record is None:
-            kind, arg = description.split()[:2]
-            rows.append({"job": job_id, "kind": kind, "arg": arg, "status": "not_done",
-                         "result": None, "worker": None, "attempts": 0})
-        else:
-            rows.append(record.to_json())
+    for job_id, job in journal.all_jobs().items():
+        record = outcomes.get(job_id) or JobRecord.of(job, Status.NOT_DONE)
+        rows.append(record.to_json())
     journal.close()
     out = sys.stdout
     if form == "jsonl":
         out.write("".join(json.dumps(row) + "\n" for row in rows))
     elif form == "csv":
-        fields = ["job", "kind", "arg", "status", "result", "worker", "attempts", "reason"]
+        fields = ["job", "kind", "arg", "type", "priority", "status", "result", "worker",
+                  "attempts", "reason"]
         writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -284,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _print_results(args.journal, args.format)
     if (args.resume or args.force_resume) and args.journal is None:
         parser.error("--resume needs --journal")
-    source = _load_jobs(args, parser)
+    if not hasattr(args, "demo"):
+        args.demo = False
+    layout = _pool_layout(args, parser)
+    source = _load_jobs(args, parser, layout)
     if source is None:
         return EXIT_BAD_INPUT
     journaled = None
@@ -316,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = args.seed
     if seed is None:
         seed = DEMO_SEED if args.demo else secrets.randbits(32)
-    workers = args.workers or (DEMO_WORKERS if args.demo else (os.cpu_count() or 1))
+    workers = layout.total_workers
     main_log = logging.getLogger("taskpool.main")
     if crash_rate > 0:
         main_log.info("Simulating crashes: rate %g, seed %d (repeat with --seed %d)",
@@ -336,10 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     config = RunConfig(
         dealer=DealerConfig(
-            workers=workers,
+            layout=layout,
             plan=CrashPlan(crash_rate, seed, frozenset(args.inject_fault)),
             log_fd=log_fd,
             policy=policy,
+            preempt=args.preempt,
         ),
         source=source,
         results=results,

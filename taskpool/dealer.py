@@ -2,9 +2,13 @@
 
 Threads, and what each may block on::
 
-    send thread      ready queue receive; state.worker_free wait; result queue send (rare)
+    send thread      ready queue receive; result queue send (EndOfJobs only)
     recv thread      result queue receive; record pipe write to main
     recovery thread  sigwait(); result queue send (see recovery.py)
+
+No thread waits for a free worker: jobs wait in their pool's backlog, and whichever thread
+frees a worker or adds a job hands out work under the lock (see scheduler.py). So a job of
+a busy pool never holds up the jobs of another, and the send thread always reads on.
 
 The send and recv threads are separate, as in the seed, so that the Dealer never blocks on
 sending while workers block on a full result queue. The recv thread is the sink: it never
@@ -13,9 +17,10 @@ every other blocked thread or worker is eventually released by it.
 
 No job is lost, whenever a worker dies:
 - a job is recorded in its worker's `outstanding` list, under the lock, in the same critical
-  section that sends it to that worker's own queue. From then on the Dealer knows exactly
-  which worker holds it, whether the worker has read it yet or not; so the seed's window
-  between a worker's receive and its ACK does not exist here;
+  section that sends it to that worker's own queue (and removed in the one that takes it
+  back, if it does). From then on the Dealer knows exactly which worker holds it, whether
+  the worker has read it yet or not; so the seed's window between a worker's receive and
+  its ACK does not exist here;
 - when a worker dies, the recv thread (after every message the worker sent) drains the dead
   worker's queue: what is still there was never started; what is outstanding and not there
   was taken (at most one job: a worker takes the next job only after sending the result of
@@ -38,8 +43,10 @@ from typing import Callable, NoReturn
 import posix_ipc
 
 from taskpool import ipc
+from taskpool.jobs import PRIORITY_MAX
 from taskpool.policy import SupervisionPolicy
-from taskpool.pool_state import Deadline, JobState, PoolState, WorkerHandle
+from taskpool.pool_state import Deadline, JobState, PoolSlots, PoolState, WorkerHandle
+from taskpool.pools import PoolLayout
 from taskpool.protocol import (
     Ack,
     DealerStats,
@@ -53,12 +60,12 @@ from taskpool.protocol import (
     Status,
     Stop,
     Terminate,
-    Wake,
     WorkerExited,
     decode,
     encode_record,
 )
 from taskpool.recovery import NUDGE_SIGNAL, SUPERVISOR_SIGNALS, Supervisor, WorkerSetup
+from taskpool.scheduler import Schedule, assign, enqueue
 from taskpool.worker import EXIT_MEMORY_LIMIT, CrashPlan
 
 log = logging.getLogger("taskpool.dealer")
@@ -72,11 +79,17 @@ EXIT_THREAD_FAILED = 70  # a bug: the traceback is in the log
 
 @dataclass(frozen=True)
 class DealerConfig:
-    workers: int
+    layout: PoolLayout
     plan: CrashPlan
     log_fd: int
     policy: SupervisionPolicy = SupervisionPolicy()
-    credit: int = ipc.WORKER_QUEUE_DEPTH
+    preempt: bool = False
+
+    @property
+    def credit(self) -> int:
+        """Jobs a worker may hold: one running and one prefetched, or only the running one
+        with --preempt (an urgent job must never wait behind a prefetched one)."""
+        return 1 if self.preempt else ipc.WORKER_QUEUE_DEPTH
 
 
 class Dealer:
@@ -87,7 +100,10 @@ class Dealer:
         self.ready_queue = ready_queue
         self.record_fd = record_fd
         self.result_queue = ipc.create_queue("result", ipc.RESULT_QUEUE_DEPTH)
-        self.state = PoolState(credit=config.credit)
+        self.state = PoolState(
+            credit=config.credit, preempt=config.preempt,
+            pools={p.number: PoolSlots(p.number, p.size) for p in config.layout.pools})
+        self.typed = config.layout.typed
         # Owned by the recv thread alone: no lock.
         self.expected_total: int | None = None
         self.recorded = 0
@@ -98,12 +114,14 @@ class Dealer:
         self.no_heartbeat_reason = f"sent no heartbeat for {heartbeat:g} s" if heartbeat else ""
         self.supervisor = Supervisor(
             self.state,
-            config.workers,
-            WorkerSetup(self.result_queue, config.plan, config.log_fd, config.policy),
+            WorkerSetup(self.result_queue, config.plan, config.log_fd, config.policy,
+                        config.layout),
         )
 
     def run(self) -> int:
-        log.info("Starting (PID %d) with %d workers", os.getpid(), self.config.workers)
+        layout = self.config.layout
+        pools = f" ({layout.describe()})" if layout.typed else ""
+        log.info("Starting (PID %d) with %d workers%s", os.getpid(), layout.total_workers, pools)
         supervisor_log.info("%s", self.config.policy.describe())
         threads = [
             self.supervisor,
@@ -152,51 +170,38 @@ class Dealer:
     # --- send thread -----------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        """Owns: taking jobs from the ready queue and sending each to a worker."""
+        """Owns: taking jobs from the ready queue into their pool's backlog. The ready
+        queue gives the highest message priority (= job priority) first."""
         state = self.state
         while not state.stopping:
-            with state.lock:
-                job_id = state.resend.popleft() if state.resend else None
-            if job_id is None:
-                data, _ = self.ready_queue.receive()
-                try:
-                    message = decode(data)
-                except ProtocolError as e:
-                    log.error("Dropped a malformed message from the generator: %s", e)
-                    continue
-                if isinstance(message, Stop):
-                    return
-                if isinstance(message, EndOfJobs):
-                    # Ordered after every job the generator sent; the recv thread owns the
-                    # count of what is recorded, so it decides when all is done.
-                    self.result_queue.send(message.encode())
-                    continue
-                if not isinstance(message, JobMessage):
-                    continue  # Wake: look at the resend list again
-                job_id = message.job.job_id
-                with state.lock:
-                    if job_id in state.jobs:
-                        log.error("Dropped job %d: its id was already taken", job_id)
-                        continue
-                    state.jobs[job_id] = JobState(message.job)
-            self._dispatch(job_id)
-
-    def _dispatch(self, job_id: int) -> None:
-        state = self.state
-        with state.lock:
-            worker = state.pick_worker()
-            while worker is None and not state.stopping:
-                state.worker_free.wait()
-                worker = state.pick_worker()
-            job_state = state.jobs[job_id]
-            if worker is None or state.stopping or job_state.recorded:
+            data, _ = self.ready_queue.receive()
+            try:
+                message = decode(data)
+            except ProtocolError as e:
+                log.error("Dropped a malformed message from the generator: %s", e)
+                continue
+            if isinstance(message, Stop):
                 return
-            attempt = job_state.failed_attempts + 1
-            worker.outstanding.append(job_id)
-            # Never blocks: this worker has fewer outstanding jobs than its queue has slots.
-            worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
-        retry = f" (attempt {attempt})" if attempt > 1 else ""
-        log.info("Sent job %d -> %s%s", job_id, job_state.job.describe(), retry)
+            if isinstance(message, EndOfJobs):
+                # Ordered after every job the generator sent (it has the lowest priority,
+                # and came last); the recv thread owns the count of what is recorded, so
+                # it decides when all is done.
+                self.result_queue.send(message.encode())
+                continue
+            if not isinstance(message, JobMessage):
+                continue
+            job = message.job
+            with state.lock:
+                if job.job_id in state.jobs:
+                    log.error("Dropped job %d: its id was already taken", job.job_id)
+                    continue
+                if job.pool not in state.pools:
+                    log.error("Dropped job %d: no pool of type %d", job.job_id, job.pool)
+                    continue
+                state.jobs[job.job_id] = JobState(job)
+                enqueue(state, job.job_id)
+                schedule = assign(state, job.pool)
+            schedule.log(self.typed)
 
     # --- recv thread -----------------------------------------------------------------
 
@@ -237,11 +242,15 @@ class Dealer:
         state = self.state
         now = time.monotonic()
         nudge = False
+        schedule = None
         with state.lock:
             job_state = state.jobs.get(ack.job_id)
             worker = state.handle_of(ack.pid)
             if worker is not None:
                 worker.took_a_job = True
+                worker.running = ack.job_id
+                if state.preempt and state.pools[worker.pool].backlog:
+                    schedule = assign(state, worker.pool)  # it may now be preempted
             if ack.pid in state.workers and job_state is not None:
                 timeout = job_state.job.timeout or policy.timeout
                 if timeout is not None:
@@ -251,6 +260,8 @@ class Dealer:
                 nudge |= self._expect_heartbeat(ack.pid, now)
         if nudge:
             os.kill(os.getpid(), NUDGE_SIGNAL)
+        if schedule is not None:
+            schedule.log(self.typed)
         # The assignment is already known; an Ack only says the job started.
         log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
                   ack.job_id, ack.pid, ack.attempt)
@@ -271,16 +282,22 @@ class Dealer:
 
     def _on_result(self, result: Result) -> None:
         state = self.state
+        schedule = None
         with state.lock:
             state.forget_deadlines(result.pid)
             worker = state.handle_of(result.pid)
-            if worker is not None and result.job_id in worker.outstanding:
-                worker.outstanding.remove(result.job_id)
-                state.worker_free.notify()
+            if worker is not None:
+                worker.running = None
+                if result.job_id in worker.outstanding:
+                    worker.outstanding.remove(result.job_id)
             job_state = state.jobs.get(result.job_id)
             duplicate = job_state is not None and job_state.recorded
             if job_state is not None:
                 job_state.recorded = True
+            if worker is not None and result.pid in state.workers:
+                schedule = assign(state, worker.pool)
+        if schedule is not None:
+            schedule.log(self.typed)
         if job_state is None:
             log.error("Dropped a result for unknown job %d", result.job_id)
             return
@@ -288,11 +305,8 @@ class Dealer:
             log.info("Dropped duplicate result for job %d from worker PID [%d]",
                      result.job_id, result.pid)
             return
-        job = job_state.job
-        record = JobRecord(
-            job=job.job_id, kind=job.kind.label, arg=job.arg, status=Status.DONE.value,
-            result=result.value, worker=result.pid, attempts=result.attempt,
-        )
+        record = JobRecord.of(job_state.job, Status.DONE, result=result.value,
+                              worker=result.pid, attempts=result.attempt)
         self.recorded += 1
         self._write_to_main(encode_record(record))
         log.info("Received result for job %d: %s from worker PID [%d]",
@@ -307,12 +321,17 @@ class Dealer:
         crashed: list[int] = []  # taken by the worker: this attempt failed; sent again
         failed: list[JobState] = []  # taken, and out of attempts
         requeued: list[int] = []  # still in its queue: never started
-        reason, charged = self._death_reason(exited)
+        preempted: list[int] = []  # taken, and stopped to make room: sent again, no attempt
+        reason, charged, requeue = self._death_reason(exited)
+        schedule = Schedule()
         with state.lock:
             worker = state.exited.pop(exited.pid, None)
             if worker is None:
                 return
             never_took_a_job = not worker.took_a_job
+            pool = state.pools[worker.pool]
+            if pool.preempting == exited.pid:
+                pool.preempting = None
             state.forget_deadlines(exited.pid)
             never_started = self._drain(worker)
             if state.short_of_workers and not state.stopping:
@@ -328,6 +347,9 @@ class Dealer:
                 if job_id in never_started:
                     requeued.append(job_id)
                     continue
+                if requeue:
+                    preempted.append(job_id)
+                    continue
                 if not charged:
                     continue  # stopped by us, not by its own fault: reported not done
                 job_state.failed_attempts += 1
@@ -338,8 +360,10 @@ class Dealer:
                 else:
                     crashed.append(job_id)
             if not state.stopping:
-                state.resend.extend(crashed + requeued)
+                for job_id in crashed + requeued + preempted:
+                    enqueue(state, job_id)
                 state.resends += len(crashed)
+                assign(state, worker.pool, schedule)
         for job_state in failed:
             self._record_failure(job_state, exited.pid)
         if state.stopping:
@@ -347,35 +371,34 @@ class Dealer:
                 supervisor_log.info("Worker PID %d %s while stopping: job(s) %s not done",
                                     exited.pid, reason, ", ".join(map(str, crashed)))
             return
-        if crashed or requeued:
-            self._wake_send_thread()
         for job_id in crashed:
             recovery_log.info("Resent job %d after crash of %d", job_id, exited.pid)
         for job_id in requeued:
             recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
                               job_id, exited.pid)
-        if never_took_a_job and not crashed and not failed:
+        for job_id in preempted:
+            recovery_log.info("Requeued job %d: preempted on %d", job_id, exited.pid)
+        schedule.log(self.typed)
+        if never_took_a_job and not crashed and not failed and not requeue:
             self._count_idle_death()
 
-    def _death_reason(self, exited: WorkerExited) -> tuple[str, bool]:
-        """Why the worker died, and whether that charges the job it held an attempt."""
+    def _death_reason(self, exited: WorkerExited) -> tuple[str, bool, bool]:
+        """Why the worker died, whether that charges the job it held an attempt, and
+        whether the job goes back to the backlog without one (a preemption)."""
         with self.state.lock:
             killed_for = self.state.kill_reasons.pop(exited.pid, None)
         if killed_for is not None:
-            return killed_for.reason, killed_for.charges_attempt
+            return killed_for.reason, killed_for.charges_attempt, killed_for.requeue
         status = exited.wait_status
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
-            return f"memory limit ({self.config.policy.max_memory_mb} MB)", True
-        return ipc.describe_wait_status(status), True
+            return f"memory limit ({self.config.policy.max_memory_mb} MB)", True, False
+        return ipc.describe_wait_status(status), True, False
 
     def _record_failure(self, job_state: JobState, pid: int) -> None:
         job = job_state.job
         attempts = job_state.failed_attempts
-        record = JobRecord(
-            job=job.job_id, kind=job.kind.label, arg=job.arg, status=Status.FAILED.value,
-            result=None, worker=pid, attempts=attempts,
-            reason=f"{job_state.last_failure} on {attempts} attempts",
-        )
+        record = JobRecord.of(job, Status.FAILED, worker=pid, attempts=attempts,
+                              reason=f"{job_state.last_failure} on {attempts} attempts")
         self.recorded += 1
         self._write_to_main(encode_record(record))
         supervisor_log.info("Job %d failed after %d attempts: %s", job.job_id, attempts,
@@ -445,10 +468,9 @@ class Dealer:
             state.grace_deadline = Deadline(time.monotonic() + grace,
                                             f"was still running when the {grace:g} s grace "
                                             "period ended", charges_attempt=False)
-            state.worker_free.notify_all()
         log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
                  "%d jobs not started", signum, running, grace, not_started)
-        self._try_send(self.ready_queue, Stop().encode())
+        self._stop_send_thread()
         os.kill(os.getpid(), NUDGE_SIGNAL)  # to set its timer for the grace deadline
 
     def _stop_pool(self, kill: bool) -> None:
@@ -470,20 +492,16 @@ class Dealer:
                         worker.request_queue.send(Shutdown().encode(), timeout=0)
                     except posix_ipc.BusyError:
                         os.kill(worker.pid, signal.SIGKILL)
-            state.worker_free.notify_all()
-        self._try_send(self.ready_queue, Stop().encode())
+        self._stop_send_thread()
         # The recovery thread may be waiting with no worker left to wake it.
         os.kill(os.getpid(), NUDGE_SIGNAL)
 
-    def _wake_send_thread(self) -> None:
-        self._try_send(self.ready_queue, Wake().encode())
-
-    @staticmethod
-    def _try_send(queue: posix_ipc.MessageQueue, data: bytes) -> None:
-        """A wake-up for the send thread. If the ready queue is full, the send thread is
-        not blocked in receive: it will look at the state after its next message."""
+    def _stop_send_thread(self) -> None:
+        """Stop, to the send thread: at the top priority, so that it comes before any job.
+        If the ready queue is full, the send thread is not blocked in receive: it sees
+        `stopping` at the top of its loop, after its next message."""
         try:
-            queue.send(data, timeout=0)
+            self.ready_queue.send(Stop().encode(), timeout=0, priority=PRIORITY_MAX)
         except posix_ipc.BusyError:
             pass
 

@@ -1,11 +1,15 @@
 """The TaskGenerator: a forked process that puts the jobs on the ready queue.
 
 A job file was read and validated whole by main before anything started; the generator sends
-that list. Standard input is read here, line by line, while the pool runs: each good line
-is reported to main (so that main can account for it even if the Dealer dies) and then
-queued; each bad line is reported to main, which prints the error, and skipped. The ready
-queue holds ten messages, so a fast producer is held back by the pool's pace rather than
-filling memory.
+that list, highest priority first (a stable sort: in file order within a priority).
+Standard input is read here, line by line, while the pool runs: each good line is reported
+to main (so that main can account for it even if the Dealer dies) and then queued; each bad
+line is reported to main, which prints the error, and skipped. The ready queue holds ten
+messages; the Dealer reads it as fast as jobs come, into the backlogs of its pools.
+
+Each job travels at its own priority as the message's POSIX priority, so that the Dealer
+receives the most urgent of what is queued first. EndOfJobs travels at priority 0 and is
+sent last, so it is received last.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import posix_ipc
 from taskpool import ipc
 from taskpool.jobs import Job, LineError, parse_lines
 from taskpool.journal import job_digest
+from taskpool.pools import PoolLayout
 from taskpool.protocol import EndOfJobs, JobAccepted, JobMessage, LineRejected, encode_record
 
 log = logging.getLogger("taskpool.generator")
@@ -35,6 +40,7 @@ class GeneratorInput:
     what each journaled job was (a streamed line that differs is rejected)."""
 
     jobs: list[Job] | None
+    layout: PoolLayout  # how a streamed line is routed to its pool
     done: frozenset[int] = frozenset()
     journal_digests: dict[int, str] = field(default_factory=dict)
 
@@ -67,13 +73,13 @@ def run_generator(
                  "standard input" if source.jobs is None else f"{len(source.jobs)} jobs")
         total = 0
         if source.jobs is not None:
-            for job in source.jobs:
+            for job in sorted(source.jobs, key=lambda job: -job.priority):
                 if job.job_id not in source.done:
-                    ready_queue.send(JobMessage(job, attempt=1).encode())
+                    ready_queue.send(JobMessage(job, attempt=1).encode(), priority=job.priority)
                     total += 1
         else:
             assert intake_fd is not None
-            for item in parse_lines(_stdin_lines(), STDIN_NAME):
+            for item in parse_lines(_stdin_lines(), STDIN_NAME, source.layout):
                 if isinstance(item, LineError):
                     os.write(intake_fd, encode_record(
                         LineRejected(f"{item.source}:{item.line}", item.reason)))
@@ -87,7 +93,8 @@ def run_generator(
                 # Tell main first: a job main knows of is reported at the end, done or not.
                 os.write(intake_fd, encode_record(JobAccepted(item)))
                 if item.job_id not in source.done:
-                    ready_queue.send(JobMessage(item, attempt=1).encode())
+                    ready_queue.send(JobMessage(item, attempt=1).encode(),
+                                     priority=item.priority)
                     total += 1
         ready_queue.send(EndOfJobs(total).encode())
         log.info("All %d jobs queued", total)

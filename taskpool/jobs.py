@@ -1,12 +1,22 @@
 """The job model and the job file format.
 
-A job file has one job a line::
+A job file has one job a line, in either of two forms. The core's::
 
     fib 30          # naive-recursive fib(N), the CPU-bound load
     sleep 0.5       # sleep for SECONDS, the waiting load
     alloc 200       # allocate and touch MB megabytes (to meet --max-memory)
     crash           # kill the worker with SIGSEGV (a poison job, for testing)
     sleep 10 timeout=2   # any job: its own timeout in seconds, overriding --timeout
+    fib 30 type=2 priority=5   # any job: its pool (job type) and priority
+
+and seed 000's typed form, a sleep of DURATION seconds on a worker of type TYPE::
+
+    2 3.0           # <job_type> <duration> [priority]
+    2 3.0 9         # priority 9: started before queued jobs of lower priority
+
+A line whose first word is a number is a typed line. Which pool a core line goes to is
+`PoolLayout.pool_for_kind` (see pools.py). Priorities are 0 (the default) to PRIORITY_MAX,
+higher first; they travel as the POSIX queue's own message priority.
 
 Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
 accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
@@ -22,7 +32,10 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from taskpool.pools import PoolLayout
 
 # Naive recursion is exponential: fib(30) takes ~0.2 s in CPython, fib(40) ~20 s, fib(45)
 # ~4 minutes. 45 leaves room for long jobs while refusing typos that would run for days.
@@ -30,6 +43,8 @@ FIB_MAX = 45
 # An hour; longer sleeps are almost certainly a unit mistake (ms for s).
 SLEEP_MAX = 3600.0
 ALLOC_MAX_MB = 65536
+# The highest POSIX message priority Linux allows (MQ_PRIO_MAX - 1).
+PRIORITY_MAX = 32767
 
 
 class JobKind(enum.IntEnum):
@@ -52,11 +67,18 @@ class Job:
     kind: JobKind
     arg: Arg
     timeout: float | None = None  # the job file's timeout=, if any
+    pool: int = 1  # the job type: it runs only on a worker of this pool
+    priority: int = 0  # higher first, 0..PRIORITY_MAX
     line: int = field(default=0, compare=False)  # where it was read; not sent on the wire
 
     def describe(self) -> str:
         """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``."""
         return f"{self.kind.label}({'' if self.kind is JobKind.CRASH else self.arg})"
+
+    def describe_typed(self) -> str:
+        """As the dispatcher's log shows it: ``3.0s`` for a sleep (seed 000's jobs are
+        durations), else as `describe`."""
+        return f"{float(self.arg)!r}s" if self.kind is JobKind.SLEEP else self.describe()
 
 
 @dataclass(frozen=True)
@@ -69,41 +91,141 @@ class LineError:
         return f"{self.source}:{self.line}: {self.reason}"
 
 
-def _parse_options(words: list[str]) -> tuple[list[str], float | None] | str:
-    """Split `key=value` options (only `timeout=`) from the arguments."""
-    args: list[str] = []
+@dataclass(frozen=True)
+class ParsedLine:
+    kind: JobKind
+    arg: Arg
+    timeout: float | None
+    pool: int
+    priority: int
+
+
+@dataclass
+class _Options:
     timeout: float | None = None
+    pool: int | None = None
+    priority: int | None = None
+
+
+def _parse_options(words: list[str]) -> tuple[list[str], _Options] | str:
+    """Split `key=value` options (timeout=, type=, priority=) from the arguments."""
+    args: list[str] = []
+    options = _Options()
     for word in words:
         if "=" not in word:
             args.append(word)
             continue
         key, value = word.split("=", 1)
-        if key.lower() != "timeout":
-            return f"unknown option {key!r} (expected timeout=SECONDS)"
-        try:
-            timeout = float(value)
-        except ValueError:
-            return f"timeout {value!r} is not a number"
-        if not math.isfinite(timeout) or timeout <= 0:
-            return f"timeout {value} must be a finite number > 0"
-    return args, timeout
+        key = key.lower()
+        if key == "timeout":
+            try:
+                timeout = float(value)
+            except ValueError:
+                return f"timeout {value!r} is not a number"
+            if not math.isfinite(timeout) or timeout <= 0:
+                return f"timeout {value} must be a finite number > 0"
+            options.timeout = timeout
+        elif key == "type":
+            try:
+                options.pool = int(value)
+            except ValueError:
+                return f"type {value!r} is not a whole number"
+        elif key == "priority":
+            priority = _priority(value)
+            if isinstance(priority, str):
+                return priority
+            options.priority = priority
+        else:
+            return (f"unknown option {key!r} "
+                    "(expected timeout=SECONDS, type=T or priority=P)")
+    return args, options
 
 
-def parse_job_text(text: str) -> tuple[JobKind, Arg, float | None] | str | None:
-    """Parse one line's text: (kind, arg, timeout), None for a blank or comment line, or
-    the reason it is bad."""
+def _priority(text: str) -> int | str:
+    try:
+        priority = int(text)
+    except ValueError:
+        return f"priority {text!r} is not a whole number"
+    if not 0 <= priority <= PRIORITY_MAX:
+        return f"priority {priority} is out of range 0..{PRIORITY_MAX} (higher runs first)"
+    return priority
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_job_text(text: str, layout: PoolLayout) -> ParsedLine | str | None:
+    """Parse one line's text; None for a blank or comment line, or the reason it is bad."""
     body = text.split("#", 1)[0].strip()
     if not body:
         return None
     words = body.split()
+    if _is_number(words[0]):
+        return _parse_typed(words, layout)
     options = _parse_options(words[1:])
     if isinstance(options, str):
         return options
-    args, timeout = options
+    args, opts = options
     parsed = _parse_kind(words[0], args)
     if isinstance(parsed, str):
         return parsed
-    return parsed[0], parsed[1], timeout
+    kind, arg = parsed
+    pool = opts.pool if opts.pool is not None else layout.pool_for_kind(kind)
+    if isinstance(pool, str):
+        return pool
+    why_not = layout.check_type(pool)
+    if why_not is not None:
+        return why_not
+    return ParsedLine(kind, arg, opts.timeout, pool, opts.priority or 0)
+
+
+def _parse_typed(words: list[str], layout: PoolLayout) -> ParsedLine | str:
+    """Seed 000's `<job_type> <duration> [priority]`, with the core's options too."""
+    options = _parse_options(words)
+    if isinstance(options, str):
+        return options
+    fields, opts = options
+    if opts.pool is not None:
+        return "a typed line gives its type first: type= is for 'fib N' and 'sleep S' lines"
+    if len(fields) not in (2, 3):
+        return (f"expected '<job_type> <duration> [priority]', got {len(fields)} field"
+                f"{'' if len(fields) == 1 else 's'}")
+    try:
+        pool = int(fields[0])
+    except ValueError:
+        return f"job type {fields[0]!r} is not a whole number"
+    why_not = layout.check_type(pool)
+    if why_not is not None:
+        return why_not
+    duration = _duration(fields[1], "duration")
+    if isinstance(duration, str):
+        return duration
+    priority = opts.priority or 0
+    if len(fields) == 3:
+        if opts.priority is not None:
+            return "priority given twice (third field and priority=)"
+        parsed_priority = _priority(fields[2])
+        if isinstance(parsed_priority, str):
+            return parsed_priority
+        priority = parsed_priority
+    return ParsedLine(JobKind.SLEEP, duration, opts.timeout, pool, priority)
+
+
+def _duration(text: str, name: str) -> float | str:
+    try:
+        seconds = float(text)
+    except ValueError:
+        return f"{name} {text!r} is not a number"
+    if not math.isfinite(seconds) or seconds < 0:
+        return f"{name} {text} must be a finite number >= 0"
+    if seconds > SLEEP_MAX:
+        return f"{name} {seconds:g} is over the limit of {SLEEP_MAX:g} seconds"
+    return seconds
 
 
 def _int_argument(kind: JobKind, args: list[str], maximum: int) -> tuple[JobKind, Arg] | str:
@@ -132,44 +254,39 @@ def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
     if name == "sleep":
         if len(args) != 1:
             return f"sleep takes one argument, got {len(args)}"
-        try:
-            seconds = float(args[0])
-        except ValueError:
-            return f"sleep argument {args[0]!r} is not a number"
-        if not math.isfinite(seconds) or seconds < 0:
-            return f"sleep argument {args[0]} must be a finite number >= 0"
-        if seconds > SLEEP_MAX:
-            return f"sleep argument {seconds:g} is over the limit of {SLEEP_MAX:g} seconds"
+        seconds = _duration(args[0], "sleep argument")
+        if isinstance(seconds, str):
+            return seconds
         return JobKind.SLEEP, seconds
-    return (f"unknown job kind {word!r} "
-            "(expected 'fib N', 'sleep SECONDS', 'alloc MB' or 'crash')")
+    return (f"unknown job kind {word!r} (expected 'fib N', 'sleep SECONDS', 'alloc MB', "
+            "'crash' or '<job_type> <duration> [priority]')")
 
 
 def parse_lines(
-    lines: Iterable[str], source: str, first_id: int = 1
+    lines: Iterable[str], source: str, layout: PoolLayout, first_id: int = 1
 ) -> Iterator[Job | LineError]:
     """Yield a Job for each accepted line and a LineError for each bad one, in order.
 
     Ids count accepted jobs only, so a skipped bad line on stdin does not leave a hole."""
     next_id = first_id
     for number, text in enumerate(lines, start=1):
-        parsed = parse_job_text(text)
+        parsed = parse_job_text(text, layout)
         if parsed is None:
             continue
         if isinstance(parsed, str):
             yield LineError(source, number, parsed)
             continue
-        kind, arg, timeout = parsed
-        yield Job(next_id, kind, arg, timeout, line=number)
+        yield Job(next_id, parsed.kind, parsed.arg, parsed.timeout, parsed.pool,
+                  parsed.priority, line=number)
         next_id += 1
 
 
-def read_job_file(path: str) -> tuple[list[Job], list[LineError]]:
+def read_job_file(path: str, layout: PoolLayout) -> tuple[list[Job], list[LineError]]:
     """Validate a whole job file. The caller runs nothing if any error comes back."""
     jobs: list[Job] = []
     errors: list[LineError] = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for item in parse_lines(f, path):
+        for item in parse_lines(f, path, layout):
             if isinstance(item, LineError):
                 errors.append(item)
             else:

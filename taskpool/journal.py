@@ -23,13 +23,14 @@ from pathlib import Path
 from taskpool.jobs import Job, JobKind
 from taskpool.protocol import JobRecord
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2 added jobs.pool and jobs.priority (typed pools)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     job INTEGER PRIMARY KEY, kind TEXT NOT NULL, arg TEXT NOT NULL, timeout REAL,
-    line INTEGER NOT NULL, digest TEXT NOT NULL);
+    line INTEGER NOT NULL, digest TEXT NOT NULL,
+    pool INTEGER NOT NULL DEFAULT 1, priority INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS outcomes (
     job INTEGER PRIMARY KEY, status TEXT NOT NULL, result TEXT, worker INTEGER,
     attempts INTEGER NOT NULL, reason TEXT);
@@ -41,14 +42,27 @@ class JournalError(Exception):
 
 
 def job_digest(job: Job) -> str:
-    """What a job is, independent of spacing and comments on its line."""
+    """What a job is, independent of spacing and comments on its line (and of the form of
+    the line: `2 3` and `sleep 3 type=2` are the same job)."""
     text = f"{job.kind.label} {job.arg!r} {job.timeout!r}"
+    if job.pool != 1 or job.priority:  # so that schema-1 journals keep their digests
+        text += f" {job.pool} {job.priority}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def describe(job: Job) -> str:
-    timeout = f" timeout={job.timeout:g}" if job.timeout else ""
-    return f"{job.kind.label} {job.arg}{timeout}"
+    return _describe(job.kind.label, job.arg, job.timeout, job.pool, job.priority)
+
+
+def _describe(kind: str, arg: object, timeout: float | None, pool: int, priority: int) -> str:
+    text = f"{kind} {arg}"
+    if timeout:
+        text += f" timeout={timeout:g}"
+    if pool != 1:
+        text += f" type={pool}"
+    if priority:
+        text += f" priority={priority}"
+    return text
 
 
 class Journal:
@@ -92,6 +106,15 @@ class Journal:
         if not {"meta", "jobs", "outcomes"} <= tables:
             raise sqlite3.DatabaseError("an SQLite file, but not a taskpool journal")
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and row[0] == "1":
+            # A journal of a run from before typed pools: every job was type 1, priority 0.
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("ALTER TABLE jobs ADD COLUMN pool INTEGER NOT NULL DEFAULT 1")
+                self.db.execute(
+                    "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
+            row = (SCHEMA_VERSION,)
         if row is None or row[0] != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"journal schema {row and row[0]}, "
                                         f"expected {SCHEMA_VERSION}")
@@ -100,18 +123,28 @@ class Journal:
 
     def jobs(self) -> dict[int, tuple[str, int, str]]:
         """job id: (digest, line, description)"""
-        rows = self.db.execute("SELECT job, kind, arg, timeout, line, digest FROM jobs")
-        return {job: (digest, line, f"{kind} {arg}" + (f" timeout={t:g}" if t else ""))
-                for job, kind, arg, t, line, digest in rows}
+        rows = self.db.execute(
+            "SELECT job, kind, arg, timeout, line, digest, pool, priority FROM jobs")
+        return {job: (digest, line, _describe(kind, arg, t, pool, priority))
+                for job, kind, arg, t, line, digest, pool, priority in rows}
+
+    def all_jobs(self) -> dict[int, Job]:
+        rows = self.db.execute(
+            "SELECT job, kind, arg, timeout, line, pool, priority FROM jobs ORDER BY job")
+        return {job: Job(job, JobKind[kind.upper()], _arg(kind, arg), timeout, pool, priority,
+                         line=line)
+                for job, kind, arg, timeout, line, pool, priority in rows}
 
     def outcomes(self) -> dict[int, JobRecord]:
         rows = self.db.execute(
-            "SELECT o.job, j.kind, j.arg, o.status, o.result, o.worker, o.attempts, o.reason "
-            "FROM outcomes o JOIN jobs j USING (job) ORDER BY o.job")
+            "SELECT o.job, j.kind, j.arg, o.status, o.result, o.worker, o.attempts, o.reason, "
+            "j.pool, j.priority FROM outcomes o JOIN jobs j USING (job) ORDER BY o.job")
         return {job: JobRecord(job=job, kind=kind, arg=_arg(kind, arg), status=status,
                                result=None if result is None else json.loads(result),
-                               worker=worker, attempts=attempts, reason=reason)
-                for job, kind, arg, status, result, worker, attempts, reason in rows}
+                               worker=worker, attempts=attempts, reason=reason, type=pool,
+                               priority=priority)
+                for job, kind, arg, status, result, worker, attempts, reason, pool, priority
+                in rows}
 
     def outcome_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outcomes").fetchone()[0])
@@ -154,9 +187,9 @@ class Journal:
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(
-                "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                [(j.job_id, j.kind.label, repr(j.arg), j.timeout, j.line, job_digest(j))
-                 for j in jobs])
+                "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(j.job_id, j.kind.label, repr(j.arg), j.timeout, j.line, job_digest(j),
+                  j.pool, j.priority) for j in jobs])
             self.db.executemany(
                 "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
                 [(r.job, r.status, None if r.result is None else json.dumps(r.result),

@@ -20,15 +20,26 @@ _ROLE_TAGS = {
     "taskpool.main": "Main",
     "taskpool.generator": "TaskGenerator",
     "taskpool.dealer": "Dealer",
+    "taskpool.dispatcher": "Dispatcher",
     "taskpool.supervisor": "Supervisor",
     "taskpool.recovery": "Recovery",
 }
 
 
+# In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].
+_worker_pool = ""
+
+
+def set_worker_pool(label: str) -> None:
+    """Called once in a newly forked worker of a typed pool."""
+    global _worker_pool
+    _worker_pool = f" {label}"
+
+
 class RoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if record.name == "taskpool.worker":
-            tag = f"Worker {record.process}"
+            tag = f"Worker {record.process}{_worker_pool}"
         else:
             tag = _ROLE_TAGS.get(record.name, record.name)
         return f"[{tag}] {record.getMessage()}"

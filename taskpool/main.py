@@ -158,10 +158,7 @@ class Recorder:
         for job_id in sorted(self.known):
             if job_id not in self.outcomes:
                 job = self.known[job_id]
-                self.record(JobRecord(
-                    job=job_id, kind=job.kind.label, arg=job.arg, status=Status.NOT_DONE.value,
-                    result=None, worker=None, attempts=0, reason=reason,
-                ))
+                self.record(JobRecord.of(job, Status.NOT_DONE, reason=reason))
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.outcomes.values() if r.status == status.value)

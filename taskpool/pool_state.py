@@ -2,11 +2,15 @@
 
 Three threads of the Dealer touch this state (see dealer.py for their roles):
 
-- the send thread assigns jobs to workers (`WorkerHandle.outstanding`) and sends them;
-- the recv thread records results, and on a worker's death computes what to resend;
+- the send thread puts new jobs in their pool's backlog;
+- the recv thread records results, and on a worker's death puts what it held back in the
+  backlog;
 - the recovery thread registers forked workers, and moves reaped ones from `workers` to
   `exited` in the same critical section as its waitpid(), so that no other thread can see
   (and signal) a pid that is already reaped and may be reused.
+
+Whichever of them adds a job to a backlog or frees a worker also hands out what it can
+(`scheduler.assign`), in the same critical section: so no thread ever waits for a worker.
 
 Every field below is read and written under `PoolState.lock`, with one exception named
 where it is. Nothing blocks while holding the lock: sends to a worker's queue are
@@ -16,8 +20,8 @@ has slots), and the recovery thread's fork() is quick.
 
 from __future__ import annotations
 
+import heapq
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 
 import posix_ipc
@@ -28,11 +32,30 @@ from taskpool.jobs import Job
 @dataclass
 class WorkerHandle:
     pid: int
-    request_queue: posix_ipc.MessageQueue  # this worker's own queue; nobody else reads it
+    pool: int  # its job type
+    # This worker's own queue. The worker reads it; the Dealer only takes back from it
+    # jobs not yet started (a receive is atomic: each job is either taken by the worker or
+    # taken back, never both).
+    request_queue: posix_ipc.MessageQueue
     # Job ids sent to this worker and not yet answered by a Result, in the order sent. The
     # worker takes them in this order (its queue is FIFO), one at a time.
     outstanding: list[int] = field(default_factory=list)
     took_a_job: bool = False  # ever: a worker that never did is what a crash loop makes
+    running: int | None = None  # the job it ACKed and has not answered yet
+
+
+@dataclass
+class PoolSlots:
+    """One typed pool: its size and its backlog of jobs waiting for one of its workers."""
+
+    number: int
+    size: int
+    # A heap of (-priority, job id): the highest priority first, then the oldest job.
+    backlog: list[tuple[int, int]] = field(default_factory=list)
+    preempting: int | None = None  # a worker killed to make room, until its death is seen
+
+    def push(self, priority: int, job_id: int) -> None:
+        heapq.heappush(self.backlog, (-priority, job_id))
 
 
 @dataclass
@@ -52,8 +75,10 @@ class Deadline:
     at: float  # time.monotonic()
     reason: str
     # False for kills that are our doing, not the job's (the grace period ran out, a
-    # second Ctrl-C): the job is reported not done, and no attempt is charged.
+    # second Ctrl-C, a preemption): no attempt is charged, and the job is reported not
+    # done, unless `requeue`.
     charges_attempt: bool = True
+    requeue: bool = False  # a preemption: the job goes back to its backlog
 
 
 @dataclass
@@ -66,8 +91,8 @@ class PoolState:
     # pid is forked after WorkerExited was posted, so its messages come after it).
     exited: dict[int, WorkerHandle] = field(default_factory=dict)
     jobs: dict[int, JobState] = field(default_factory=dict)
-    # Jobs to send again, ahead of any new job from the generator.
-    resend: deque[int] = field(default_factory=deque)
+    pools: dict[int, PoolSlots] = field(default_factory=dict)
+    preempt: bool = False  # --preempt: an urgent job may stop a running lower one
     # Set once by the recv thread (all done, or terminated); never cleared. The send
     # thread also reads it without the lock at the top of its loop: a stale False costs
     # one more iteration, never a wrong send, since sends re-check it under the lock.
@@ -86,23 +111,19 @@ class PoolState:
     heartbeat_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid
     grace_deadline: Deadline | None = None
     wake_at: float = float("inf")
-    # Why the recovery thread killed a worker (timeout, no heartbeat, stopped, grace over),
-    # for the recv thread to give as the reason of the attempt.
+    # Why we killed a worker (timeout, no heartbeat, stopped, grace over, preempted), for
+    # the recv thread to give as the reason of the attempt.
     kill_reasons: dict[int, Deadline] = field(default_factory=dict)
     crashes: int = 0
     resends: int = 0
 
-    def __post_init__(self) -> None:
-        # Signalled whenever a worker may have gained free credit, or stopping was set.
-        self.worker_free = threading.Condition(self.lock)
-
-    def pick_worker(self) -> WorkerHandle | None:
-        """The live worker with the fewest outstanding jobs, if any has free credit.
-        Idle workers first, so a queued job never waits behind a running one while
+    def pick_worker(self, pool: int) -> WorkerHandle | None:
+        """The live worker of `pool` with the fewest outstanding jobs, if any has free
+        credit. Idle workers first, so a queued job never waits behind a running one while
         another worker idles."""
         best: WorkerHandle | None = None
         for worker in self.workers.values():
-            if len(worker.outstanding) < self.credit:
+            if worker.pool == pool and len(worker.outstanding) < self.credit:
                 if best is None or len(worker.outstanding) < len(best.outstanding):
                     best = worker
                     if not best.outstanding:

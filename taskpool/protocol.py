@@ -3,7 +3,7 @@
 Who sends what, on which channel::
 
     TaskGenerator --Job, EndOfJobs--------------> ready queue ----> Dealer send thread
-    Dealer (own threads) --Wake, Stop-----------> ready queue ----> Dealer send thread
+    Dealer (own threads) --Stop-----------------> ready queue ----> Dealer send thread
     Dealer send thread --Job, Shutdown----------> request queue (one per worker) --> Worker
     Worker --Ack, Result, Heartbeat-------------> result queue ---> Dealer recv thread
     Dealer recovery thread --WorkerExited, Terminate--> result queue
@@ -41,7 +41,7 @@ class ProtocolError(ValueError):
 class MessageType(enum.IntEnum):
     JOB = 1
     END_OF_JOBS = 2
-    WAKE = 3
+    # 3 was WAKE, retired when the send thread stopped waiting for workers
     STOP = 4
     SHUTDOWN = 5
     ACK = 6
@@ -52,7 +52,8 @@ class MessageType(enum.IntEnum):
 
 
 # Payload layouts. An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
-_JOB = struct.Struct("!QHB8sd")  # job id, attempt, kind, arg, timeout (0: none)
+# job id, attempt, kind, arg, timeout (0: none), pool (job type), priority
+_JOB = struct.Struct("!QHB8sdHH")
 _END = struct.Struct("!Q")  # number of jobs accepted
 _ACK = struct.Struct("!QHI")  # job id, attempt, worker pid
 _RESULT = struct.Struct("!QHIB8s")  # job id, attempt, worker pid, kind, value
@@ -91,7 +92,7 @@ class JobMessage:
     def encode(self) -> bytes:
         job = self.job
         payload = _JOB.pack(job.job_id, self.attempt, job.kind, _pack_value(job.kind, job.arg),
-                            job.timeout or 0.0)
+                            job.timeout or 0.0, job.pool, job.priority)
         return _HEADER.pack(VERSION, MessageType.JOB) + payload
 
 
@@ -103,14 +104,6 @@ class EndOfJobs:
 
     def encode(self) -> bytes:
         return _HEADER.pack(VERSION, MessageType.END_OF_JOBS) + _END.pack(self.total)
-
-
-@dataclass(frozen=True)
-class Wake:
-    """Wakes the send thread from its receive so that it looks at its resend list."""
-
-    def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.WAKE)
 
 
 @dataclass(frozen=True)
@@ -192,7 +185,7 @@ class Terminate:
 
 
 Message = Union[
-    JobMessage, EndOfJobs, Wake, Stop, Shutdown, Ack, Heartbeat, Result, WorkerExited, Terminate
+    JobMessage, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, WorkerExited, Terminate
 ]
 
 
@@ -209,9 +202,9 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"unknown message type {code}") from None
     try:
         if mtype is MessageType.JOB:
-            job_id, attempt, kind_code, raw, timeout = _JOB.unpack(body)
+            job_id, attempt, kind_code, raw, timeout, pool, priority = _JOB.unpack(body)
             kind = _kind(kind_code)
-            job = Job(job_id, kind, _unpack_value(kind, raw), timeout or None)
+            job = Job(job_id, kind, _unpack_value(kind, raw), timeout or None, pool, priority)
             return JobMessage(job, attempt)
         if mtype is MessageType.ACK:
             return Ack(*_ACK.unpack(body))
@@ -231,8 +224,6 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"{mtype.name} message of {len(data)} bytes: {e}") from None
     if body:
         raise ProtocolError(f"{mtype.name} message has {len(body)} unexpected bytes")
-    if mtype is MessageType.WAKE:
-        return Wake()
     if mtype is MessageType.STOP:
         return Stop()
     return Shutdown()
@@ -258,12 +249,23 @@ class JobRecord:
     worker: int | None
     attempts: int
     reason: str | None = None
+    type: int = 1  # the job's pool
+    priority: int = 0
+
+    @classmethod
+    def of(cls, job: Job, status: Status, *, result: Arg | None = None,
+           worker: int | None = None, attempts: int = 0,
+           reason: str | None = None) -> JobRecord:
+        return cls(job=job.job_id, kind=job.kind.label, arg=job.arg, status=status.value,
+                   result=result, worker=worker, attempts=attempts, reason=reason,
+                   type=job.pool, priority=job.priority)
 
     def to_json(self) -> dict[str, Any]:
         # Built by hand: dataclasses.asdict() deep-copies every field, and this runs once
         # per job in the Dealer's recv thread and in main.
-        fields = {"job": self.job, "kind": self.kind, "arg": self.arg, "status": self.status,
-                  "result": self.result, "worker": self.worker, "attempts": self.attempts}
+        fields = {"job": self.job, "kind": self.kind, "arg": self.arg, "type": self.type,
+                  "priority": self.priority, "status": self.status, "result": self.result,
+                  "worker": self.worker, "attempts": self.attempts}
         if self.reason is not None:
             fields["reason"] = self.reason
         return fields
@@ -299,7 +301,8 @@ def encode_record(record: PipeRecord) -> bytes:
     elif isinstance(record, JobAccepted):
         job = record.job
         body = {"t": "accepted", "job": job.job_id, "kind": int(job.kind), "arg": job.arg,
-                "timeout": job.timeout, "line": job.line}
+                "timeout": job.timeout, "pool": job.pool, "priority": job.priority,
+                "line": job.line}
     else:
         body = {"t": "rejected", **asdict(record)}
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
@@ -315,7 +318,8 @@ def decode_record(line: bytes) -> PipeRecord:
             return DealerStats(**body)
         if tag == "accepted":
             return JobAccepted(Job(body["job"], JobKind(body["kind"]), body["arg"],
-                                   body.get("timeout"), line=body.get("line", 0)))
+                                   body.get("timeout"), body["pool"], body["priority"],
+                                   line=body.get("line", 0)))
         if tag == "rejected":
             return LineRejected(**body)
     except (ValueError, TypeError, KeyError, AttributeError) as e:

@@ -35,9 +35,12 @@ from typing import NoReturn
 import posix_ipc
 
 from taskpool import ipc
+from taskpool import log as tplog
 from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import Deadline, PoolState, WorkerHandle
+from taskpool.pools import PoolLayout
 from taskpool.protocol import Terminate, WorkerExited
+from taskpool.scheduler import Schedule, assign
 from taskpool.worker import EXIT_RETIRED, CrashPlan, WorkerLimits, run_worker
 
 log = logging.getLogger("taskpool.supervisor")
@@ -61,17 +64,18 @@ class WorkerSetup:
     plan: CrashPlan
     log_fd: int
     policy: SupervisionPolicy
+    layout: PoolLayout
 
 
 class Supervisor(threading.Thread):
     """Owns: forking workers, reaping them. Blocks only in sigwait() and, briefly, in a
     send to the result queue (which the recv thread always drains)."""
 
-    def __init__(self, state: PoolState, size: int, setup: WorkerSetup) -> None:
+    def __init__(self, state: PoolState, setup: WorkerSetup) -> None:
         super().__init__(name="recovery", daemon=True)
         self.state = state
-        self.size = size
         self.setup = setup
+        self.layout = setup.layout
         self.dealer_pid = os.getpid()
         self.failure: BaseException | None = None
         # Set once the first `size` workers are forked, or the attempt failed (`failure`).
@@ -148,7 +152,7 @@ class Supervisor(threading.Thread):
             log.info("Worker PID %d %s: killed it", pid, deadline.reason)
 
     def fill_pool(self, starting: bool = False) -> None:
-        """Fork workers until the pool has its size again (unless stopping).
+        """Fork workers until every pool has its size again (unless stopping).
 
         A replacement takes a spare queue (a dead worker's, drained) if there is one, else a
         new one. When the kernel refuses a new queue: if dead workers' queues are still to
@@ -157,7 +161,8 @@ class Supervisor(threading.Thread):
         cannot start, or has no worker left, is a failure."""
         while True:
             with self.state.lock:
-                if self.state.stopping or len(self.state.workers) >= self.size:
+                pool = self._pool_short_of_workers()
+                if self.state.stopping or pool is None:
                     self.state.short_of_workers = False
                     return
                 queue = self.state.spare_queues.pop() if self.state.spare_queues else None
@@ -176,13 +181,25 @@ class Supervisor(threading.Thread):
                         raise
                     live = len(self.state.workers)
                 log.warning("Running with %d of %d workers until a queue frees up: %s",
-                            live, self.size, e)
+                            live, self.layout.total_workers, e)
                 return
-            if self.spawn_worker(queue) is None:
+            if self.spawn_worker(queue, pool) is None:
                 queue.close()
 
-    def spawn_worker(self, request_queue: posix_ipc.MessageQueue) -> int | None:
-        """Fork a worker on `request_queue`; None if the pool is stopping."""
+    def _pool_short_of_workers(self) -> int | None:
+        """The first pool with fewer live workers than its size. Called with the lock."""
+        live = [0] * (len(self.layout.pools) + 1)
+        for worker in self.state.workers.values():
+            live[worker.pool] += 1
+        for pool in self.layout.pools:
+            if live[pool.number] < pool.size:
+                return pool.number
+        return None
+
+    def spawn_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> int | None:
+        """Fork a worker of `pool` on `request_queue`, and give it work; None if the pool
+        is stopping."""
+        schedule = Schedule()
         with self.state.lock:
             # Checked under the lock that the recv thread holds while it sends Shutdown to
             # every live worker: a worker is either told to shut down or never forked.
@@ -210,13 +227,16 @@ class Supervisor(threading.Thread):
             # reaped.
             pid = os.fork()
             if pid == 0:
-                self._become_worker(request_queue)
-            self.state.workers[pid] = WorkerHandle(pid, request_queue)
-            self.state.worker_free.notify()
+                self._become_worker(request_queue, pool)
+            self.state.workers[pid] = WorkerHandle(pid, pool, request_queue)
+            assign(self.state, pool, schedule)
+        schedule.log(self.layout.typed)
         return pid
 
-    def _become_worker(self, request_queue: posix_ipc.MessageQueue) -> NoReturn:
+    def _become_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> NoReturn:
         try:
+            if self.layout.typed:
+                tplog.set_worker_pool(self.layout.pool(pool).label)
             ipc.set_parent_death_signal(self.dealer_pid)
             # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
             # mid-way: the Dealer decides, and lets running jobs finish within --grace.
@@ -227,7 +247,8 @@ class Supervisor(threading.Thread):
             policy = self.setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
                                   policy.max_memory_mb)
-            run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits)
+            run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
+                       log_each_job=self.layout.typed)
         finally:
             os._exit(70)
 
@@ -257,7 +278,9 @@ class Supervisor(threading.Thread):
                     worker = self._reaped(pid)
                 stopping = self.state.stopping
                 retired = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RETIRED
-                if worker is not None and not stopping and not retired:
+                killed_for = self.state.kill_reasons.get(pid)
+                preempted = killed_for is not None and killed_for.requeue
+                if worker is not None and not stopping and not retired and not preempted:
                     self.state.crashes += 1
             if stopped:
                 log.info("Worker PID %d %s: killed it", pid, stopped)
@@ -266,7 +289,7 @@ class Supervisor(threading.Thread):
             if retired:
                 log.info("Worker PID %d retired after %d jobs", pid,
                          self.setup.policy.max_tasks_per_child or 0)
-            elif not stopping:
+            elif not stopping and not preempted:
                 log.info("Worker PID %d %s", pid, ipc.describe_wait_status(status))
             # Posted before any replacement is forked, so that the job is resent (to another
             # idle worker, if there is one) without waiting for the new worker to start.

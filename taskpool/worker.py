@@ -155,6 +155,7 @@ def run_worker(
     result_queue: posix_ipc.MessageQueue,
     plan: CrashPlan,
     limits: WorkerLimits = WorkerLimits(),
+    log_each_job: bool = False,
 ) -> NoReturn:
     """The worker loop. Returns only through os._exit()."""
     pid = os.getpid()
@@ -213,6 +214,8 @@ def run_worker(
             heartbeat.job_finished()
         checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
         result_queue.send(Result(job.job_id, attempt, pid, job.kind, value).encode())
+        if log_each_job:
+            log.info("Done job %d", job.job_id)
         checkpoint(job.job_id, attempt, Step.AFTER_RESULT, None)
         jobs_done += 1
         if limits.max_tasks is not None and jobs_done >= limits.max_tasks:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -164,7 +165,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 def assert_exactly_once(records: list[dict[str, Any]], job_ids: range | Sequence[int]) -> None:
     ids = [r["job"] for r in records]
-    doubled = {i for i in ids if ids.count(i) > 1}
+    doubled = {i for i, n in Counter(ids).items() if n > 1}
     assert not doubled, f"results recorded more than once: {sorted(doubled)}"
     assert sorted(ids) == sorted(job_ids), (
         f"missing {sorted(set(job_ids) - set(ids))}, unexpected {sorted(set(ids) - set(job_ids))}")

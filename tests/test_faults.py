@@ -4,6 +4,7 @@ once with the right value, or the job is reported not done; nothing is left behi
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -176,13 +177,19 @@ def test_generator_killed_while_reading_stdin_ends_the_run(tmp_path: Path) -> No
 
 
 def test_generator_killed_with_jobs_still_to_queue_reports_them_not_done(tmp_path: Path) -> None:
-    jobs = write_job_file(tmp_path, ["sleep 0.02"] * 100)
+    # The Dealer reads the ready queue as fast as the generator fills it, so the generator
+    # is caught mid-way by stopping the Dealer as it starts: the generator then blocks on
+    # the full ready queue (ten messages) long before its 100,000th job.
+    total = 100_000
+    jobs = write_job_file(tmp_path, ["sleep 0"] * total)
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
-    run.wait_for(r"Received result for job 2:")
+    dealer = run.role_pid("Dealer")
+    os.kill(dealer, signal.SIGSTOP)
     kill_quietly(run.role_pid("TaskGenerator"))
+    os.kill(dealer, signal.SIGCONT)
     assert run.finish() == 1
-    records = _assert_ended_run_accounts_for_every_job(results, 100)
+    records = _assert_ended_run_accounts_for_every_job(results, total)
     assert any(r["status"] == "not_done" for r in records)
 
 

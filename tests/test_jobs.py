@@ -6,17 +6,30 @@ from pathlib import Path
 
 import pytest
 
-from taskpool.jobs import FIB_MAX, SLEEP_MAX, Job, JobKind, LineError, parse_lines, read_job_file
+from taskpool.jobs import (
+    FIB_MAX,
+    PRIORITY_MAX,
+    SLEEP_MAX,
+    Job,
+    JobKind,
+    LineError,
+    parse_lines,
+    read_job_file,
+)
+from taskpool.pools import PoolLayout, PoolSpecError
+
+ONE = PoolLayout.single(2)  # a plain run: one pool, type 1
+SEED_000 = PoolLayout.parse(["1", "3", "1", "1", "1"])
 
 
 def test_jobs_get_one_based_ids_in_input_order_skipping_blanks_and_comments() -> None:
     lines = ["# a comment\n", "fib 10\n", "\n", "   sleep 0.5   # why\n", "SLEEP 0\n"]
-    assert list(parse_lines(lines, "f")) == [
+    assert list(parse_lines(lines, "f", ONE)) == [
         Job(1, JobKind.FIB, 10), Job(2, JobKind.SLEEP, 0.5), Job(3, JobKind.SLEEP, 0.0)]
 
 
 def test_bad_lines_do_not_take_an_id() -> None:
-    items = list(parse_lines(["fib 1", "fib x", "fib 2"], "<stdin>"))
+    items = list(parse_lines(["fib 1", "fib x", "fib 2"], "<stdin>", ONE))
     assert items == [
         Job(1, JobKind.FIB, 1),
         LineError("<stdin>", 2, "fib argument 'x' is not an integer"),
@@ -42,7 +55,7 @@ def test_bad_lines_do_not_take_an_id() -> None:
     ],
 )
 def test_bad_line_reasons(text: str, reason: str) -> None:
-    [item] = parse_lines([text], "jobs.txt")
+    [item] = parse_lines([text], "jobs.txt", ONE)
     assert isinstance(item, LineError)
     assert reason in item.reason
     assert str(item).startswith("jobs.txt:1: ")
@@ -51,10 +64,80 @@ def test_bad_line_reasons(text: str, reason: str) -> None:
 def test_read_job_file_lists_every_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "jobs.txt"
     path.write_text("fib 3\nfib\nsleep 1\nbogus\n")
-    jobs, errors = read_job_file(str(path))
+    jobs, errors = read_job_file(str(path), ONE)
     assert [j.job_id for j in jobs] == [1, 2]
     assert [str(e) for e in errors] == [
         f"{path}:2: fib takes one argument, got 0",
-        f"{path}:4: unknown job kind 'bogus' "
-        "(expected 'fib N', 'sleep SECONDS', 'alloc MB' or 'crash')",
+        f"{path}:4: unknown job kind 'bogus' (expected 'fib N', 'sleep SECONDS', 'alloc MB', "
+        "'crash' or '<job_type> <duration> [priority]')",
     ]
+
+
+def test_seed_000_example_lines_are_sleeps_of_their_type() -> None:
+    lines = ["1 5", "2 3", "3 7", "4 2", "5 4"]
+    jobs = list(parse_lines(lines, "<stdin>", SEED_000))
+    assert [(j.pool, j.kind, j.arg, j.priority) for j in jobs] == [
+        (1, JobKind.SLEEP, 5.0, 0), (2, JobKind.SLEEP, 3.0, 0), (3, JobKind.SLEEP, 7.0, 0),
+        (4, JobKind.SLEEP, 2.0, 0), (5, JobKind.SLEEP, 4.0, 0)]
+
+
+def test_typed_lines_take_a_priority_and_zero_is_a_job() -> None:
+    jobs = list(parse_lines(["2 0", "2 1.5 9", "3 0 priority=4 timeout=2"], "f", SEED_000))
+    assert jobs == [Job(1, JobKind.SLEEP, 0.0, pool=2), Job(2, JobKind.SLEEP, 1.5, pool=2,
+                                                              priority=9),
+                    Job(3, JobKind.SLEEP, 0.0, timeout=2.0, pool=3, priority=4)]
+
+
+def test_core_lines_go_to_the_pool_named_for_their_kind_or_their_type() -> None:
+    named = PoolLayout.parse(["fib=2", "sleep=1"])
+    jobs = list(parse_lines(["fib 10", "sleep 1 priority=3", "1 0.5", "fib 3 type=2"], "f",
+                            named))
+    assert [(j.kind, j.pool, j.priority) for j in jobs] == [
+        (JobKind.FIB, 1, 0), (JobKind.SLEEP, 2, 3), (JobKind.SLEEP, 1, 0), (JobKind.FIB, 2, 0)]
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("6 1", "type 6 is out of range 1..5"),
+        ("0 1", "type 0 is out of range 1..5"),
+        ("1.5 1", "job type '1.5' is not a whole number"),
+        ("2 -1", "duration -1 must be a finite number >= 0"),
+        ("2 soon", "duration 'soon' is not a number"),
+        ("2", "expected '<job_type> <duration> [priority]', got 1 field"),
+        ("2 1 3 4", "got 4 fields"),
+        ("2 1 high", "priority 'high' is not a whole number"),
+        ("2 1 -1", "priority -1 is out of range"),
+        (f"2 1 {PRIORITY_MAX + 1}", f"out of range 0..{PRIORITY_MAX}"),
+        ("2 1 3 priority=4", "priority given twice"),
+        ("fib 10", "no pool is named for fib jobs"),
+        ("fib 10 type=9", "type 9 is out of range 1..5"),
+        ("fib 10 type=x", "type 'x' is not a whole number"),
+        ("2 1 colour=red", "unknown option 'colour'"),
+    ],
+)
+def test_bad_typed_line_reasons(text: str, reason: str) -> None:
+    [item] = parse_lines([text], "<stdin>", SEED_000)
+    assert isinstance(item, LineError), item
+    assert reason in item.reason
+
+
+def test_a_type_with_no_workers_takes_no_jobs() -> None:
+    [item] = parse_lines(["2 1"], "f", PoolLayout.parse(["1", "0"]))
+    assert isinstance(item, LineError)
+    assert item.reason == "type 2 has no workers (its pool was given 0)"
+
+
+@pytest.mark.parametrize(
+    "items, reason",
+    [
+        (["0", "0"], "every pool has 0 workers"),
+        (["2", "-1"], "a negative number of workers"),
+        (["two"], "'two' is not a whole number"),
+        (["fib=1", "fib=2"], "a second pool for fib jobs"),
+        (["gpu=1"], "unknown job kind 'gpu'"),
+    ],
+)
+def test_bad_pool_specs(items: list[str], reason: str) -> None:
+    with pytest.raises(PoolSpecError, match=reason):
+        PoolLayout.parse(items)

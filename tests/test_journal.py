@@ -190,5 +190,5 @@ def test_the_results_command_shows_done_failed_and_not_done(tmp_path: Path) -> N
     assert [rows[j]["status"] for j in (1, 2, 3)] == ["done", "failed", "not_done"]
     assert rows[2]["reason"] == "killed by signal 11 (SIGSEGV) on 1 attempts"
     csv_lines = _run("results", str(journal), "--format", "csv").stdout.splitlines()
-    assert csv_lines[0] == "job,kind,arg,status,result,worker,attempts,reason"
+    assert csv_lines[0] == "job,kind,arg,type,priority,status,result,worker,attempts,reason"
     assert len(csv_lines) == 4

@@ -22,7 +22,6 @@ from taskpool.protocol import (
     Shutdown,
     Stop,
     Terminate,
-    Wake,
     WorkerExited,
     decode,
     decode_record,
@@ -35,7 +34,7 @@ MESSAGES = [
     JobMessage(Job(5, JobKind.CRASH, 0), attempt=3),
     Heartbeat(4242),
     EndOfJobs(12),
-    Wake(),
+    JobMessage(Job(6, JobKind.SLEEP, 0.0, pool=5, priority=32767), attempt=1),
     Stop(),
     Shutdown(),
     Ack(3, 2, 4242),
@@ -68,8 +67,9 @@ def test_fib_values_and_sleep_values_keep_their_types() -> None:
         (b"\x01\x63", "unknown message type 99"),
         (JobMessage(Job(1, JobKind.FIB, 3), 1).encode()[:-1], "JOB message"),
         (Ack(1, 1, 1).encode() + b"x", "ACK message"),
-        (Wake().encode() + b"x", "unexpected bytes"),
-        (b"\x01\x01" + struct.pack("!QHB8sd", 1, 1, 9, bytes(8), 0.0), "unknown job kind 9"),
+        (Stop().encode() + b"x", "unexpected bytes"),
+        (b"\x01\x01" + struct.pack("!QHB8sdHH", 1, 1, 9, bytes(8), 0.0, 1, 0),
+         "unknown job kind 9"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
@@ -82,7 +82,10 @@ RECORDS = [
     JobRecord(job=4, kind="sleep", arg=0.5, status="not_done", result=None, worker=None,
               attempts=0, reason="interrupted by SIGINT"),
     DealerStats(crashes=5, resends=4),
+    JobRecord(job=5, kind="sleep", arg=3.0, status="done", result=3.0, worker=7, attempts=1,
+              type=2, priority=9),
     JobAccepted(Job(9, JobKind.SLEEP, 0.0)),
+    JobAccepted(Job(10, JobKind.SLEEP, 1.5, pool=3, priority=4)),
     LineRejected("<stdin>:7", "unknown job kind 'x'"),
 ]
 
@@ -96,8 +99,8 @@ def test_pipe_records_round_trip_as_one_json_line(record: object) -> None:
 
 def test_results_line_has_the_contract_fields() -> None:
     fields = RECORDS[0].to_json()  # type: ignore[union-attr]
-    assert fields == {"job": 3, "kind": "fib", "arg": 30, "status": "done", "result": 832040,
-                      "worker": 1471, "attempts": 2}
+    assert fields == {"job": 3, "kind": "fib", "arg": 30, "type": 1, "priority": 0,
+                      "status": "done", "result": 832040, "worker": 1471, "attempts": 2}
 
 
 @pytest.mark.parametrize("line", [b"not json", b"{}", b'{"t":"nope"}', b'{"t":"record"}'])

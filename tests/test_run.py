@@ -38,11 +38,13 @@ def test_results_lines_carry_the_contract_fields(tmp_path: Path) -> None:
     run = PoolRun(["--workers", "2", "--results", str(results)], stdin=b"fib 30\nsleep 0.01\n")
     assert run.finish() == 0
     by_job = {r["job"]: r for r in read_results(results)}
-    assert set(by_job[1]) == {"job", "kind", "arg", "status", "result", "worker", "attempts"}
+    assert set(by_job[1]) == {"job", "kind", "arg", "type", "priority", "status", "result",
+                              "worker", "attempts"}
     assert by_job[1]["kind"] == "fib" and by_job[1]["arg"] == 30
     assert by_job[1]["result"] == 832040 and by_job[1]["attempts"] == 1
-    assert by_job[2] | {"worker": 0} == {"job": 2, "kind": "sleep", "arg": 0.01, "status": "done",
-                                         "result": 0.01, "worker": 0, "attempts": 1}
+    assert by_job[2] | {"worker": 0} == {"job": 2, "kind": "sleep", "arg": 0.01, "type": 1,
+                                         "priority": 0, "status": "done", "result": 0.01,
+                                         "worker": 0, "attempts": 1}
     assert by_job[1]["worker"] in run.worker_pids()
 
 

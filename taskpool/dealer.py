@@ -103,7 +103,6 @@ class Dealer:
         self.state = PoolState(
             credit=config.credit, preempt=config.preempt,
             pools={p.number: PoolSlots(p.number, p.size) for p in config.layout.pools})
-        self.typed = config.layout.typed
         # Owned by the recv thread alone: no lock.
         self.expected_total: int | None = None
         self.recorded = 0
@@ -201,7 +200,7 @@ class Dealer:
                 state.jobs[job.job_id] = JobState(job)
                 enqueue(state, job.job_id)
                 schedule = assign(state, job.pool)
-            schedule.log(self.typed)
+            schedule.log(self.config.layout)
 
     # --- recv thread -----------------------------------------------------------------
 
@@ -261,7 +260,7 @@ class Dealer:
         if nudge:
             os.kill(os.getpid(), NUDGE_SIGNAL)
         if schedule is not None:
-            schedule.log(self.typed)
+            schedule.log(self.config.layout)
         # The assignment is already known; an Ack only says the job started.
         log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
                   ack.job_id, ack.pid, ack.attempt)
@@ -297,7 +296,7 @@ class Dealer:
             if worker is not None and result.pid in state.workers:
                 schedule = assign(state, worker.pool)
         if schedule is not None:
-            schedule.log(self.typed)
+            schedule.log(self.config.layout)
         if job_state is None:
             log.error("Dropped a result for unknown job %d", result.job_id)
             return
@@ -378,7 +377,7 @@ class Dealer:
                               job_id, exited.pid)
         for job_id in preempted:
             recovery_log.info("Requeued job %d: preempted on %d", job_id, exited.pid)
-        schedule.log(self.typed)
+        schedule.log(self.config.layout)
         if never_took_a_job and not crashed and not failed and not requeue:
             self._count_idle_death()
 

@@ -230,7 +230,7 @@ class Supervisor(threading.Thread):
                 self._become_worker(request_queue, pool)
             self.state.workers[pid] = WorkerHandle(pid, pool, request_queue)
             assign(self.state, pool, schedule)
-        schedule.log(self.layout.typed)
+        schedule.log(self.layout)
         return pid
 
     def _become_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> NoReturn:

@@ -36,6 +36,7 @@ import posix_ipc
 
 from taskpool.jobs import Job
 from taskpool.pool_state import Deadline, PoolSlots, PoolState, WorkerHandle
+from taskpool.pools import PoolLayout
 from taskpool.protocol import JobMessage, ProtocolError, decode
 
 dealer_log = logging.getLogger("taskpool.dealer")
@@ -65,7 +66,7 @@ class Schedule:
     taken_back: list[tuple[int, int]] = field(default_factory=list)  # (job id, pid)
     preempted: list[Preempted] = field(default_factory=list)
 
-    def log(self, typed: bool) -> None:
+    def log(self, layout: PoolLayout) -> None:
         for job_id, pid in self.taken_back:
             dealer_log.debug("Took back job %d from worker PID [%d]: not started", job_id, pid)
         for p in self.preempted:
@@ -74,10 +75,11 @@ class Schedule:
                                 p.urgent.job_id, p.urgent.priority)
         for s in self.sent:
             retry = f" (attempt {s.attempt})" if s.attempt > 1 else ""
-            if typed:
+            if layout.typed:
                 priority = f", priority {s.job.priority}" if s.job.priority else ""
-                dispatcher_log.info("Job %d (type %s, %s%s) -> worker %d%s", s.job.job_id,
-                                    s.job.pool, s.job.describe_typed(), priority, s.pid, retry)
+                dispatcher_log.info("Job %d (%s, %s%s) -> worker %d%s", s.job.job_id,
+                                    layout.pool(s.job.pool).label, s.job.describe_typed(),
+                                    priority, s.pid, retry)
             else:
                 dealer_log.info("Sent job %d -> %s%s", s.job.job_id, s.job.describe(), retry)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -24,7 +25,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 60.0  # generous: a loaded 2-core CI machine must never fail a correct run
 
-WORKER_START = re.compile(r"^\[Worker (\d+)\] Starting up$")
+WORKER_START = re.compile(r"^\[Worker (\d+)(?: type (\S+))?\] Starting up$")
 ROLE_START = re.compile(r"^\[(Dealer|TaskGenerator)\] Starting \(PID (\d+)\)")
 
 
@@ -50,8 +51,9 @@ class PoolRun:
         pipe_stdin: bool = False,
         preexec_fn: Callable[[], None] | None = None,
         user: int | None = None,
+        command_name: str = "run",
     ) -> None:
-        command = [sys.executable, "-m", "taskpool", "run", *args]
+        command = [sys.executable, "-m", "taskpool", command_name, *args]
         if user is not None:
             command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
                        *command]
@@ -140,6 +142,11 @@ class PoolRun:
     def worker_pids(self) -> list[int]:
         return [int(m.group(1)) for m in map(WORKER_START.match, self.lines) if m]
 
+    def worker_types(self) -> dict[int, str]:
+        """pid: type label (``2``, ``fib``), for the workers of typed pools."""
+        return {int(m.group(1)): m.group(2) for m in map(WORKER_START.match, self.lines)
+                if m and m.group(2)}
+
     def role_pid(self, role: str) -> int:
         match = self.wait_for(rf"^\[{role}\] Starting \(PID (\d+)\)")[0]
         return int(match.group(1))
@@ -176,6 +183,32 @@ def assert_done_right(records: list[dict[str, Any]]) -> None:
         assert r["status"] == "done", r
         assert r["result"] == expected_result(r["kind"], r["arg"]), r
         assert r["attempts"] >= 1 and isinstance(r["worker"], int), r
+
+
+def kill_workers_at_random(run: PoolRun, rng: random.Random, kills: int, pool_size: int) -> int:
+    """Kill a random live worker at a random instant, wait for its replacement to start,
+    repeat; stop early when the run is finishing. Returns how many were killed."""
+    killed: list[int] = []
+    for _ in range(kills):
+        def pool_full_or_finishing(lines: list[str]) -> bool:
+            if any("All jobs completed" in line for line in lines):
+                return True
+            return len(run.worker_pids()) >= pool_size + len(killed)
+
+        if not run.wait_until(pool_full_or_finishing):
+            break
+        if "All jobs completed" in run.log_text():
+            break
+        dead = {int(pid) for pid in re.findall(r"^\[Supervisor\] Worker PID (\d+) ",
+                                               run.log_text(), re.M)}
+        live = [pid for pid in run.worker_pids() if pid not in killed and pid not in dead]
+        if not live:
+            continue
+        victim = rng.choice(live)
+        time.sleep(rng.uniform(0, 0.01))  # the random instant; not a synchronisation
+        kill_quietly(victim)
+        killed.append(victim)
+    return len(killed)
 
 
 # --- leftovers ------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import os
 import random
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from harness import (
     assert_done_right,
     assert_exactly_once,
     kill_quietly,
+    kill_workers_at_random,
     read_results,
     write_job_file,
 )
@@ -107,32 +107,6 @@ def test_workers_killed_at_random_instants_lose_no_job_and_double_no_result(
     assert kills >= 10, "the test must actually kill workers mid-run"
     crashes = int(re.findall(r"(\d+) crashes", run.log_text().splitlines()[-1])[0])
     assert kills - 1 <= crashes <= kills, "a last kill may hit a worker already shutting down"
-
-
-def kill_workers_at_random(run: PoolRun, rng: random.Random, kills: int, pool_size: int) -> int:
-    """Kill a random live worker at a random instant, wait for its replacement to start,
-    repeat; stop early when the run is finishing. Returns how many were killed."""
-    killed: list[int] = []
-    for _ in range(kills):
-        def pool_full_or_finishing(lines: list[str]) -> bool:
-            if any("All jobs completed" in line for line in lines):
-                return True
-            return len(run.worker_pids()) >= pool_size + len(killed)
-
-        if not run.wait_until(pool_full_or_finishing):
-            break
-        if "All jobs completed" in run.log_text():
-            break
-        dead = {int(pid) for pid in re.findall(r"^\[Supervisor\] Worker PID (\d+) ",
-                                               run.log_text(), re.M)}
-        live = [pid for pid in run.worker_pids() if pid not in killed and pid not in dead]
-        if not live:
-            continue
-        victim = rng.choice(live)
-        time.sleep(rng.uniform(0, 0.01))  # the random instant; not a synchronisation
-        kill_quietly(victim)
-        killed.append(victim)
-    return len(killed)
 
 
 def _assert_ended_run_accounts_for_every_job(results: Path, total: int) -> list[dict]:  # type: ignore[type-arg]

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import PoolRun, assert_done_right, assert_exactly_once, kill_quietly, read_results
-from test_faults import kill_workers_at_random
+from harness import (
+    PoolRun,
+    assert_done_right,
+    assert_exactly_once,
+    kill_quietly,
+    kill_workers_at_random,
+    read_results,
+)
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 

@@ -2,7 +2,8 @@
 
 Threads, and what each may block on::
 
-    send thread      ready queue receive; result queue send (EndOfJobs only)
+    send thread      ready queue receive; state.backlog_room wait (backlogs full);
+                     result queue send (EndOfJobs only)
     recv thread      result queue receive; record pipe write to main
     recovery thread  sigwait(); result queue send (see recovery.py)
 
@@ -200,6 +201,9 @@ class Dealer:
                 state.jobs[job.job_id] = JobState(job)
                 enqueue(state, job.job_id)
                 schedule = assign(state, job.pool)
+                # Bounded memory: read no further while the backlogs are full.
+                while not state.backlog_has_room() and not state.stopping:
+                    state.backlog_room.wait()
             schedule.log(self.config.layout)
 
     # --- recv thread -----------------------------------------------------------------
@@ -387,6 +391,12 @@ class Dealer:
         with self.state.lock:
             killed_for = self.state.kill_reasons.pop(exited.pid, None)
         if killed_for is not None:
+            # A preempted worker that died of something else first (a crash job, say) is
+            # charged as any crash.
+            status = exited.wait_status
+            by_us = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            if killed_for.requeue and not by_us:
+                return ipc.describe_wait_status(status), True, False
             return killed_for.reason, killed_for.charges_attempt, killed_for.requeue
         status = exited.wait_status
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
@@ -467,6 +477,7 @@ class Dealer:
             state.grace_deadline = Deadline(time.monotonic() + grace,
                                             f"was still running when the {grace:g} s grace "
                                             "period ended", charges_attempt=False)
+            state.backlog_room.notify_all()
         log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
                  "%d jobs not started", signum, running, grace, not_started)
         self._stop_send_thread()
@@ -491,6 +502,7 @@ class Dealer:
                         worker.request_queue.send(Shutdown().encode(), timeout=0)
                     except posix_ipc.BusyError:
                         os.kill(worker.pid, signal.SIGKILL)
+            state.backlog_room.notify_all()
         self._stop_send_thread()
         # The recovery thread may be waiting with no worker left to wake it.
         os.kill(os.getpid(), NUDGE_SIGNAL)

@@ -91,6 +91,16 @@ class LineError:
         return f"{self.source}:{self.line}: {self.reason}"
 
 
+def whole_number(text: str) -> int:
+    """A decimal integer in ASCII digits, with an optional '-' (so that a range check can
+    name it). Stricter than int(), which also takes '+5', '1_000' and non-ASCII digits: a
+    typo in a job line should be an error, not a job."""
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 @dataclass(frozen=True)
 class ParsedLine:
     kind: JobKind
@@ -111,12 +121,16 @@ def _parse_options(words: list[str]) -> tuple[list[str], _Options] | str:
     """Split `key=value` options (timeout=, type=, priority=) from the arguments."""
     args: list[str] = []
     options = _Options()
+    seen: set[str] = set()
     for word in words:
         if "=" not in word:
             args.append(word)
             continue
         key, value = word.split("=", 1)
         key = key.lower()
+        if key in seen:
+            return f"option {key}= given twice"
+        seen.add(key)
         if key == "timeout":
             try:
                 timeout = float(value)
@@ -127,7 +141,7 @@ def _parse_options(words: list[str]) -> tuple[list[str], _Options] | str:
             options.timeout = timeout
         elif key == "type":
             try:
-                options.pool = int(value)
+                options.pool = whole_number(value)
             except ValueError:
                 return f"type {value!r} is not a whole number"
         elif key == "priority":
@@ -143,7 +157,7 @@ def _parse_options(words: list[str]) -> tuple[list[str], _Options] | str:
 
 def _priority(text: str) -> int | str:
     try:
-        priority = int(text)
+        priority = whole_number(text)
     except ValueError:
         return f"priority {text!r} is not a whole number"
     if not 0 <= priority <= PRIORITY_MAX:
@@ -196,7 +210,7 @@ def _parse_typed(words: list[str], layout: PoolLayout) -> ParsedLine | str:
         return (f"expected '<job_type> <duration> [priority]', got {len(fields)} field"
                 f"{'' if len(fields) == 1 else 's'}")
     try:
-        pool = int(fields[0])
+        pool = whole_number(fields[0])
     except ValueError:
         return f"job type {fields[0]!r} is not a whole number"
     why_not = layout.check_type(pool)
@@ -233,7 +247,7 @@ def _int_argument(kind: JobKind, args: list[str], maximum: int) -> tuple[JobKind
     if len(args) != 1:
         return f"{name} takes one argument, got {len(args)}"
     try:
-        n = int(args[0])
+        n = whole_number(args[0])
     except ValueError:
         return f"{name} argument {args[0]!r} is not an integer"
     if not 0 <= n <= maximum:

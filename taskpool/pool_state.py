@@ -28,6 +28,12 @@ import posix_ipc
 
 from taskpool.jobs import Job
 
+# Jobs the Dealer holds in its backlogs at most, all pools together. Beyond it the send
+# thread stops reading the ready queue, so the generator (and a producer piping into
+# taskpool) waits: memory stays bounded whatever the input. Priorities order the jobs read
+# so far; a job file is sorted by priority before it is sent.
+BACKLOG_MAX = 10_000
+
 
 @dataclass
 class WorkerHandle:
@@ -116,6 +122,14 @@ class PoolState:
     kill_reasons: dict[int, Deadline] = field(default_factory=dict)
     crashes: int = 0
     resends: int = 0
+
+    def __post_init__(self) -> None:
+        # The send thread waits here while the backlogs are full (see BACKLOG_MAX);
+        # `scheduler.assign` notifies it when they have room again, and so does stopping.
+        self.backlog_room = threading.Condition(self.lock)
+
+    def backlog_has_room(self) -> bool:
+        return sum(len(pool.backlog) for pool in self.pools.values()) < BACKLOG_MAX
 
     def pick_worker(self, pool: int) -> WorkerHandle | None:
         """The live worker of `pool` with the fewest outstanding jobs, if any has free

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from taskpool.jobs import JobKind
+from taskpool.jobs import JobKind, whole_number
 
 MAX_POOLS = 64  # types are carried as 16 bits on the wire; 64 is plenty for people
 
@@ -65,12 +65,12 @@ class PoolLayout:
                     raise PoolSpecError(f"{item!r}: a second pool for {kind.label} jobs")
                 kinds.add(kind)
             try:
-                size = int(count_text)
+                size = whole_number(count_text.strip())
             except ValueError:
-                raise PoolSpecError(f"{item!r}: {count_text!r} is not a whole number of "
-                                    "workers") from None
+                size = -1
             if size < 0:
-                raise PoolSpecError(f"{item!r}: a negative number of workers")
+                raise PoolSpecError(f"{item!r}: {count_text!r} is not a whole number of "
+                                    "workers (0 or more)")
             pools.append(Pool(number, size, kind))
         if not pools:
             raise PoolSpecError("no pools given")
@@ -97,11 +97,12 @@ class PoolLayout:
 
     def pool_for_kind(self, kind: JobKind) -> int | str:
         """The type a core line (`fib 30`) without type= goes to: the pool named for its
-        kind, or the only pool; else the reason it needs a type=."""
+        kind, or the only pool if it is not named for another kind; else the reason it
+        needs a type=."""
         for pool in self.pools:
             if pool.kind is kind:
                 return pool.number
-        if len(self.pools) == 1:
+        if len(self.pools) == 1 and self.pools[0].kind is None:
             return 1
         return (f"no pool is named for {kind.label} jobs: add type=T to the line, or name a "
                 f"pool {kind.label}=N")

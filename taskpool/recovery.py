@@ -177,14 +177,19 @@ class Supervisor(threading.Thread):
                     self.state.short_of_workers = True
                     if self.state.exited:
                         return  # the recv thread will hand over their queues
-                    if starting or not self.state.workers:
-                        raise
+                    if starting or self._a_pool_has_no_worker():
+                        raise  # its backlog would wait forever
                     live = len(self.state.workers)
                 log.warning("Running with %d of %d workers until a queue frees up: %s",
                             live, self.layout.total_workers, e)
                 return
             if self.spawn_worker(queue, pool) is None:
                 queue.close()
+
+    def _a_pool_has_no_worker(self) -> bool:
+        """Called with the lock."""
+        live = {worker.pool for worker in self.state.workers.values()}
+        return any(pool.size and pool.number not in live for pool in self.layout.pools)
 
     def _pool_short_of_workers(self) -> int | None:
         """The first pool with fewer live workers than its size. Called with the lock."""

@@ -96,6 +96,7 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
     schedule = schedule if schedule is not None else Schedule()
     if state.stopping:
         return schedule
+    room_before = state.backlog_has_room()
     pool = state.pools[number]
     tried: set[int] = set()  # workers whose queue we found empty: their job has started
     while True:
@@ -111,7 +112,7 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
                     continue
                 if state.preempt:
                     _preempt(state, pool, job_state.job, schedule)
-                return schedule
+                break
             heapq.heappop(pool.backlog)
             attempt = job_state.failed_attempts + 1
             worker.outstanding.append(job_id)
@@ -119,7 +120,10 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
             worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
             schedule.sent.append(Sent(job_state.job, worker.pid, attempt))
         elif not _steal_for_idle(state, pool, tried, schedule):
-            return schedule
+            break
+    if not room_before and state.backlog_has_room():
+        state.backlog_room.notify()
+    return schedule
 
 
 def _workers(state: PoolState, pool: PoolSlots) -> list[WorkerHandle]:
@@ -129,13 +133,16 @@ def _workers(state: PoolState, pool: PoolSlots) -> list[WorkerHandle]:
 def _take_back_lower(
     state: PoolState, pool: PoolSlots, priority: int, tried: set[int], schedule: Schedule
 ) -> bool:
-    """Take back a prefetched job of lower priority than `priority`, so that the higher
-    one can take its place. True if one was taken back."""
-    candidates = [w for w in _workers(state, pool)
-                  if len(w.outstanding) > 1 and w.pid not in tried
-                  and state.jobs[w.outstanding[-1]].job.priority < priority]
-    candidates.sort(key=lambda w: state.jobs[w.outstanding[-1]].job.priority)
-    return any(_take_back(state, pool, w, tried, schedule) for w in candidates[:1])
+    """Take back the unstarted jobs of a full worker that holds one of lower priority than
+    `priority`, so that the higher one can take a place. True if any was taken back."""
+    if priority == 0:
+        return False  # nothing is lower
+    candidates = [(min(state.jobs[j].job.priority for j in w.outstanding), w)
+                  for w in _workers(state, pool)
+                  if len(w.outstanding) >= state.credit and w.pid not in tried]
+    candidates.sort(key=lambda c: c[0])
+    return any(_take_back(state, pool, w, tried, schedule)
+               for lowest, w in candidates if lowest < priority)
 
 
 def _steal_for_idle(
@@ -147,42 +154,50 @@ def _steal_for_idle(
     workers = _workers(state, pool)
     if not any(not w.outstanding for w in workers):
         return False
-    for donor in workers:
-        if len(donor.outstanding) > 1 and donor.pid not in tried:
-            return _take_back(state, pool, donor, tried, schedule)
-    return False
+    return any(_take_back(state, pool, donor, tried, schedule) for donor in workers
+               if len(donor.outstanding) > 1 and donor.pid not in tried)
 
 
 def _take_back(
     state: PoolState, pool: PoolSlots, worker: WorkerHandle, tried: set[int],
     schedule: Schedule,
 ) -> bool:
-    """Take the next unstarted job out of `worker`'s queue, into the backlog."""
+    """Take every unstarted job out of `worker`'s queue, back into the backlog, from where
+    `assign` sends them again in priority order. All of them, not one: the queue gives its
+    oldest first, which may be a job the worker has not started yet and that outranks the
+    one behind it. True if any was taken back."""
     tried.add(worker.pid)
-    try:
-        data, _ = worker.request_queue.receive(timeout=0)
-    except posix_ipc.BusyError:
-        return False  # the worker took it first: it runs now
-    try:
-        message = decode(data)
-    except ProtocolError:
-        return False
-    if not isinstance(message, JobMessage):
-        return False  # not reached: a Shutdown is only sent once stopping
-    job_id = message.job.job_id
-    if job_id in worker.outstanding:
-        worker.outstanding.remove(job_id)
-    pool.push(message.job.priority, job_id)
-    schedule.taken_back.append((job_id, worker.pid))
-    return True
+    taken = False
+    while True:
+        try:
+            data, _ = worker.request_queue.receive(timeout=0)
+        except posix_ipc.BusyError:
+            return taken  # empty: the worker has taken what was left
+        try:
+            message = decode(data)
+        except ProtocolError:
+            continue
+        if not isinstance(message, JobMessage):
+            continue  # not reached: a Shutdown is only sent once stopping
+        job_id = message.job.job_id
+        if job_id in worker.outstanding:
+            worker.outstanding.remove(job_id)
+        pool.push(message.job.priority, job_id)
+        schedule.taken_back.append((job_id, worker.pid))
+        taken = True
 
 
 def _preempt(state: PoolState, pool: PoolSlots, urgent: Job, schedule: Schedule) -> None:
     """Kill the worker that runs the lowest-priority job below `urgent`'s, if any, unless a
     preemption in this pool is already under way."""
-    if pool.preempting is not None:
+    workers = _workers(state, pool)
+    # One at a time: while a victim's death or its replacement is under way (a pool short
+    # of a worker, or one reaped and not yet handled), the urgent job has a place coming.
+    if (pool.preempting is not None or len(workers) < pool.size
+            or any(w.pool == pool.number for w in state.exited.values())):
         return
-    victims = [w for w in _workers(state, pool) if w.running is not None
+    victims = [w for w in workers if w.running is not None
+               and w.pid not in state.kill_reasons  # already being killed for a reason
                and state.jobs[w.running].job.priority < urgent.priority]
     if not victims:
         return

@@ -96,6 +96,11 @@ def test_core_lines_go_to_the_pool_named_for_their_kind_or_their_type() -> None:
         (JobKind.FIB, 1, 0), (JobKind.SLEEP, 2, 3), (JobKind.SLEEP, 1, 0), (JobKind.FIB, 2, 0)]
 
 
+def test_a_single_pool_named_for_a_kind_takes_no_other_kind_by_default() -> None:
+    [item] = parse_lines(["sleep 1"], "f", PoolLayout.parse(["fib=1"]))
+    assert isinstance(item, LineError) and "no pool is named for sleep jobs" in item.reason
+
+
 @pytest.mark.parametrize(
     "text, reason",
     [
@@ -114,6 +119,11 @@ def test_core_lines_go_to_the_pool_named_for_their_kind_or_their_type() -> None:
         ("fib 10 type=9", "type 9 is out of range 1..5"),
         ("fib 10 type=x", "type 'x' is not a whole number"),
         ("2 1 colour=red", "unknown option 'colour'"),
+        ("2 1 +5", "priority '+5' is not a whole number"),
+        ("2 1 1_000", "priority '1_000' is not a whole number"),
+        ("+2 1", "job type '+2' is not a whole number"),
+        ("fib 3 type=1 type=2", "option type= given twice"),
+        ("fib 1_0 type=1", "fib argument '1_0' is not an integer"),
     ],
 )
 def test_bad_typed_line_reasons(text: str, reason: str) -> None:
@@ -132,7 +142,8 @@ def test_a_type_with_no_workers_takes_no_jobs() -> None:
     "items, reason",
     [
         (["0", "0"], "every pool has 0 workers"),
-        (["2", "-1"], "a negative number of workers"),
+        (["2", "-1"], "'-1' is not a whole number of workers"),
+        (["1_0"], "'1_0' is not a whole number"),
         (["two"], "'two' is not a whole number"),
         (["fib=1", "fib=2"], "a second pool for fib jobs"),
         (["gpu=1"], "unknown job kind 'gpu'"),

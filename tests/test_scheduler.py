@@ -1,0 +1,126 @@
+"""scheduler.assign on real queues, with the test playing the workers: which job ends up in
+which worker's queue, in what order. No process is forked; no pid is signalled."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from taskpool import ipc
+from taskpool.jobs import Job, JobKind
+from taskpool.pool_state import JobState, PoolSlots, PoolState, WorkerHandle
+from taskpool.protocol import JobMessage, decode
+from taskpool.scheduler import assign, enqueue
+
+
+@pytest.fixture
+def state() -> Iterator[PoolState]:
+    state = PoolState(credit=2, pools={1: PoolSlots(1, 2)})
+    yield state
+    for worker in state.workers.values():
+        worker.request_queue.close()
+
+
+def add_worker(state: PoolState, pid: int) -> WorkerHandle:
+    worker = WorkerHandle(pid, 1, ipc.create_queue("worker", ipc.WORKER_QUEUE_DEPTH))
+    state.workers[pid] = worker
+    return worker
+
+
+def submit(state: PoolState, job_id: int, priority: int = 0) -> None:
+    with state.lock:
+        state.jobs[job_id] = JobState(Job(job_id, JobKind.SLEEP, 0.0, priority=priority))
+        enqueue(state, job_id)
+        assign(state, 1)
+
+
+def take(worker: WorkerHandle) -> int:
+    """What the worker would do: take the next job from its queue."""
+    data, _ = worker.request_queue.receive(timeout=0)
+    message = decode(data)
+    assert isinstance(message, JobMessage)
+    return message.job.job_id
+
+
+def backlog(state: PoolState) -> list[int]:
+    return [job_id for _, job_id in sorted(state.pools[1].backlog)]
+
+
+def test_a_higher_job_takes_the_place_of_lower_unstarted_ones_in_priority_order(
+    state: PoolState,
+) -> None:
+    worker = add_worker(state, 101)
+    submit(state, 1, priority=9)
+    submit(state, 2, priority=0)  # prefetched: queue holds 1, 2; neither started
+    submit(state, 3, priority=5)
+    # Both unstarted jobs were taken back and sent again in priority order: the 9 stays
+    # first, the 5 takes the 0's place.
+    assert [take(worker), take(worker)] == [1, 3]
+    assert worker.outstanding == [1, 3]
+    assert backlog(state) == [2]
+
+
+def test_a_lower_job_never_displaces_a_higher_one(state: PoolState) -> None:
+    worker = add_worker(state, 101)
+    submit(state, 1, priority=5)
+    submit(state, 2, priority=5)
+    submit(state, 3, priority=1)
+    assert backlog(state) == [3]
+    assert [take(worker), take(worker)] == [1, 2]
+
+
+def test_an_idle_worker_takes_over_a_job_queued_behind_a_running_one(
+    state: PoolState,
+) -> None:
+    busy = add_worker(state, 101)
+    submit(state, 1)
+    submit(state, 2)  # both go to the only worker: 1 runs, 2 waits behind it
+    assert take(busy) == 1
+    idle = add_worker(state, 102)
+    with state.lock:
+        assign(state, 1)  # what the recovery thread does for a new worker
+    assert take(idle) == 2
+    assert busy.outstanding == [1] and idle.outstanding == [2]
+
+
+def test_a_job_the_worker_has_taken_is_never_taken_back(state: PoolState) -> None:
+    worker = add_worker(state, 101)
+    submit(state, 1, priority=0)
+    submit(state, 2, priority=0)
+    assert [take(worker), take(worker)] == [1, 2]  # both taken (the first one's result in flight)
+    submit(state, 3, priority=9)
+    assert worker.outstanding == [1, 2], "nothing unstarted to take back"
+    assert backlog(state) == [3]
+
+
+def test_one_urgent_job_preempts_one_worker_until_its_replacement_is_in(
+    state: PoolState,
+) -> None:
+    # Real processes stand in for the workers, so that the SIGKILL lands somewhere.
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        state.credit, state.preempt = 1, True
+        workers = [add_worker(state, p.pid) for p in sleepers]
+        submit(state, 1)
+        submit(state, 2)
+        for worker in workers:
+            worker.running = take(worker)  # both ACKed: running
+        submit(state, 3, priority=9)
+        victim = state.workers[state.pools[1].preempting or 0]
+        assert state.kill_reasons[victim.pid].requeue
+        killed = [p for p in sleepers if p.pid == victim.pid]
+        assert killed[0].wait(timeout=10) == -signal.SIGKILL
+        with state.lock:
+            assign(state, 1)  # an Ack or a result elsewhere: no second victim
+            # The victim is reaped and its death handled; its replacement is not forked yet.
+            del state.workers[victim.pid]
+            state.pools[1].preempting = None
+            assign(state, 1)
+        assert list(state.kill_reasons) == [victim.pid], "one urgent job, one preemption"
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()

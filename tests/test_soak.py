@@ -47,6 +47,34 @@ def test_thousands_of_jobs_with_hundreds_of_crashes_and_kills(tmp_path: Path) ->
     print(f"\nsoak: {total} jobs, {kills} external kills, {crashes} crashes in all: {summary}")
 
 
+@pytest.mark.parametrize("preempt", [False, True])
+def test_typed_pools_with_priorities_under_crashes_and_kills(tmp_path: Path,
+                                                             preempt: bool) -> None:
+    rng = random.Random(f"typed{preempt}")
+    total = 3000
+    lines = [f"{rng.randint(1, 3)} {rng.choice([0, 0.002, 0.01])} {rng.randint(0, 9)}"
+             for _ in range(total)]
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("\n".join(lines) + "\n")
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--pools", "2,2,1", "--jobs", str(jobs), "--results", str(results),
+                   "--crash-rate", "0.05", "--seed", "3", "--max-attempts", "0",
+                   "--max-restarts", "100000", *(["--preempt"] if preempt else [])])
+    kills = kill_workers_at_random(run, rng, kills=150, pool_size=5)
+    assert run.finish(timeout=600) == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, total + 1))
+    assert_done_right(records)
+    types = run.worker_types()
+    for record in records:
+        expected_type = lines[record["job"] - 1].split()[0]
+        assert record["type"] == int(expected_type)
+        assert types[record["worker"]] == expected_type, record
+    assert kills >= 50
+    print(f"\nsoak typed (preempt={preempt}): {total} jobs, {kills} kills: "
+          f"{run.log_text().splitlines()[-1]}")
+
+
 @pytest.mark.parametrize("role", ["Dealer", "TaskGenerator", "main", "worker"])
 def test_each_role_killed_at_random_instants(tmp_path: Path, role: str) -> None:
     rng = random.Random(role)

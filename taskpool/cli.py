@@ -148,6 +148,11 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded")
     run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
+    run_cmd.add_argument("--events", metavar="FILE.jsonl",
+                         help="write every event (the log's, ACKs included) as one JSON object "
+                              "a line, with a monotonic timestamp; see 'taskpool report'")
+    run_cmd.add_argument("--quiet", "-q", action="store_true",
+                         help="no live progress view on a terminal (the log still shows)")
     policy = run_cmd.add_argument_group(
         "supervision", "what the Dealer does when workers die, hang or take too long")
     policy.add_argument("--max-attempts", type=_count(0), metavar="N",
@@ -360,7 +365,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             error(f"{args.results}: cannot write results: {e.strerror}")
             return EXIT_BAD_INPUT
-    tplog.setup(log_fd, logging.DEBUG if args.verbose else logging.INFO)
+    events_fd = None
+    if args.events is not None:
+        try:
+            events_fd = os.open(args.events, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                                0o644)
+        except OSError as e:
+            error(f"{args.events}: cannot write events: {e.strerror}")
+            return EXIT_BAD_INPUT
+    text_level = logging.DEBUG if args.verbose else logging.INFO
+    live = live_fd = None
+    report_error = error
+    if not args.quiet and args.log is None and sys.stderr.isatty():
+        from taskpool.live import LiveView  # rich is imported only for a terminal
+
+        live = LiveView(text_level, events_fd)
+        live_fd, live_w = os.pipe()
+        tplog.setup(None, live=tplog.LiveHandler(live_w, os.getpid(), live.on_event))
+
+        def report_error(message: str) -> None:
+            live.console.print(f"taskpool: {message}", markup=False)
+
+        live.start()
+    else:
+        tplog.setup(log_fd, text_level, events_fd)
 
     crash_rate = args.crash_rate
     if crash_rate is None:
@@ -390,7 +418,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         dealer=DealerConfig(
             layout=layout,
             plan=CrashPlan(crash_rate, seed, frozenset(args.inject_fault)),
-            log_fd=log_fd,
             policy=policy,
             preempt=args.preempt,
         ),
@@ -399,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_error=error,
         journal=journaled.journal if journaled else None,
         resumed=journaled.resumed if journaled else {},
+        live=live,
+        live_fd=live_fd,
     )
     try:
         return run(config)
@@ -406,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         error(str(e))
         return EXIT_JOBS_NOT_DONE
     finally:
+        if live is not None:
+            live.stop()
         if results is not None:
             results.close()
         if journaled is not None:

@@ -44,7 +44,9 @@ from typing import Callable, NoReturn
 import posix_ipc
 
 from taskpool import ipc
+from taskpool import log as tplog
 from taskpool.jobs import PRIORITY_MAX
+from taskpool.log import event
 from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import Deadline, JobState, PoolSlots, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
@@ -82,7 +84,6 @@ EXIT_THREAD_FAILED = 70  # a bug: the traceback is in the log
 class DealerConfig:
     layout: PoolLayout
     plan: CrashPlan
-    log_fd: int
     policy: SupervisionPolicy = SupervisionPolicy()
     preempt: bool = False
 
@@ -114,14 +115,15 @@ class Dealer:
         self.no_heartbeat_reason = f"sent no heartbeat for {heartbeat:g} s" if heartbeat else ""
         self.supervisor = Supervisor(
             self.state,
-            WorkerSetup(self.result_queue, config.plan, config.log_fd, config.policy,
-                        config.layout),
+            WorkerSetup(self.result_queue, config.plan, config.policy, config.layout),
         )
 
     def run(self) -> int:
         layout = self.config.layout
         pools = f" ({layout.describe()})" if layout.typed else ""
-        log.info("Starting (PID %d) with %d workers%s", os.getpid(), layout.total_workers, pools)
+        log.info("Starting (PID %d) with %d workers%s", os.getpid(), layout.total_workers, pools,
+                 extra=event("dealer_started", workers=layout.total_workers,
+                             pools={p.number: p.size for p in layout.pools}))
         supervisor_log.info("%s", self.config.policy.describe())
         threads = [
             self.supervisor,
@@ -142,12 +144,16 @@ class Dealer:
             queue.close()
         if self.supervisor.failure is not None and self.stop_reason is None:
             self.stop_reason = f"the pool could not start its workers: {self.supervisor.failure}"
+        with self.state.lock:
+            pool_stats = [{"type": p.number, "workers": p.size, "crashes": p.crashes,
+                      "restarts": max(0, p.forked - p.size)}
+                     for p in self.state.pools.values()]
         stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends,
-                            stop_reason=self.stop_reason)
+                            stop_reason=self.stop_reason, pools=pool_stats)
         self._write_to_main(encode_record(stats))
         self.result_queue.close()
         self.ready_queue.close()
-        log.info("Shutting down.")
+        log.info("Shutting down.", extra=event("dealer_stopped"))
         if self.terminated or self.supervisor.failure is not None:
             return EXIT_STOPPED_EARLY
         return EXIT_ALL_DONE
@@ -232,7 +238,8 @@ class Dealer:
             elif isinstance(message, Terminate):
                 self._terminate(message.signum)
             if not state.stopping and self.recorded == self.expected_total:
-                log.info("All jobs completed. Shutting down workers...")
+                log.info("All jobs completed. Shutting down workers...",
+                         extra=event("all_jobs_completed", jobs=self.recorded))
                 self._stop_pool(kill=False)
             if state.stopping:
                 with state.lock:
@@ -267,7 +274,9 @@ class Dealer:
             schedule.log(self.config.layout)
         # The assignment is already known; an Ack only says the job started.
         log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
-                  ack.job_id, ack.pid, ack.attempt)
+                  ack.job_id, ack.pid, ack.attempt,
+                  extra=event("job_started", job=ack.job_id, worker=ack.pid,
+                              attempt=ack.attempt))
 
     def _expect_heartbeat(self, pid: int, now: float) -> bool:
         """Called with the lock held; True if the recovery thread needs a nudge."""
@@ -306,14 +315,17 @@ class Dealer:
             return
         if duplicate:
             log.info("Dropped duplicate result for job %d from worker PID [%d]",
-                     result.job_id, result.pid)
+                     result.job_id, result.pid,
+                     extra=event("duplicate_dropped", job=result.job_id, worker=result.pid))
             return
         record = JobRecord.of(job_state.job, Status.DONE, result=result.value,
                               worker=result.pid, attempts=result.attempt)
         self.recorded += 1
         self._write_to_main(encode_record(record))
         log.info("Received result for job %d: %s from worker PID [%d]",
-                 result.job_id, result.value, result.pid)
+                 result.job_id, result.value, result.pid,
+                 extra=event("job_done", job=result.job_id, worker=result.pid,
+                             attempt=result.attempt, result=result.value))
 
     def _on_worker_exited(self, exited: WorkerExited) -> None:
         """The worker is dead and all its messages were handled: resend what it held, fail
@@ -372,15 +384,23 @@ class Dealer:
         if state.stopping:
             if crashed:
                 supervisor_log.info("Worker PID %d %s while stopping: job(s) %s not done",
-                                    exited.pid, reason, ", ".join(map(str, crashed)))
+                                    exited.pid, reason, ", ".join(map(str, crashed)),
+                                    extra=event("jobs_not_done", jobs=crashed,
+                                                worker=exited.pid, reason=reason))
             return
         for job_id in crashed:
-            recovery_log.info("Resent job %d after crash of %d", job_id, exited.pid)
+            recovery_log.info("Resent job %d after crash of %d", job_id, exited.pid,
+                              extra=event("job_resent", job=job_id, worker=exited.pid,
+                                          reason=reason))
         for job_id in requeued:
             recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
-                              job_id, exited.pid)
+                              job_id, exited.pid,
+                              extra=event("job_requeued", job=job_id, worker=exited.pid,
+                                          reason="unstarted"))
         for job_id in preempted:
-            recovery_log.info("Requeued job %d: preempted on %d", job_id, exited.pid)
+            recovery_log.info("Requeued job %d: preempted on %d", job_id, exited.pid,
+                              extra=event("job_requeued", job=job_id, worker=exited.pid,
+                                          reason="preempted"))
         schedule.log(self.config.layout)
         if never_took_a_job and not crashed and not failed and not requeue:
             self._count_idle_death()
@@ -411,7 +431,9 @@ class Dealer:
         self.recorded += 1
         self._write_to_main(encode_record(record))
         supervisor_log.info("Job %d failed after %d attempts: %s", job.job_id, attempts,
-                            job_state.last_failure)
+                            job_state.last_failure,
+                            extra=event("job_failed", job=job.job_id, worker=pid,
+                                        attempts=attempts, reason=job_state.last_failure))
 
     def _count_idle_death(self) -> None:
         """Restart intensity: too many workers dead before they ever took a job, too fast,
@@ -427,7 +449,8 @@ class Dealer:
             self.stop_reason = (
                 f"{len(self.idle_deaths)} workers died without taking a job within "
                 f"{policy.restart_window:g} s (max_restarts={policy.max_restarts})")
-            supervisor_log.error("Giving up: %s", self.stop_reason)
+            supervisor_log.error("Giving up: %s", self.stop_reason,
+                                 extra=event("gave_up", reason=self.stop_reason))
             self.terminated = True
             self._stop_pool(kill=True)
 
@@ -458,7 +481,8 @@ class Dealer:
                 None if signum else "the pool could not keep its workers")
             with state.lock:
                 running = sum(1 for w in state.workers.values() if w.outstanding)
-            log.info("Stopping now: killing %d running jobs", running)
+            log.info("Stopping now: killing %d running jobs", running,
+                     extra=event("stopping", running=running, grace=0))
             self._stop_pool(kill=True)
             return
         if state.stopping:
@@ -479,7 +503,9 @@ class Dealer:
                                             "period ended", charges_attempt=False)
             state.backlog_room.notify_all()
         log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
-                 "%d jobs not started", signum, running, grace, not_started)
+                 "%d jobs not started", signum, running, grace, not_started,
+                 extra=event("stopping", running=running, grace=grace,
+                             not_started=not_started))
         self._stop_send_thread()
         os.kill(os.getpid(), NUDGE_SIGNAL)  # to set its timer for the grace deadline
 
@@ -542,7 +568,7 @@ def run_dealer(
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         ipc.redirect_stdin_to_devnull()
-        ipc.close_fds_except({0, 1, 2, config.log_fd, ready_queue.mqd, record_fd})
+        ipc.close_fds_except({0, 1, 2, ready_queue.mqd, record_fd} | tplog.descriptors())
         code = Dealer(config, ready_queue, record_fd).run()
     except ipc.QueueLimitError as e:
         log.error("Cannot start: %s", e)

@@ -23,6 +23,7 @@ from typing import NoReturn
 import posix_ipc
 
 from taskpool import ipc
+from taskpool import log as tplog
 from taskpool.jobs import Job, LineError, parse_lines
 from taskpool.journal import job_digest
 from taskpool.pools import PoolLayout
@@ -59,13 +60,12 @@ def run_generator(
     ready_queue: posix_ipc.MessageQueue,
     intake_fd: int | None,
     main_pid: int,
-    log_fd: int,
 ) -> NoReturn:
     code = 1
     try:
         ipc.set_parent_death_signal(main_pid)
         ipc.reset_signals_in_child()
-        keep = {0, 1, 2, log_fd, ready_queue.mqd}
+        keep = {0, 1, 2, ready_queue.mqd} | tplog.descriptors()
         if intake_fd is not None:
             keep.add(intake_fd)
         ipc.close_fds_except(keep)

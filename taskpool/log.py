@@ -1,20 +1,29 @@
-"""The crash-recovery log: one line per event, in the seed's tone.
+"""The crash-recovery log and the events file: one source, two renderings.
 
     [Dealer] Sent job 1 -> fib(30)
-    [Worker 1470] Starting up
+    {"t": 5123.402113, "event": "job_sent", "role": "Dealer", "pid": 1466, "job": 1, ...}
 
-Every process of a run writes to one descriptor (stderr, or the --log file opened with
-O_APPEND) with a single os.write() per line. There is no buffered stream in the way, which
-matters twice: lines from different processes never interleave mid-line (a write of one short
-line to a pipe or an O_APPEND file is atomic), and a child forked while another thread is
-logging cannot inherit a held stdio buffer lock (CPython gh-84579). The handler's own lock is
-re-initialised in the child by `logging`'s at-fork hook.
+Every event is one call to a `logging` logger, with its structured fields given as
+``extra=event("job_sent", job=1, worker=1471)``. Handlers render it: `FdHandler` as the text
+line, `JsonlHandler` as a JSON object with a monotonic timestamp (CLOCK_MONOTONIC, the same
+clock in every process of the run), and `LiveHandler` hands it to main's live view. A line
+the text log shows is always an event in the JSONL; there is no second set of calls.
+
+Every process of a run writes with a single os.write() per line to descriptors opened
+before the forks (stderr or the --log file opened O_APPEND, the --events file, the live
+view's pipe). There is no buffered stream in the way, which matters twice: lines from
+different processes never interleave mid-line, and a child forked while another thread is
+logging cannot inherit a held stdio buffer lock (CPython gh-84579). The handlers' own
+locks are re-initialised in the child by `logging`'s at-fork hook.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
+from typing import Any, Callable
 
 _ROLE_TAGS = {
     "taskpool.main": "Main",
@@ -23,11 +32,12 @@ _ROLE_TAGS = {
     "taskpool.dispatcher": "Dispatcher",
     "taskpool.supervisor": "Supervisor",
     "taskpool.recovery": "Recovery",
+    "taskpool.worker": "Worker",
 }
-
 
 # In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].
 _worker_pool = ""
+_descriptors: set[int] = set()
 
 
 def set_worker_pool(label: str) -> None:
@@ -36,40 +46,121 @@ def set_worker_pool(label: str) -> None:
     _worker_pool = f" {label}"
 
 
+def event(name: str, **data: Any) -> dict[str, Any]:
+    """The `extra=` of a log call that is an event of its own kind, with its fields."""
+    return {"event": name, "data": data}
+
+
+def role_tag(record: logging.LogRecord) -> str:
+    if record.name == "taskpool.worker":
+        return f"Worker {record.process}{_worker_pool}"
+    return _ROLE_TAGS.get(record.name, record.name)
+
+
+def as_event(record: logging.LogRecord, text: str) -> dict[str, Any]:
+    """The JSON object of a record: when, what kind, who, its fields, and its text line."""
+    body: dict[str, Any] = {
+        "t": round(time.monotonic(), 6),
+        "event": getattr(record, "event", "log"),
+        "role": _ROLE_TAGS.get(record.name, record.name),
+        "pid": record.process,
+    }
+    if _worker_pool and record.name == "taskpool.worker":
+        body["type"] = _worker_pool.split()[-1]
+    body.update(getattr(record, "data", {}))
+    body["level"] = record.levelname.lower()
+    body["text"] = text
+    return body
+
+
 class RoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        if record.name == "taskpool.worker":
-            tag = f"Worker {record.process}{_worker_pool}"
-        else:
-            tag = _ROLE_TAGS.get(record.name, record.name)
-        return f"[{tag}] {record.getMessage()}"
+        return f"[{role_tag(record)}] {record.getMessage()}"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 class FdHandler(logging.Handler):
-    """Writes each record with one os.write() to a raw descriptor."""
+    """Writes each record as its text line with one os.write() to a raw descriptor."""
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
+        self.setFormatter(RoleFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            data = (self.format(record) + "\n").encode("utf-8", "replace")
-            while data:
-                data = data[os.write(self.fd, data) :]
+            _write_all(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
         except Exception:  # a log line must never take a process down
             self.handleError(record)
 
 
-def setup(fd: int, level: int = logging.INFO) -> None:
-    """Route every taskpool logger to `fd`. Called once in main, before any fork; children
-    inherit the configuration."""
+class JsonlHandler(FdHandler):
+    """Writes each record as one JSON line (`as_event`) with one os.write()."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.dumps(as_event(record, self.format(record)), separators=(",", ":"))
+            _write_all(self.fd, line.encode("utf-8", "replace") + b"\n")
+        except Exception:
+            self.handleError(record)
+
+
+class LiveHandler(JsonlHandler):
+    """With the live view on: children write their events as JSON lines to a pipe that
+    main reads; main itself hands its own straight to `sink`."""
+
+    def __init__(self, fd: int, main_pid: int, sink: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(fd)
+        self.main_pid = main_pid
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self.main_pid:
+            super().emit(record)
+            return
+        try:
+            self.sink(as_event(record, self.format(record)))
+        except Exception:
+            self.handleError(record)
+
+
+def setup(
+    fd: int | None,
+    level: int = logging.INFO,
+    events_fd: int | None = None,
+    live: LiveHandler | None = None,
+) -> None:
+    """Route every taskpool logger: the text log to `fd` at `level`, every event (debug
+    included) to `events_fd`; or, with the live view, everything to `live`, which renders
+    both. Called once in main, before any fork; children inherit the configuration."""
     root = logging.getLogger("taskpool")
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = FdHandler(fd)
-    handler.setFormatter(RoleFormatter())
-    root.addHandler(handler)
-    root.setLevel(level)
+    _descriptors.clear()
+    handlers: list[logging.Handler] = []
+    if live is not None:
+        handlers.append(live)
+    else:
+        if fd is not None:
+            text = FdHandler(fd)
+            text.setLevel(level)
+            handlers.append(text)
+        if events_fd is not None:
+            handlers.append(JsonlHandler(events_fd))
+    for handler in handlers:
+        root.addHandler(handler)
+        if isinstance(handler, FdHandler):
+            _descriptors.add(handler.fd)
+    detailed = live is not None or events_fd is not None
+    root.setLevel(logging.DEBUG if detailed else level)
     root.propagate = False
     logging.raiseExceptions = False
+
+
+def descriptors() -> set[int]:
+    """The descriptors the log writes to: a forked child must keep them open."""
+    return set(_descriptors)

@@ -20,14 +20,16 @@ import os
 import select
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Callable
+from typing import IO, TYPE_CHECKING, Callable
 
 from taskpool import ipc
 from taskpool.dealer import EXIT_ALL_DONE, EXIT_STOPPED_EARLY, DealerConfig, run_dealer
 from taskpool.generator import GeneratorInput, run_generator
 from taskpool.jobs import Job
 from taskpool.journal import Journal
+from taskpool.log import event
 from taskpool.protocol import (
     DealerStats,
     JobAccepted,
@@ -37,6 +39,9 @@ from taskpool.protocol import (
     Status,
     decode_record,
 )
+
+if TYPE_CHECKING:
+    from taskpool.live import LiveView
 
 log = logging.getLogger("taskpool.main")
 
@@ -53,6 +58,8 @@ class RunConfig:
     report_error: Callable[[str], None]  # prints "taskpool: ..." to the user
     journal: Journal | None = None
     resumed: dict[int, JobRecord] = field(default_factory=dict)  # the journal's outcomes
+    live: LiveView | None = None  # the terminal's live view, fed by...
+    live_fd: int | None = None  # ...the read end of the children's event pipe
 
 
 @dataclass
@@ -208,8 +215,7 @@ class Main:
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         generator_pid = os.fork()
         if generator_pid == 0:
-            run_generator(self.config.source, ready_queue, intake_w, main_pid,
-                          self.config.dealer.log_fd)
+            run_generator(self.config.source, ready_queue, intake_w, main_pid)
         dealer_pid = os.fork()
         if dealer_pid == 0:
             os.close(record_r)
@@ -223,22 +229,58 @@ class Main:
         self.dealer = Child("Dealer", dealer_pid)
 
         readers = [LineReader(record_r)] + ([LineReader(intake_r)] if intake_r is not None else [])
+        # The live view's pipe stays open in main (its handler is inherited from here), so
+        # it never ends the loop; it is drained once every child is gone.
+        live = self.config.live
+        live_reader = LineReader(self.config.live_fd) if self.config.live_fd is not None else None
         while any(r.open for r in readers) or self.dealer.running or self.generator.running:
             watched = [r.fd for r in readers if r.open] + [wake_r]
-            ready, _, _ = select.select(watched, [], [], self.recorder.seconds_to_commit())
+            if live_reader is not None:
+                watched.append(live_reader.fd)
+            ready, _, _ = select.select(watched, [], [], self._seconds_to_wait())
             if self.recorder.seconds_to_commit() == 0.0:
                 self.recorder.commit()
             for reader in readers:
                 if reader.open and reader.fd in ready:
                     for line in reader.read_lines():
                         self._on_pipe_line(line)
+            if live_reader is not None and live_reader.fd in ready:
+                self._on_live_lines(live_reader)
             if wake_r in ready:
                 self._on_signals(wake_r)
+            if live is not None:
+                total = len(self.recorder.known) if not streaming or not readers[-1].open else None
+                live.set_jobs(len(self.recorder.known), total)
+                if live.seconds_to_redraw() == 0.0:
+                    live.redraw()
 
         self._reap_orphans()
+        if live_reader is not None:
+            fcntl.fcntl(live_reader.fd, fcntl.F_SETFL, os.O_NONBLOCK)
+            while live_reader.open and self._on_live_lines(live_reader):
+                pass  # every child is gone: what they wrote is all in the pipe
         signal.set_wakeup_fd(-1)
         self._finish(time.monotonic() - started)
         return self._exit_status()
+
+    def _seconds_to_wait(self) -> float | None:
+        """select()'s timeout: the next journal commit or live redraw due; None (until
+        something happens) when neither is pending."""
+        waits = [self.recorder.seconds_to_commit()]
+        if self.config.live is not None:
+            waits.append(self.config.live.seconds_to_redraw())
+        return min((w for w in waits if w is not None), default=None)
+
+    def _on_live_lines(self, reader: LineReader) -> bool:
+        """Hand what the children wrote to the live view; False if there was nothing."""
+        assert self.config.live is not None
+        try:
+            lines = reader.read_lines()
+        except BlockingIOError:
+            return False
+        for line in lines:
+            self.config.live.on_line(line)
+        return True
 
     # --- events ----------------------------------------------------------------------
 
@@ -263,7 +305,8 @@ class Main:
         if self.interrupted is None:
             self.interrupted = signum
             self.end_reason = f"interrupted by {name}"
-            log.info("Interrupted by %s: stopping the pool", name)
+            log.info("Interrupted by %s: stopping the pool", name,
+                     extra=event("interrupted", signal=name))
             self._signal_children(signal.SIGTERM)
         elif len(self.signals_seen) == 2:
             log.info("Second %s: stopping running jobs now", name)
@@ -311,7 +354,8 @@ class Main:
         self.lost_role = True
         if self.end_reason is None:
             self.end_reason = f"the {child.role} was lost ({how})"
-            log.info("%s (PID %d) %s: ending the run", child.role, child.pid, how)
+            log.info("%s (PID %d) %s: ending the run", child.role, child.pid, how,
+                     extra=event("role_lost", lost=child.role, lost_pid=child.pid, how=how))
         self._stop(self.dealer)
         self._stop(self.generator)
 
@@ -361,13 +405,42 @@ class Main:
             log.info("%d jobs not done: %s", not_done, reason)
         else:
             log.info("All done.")
+        self._log_table()
         total = len(recorder.outcomes)
+        done = recorder.count(Status.DONE)
         log.info(
             "Summary: %d jobs, %d done, %d failed, %d not done, %d crashes, %d resends, "
             "wall time %.2f s",
-            total, recorder.count(Status.DONE), recorder.count(Status.FAILED), not_done,
+            total, done, recorder.count(Status.FAILED), not_done,
             recorder.stats.crashes, recorder.stats.resends, wall_time,
+            extra=event("summary", jobs=total, done=done,
+                        failed=recorder.count(Status.FAILED), not_done=not_done,
+                        crashes=recorder.stats.crashes, resends=recorder.stats.resends,
+                        wall_time=round(wall_time, 3)),
         )
+
+    def _log_table(self) -> None:
+        """Per pool: workers, jobs done, failed, not done, crashes and restarts; then how
+        many attempts the done jobs took. Each line is an event with its figures."""
+        layout = self.config.dealer.layout
+        outcomes = list(self.recorder.outcomes.values())
+        pool_stats = {p["type"]: p for p in self.recorder.stats.pools}
+        log.info("%-10s %7s %6s %6s %8s %7s %8s", "pool", "workers", "done", "failed",
+                 "not done", "crashes", "restarts", extra=event("table_header"))
+        for pool in layout.pools:
+            counts = Counter(r.status for r in outcomes if r.type == pool.number)
+            stats = pool_stats.get(pool.number, {})
+            row = {"type": pool.number, "workers": pool.size,
+                   "done": counts[Status.DONE.value], "failed": counts[Status.FAILED.value],
+                   "not_done": counts[Status.NOT_DONE.value],
+                   "crashes": stats.get("crashes", 0), "restarts": stats.get("restarts", 0)}
+            log.info("%-10s %7d %6d %6d %8d %7d %8d", pool.label, *list(row.values())[1:],
+                     extra=event("pool_summary", **row))
+        attempts = Counter(r.attempts for r in outcomes if r.status == Status.DONE.value)
+        histogram = {str(n): attempts[n] for n in sorted(attempts)}
+        log.info("Attempts per done job: %s",
+                 ", ".join(f"{n}: {count}" for n, count in histogram.items()) or "none",
+                 extra=event("attempts_histogram", attempts=histogram))
 
     def _exit_status(self) -> int:
         if self.interrupted is not None:

@@ -59,6 +59,8 @@ class PoolSlots:
     # A heap of (-priority, job id): the highest priority first, then the oldest job.
     backlog: list[tuple[int, int]] = field(default_factory=list)
     preempting: int | None = None  # a worker killed to make room, until its death is seen
+    forked: int = 0  # workers started, replacements included
+    crashes: int = 0  # workers that died while the pool was running (not retired, preempted)
 
     def push(self, priority: int, job_id: int) -> None:
         heapq.heappush(self.backlog, (-priority, job_id))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 from taskpool.jobs import Arg, Job, JobKind
@@ -276,6 +276,8 @@ class DealerStats:
     crashes: int
     resends: int
     stop_reason: str | None = None  # why the pool stopped before all jobs were done
+    # Per pool: {"type": 1, "workers": 2, "crashes": 3, "restarts": 3}
+    pools: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import posix_ipc
 
 from taskpool import ipc
 from taskpool import log as tplog
+from taskpool.log import event
 from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import Deadline, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
@@ -62,7 +63,6 @@ class WorkerSetup:
 
     result_queue: posix_ipc.MessageQueue
     plan: CrashPlan
-    log_fd: int
     policy: SupervisionPolicy
     layout: PoolLayout
 
@@ -149,7 +149,8 @@ class Supervisor(threading.Thread):
             if state.grace_deadline is not None and state.grace_deadline.at <= now:
                 state.grace_deadline = None
         for pid, deadline in overdue:
-            log.info("Worker PID %d %s: killed it", pid, deadline.reason)
+            log.info("Worker PID %d %s: killed it", pid, deadline.reason,
+                     extra=event("worker_killed", worker=pid, reason=deadline.reason))
 
     def fill_pool(self, starting: bool = False) -> None:
         """Fork workers until every pool has its size again (unless stopping).
@@ -234,6 +235,7 @@ class Supervisor(threading.Thread):
             if pid == 0:
                 self._become_worker(request_queue, pool)
             self.state.workers[pid] = WorkerHandle(pid, pool, request_queue)
+            self.state.pools[pool].forked += 1
             assign(self.state, pool, schedule)
         schedule.log(self.layout)
         return pid
@@ -247,7 +249,7 @@ class Supervisor(threading.Thread):
             # mid-way: the Dealer decides, and lets running jobs finish within --grace.
             ipc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
             ipc.close_fds_except(
-                {0, 1, 2, self.setup.log_fd, request_queue.mqd, self.setup.result_queue.mqd}
+                {0, 1, 2, request_queue.mqd, self.setup.result_queue.mqd} | tplog.descriptors()
             )
             policy = self.setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
@@ -287,15 +289,27 @@ class Supervisor(threading.Thread):
                 preempted = killed_for is not None and killed_for.requeue
                 if worker is not None and not stopping and not retired and not preempted:
                     self.state.crashes += 1
+                    self.state.pools[worker.pool].crashes += 1
             if stopped:
-                log.info("Worker PID %d %s: killed it", pid, stopped)
+                log.info("Worker PID %d %s: killed it", pid, stopped,
+                         extra=event("worker_killed", worker=pid, reason=stopped))
             if worker is None:
                 continue
             if retired:
                 log.info("Worker PID %d retired after %d jobs", pid,
-                         self.setup.policy.max_tasks_per_child or 0)
+                         self.setup.policy.max_tasks_per_child or 0,
+                         extra=event("worker_exited", worker=pid, pool=worker.pool,
+                                     reason="retired", crash=False))
             elif not stopping and not preempted:
-                log.info("Worker PID %d %s", pid, ipc.describe_wait_status(status))
+                how = ipc.describe_wait_status(status)
+                log.info("Worker PID %d %s", pid, how,
+                         extra=event("worker_exited", worker=pid, pool=worker.pool, reason=how,
+                                     crash=True))
+            else:
+                how = "preempted" if preempted else ipc.describe_wait_status(status)
+                log.debug("Reaped worker %d: %s", pid, how,
+                          extra=event("worker_exited", worker=pid, pool=worker.pool,
+                                      reason=how, crash=False))
             # Posted before any replacement is forked, so that the job is resent (to another
             # idle worker, if there is one) without waiting for the new worker to start.
             self.setup.result_queue.send(WorkerExited(pid, status).encode())

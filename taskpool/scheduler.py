@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from taskpool.jobs import Job
+from taskpool.log import event
 from taskpool.pool_state import Deadline, PoolSlots, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
 from taskpool.protocol import JobMessage, ProtocolError, decode
@@ -68,20 +69,27 @@ class Schedule:
 
     def log(self, layout: PoolLayout) -> None:
         for job_id, pid in self.taken_back:
-            dealer_log.debug("Took back job %d from worker PID [%d]: not started", job_id, pid)
+            dealer_log.debug("Took back job %d from worker PID [%d]: not started", job_id, pid,
+                             extra=event("job_taken_back", job=job_id, worker=pid))
         for p in self.preempted:
             supervisor_log.info("Preempting job %d (priority %d) on worker PID %d for job %d "
                                 "(priority %d)", p.job.job_id, p.job.priority, p.pid,
-                                p.urgent.job_id, p.urgent.priority)
+                                p.urgent.job_id, p.urgent.priority,
+                                extra=event("job_preempted", job=p.job.job_id, worker=p.pid,
+                                            for_job=p.urgent.job_id))
         for s in self.sent:
             retry = f" (attempt {s.attempt})" if s.attempt > 1 else ""
+            sent = event("job_sent", job=s.job.job_id, worker=s.pid, attempt=s.attempt,
+                         kind=s.job.kind.label, arg=s.job.arg, type=s.job.pool,
+                         priority=s.job.priority)
             if layout.typed:
                 priority = f", priority {s.job.priority}" if s.job.priority else ""
                 dispatcher_log.info("Job %d (%s, %s%s) -> worker %d%s", s.job.job_id,
                                     layout.pool(s.job.pool).label, s.job.describe_typed(),
-                                    priority, s.pid, retry)
+                                    priority, s.pid, retry, extra=sent)
             else:
-                dealer_log.info("Sent job %d -> %s%s", s.job.job_id, s.job.describe(), retry)
+                dealer_log.info("Sent job %d -> %s%s", s.job.job_id, s.job.describe(), retry,
+                                extra=sent)
 
 
 def enqueue(state: PoolState, job_id: int) -> None:

@@ -24,6 +24,7 @@ from typing import NoReturn
 import posix_ipc
 
 from taskpool.jobs import execute
+from taskpool.log import event
 from taskpool.protocol import Ack, Heartbeat, JobMessage, ProtocolError, Result, Shutdown, decode
 
 log = logging.getLogger("taskpool.worker")
@@ -96,7 +97,7 @@ class CrashPlan:
 
 
 def _simulate_crash() -> NoReturn:
-    log.info("Simulated crash!")
+    log.info("Simulated crash!", extra=event("simulated_crash"))
     # A simulated segfault should not leave a core file per crash.
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     os.kill(os.getpid(), signal.SIGSEGV)
@@ -159,7 +160,7 @@ def run_worker(
 ) -> NoReturn:
     """The worker loop. Returns only through os._exit()."""
     pid = os.getpid()
-    log.info("Starting up")
+    log.info("Starting up", extra=event("worker_started"))
     if plan.is_injected(0, Step.AT_START, 1):
         os.kill(pid, signal.SIGKILL)
     heartbeat = None
@@ -192,7 +193,7 @@ def run_worker(
             log.error("Dropped a malformed message: %s", e)
             continue
         if isinstance(message, Shutdown):
-            log.info("Received shutdown signal")
+            log.info("Received shutdown signal", extra=event("worker_shutdown"))
             os._exit(0)
         if not isinstance(message, JobMessage):
             log.error("Dropped an unexpected %s message", type(message).__name__)
@@ -215,7 +216,7 @@ def run_worker(
         checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
         result_queue.send(Result(job.job_id, attempt, pid, job.kind, value).encode())
         if log_each_job:
-            log.info("Done job %d", job.job_id)
+            log.info("Done job %d", job.job_id, extra=event("job_finished", job=job.job_id))
         checkpoint(job.job_id, attempt, Step.AFTER_RESULT, None)
         jobs_done += 1
         if limits.max_tasks is not None and jobs_done >= limits.max_tasks:

@@ -27,7 +27,17 @@ def test_the_demo_recovers_from_crashes_with_every_value_right(tmp_path: Path) -
     assert any(r["attempts"] > 1 for r in records)
     assert "[Dealer] Sent job 6 -> fib(35)" in log
     assert "[Dealer] All jobs completed. Shutting down workers..." in log
-    assert log.splitlines()[-2] == "[Main] All done."
+    lines = log.splitlines()
+    assert lines[-5] == "[Main] All done."
+    # The exit table: per pool, then the attempts the done jobs took.
+    assert lines[-4].split()[1:] == ["pool", "workers", "done", "failed", "not", "done",
+                                     "crashes", "restarts"]
+    row = lines[-3].split()
+    assert row[1:7] == ["type", "1", "4", "12", "0", "0"] and int(row[7]) == len(crashes)
+    histogram = re.fullmatch(r"\[Main\] Attempts per done job: (.*)", lines[-2])
+    assert histogram is not None
+    counts = dict(pair.split(": ") for pair in histogram.group(1).split(", "))
+    assert sum(map(int, counts.values())) == 12 and "2" in counts
     assert re.fullmatch(
         r"\[Main\] Summary: 12 jobs, 12 done, 0 failed, 0 not done, (\d+) crashes, \d+ "
         r"resends, wall time [\d.]+ s", log.splitlines()[-1])

@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taskpool-installed
 
-.PHONY: install run test soak bench lint container-test clean
+.PHONY: install run test soak bench timeline lint container-test clean
 
 install: $(STAMP)
 
@@ -26,6 +26,18 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+
+# The demo's timeline, drawn by `taskpool report` and rendered by headless Chromium to a
+# PNG (README shows it). Needs Debian's chromium (apt-get install chromium).
+CHROMIUM ?= chromium
+timeline: $(STAMP)
+	mkdir -p docs
+	$(VENV)/bin/taskpool run --demo --quiet --events docs/demo-events.jsonl --log docs/demo.log
+	$(VENV)/bin/taskpool report docs/demo-events.jsonl -o docs/timeline.html
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+	  --disable-background-networking --disable-component-update --disable-sync \
+	  --user-data-dir=$$(mktemp -d) --window-size=1240,400 \
+	  --screenshot=$(CURDIR)/docs/timeline.png file://$(CURDIR)/docs/timeline.html 2>/dev/null
 
 lint: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'

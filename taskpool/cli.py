@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="workers of job type 1, 2, ... (or KIND=COUNT)")
     _add_run_options(dispatch_cmd, dispatch=True)
     _add_results_command(commands)
+    _add_report_command(commands)
     return parser
 
 
@@ -207,6 +208,28 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
                               "or hang: stop beating and block) "
                               "of job JOB on attempt ATTEMPT (default 1); or 'at_start': "
                               "every worker dies as it starts; repeatable")
+
+
+def _add_report_command(commands: Any) -> None:
+    report_cmd = commands.add_parser(
+        "report", help="draw a run's timeline from its --events file",
+        description="Write a self-contained HTML page: one lane per worker slot, a bar per "
+                    "job attempt, crashes marked, resends linked, and a summary.")
+    report_cmd.add_argument("events", metavar="FILE.jsonl")
+    report_cmd.add_argument("-o", "--output", metavar="run.html", default="run.html")
+
+
+def _make_report(events: str, output: str) -> int:
+    from taskpool.report import ReportError, write_report
+
+    try:
+        timeline = write_report(events, output)
+    except ReportError as e:
+        error(str(e))
+        return EXIT_BAD_INPUT
+    print(f"{output}: {len(timeline.workers)} workers, {len(timeline.attempts)} attempts, "
+          f"{len(timeline.links)} resends")
+    return 0
 
 
 def _add_results_command(commands: Any) -> None:
@@ -336,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "results":
         return _print_results(args.journal, args.format)
+    if args.command == "report":
+        return _make_report(args.events, args.output)
     if (args.resume or args.force_resume) and args.journal is None:
         parser.error("--resume needs --journal")
     if not hasattr(args, "demo"):

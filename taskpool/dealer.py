@@ -339,6 +339,9 @@ class Dealer:
         preempted: list[int] = []  # taken, and stopped to make room: sent again, no attempt
         reason, charged, requeue = self._death_reason(exited)
         schedule = Schedule()
+        # The resends happen here, before the jobs are sent again under the lock below;
+        # the log lines come later, so they carry this time.
+        handled_at = time.monotonic()
         with state.lock:
             worker = state.exited.pop(exited.pid, None)
             if worker is None:
@@ -390,17 +393,17 @@ class Dealer:
             return
         for job_id in crashed:
             recovery_log.info("Resent job %d after crash of %d", job_id, exited.pid,
-                              extra=event("job_resent", job=job_id, worker=exited.pid,
-                                          reason=reason))
+                              extra=event("job_resent", at=handled_at, job=job_id,
+                                          worker=exited.pid, reason=reason))
         for job_id in requeued:
             recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
                               job_id, exited.pid,
-                              extra=event("job_requeued", job=job_id, worker=exited.pid,
-                                          reason="unstarted"))
+                              extra=event("job_requeued", at=handled_at, job=job_id,
+                                          worker=exited.pid, reason="unstarted"))
         for job_id in preempted:
             recovery_log.info("Requeued job %d: preempted on %d", job_id, exited.pid,
-                              extra=event("job_requeued", job=job_id, worker=exited.pid,
-                                          reason="preempted"))
+                              extra=event("job_requeued", at=handled_at, job=job_id,
+                                          worker=exited.pid, reason="preempted"))
         schedule.log(self.config.layout)
         if never_took_a_job and not crashed and not failed and not requeue:
             self._count_idle_death()

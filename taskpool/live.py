@@ -42,6 +42,9 @@ class LiveView:
         self.accepted = 0
         self.finished = 0  # done or failed
         self.running: dict[int, int] = {}  # worker pid: job
+        # A death is logged as the worker is reaped, which may be before the Dealer reads
+        # the ACK it sent: an ACK from a dead worker does not make a job running.
+        self.dead: set[int] = set()
         self.crashes = 0
         self.resends = 0
         self.dirty = False
@@ -81,13 +84,14 @@ class LiveView:
     def _count(self, body: dict[str, Any]) -> None:
         kind = body.get("event")
         worker = int(body.get("worker") or 0)
-        if kind == "job_started":
+        if kind == "job_started" and worker not in self.dead:
             self.running[worker] = body["job"]
         elif kind in ("job_done", "job_failed"):
             self.finished += 1
             self.running.pop(worker, None)
         elif kind == "worker_exited":
             self.running.pop(worker, None)
+            self.dead.add(worker)
             self.crashes += bool(body.get("crash"))
         elif kind == "job_resent":
             self.resends += 1

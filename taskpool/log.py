@@ -46,9 +46,10 @@ def set_worker_pool(label: str) -> None:
     _worker_pool = f" {label}"
 
 
-def event(name: str, **data: Any) -> dict[str, Any]:
-    """The `extra=` of a log call that is an event of its own kind, with its fields."""
-    return {"event": name, "data": data}
+def event(name: str, at: float | None = None, **data: Any) -> dict[str, Any]:
+    """The `extra=` of a log call that is an event of its own kind, with its fields; `at`
+    is when it happened (time.monotonic()), if earlier than the log call."""
+    return {"event": name, "data": data, "at": at}
 
 
 def role_tag(record: logging.LogRecord) -> str:
@@ -60,7 +61,7 @@ def role_tag(record: logging.LogRecord) -> str:
 def as_event(record: logging.LogRecord, text: str) -> dict[str, Any]:
     """The JSON object of a record: when, what kind, who, its fields, and its text line."""
     body: dict[str, Any] = {
-        "t": round(time.monotonic(), 6),
+        "t": round(getattr(record, "at", None) or time.monotonic(), 6),
         "event": getattr(record, "event", "log"),
         "role": _ROLE_TAGS.get(record.name, record.name),
         "pid": record.process,

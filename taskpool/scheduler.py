@@ -50,6 +50,7 @@ class Sent:
     job: Job
     pid: int
     attempt: int
+    at: float  # when: the log line comes later, outside the lock
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,13 @@ class Schedule:
     """What one `assign` did, to be logged after the lock is released."""
 
     sent: list[Sent] = field(default_factory=list)
-    taken_back: list[tuple[int, int]] = field(default_factory=list)  # (job id, pid)
+    taken_back: list[tuple[int, int, float]] = field(default_factory=list)  # job, pid, when
     preempted: list[Preempted] = field(default_factory=list)
 
     def log(self, layout: PoolLayout) -> None:
-        for job_id, pid in self.taken_back:
+        for job_id, pid, at in self.taken_back:
             dealer_log.debug("Took back job %d from worker PID [%d]: not started", job_id, pid,
-                             extra=event("job_taken_back", job=job_id, worker=pid))
+                             extra=event("job_taken_back", at=at, job=job_id, worker=pid))
         for p in self.preempted:
             supervisor_log.info("Preempting job %d (priority %d) on worker PID %d for job %d "
                                 "(priority %d)", p.job.job_id, p.job.priority, p.pid,
@@ -79,7 +80,7 @@ class Schedule:
                                             for_job=p.urgent.job_id))
         for s in self.sent:
             retry = f" (attempt {s.attempt})" if s.attempt > 1 else ""
-            sent = event("job_sent", job=s.job.job_id, worker=s.pid, attempt=s.attempt,
+            sent = event("job_sent", at=s.at, job=s.job.job_id, worker=s.pid, attempt=s.attempt,
                          kind=s.job.kind.label, arg=s.job.arg, type=s.job.pool,
                          priority=s.job.priority)
             if layout.typed:
@@ -126,7 +127,7 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
             worker.outstanding.append(job_id)
             # Never blocks: this worker has fewer outstanding jobs than its queue has slots.
             worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
-            schedule.sent.append(Sent(job_state.job, worker.pid, attempt))
+            schedule.sent.append(Sent(job_state.job, worker.pid, attempt, time.monotonic()))
         elif not _steal_for_idle(state, pool, tried, schedule):
             break
     if not room_before and state.backlog_has_room():
@@ -191,7 +192,7 @@ def _take_back(
         if job_id in worker.outstanding:
             worker.outstanding.remove(job_id)
         pool.push(message.job.priority, job_id)
-        schedule.taken_back.append((job_id, worker.pid))
+        schedule.taken_back.append((job_id, worker.pid, time.monotonic()))
         taken = True
 
 

@@ -354,6 +354,16 @@ def _print_results(path: str, form: str) -> int:
     return 0
 
 
+def _open_for_append(path: str, what: str) -> int | None:
+    """A descriptor every process of the run writes whole lines to (O_APPEND: one write()
+    is one line, whoever writes it); None after saying why it cannot be opened."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    except OSError as e:
+        error(f"{path}: cannot write {what}: {e.strerror}")
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -376,27 +386,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         source = journaled.source
 
-    log_fd = 2
-    if args.log is not None:
-        try:
-            log_fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        except OSError as e:
-            error(f"{args.log}: cannot write the log: {e.strerror}")
-            return EXIT_BAD_INPUT
+    log_fd = _open_for_append(args.log, "the log") if args.log is not None else 2
+    events_fd = _open_for_append(args.events, "events") if args.events is not None else None
+    if log_fd is None or (args.events is not None and events_fd is None):
+        return EXIT_BAD_INPUT
     results = None
     if args.results is not None:
         try:
             results = open(args.results, "w", encoding="utf-8")
         except OSError as e:
             error(f"{args.results}: cannot write results: {e.strerror}")
-            return EXIT_BAD_INPUT
-    events_fd = None
-    if args.events is not None:
-        try:
-            events_fd = os.open(args.events, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                                0o644)
-        except OSError as e:
-            error(f"{args.events}: cannot write events: {e.strerror}")
             return EXIT_BAD_INPUT
     text_level = logging.DEBUG if args.verbose else logging.INFO
     live = live_fd = None

@@ -273,10 +273,11 @@ class Dealer:
         if schedule is not None:
             schedule.log(self.config.layout)
         # The assignment is already known; an Ack only says the job started.
-        log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
-                  ack.job_id, ack.pid, ack.attempt,
-                  extra=event("job_started", job=ack.job_id, worker=ack.pid,
-                              attempt=ack.attempt))
+        if log.isEnabledFor(logging.DEBUG):  # once per job: skip building a dropped event
+            log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
+                      ack.job_id, ack.pid, ack.attempt,
+                      extra=event("job_started", job=ack.job_id, worker=ack.pid,
+                                  attempt=ack.attempt))
 
     def _expect_heartbeat(self, pid: int, now: float) -> bool:
         """Called with the lock held; True if the recovery thread needs a nudge."""

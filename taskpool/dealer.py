@@ -148,7 +148,8 @@ class Dealer:
             pool_stats = [{"type": p.number, "workers": p.size, "crashes": p.crashes,
                       "restarts": max(0, p.forked - p.size)}
                      for p in self.state.pools.values()]
-        stats = DealerStats(crashes=self.state.crashes, resends=self.state.resends,
+        stats = DealerStats(crashes=sum(p["crashes"] for p in pool_stats),
+                            resends=self.state.resends,
                             stop_reason=self.stop_reason, pools=pool_stats)
         self._write_to_main(encode_record(stats))
         self.result_queue.close()

@@ -407,14 +407,14 @@ class Main:
             log.info("All done.")
         self._log_table()
         total = len(recorder.outcomes)
-        done = recorder.count(Status.DONE)
+        done, failed = recorder.count(Status.DONE), recorder.count(Status.FAILED)
         log.info(
             "Summary: %d jobs, %d done, %d failed, %d not done, %d crashes, %d resends, "
             "wall time %.2f s",
-            total, done, recorder.count(Status.FAILED), not_done,
+            total, done, failed, not_done,
             recorder.stats.crashes, recorder.stats.resends, wall_time,
             extra=event("summary", jobs=total, done=done,
-                        failed=recorder.count(Status.FAILED), not_done=not_done,
+                        failed=failed, not_done=not_done,
                         crashes=recorder.stats.crashes, resends=recorder.stats.resends,
                         wall_time=round(wall_time, 3)),
         )

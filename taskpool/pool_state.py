@@ -122,7 +122,6 @@ class PoolState:
     # Why we killed a worker (timeout, no heartbeat, stopped, grace over, preempted), for
     # the recv thread to give as the reason of the attempt.
     kill_reasons: dict[int, Deadline] = field(default_factory=dict)
-    crashes: int = 0
     resends: int = 0
 
     def __post_init__(self) -> None:

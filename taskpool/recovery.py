@@ -288,7 +288,6 @@ class Supervisor(threading.Thread):
                 killed_for = self.state.kill_reasons.get(pid)
                 preempted = killed_for is not None and killed_for.requeue
                 if worker is not None and not stopping and not retired and not preempted:
-                    self.state.crashes += 1
                     self.state.pools[worker.pool].crashes += 1
             if stopped:
                 log.info("Worker PID %d %s: killed it", pid, stopped,

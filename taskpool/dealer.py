@@ -67,7 +67,13 @@ from taskpool.protocol import (
     decode,
     encode_record,
 )
-from taskpool.recovery import NUDGE_SIGNAL, SUPERVISOR_SIGNALS, Supervisor, WorkerSetup
+from taskpool.recovery import (
+    MAIN_LOST_SIGNAL,
+    NUDGE_SIGNAL,
+    SUPERVISOR_SIGNALS,
+    Supervisor,
+    WorkerSetup,
+)
 from taskpool.scheduler import Schedule, assign, enqueue
 from taskpool.worker import EXIT_MEMORY_LIMIT, CrashPlan
 
@@ -170,7 +176,7 @@ class Dealer:
                 loop()
             except BaseException:
                 log.exception("The %s thread failed", threading.current_thread().name)
-                os._exit(EXIT_THREAD_FAILED)
+                ipc.exit_between_creations(EXIT_THREAD_FAILED)
 
         return run
 
@@ -551,8 +557,8 @@ class Dealer:
         try:
             os.write(self.record_fd, line)
         except BrokenPipeError:
-            # main is gone; PR_SET_PDEATHSIG is about to end us, and our workers with us.
-            os._exit(EXIT_STOPPED_EARLY)
+            # main is gone, and our workers go with us (their death signal).
+            ipc.exit_between_creations(EXIT_STOPPED_EARLY)
 
 
 def run_dealer(
@@ -561,10 +567,11 @@ def run_dealer(
     record_fd: int,
     main_pid: int,
 ) -> NoReturn:
-    """The Dealer process, forked by main. Leaves only through os._exit()."""
+    """The Dealer process, forked by main. Leaves only through os._exit(), by way of
+    `ipc.exit_between_creations`."""
     code = EXIT_STOPPED_EARLY
     try:
-        ipc.set_parent_death_signal(main_pid)
+        ipc.set_parent_death_signal(main_pid, MAIN_LOST_SIGNAL)
         # Blocked before any thread starts, so that all inherit the mask: the recovery
         # thread alone takes these signals, with sigwait().
         ipc.reset_signals_in_child(blocked=SUPERVISOR_SIGNALS)
@@ -580,4 +587,4 @@ def run_dealer(
     except BaseException:
         log.exception("Dealer failed")
     finally:
-        os._exit(code)
+        ipc.exit_between_creations(code)

@@ -2,9 +2,15 @@
 
 Queue lifetime: every queue is created with O_EXCL, mode 0600, under an unguessable name, and
 its name is unlinked at once. The processes that use it get the descriptor through fork(), so
-the queue lives exactly as long as some process of ours holds it open: no run, however it
-ends, leaves a name in /dev/mqueue (the only window is the microseconds between mq_open and
-mq_unlink in one thread).
+the queue lives exactly as long as some process of ours holds it open.
+
+The one window is the microseconds between mq_open and mq_unlink, and SIGKILL can land in
+it. Each creator has a survivor that removes what it left: main creates only before it forks
+anything; the Dealer creates (in its recovery thread alone) and main sweeps the Dealer's names
+when it reaps it; when main dies, the Dealer is told by a catchable parent-death signal, and
+every exit of a Dealer that main cannot see waits for a creation in progress to end
+(`exit_between_creations`). A name whose creator is
+dead (main killed during its own start-up) is swept by the next run (`sweep_abandoned_queues`).
 
 Queue budget: the kernel charges a queue about max_messages * (msgsize + 96) bytes against
 the user's RLIMIT_MSGQUEUE (819,200 bytes by default). Our messages are under 128 bytes, so a
@@ -20,6 +26,8 @@ import os
 import resource
 import secrets
 import signal
+import threading
+from typing import NoReturn
 
 import posix_ipc
 
@@ -29,6 +37,9 @@ from taskpool.protocol import MAX_MESSAGE_SIZE
 READY_QUEUE_DEPTH = 10
 RESULT_QUEUE_DEPTH = 10
 WORKER_QUEUE_DEPTH = 2
+
+QUEUE_DIR = "/dev/mqueue"  # where Linux shows queue names, when mounted (containers mount it)
+_NAME_PREFIX = "taskpool-"
 
 _PER_MESSAGE_OVERHEAD = 96  # bytes of kernel bookkeeping per message slot, x86-64
 
@@ -55,9 +66,24 @@ def _read_sysctl(name: str) -> str:
         return "?"
 
 
+# Held from mq_open to mq_unlink. A thread that ends the process takes it first
+# (`exit_between_creations`), so that no exit of ours cuts a creation in two.
+_CREATING = threading.Lock()
+
+
+def exit_between_creations(code: int) -> NoReturn:
+    _CREATING.acquire()
+    os._exit(code)
+
+
 def create_queue(role: str, depth: int) -> posix_ipc.MessageQueue:
     """Create a private queue and unlink its name at once (see the module doc)."""
-    name = f"/taskpool-{os.getpid()}-{role}-{secrets.token_hex(8)}"
+    with _CREATING:
+        return _create_and_unlink(role, depth)
+
+
+def _create_and_unlink(role: str, depth: int) -> posix_ipc.MessageQueue:
+    name = f"/{_NAME_PREFIX}{os.getpid()}-{role}-{secrets.token_hex(8)}"
     try:
         queue = posix_ipc.MessageQueue(
             name,
@@ -90,6 +116,43 @@ def create_queue(role: str, depth: int) -> posix_ipc.MessageQueue:
         raise
     queue.unlink()
     return queue
+
+
+def sweep_queues_of(pid: int) -> None:
+    """Unlink any name `pid` created and did not unlink: it was killed inside the window.
+    Needs /dev/mqueue mounted; without it there is nothing we can list."""
+    for name in _queue_names():
+        if name.startswith(f"{_NAME_PREFIX}{pid}-"):
+            _unlink_quietly(name)
+
+
+def sweep_abandoned_queues() -> None:
+    """Unlink names of ours whose creator no longer exists (see the module doc)."""
+    uid = os.getuid()
+    for name in _queue_names():
+        try:
+            pid = int(name[len(_NAME_PREFIX):].split("-", 1)[0])
+            if os.stat(f"{QUEUE_DIR}/{name}").st_uid != uid:
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            _unlink_quietly(name)
+        except (ValueError, OSError):
+            continue  # not a name of ours, gone already, or its creator lives
+
+
+def _queue_names() -> list[str]:
+    try:
+        return [n for n in os.listdir(QUEUE_DIR) if n.startswith(_NAME_PREFIX)]
+    except OSError:
+        return []
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        posix_ipc.unlink_message_queue(f"/{name}")
+    except posix_ipc.ExistentialError:
+        pass  # unlinked by its creator after all
 
 
 def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> None:

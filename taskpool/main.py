@@ -200,6 +200,7 @@ class Main:
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._note_signal)
 
+        ipc.sweep_abandoned_queues()
         ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH)
         record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
@@ -334,6 +335,8 @@ class Main:
             for child in (self.generator, self.dealer):
                 if child.pid == pid:
                     child.status = status
+                    if child is self.dealer and not child.ended_normally(EXIT_ALL_DONE):
+                        ipc.sweep_queues_of(pid)  # it may have died inside a creation
                     self._on_child_exit(child)
 
     def _on_child_exit(self, child: Child) -> None:

@@ -46,9 +46,13 @@ from taskpool.worker import EXIT_RETIRED, CrashPlan, WorkerLimits, run_worker
 
 log = logging.getLogger("taskpool.supervisor")
 
-# Signals this thread takes with sigwait(); blocked in every thread of the Dealer.
-SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGUSR1})
 NUDGE_SIGNAL = signal.SIGUSR1  # "look at the state again", sent by the recv thread
+# The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
+# and mq_unlink and leave its name behind with nobody alive to sweep it (ipc's module doc).
+MAIN_LOST_SIGNAL = signal.SIGUSR2
+# Signals this thread takes with sigwait(); blocked in every thread of the Dealer.
+SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, NUDGE_SIGNAL, MAIN_LOST_SIGNAL})
+EXIT_MAIN_LOST = 1
 HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messages to read
 
 # Python 3.12+ warns on every fork() from a threaded process; the argument in
@@ -87,6 +91,10 @@ class Supervisor(threading.Thread):
             self.pool_started.set()
             while True:
                 sig = self.wait_for_signal_or_deadline()
+                if sig == MAIN_LOST_SIGNAL:
+                    # Nobody can record a result now. Our exit ends the workers: their
+                    # parent-death signal is tied to this thread.
+                    ipc.exit_between_creations(EXIT_MAIN_LOST)
                 if sig == signal.SIGTERM:
                     self.setup.result_queue.send(Terminate(sig).encode())
                 self.reap_workers()

@@ -10,6 +10,7 @@ import re
 import signal
 from pathlib import Path
 
+import posix_ipc
 import pytest
 
 from harness import (
@@ -18,6 +19,7 @@ from harness import (
     assert_exactly_once,
     kill_quietly,
     kill_workers_at_random,
+    queues_left,
     read_results,
     write_job_file,
 )
@@ -197,3 +199,43 @@ def test_every_kill_of_the_dealer_at_a_random_instant_ends_cleanly(tmp_path: Pat
         code = run.finish()
         assert code in (0, 1)
         _assert_ended_run_accounts_for_every_job(results, 60)
+
+
+def _plant_queue_name(pid: int) -> str:
+    """A name as our creators make it, left as if its creator died inside the window
+    between mq_open and mq_unlink."""
+    name = f"taskpool-{pid}-worker-{os.urandom(8).hex()}"
+    posix_ipc.MessageQueue(f"/{name}", flags=posix_ipc.O_CREX, mode=0o600,
+                           max_messages=1, max_message_size=64).close()
+    return name
+
+
+def test_a_dealer_killed_inside_a_queue_creation_leaves_no_name(tmp_path: Path) -> None:
+    jobs = write_job_file(tmp_path, ["sleep 0.05"] * 40)
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs)])
+    dealer = run.role_pid("Dealer")
+    planted = _plant_queue_name(dealer)
+    kill_quietly(dealer)
+    assert run.finish() == 1
+    assert planted not in queues_left()
+
+
+def test_names_whose_creator_is_dead_are_swept_and_others_kept(tmp_path: Path) -> None:
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    dead_creator = _plant_queue_name(child)
+    live_creator = _plant_queue_name(os.getpid())
+    try:
+        jobs = write_job_file(tmp_path, ["fib 5"])
+        assert PoolRun(["--workers", "1", "--jobs", str(jobs)]).finish() == 0
+        left = queues_left()
+        assert dead_creator not in left
+        assert live_creator in left
+    finally:
+        for name in (dead_creator, live_creator):
+            try:
+                posix_ipc.unlink_message_queue(f"/{name}")
+            except posix_ipc.ExistentialError:
+                pass

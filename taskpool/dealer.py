@@ -32,6 +32,7 @@ duplicate is logged and dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -45,12 +46,13 @@ import posix_ipc
 
 from taskpool import ipc
 from taskpool import log as tplog
-from taskpool.jobs import PRIORITY_MAX
+from taskpool.jobs import PRIORITY_MAX, Job, JobKind
 from taskpool.log import event
 from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import Deadline, JobState, PoolSlots, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
 from taskpool.protocol import (
+    MAX_MESSAGE_SIZE,
     Ack,
     DealerStats,
     EndOfJobs,
@@ -59,6 +61,7 @@ from taskpool.protocol import (
     JobRecord,
     ProtocolError,
     Result,
+    ResultPart,
     Shutdown,
     Status,
     Stop,
@@ -66,6 +69,7 @@ from taskpool.protocol import (
     WorkerExited,
     decode,
     encode_record,
+    split_calls,
 )
 from taskpool.recovery import (
     MAIN_LOST_SIGNAL,
@@ -84,6 +88,8 @@ supervisor_log = logging.getLogger("taskpool.supervisor")
 EXIT_ALL_DONE = 0
 EXIT_STOPPED_EARLY = 3  # terminated, or the pool could not go on
 EXIT_THREAD_FAILED = 70  # a bug: the traceback is in the log
+# Ids of the jobs made by splitting a batch of calls: above any id a caller gives.
+SPLIT_ID_BASE = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ class DealerConfig:
     plan: CrashPlan
     policy: SupervisionPolicy = SupervisionPolicy()
     preempt: bool = False
+    # Queue message sizes: the CLI's messages are small structs; an Executor's carry calls.
+    request_message_size: int = MAX_MESSAGE_SIZE
+    result_message_size: int = MAX_MESSAGE_SIZE
+    initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
 
     @property
     def credit(self) -> int:
@@ -100,20 +110,55 @@ class DealerConfig:
         return 1 if self.preempt else ipc.WORKER_QUEUE_DEPTH
 
 
+class RecordWriter:
+    """Where the recv thread's outcomes go: JSON lines on main's record pipe. An Executor's
+    Dealer writes frames instead (executor_host.FrameWriter). Owned by the recv thread, but
+    for the stats, written by the main thread after the others have ended."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def done(self, job: Job, result: Result) -> None:
+        self.write(encode_record(JobRecord.of(job, Status.DONE, result=result.value,
+                                              worker=result.pid, attempts=result.attempt)))
+
+    def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
+        self.write(encode_record(JobRecord.of(job, Status.FAILED, worker=pid,
+                                              attempts=attempts, reason=reason)))
+
+    def stats(self, stats: DealerStats) -> None:
+        self.write(encode_record(stats))
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except BrokenPipeError:
+            # Our reader is gone, and our workers go with us (their death signal).
+            ipc.exit_between_creations(EXIT_STOPPED_EARLY)
+
+
 class Dealer:
     def __init__(
-        self, config: DealerConfig, ready_queue: posix_ipc.MessageQueue, record_fd: int
+        self, config: DealerConfig, ready_queue: posix_ipc.MessageQueue, writer: RecordWriter
     ) -> None:
         self.config = config
         self.ready_queue = ready_queue
-        self.record_fd = record_fd
-        self.result_queue = ipc.create_queue("result", ipc.RESULT_QUEUE_DEPTH)
+        self.writer = writer
+        self.result_queue = ipc.create_queue("result", ipc.RESULT_QUEUE_DEPTH,
+                                             config.result_message_size)
         self.state = PoolState(
             credit=config.credit, preempt=config.preempt,
             pools={p.number: PoolSlots(p.number, p.size) for p in config.layout.pools})
         # Owned by the recv thread alone: no lock.
         self.expected_total: int | None = None
         self.recorded = 0
+        # Jobs made by splitting a crashed batch, beyond the one each replaced.
+        self.split_extra = 0
+        self.next_split_id = SPLIT_ID_BASE
+        # A result too large for one message, so far, by (worker pid, job id).
+        self.result_parts: dict[tuple[int, int], list[bytes]] = {}
         self.terminated = False
         self.stop_reason: str | None = None
         self.idle_deaths: deque[float] = deque()  # when workers died without taking a job
@@ -121,7 +166,8 @@ class Dealer:
         self.no_heartbeat_reason = f"sent no heartbeat for {heartbeat:g} s" if heartbeat else ""
         self.supervisor = Supervisor(
             self.state,
-            WorkerSetup(self.result_queue, config.plan, config.policy, config.layout),
+            WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
+                        config.initializer, config.request_message_size),
         )
 
     def run(self) -> int:
@@ -157,7 +203,7 @@ class Dealer:
         stats = DealerStats(crashes=sum(p["crashes"] for p in pool_stats),
                             resends=self.state.resends,
                             stop_reason=self.stop_reason, pools=pool_stats)
-        self._write_to_main(encode_record(stats))
+        self.writer.stats(stats)
         self.result_queue.close()
         self.ready_queue.close()
         log.info("Shutting down.", extra=event("dealer_stopped"))
@@ -233,7 +279,10 @@ class Dealer:
                 log.error("Dropped a malformed message from a worker: %s", e)
                 continue
             if isinstance(message, Result):
-                self._on_result(message)
+                self._on_result(self._joined(message))
+            elif isinstance(message, ResultPart):
+                self.result_parts.setdefault((message.pid, message.job_id), []).append(
+                    message.piece)
             elif isinstance(message, Ack):
                 self._on_ack(message)
             elif isinstance(message, Heartbeat):
@@ -244,7 +293,8 @@ class Dealer:
                 self.expected_total = message.total
             elif isinstance(message, Terminate):
                 self._terminate(message.signum)
-            if not state.stopping and self.recorded == self.expected_total:
+            if not state.stopping and self.expected_total is not None \
+                    and self.recorded == self.expected_total + self.split_extra:
                 log.info("All jobs completed. Shutting down workers...",
                          extra=event("all_jobs_completed", jobs=self.recorded))
                 self._stop_pool(kill=False)
@@ -326,10 +376,8 @@ class Dealer:
                      result.job_id, result.pid,
                      extra=event("duplicate_dropped", job=result.job_id, worker=result.pid))
             return
-        record = JobRecord.of(job_state.job, Status.DONE, result=result.value,
-                              worker=result.pid, attempts=result.attempt)
         self.recorded += 1
-        self._write_to_main(encode_record(record))
+        self.writer.done(job_state.job, result)
         log.info("Received result for job %d: %s from worker PID [%d]",
                  result.job_id, result.value, result.pid,
                  extra=event("job_done", job=result.job_id, worker=result.pid,
@@ -339,12 +387,15 @@ class Dealer:
         """The worker is dead and all its messages were handled: resend what it held, fail
         a job that has used up its attempts, and give up on a pool whose workers die
         before they take any job."""
+        for key in [key for key in self.result_parts if key[0] == exited.pid]:
+            del self.result_parts[key]  # the rest of that result will never come
         state = self.state
         policy = self.config.policy
         crashed: list[int] = []  # taken by the worker: this attempt failed; sent again
         failed: list[JobState] = []  # taken, and out of attempts
         requeued: list[int] = []  # still in its queue: never started
         preempted: list[int] = []  # taken, and stopped to make room: sent again, no attempt
+        split: dict[int, list[int]] = {}  # a taken batch of calls: each sent again alone
         reason, charged, requeue = self._death_reason(exited)
         schedule = Schedule()
         # The resends happen here, before the jobs are sent again under the lock below;
@@ -378,6 +429,9 @@ class Dealer:
                     continue
                 if not charged:
                     continue  # stopped by us, not by its own fault: reported not done
+                if job_state.job.kind is JobKind.CALL and int(job_state.job.arg) > 1:
+                    split[job_id] = self._split(job_state)
+                    continue
                 job_state.failed_attempts += 1
                 job_state.last_failure = reason
                 if policy.max_attempts and job_state.failed_attempts >= policy.max_attempts:
@@ -386,7 +440,8 @@ class Dealer:
                 else:
                     crashed.append(job_id)
             if not state.stopping:
-                for job_id in crashed + requeued + preempted:
+                singles = [single for ids in split.values() for single in ids]
+                for job_id in crashed + requeued + preempted + singles:
                     enqueue(state, job_id)
                 state.resends += len(crashed)
                 assign(state, worker.pool, schedule)
@@ -403,6 +458,12 @@ class Dealer:
             recovery_log.info("Resent job %d after crash of %d", job_id, exited.pid,
                               extra=event("job_resent", at=handled_at, job=job_id,
                                           worker=exited.pid, reason=reason))
+        for job_id, singles in split.items():
+            recovery_log.info("Resent job %d after crash of %d: its %d calls one by one, as "
+                              "jobs %d-%d", job_id, exited.pid, len(singles), singles[0],
+                              singles[-1],
+                              extra=event("job_split", at=handled_at, job=job_id,
+                                          worker=exited.pid, reason=reason, jobs=singles))
         for job_id in requeued:
             recovery_log.info("Requeued job %d: it was waiting, unstarted, for %d",
                               job_id, exited.pid,
@@ -415,6 +476,22 @@ class Dealer:
         schedule.log(self.config.layout)
         if never_took_a_job and not crashed and not failed and not requeue:
             self._count_idle_death()
+
+    def _split(self, job_state: JobState) -> list[int]:
+        """A batch of calls whose worker died in it becomes one job per call, sent again
+        without an attempt charged: which call killed the worker is not known, and the
+        others must not pay for it. Only a single call's death counts an attempt, so a
+        poison call fails alone after --max-attempts. Called with the lock held."""
+        job = job_state.job
+        ids = []
+        for _call_id, payload in split_calls(job.payload):
+            ids.append(self.next_split_id)
+            self.state.jobs[self.next_split_id] = JobState(
+                dataclasses.replace(job, job_id=self.next_split_id, arg=1, payload=payload))
+            self.next_split_id += 1
+        job_state.recorded = True  # accounted for by its calls' jobs
+        self.split_extra += len(ids) - 1
+        return ids
 
     def _death_reason(self, exited: WorkerExited) -> tuple[str, bool, bool]:
         """Why the worker died, whether that charges the job it held an attempt, and
@@ -437,10 +514,8 @@ class Dealer:
     def _record_failure(self, job_state: JobState, pid: int) -> None:
         job = job_state.job
         attempts = job_state.failed_attempts
-        record = JobRecord.of(job, Status.FAILED, worker=pid, attempts=attempts,
-                              reason=f"{job_state.last_failure} on {attempts} attempts")
         self.recorded += 1
-        self._write_to_main(encode_record(record))
+        self.writer.failed(job, pid, attempts, f"{job_state.last_failure} on {attempts} attempts")
         supervisor_log.info("Job %d failed after %d attempts: %s", job.job_id, attempts,
                             job_state.last_failure,
                             extra=event("job_failed", job=job.job_id, worker=pid,
@@ -553,12 +628,11 @@ class Dealer:
         except posix_ipc.BusyError:
             pass
 
-    def _write_to_main(self, line: bytes) -> None:
-        try:
-            os.write(self.record_fd, line)
-        except BrokenPipeError:
-            # main is gone, and our workers go with us (their death signal).
-            ipc.exit_between_creations(EXIT_STOPPED_EARLY)
+    def _joined(self, result: Result) -> Result:
+        parts = self.result_parts.pop((result.pid, result.job_id), None)
+        if parts is None:
+            return result
+        return dataclasses.replace(result, payload=b"".join(parts) + result.payload)
 
 
 def run_dealer(
@@ -581,7 +655,7 @@ def run_dealer(
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         ipc.redirect_stdin_to_devnull()
         ipc.close_fds_except({0, 1, 2, ready_queue.mqd, record_fd} | tplog.descriptors())
-        code = Dealer(config, ready_queue, record_fd).run()
+        code = Dealer(config, ready_queue, RecordWriter(record_fd)).run()
     except ipc.QueueLimitError as e:
         log.error("Cannot start: %s", e)
     except BaseException:

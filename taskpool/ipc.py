@@ -76,13 +76,15 @@ def exit_between_creations(code: int) -> NoReturn:
     os._exit(code)
 
 
-def create_queue(role: str, depth: int) -> posix_ipc.MessageQueue:
+def create_queue(
+    role: str, depth: int, msgsize: int = MAX_MESSAGE_SIZE
+) -> posix_ipc.MessageQueue:
     """Create a private queue and unlink its name at once (see the module doc)."""
     with _CREATING:
-        return _create_and_unlink(role, depth)
+        return _create_and_unlink(role, depth, msgsize)
 
 
-def _create_and_unlink(role: str, depth: int) -> posix_ipc.MessageQueue:
+def _create_and_unlink(role: str, depth: int, msgsize: int) -> posix_ipc.MessageQueue:
     name = f"/{_NAME_PREFIX}{os.getpid()}-{role}-{secrets.token_hex(8)}"
     try:
         queue = posix_ipc.MessageQueue(
@@ -90,13 +92,13 @@ def _create_and_unlink(role: str, depth: int) -> posix_ipc.MessageQueue:
             flags=posix_ipc.O_CREX,
             mode=0o600,
             max_messages=depth,
-            max_message_size=MAX_MESSAGE_SIZE,
+            max_message_size=msgsize,
             read=True,
             write=True,
         )
     except ValueError as e:
         raise QueueLimitError(
-            f"the kernel refused a message queue of {depth} x {MAX_MESSAGE_SIZE} bytes ({e}); "
+            f"the kernel refused a message queue of {depth} x {msgsize} bytes ({e}); "
             f"fs.mqueue.msg_max is {_read_sysctl('msg_max')} and fs.mqueue.msgsize_max is "
             f"{_read_sysctl('msgsize_max')}: raise them with sysctl"
         ) from None
@@ -109,7 +111,7 @@ def _create_and_unlink(role: str, depth: int) -> posix_ipc.MessageQueue:
                 "the kernel refused another message queue: this user's queue memory "
                 f"(RLIMIT_MSGQUEUE, {soft} bytes) or the system's queue count "
                 f"(fs.mqueue.queues_max, {_read_sysctl('queues_max')}) is used up. "
-                f"This queue needs {queue_cost(depth)} bytes. Other programs, or queues "
+                f"This queue needs {queue_cost(depth, msgsize)} bytes. Other programs, or queues "
                 "still open in processes of an earlier run, may hold the rest: raise the "
                 "limit with `ulimit -q` (or `prlimit --msgqueue`) or `sysctl fs.mqueue.queues_max`"
             ) from None

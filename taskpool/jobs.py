@@ -52,6 +52,7 @@ class JobKind(enum.IntEnum):
     SLEEP = 2
     ALLOC = 3
     CRASH = 4
+    CALL = 5  # a batch of Python calls from taskpool.Executor; arg is how many (calls.py)
 
     @property
     def label(self) -> str:
@@ -70,6 +71,9 @@ class Job:
     pool: int = 1  # the job type: it runs only on a worker of this pool
     priority: int = 0  # higher first, 0..PRIORITY_MAX
     line: int = field(default=0, compare=False)  # where it was read; not sent on the wire
+    # A CALL job's calls, framed by protocol.encode_calls; opaque to the Dealer except to
+    # split a batch in single calls.
+    payload: bytes = field(default=b"", compare=False, repr=False)
 
     def describe(self) -> str:
         """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``."""

@@ -57,6 +57,8 @@ class PoolLayout:
             if name:
                 try:
                     kind = JobKind[name.strip().upper()]
+                    if kind is JobKind.CALL:
+                        raise KeyError(name)  # the Executor's, not a job file's
                 except KeyError:
                     raise PoolSpecError(
                         f"{item!r}: unknown job kind {name!r} (expected fib, sleep, alloc "

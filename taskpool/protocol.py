@@ -11,9 +11,21 @@ Who sends what, on which channel::
     TaskGenerator --JobAccepted, LineRejected---> intake pipe  ---> main   (stdin input only)
     Dealer recv thread --JobRecord, DealerStats-> record pipe  ---> main
 
+and, when the caller is a taskpool.Executor (the Dealer runs in executor_host.py)::
+
+    Executor feeder thread --Settings, Batch, End--> submit pipe ---> host's intake thread
+    host intake thread --Job (kind CALL), EndOfJobs--> ready queue ---> Dealer send thread
+    Worker --ResultPart..., Result--------------> result queue (a result over one message)
+    Dealer recv thread --Outcomes, Failed, Stopped--> outcome pipe --> Executor collector
+
+A CALL job carries its calls as a payload after the fixed fields (`encode_calls`), and its
+Result carries their outcomes (`encode_outcomes`). Calls and outcomes are pickles made and
+read only by the Executor and the workers; the Dealer reads the framing alone, to split a
+batch whose worker died into single calls.
+
 Queue messages are small fixed-layout structs (network byte order) behind a two-byte header
-(version, type), so that every message fits the smallest queue we create (`MAX_MESSAGE_SIZE`)
-and no pickle ever crosses. Pipe messages are JSON lines, one object each, shorter than
+(version, type), so that every message of a CLI run fits the smallest queue we create
+(`MAX_MESSAGE_SIZE`). Pipe messages are JSON lines, one object each, shorter than
 PIPE_BUF so that a write is atomic. Anything malformed raises `ProtocolError`; receivers log
 it and go on.
 """
@@ -23,6 +35,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
@@ -49,6 +62,7 @@ class MessageType(enum.IntEnum):
     WORKER_EXITED = 8
     TERMINATE = 9
     HEARTBEAT = 10
+    RESULT_PART = 11
 
 
 # Payload layouts. An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
@@ -60,16 +74,18 @@ _RESULT = struct.Struct("!QHIB8s")  # job id, attempt, worker pid, kind, value
 _EXITED = struct.Struct("!Ii")  # pid, raw wait status
 _TERMINATE = struct.Struct("!B")  # signal number that asked for it
 _HEARTBEAT = struct.Struct("!I")  # worker pid
+_PART = struct.Struct("!QHI")  # job id, attempt, worker pid; then a piece of the payload
 
 
 def _pack_value(kind: JobKind, value: Arg) -> bytes:
-    if kind is JobKind.SLEEP:
+    if kind is JobKind.SLEEP or kind is JobKind.CALL and isinstance(value, float):
         return struct.pack("!d", float(value))
     return struct.pack("!q", int(value))
 
 
-def _unpack_value(kind: JobKind, raw: bytes) -> Arg:
-    if kind is JobKind.SLEEP:
+def _unpack_value(kind: JobKind, raw: bytes, is_result: bool = False) -> Arg:
+    # A CALL job's arg is its number of calls; its result value, the seconds they ran.
+    if kind is JobKind.SLEEP or kind is JobKind.CALL and is_result:
         return float(struct.unpack("!d", raw)[0])
     return int(struct.unpack("!q", raw)[0])
 
@@ -91,9 +107,9 @@ class JobMessage:
 
     def encode(self) -> bytes:
         job = self.job
-        payload = _JOB.pack(job.job_id, self.attempt, job.kind, _pack_value(job.kind, job.arg),
-                            job.timeout or 0.0, job.pool, job.priority)
-        return _HEADER.pack(VERSION, MessageType.JOB) + payload
+        fields = _JOB.pack(job.job_id, self.attempt, job.kind, _pack_value(job.kind, job.arg),
+                           job.timeout or 0.0, job.pool, job.priority)
+        return _HEADER.pack(VERSION, MessageType.JOB) + fields + job.payload
 
 
 @dataclass(frozen=True)
@@ -152,12 +168,41 @@ class Result:
     pid: int
     kind: JobKind
     value: Arg
+    payload: bytes = field(default=b"", repr=False)  # a CALL job's outcomes
 
     def encode(self) -> bytes:
-        payload = _RESULT.pack(
+        fields = _RESULT.pack(
             self.job_id, self.attempt, self.pid, self.kind, _pack_value(self.kind, self.value)
         )
-        return _HEADER.pack(VERSION, MessageType.RESULT) + payload
+        return _HEADER.pack(VERSION, MessageType.RESULT) + fields + self.payload
+
+    def encode_in_parts(self, max_size: int) -> list[bytes]:
+        """The result as queue messages of at most `max_size` bytes: ResultParts carrying
+        the payload's head, then the Result with its tail. The receiver joins the parts of
+        one worker (its messages keep their order), and drops them if the worker dies."""
+        whole = self.encode()
+        if len(whole) <= max_size:
+            return [whole]
+        part_header = _HEADER.pack(VERSION, MessageType.RESULT_PART) + _PART.pack(
+            self.job_id, self.attempt, self.pid)
+        piece = max_size - len(part_header)
+        tail_room = max_size - (len(whole) - len(self.payload))
+        head = len(self.payload) - tail_room
+        parts = [part_header + self.payload[i:min(i + piece, head)]
+                 for i in range(0, head, piece)]
+        last = Result(self.job_id, self.attempt, self.pid, self.kind, self.value,
+                      self.payload[head:])
+        return parts + [last.encode()]
+
+
+@dataclass(frozen=True)
+class ResultPart:
+    """A piece of a Result's payload too large for one message (see encode_in_parts)."""
+
+    job_id: int
+    attempt: int
+    pid: int
+    piece: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -185,7 +230,8 @@ class Terminate:
 
 
 Message = Union[
-    JobMessage, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, WorkerExited, Terminate
+    JobMessage, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, ResultPart, WorkerExited,
+    Terminate,
 ]
 
 
@@ -202,16 +248,22 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"unknown message type {code}") from None
     try:
         if mtype is MessageType.JOB:
-            job_id, attempt, kind_code, raw, timeout, pool, priority = _JOB.unpack(body)
+            job_id, attempt, kind_code, raw, timeout, pool, priority = _JOB.unpack_from(body)
             kind = _kind(kind_code)
-            job = Job(job_id, kind, _unpack_value(kind, raw), timeout or None, pool, priority)
+            payload = _payload_of(kind, body, _JOB.size, mtype)
+            job = Job(job_id, kind, _unpack_value(kind, raw), timeout or None, pool, priority,
+                      payload=payload)
             return JobMessage(job, attempt)
         if mtype is MessageType.ACK:
             return Ack(*_ACK.unpack(body))
         if mtype is MessageType.RESULT:
-            job_id, attempt, pid, kind_code, raw = _RESULT.unpack(body)
+            job_id, attempt, pid, kind_code, raw = _RESULT.unpack_from(body)
             kind = _kind(kind_code)
-            return Result(job_id, attempt, pid, kind, _unpack_value(kind, raw))
+            payload = _payload_of(kind, body, _RESULT.size, mtype)
+            return Result(job_id, attempt, pid, kind, _unpack_value(kind, raw, True), payload)
+        if mtype is MessageType.RESULT_PART:
+            job_id, attempt, pid = _PART.unpack_from(body)
+            return ResultPart(job_id, attempt, pid, body[_PART.size:])
         if mtype is MessageType.END_OF_JOBS:
             return EndOfJobs(*_END.unpack(body))
         if mtype is MessageType.WORKER_EXITED:
@@ -227,6 +279,159 @@ def decode(data: bytes) -> Message:
     if mtype is MessageType.STOP:
         return Stop()
     return Shutdown()
+
+
+def _payload_of(kind: JobKind, body: bytes, fixed: int, mtype: MessageType) -> bytes:
+    payload = body[fixed:]
+    if payload and kind is not JobKind.CALL:
+        raise ProtocolError(f"{mtype.name} message has {len(payload)} unexpected bytes")
+    return payload
+
+
+# --- A CALL job's payload: its calls, and their outcomes ------------------------------------
+
+class CallWhere(enum.IntEnum):
+    """Where a call's pickle is: in the message, or (too large for one) in a memfd of the
+    Executor's process that the worker opens through /proc/PID/fd/FD."""
+
+    INLINE = 0
+    MEMFD = 1
+
+
+class OutcomeKind(enum.IntEnum):
+    RETURNED = 0  # the pickled return value
+    RAISED = 1  # a pickled (exception, traceback text)
+
+
+_CALL = struct.Struct("!QBI")  # call id, CallWhere, length of what follows
+_MEMFD = struct.Struct("!IIQ")  # pid, fd, size of the pickle
+_OUTCOME = struct.Struct("!QBI")  # call id, OutcomeKind, length of the pickle
+
+
+def encode_calls(calls: Iterable[tuple[int, CallWhere, bytes]]) -> bytes:
+    return b"".join(_CALL.pack(call_id, where, len(data)) + data
+                    for call_id, where, data in calls)
+
+
+def decode_calls(payload: bytes) -> Iterator[tuple[int, CallWhere, bytes]]:
+    return _frames(payload, _CALL, CallWhere)
+
+
+def split_calls(payload: bytes) -> list[tuple[int, bytes]]:
+    """Each call of a batch as a payload of its own: (call id, payload)."""
+    return [(call_id, encode_calls([(call_id, where, data)]))
+            for call_id, where, data in decode_calls(payload)]
+
+
+def encode_memfd_ref(pid: int, fd: int, size: int) -> bytes:
+    return _MEMFD.pack(pid, fd, size)
+
+
+def decode_memfd_ref(data: bytes) -> tuple[int, int, int]:
+    try:
+        return _MEMFD.unpack(data)
+    except struct.error as e:
+        raise ProtocolError(f"bad memfd reference: {e}") from None
+
+
+def encode_outcomes(outcomes: Iterable[tuple[int, OutcomeKind, bytes]]) -> bytes:
+    return b"".join(_OUTCOME.pack(call_id, kind, len(data)) + data
+                    for call_id, kind, data in outcomes)
+
+
+def decode_outcomes(payload: bytes) -> Iterator[tuple[int, OutcomeKind, bytes]]:
+    return _frames(payload, _OUTCOME, OutcomeKind)
+
+
+def _frames(payload: bytes, head: struct.Struct, tag: type[enum.IntEnum]) -> Iterator[Any]:
+    view = memoryview(payload)
+    offset = 0
+    while offset < len(view):
+        try:
+            ident, code, length = head.unpack_from(view, offset)
+        except struct.error as e:
+            raise ProtocolError(f"truncated call frame at byte {offset}: {e}") from None
+        start = offset + head.size
+        offset = start + length
+        if offset > len(view):
+            raise ProtocolError(f"call frame at byte {start} runs past the payload")
+        try:
+            kind = tag(code)
+        except ValueError:
+            raise ProtocolError(f"unknown call frame tag {code}") from None
+        yield ident, kind, bytes(view[start:offset])
+
+
+# --- The Executor's pipes: length-prefixed frames -------------------------------------------
+
+class FrameType(enum.IntEnum):
+    SETTINGS = 1  # Executor -> host: a pickled ExecutorSettings, first and once
+    BATCH = 2  # Executor -> host: job id, then encode_calls()
+    END = 3  # Executor -> host: no more batches; the total sent
+    OUTCOMES = 4  # host -> Executor: job id, seconds, then encode_outcomes()
+    FAILED = 5  # host -> Executor: a job that ran out of attempts: its calls and why
+    STOPPED = 6  # host -> Executor: the pool stopped before its jobs were done, and why
+
+
+_FRAME = struct.Struct("!IB")  # length of the body, FrameType
+_JOB_ID = struct.Struct("!Q")
+_OUTCOMES_HEAD = struct.Struct("!Qd")  # job id, seconds its calls ran in the worker
+
+
+def encode_frame(ftype: FrameType, body: bytes) -> bytes:
+    return _FRAME.pack(len(body), ftype) + body
+
+
+def read_frame(read: Any) -> tuple[FrameType, bytes] | None:
+    """The next frame from `read(n)` (which returns exactly n bytes, or fewer at EOF);
+    None at a clean end of the stream."""
+    head = read(_FRAME.size)
+    if not head:
+        return None
+    if len(head) < _FRAME.size:
+        raise ProtocolError("the stream ended inside a frame header")
+    length, code = _FRAME.unpack(head)
+    body = read(length)
+    if len(body) < length:
+        raise ProtocolError("the stream ended inside a frame")
+    try:
+        return FrameType(code), body
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {code}") from None
+
+
+def encode_batch(job_id: int, calls: bytes) -> bytes:
+    return encode_frame(FrameType.BATCH, _JOB_ID.pack(job_id) + calls)
+
+
+def decode_batch(body: bytes) -> tuple[int, bytes]:
+    return _JOB_ID.unpack_from(body)[0], body[_JOB_ID.size:]
+
+
+def encode_end(total: int) -> bytes:
+    return encode_frame(FrameType.END, _JOB_ID.pack(total))
+
+
+def decode_end(body: bytes) -> int:
+    return int(_JOB_ID.unpack(body)[0])
+
+
+def encode_outcomes_frame(job_id: int, seconds: float, outcomes: bytes) -> bytes:
+    return encode_frame(FrameType.OUTCOMES, _OUTCOMES_HEAD.pack(job_id, seconds) + outcomes)
+
+
+def decode_outcomes_frame(body: bytes) -> tuple[int, float, bytes]:
+    job_id, seconds = _OUTCOMES_HEAD.unpack_from(body)
+    return job_id, seconds, body[_OUTCOMES_HEAD.size:]
+
+
+def encode_failed(call_ids: list[int], reason: str) -> bytes:
+    body = json.dumps({"calls": call_ids, "reason": reason}).encode()
+    return encode_frame(FrameType.FAILED, body)
+
+
+def encode_stopped(reason: str) -> bytes:
+    return encode_frame(FrameType.STOPPED, reason.encode())
 
 
 # --- Pipe records: JSON lines -------------------------------------------------------------

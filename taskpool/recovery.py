@@ -40,7 +40,7 @@ from taskpool.log import event
 from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import Deadline, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
-from taskpool.protocol import Terminate, WorkerExited
+from taskpool.protocol import MAX_MESSAGE_SIZE, Terminate, WorkerExited
 from taskpool.scheduler import Schedule, assign
 from taskpool.worker import EXIT_RETIRED, CrashPlan, WorkerLimits, run_worker
 
@@ -60,6 +60,14 @@ HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messag
 warnings.filterwarnings("ignore", message=".*multi-threaded.*fork.*", category=DeprecationWarning)
 
 
+def _reap_all_children() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 @dataclass(frozen=True)
 class WorkerSetup:
     """What a forked worker needs, and nothing else: the child touches no other Dealer
@@ -69,6 +77,8 @@ class WorkerSetup:
     plan: CrashPlan
     policy: SupervisionPolicy
     layout: PoolLayout
+    initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    request_message_size: int = MAX_MESSAGE_SIZE
 
 
 class Supervisor(threading.Thread):
@@ -92,8 +102,11 @@ class Supervisor(threading.Thread):
             while True:
                 sig = self.wait_for_signal_or_deadline()
                 if sig == MAIN_LOST_SIGNAL:
-                    # Nobody can record a result now. Our exit ends the workers: their
-                    # parent-death signal is tied to this thread.
+                    # Nobody can record a result now. Kill and reap the workers ourselves:
+                    # left to their parent-death signal they would be zombies of whatever
+                    # process adopts them, and that one may never reap.
+                    self.kill_workers()
+                    _reap_all_children()
                     ipc.exit_between_creations(EXIT_MAIN_LOST)
                 if sig == signal.SIGTERM:
                     self.setup.result_queue.send(Terminate(sig).encode())
@@ -178,7 +191,8 @@ class Supervisor(threading.Thread):
                 closed_before = self.state.queues_closed
             try:
                 if queue is None:
-                    queue = ipc.create_queue("worker", self.state.credit)
+                    queue = ipc.create_queue("worker", self.state.credit,
+                                             self.setup.request_message_size)
             except ipc.QueueLimitError as e:
                 with self.state.lock:
                     if self.state.spare_queues or self.state.queues_closed != closed_before:
@@ -219,8 +233,10 @@ class Supervisor(threading.Thread):
             # every live worker: a worker is either told to shut down or never forked.
             if self.state.stopping:
                 return None
-            # FORK SAFETY. We fork from a process that runs three threads. The child gets
-            # only this thread, and cannot deadlock, because:
+            # FORK SAFETY. We fork from a process that runs three threads (five in an
+            # Executor's Dealer: its intake and lifeline threads only read a pipe and send
+            # to the ready queue, under no lock of ours). The child gets only this thread,
+            # and cannot deadlock, because:
             # - the only lock our other threads take is state.lock, and we hold it right
             #   now, so no other thread is inside a critical section at the fork; the child
             #   never touches it anyway;
@@ -263,7 +279,7 @@ class Supervisor(threading.Thread):
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
                                   policy.max_memory_mb)
             run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
-                       log_each_job=self.layout.typed)
+                       log_each_job=self.layout.typed, initializer=self.setup.initializer)
         finally:
             os._exit(70)
 

@@ -15,6 +15,7 @@ import enum
 import hashlib
 import logging
 import os
+import pickle
 import resource
 import signal
 import threading
@@ -23,7 +24,8 @@ from typing import NoReturn
 
 import posix_ipc
 
-from taskpool.jobs import execute
+from taskpool.calls import run_calls
+from taskpool.jobs import JobKind, execute
 from taskpool.log import event
 from taskpool.protocol import Ack, Heartbeat, JobMessage, ProtocolError, Result, Shutdown, decode
 
@@ -33,6 +35,7 @@ log = logging.getLogger("taskpool.worker")
 # Exit statuses that say why a worker left on its own.
 EXIT_RETIRED = 75  # --max-tasks-per-child reached: replace me, nothing went wrong
 EXIT_MEMORY_LIMIT = 76  # a job ran out of --max-memory: counts as a failed attempt
+EXIT_INITIALIZER_FAILED = 77  # the Executor's initializer raised: this worker cannot work
 
 
 class Step(str, enum.Enum):
@@ -151,16 +154,31 @@ def _address_space_bytes() -> int:
     return 0
 
 
+def _run_initializer(initializer: bytes) -> None:
+    """The Executor's initializer(*initargs), once, before any job. If it raises, this
+    worker cannot do what the caller asked: exit, and let restart intensity decide."""
+    try:
+        fn, args = pickle.loads(initializer)
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - whatever it raised, the worker is unusable
+        log.error("The initializer raised %s: %s", type(e).__name__, e,
+                  extra=event("initializer_failed", reason=f"{type(e).__name__}: {e}"))
+        os._exit(EXIT_INITIALIZER_FAILED)
+
+
 def run_worker(
     request_queue: posix_ipc.MessageQueue,
     result_queue: posix_ipc.MessageQueue,
     plan: CrashPlan,
     limits: WorkerLimits = WorkerLimits(),
     log_each_job: bool = False,
+    initializer: bytes | None = None,
 ) -> NoReturn:
     """The worker loop. Returns only through os._exit()."""
     pid = os.getpid()
     log.info("Starting up", extra=event("worker_started"))
+    if initializer is not None:
+        _run_initializer(initializer)
     if plan.is_injected(0, Step.AT_START, 1):
         os.kill(pid, signal.SIGKILL)
     heartbeat = None
@@ -205,8 +223,12 @@ def run_worker(
         checkpoint(job.job_id, attempt, Step.DURING_COMPUTE, crash_at)
         if heartbeat is not None:
             heartbeat.job_started()
+        payload = b""
         try:
-            value = execute(job.kind, job.arg)
+            if job.kind is JobKind.CALL:
+                value, payload = run_calls(job.payload)
+            else:
+                value = execute(job.kind, job.arg)
         except MemoryError:
             log.info("Job %d ran out of memory (--max-memory %s MB)", job.job_id,
                      limits.max_memory_mb)
@@ -214,7 +236,9 @@ def run_worker(
         if heartbeat is not None:
             heartbeat.job_finished()
         checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
-        result_queue.send(Result(job.job_id, attempt, pid, job.kind, value).encode())
+        result = Result(job.job_id, attempt, pid, job.kind, value, payload)
+        for encoded in result.encode_in_parts(result_queue.max_message_size):
+            result_queue.send(encoded)
         if log_each_job:
             log.info("Done job %d", job.job_id, extra=event("job_finished", job=job.job_id))
         checkpoint(job.job_id, attempt, Step.AFTER_RESULT, None)

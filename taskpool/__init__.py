@@ -2,12 +2,29 @@
 
 Process roles, one module each:
 
-    main.py       main: forks the TaskGenerator and the Dealer, records results
-    generator.py  TaskGenerator: puts jobs on the ready queue
-    dealer.py     Dealer: send and recv threads
-    recovery.py   the Dealer's recovery thread: forks, reaps and replaces workers
-    worker.py     a worker: ACK, compute, result
-    protocol.py   the wire format, the only module that knows the byte layout
+    main.py           main: forks the TaskGenerator and the Dealer, records results
+    generator.py      TaskGenerator: puts jobs on the ready queue
+    dealer.py         Dealer: send and recv threads
+    recovery.py       the Dealer's recovery thread: forks, reaps and replaces workers
+    worker.py         a worker: ACK, compute, result
+    executor.py       taskpool.Executor, in the caller's process: feeder and collector
+    executor_host.py  an Executor's Dealer process (fork+exec'd), with its intake thread
+    calls.py          a worker's side of the Executor: run pickled calls
+    protocol.py       the wire format, the only module that knows the byte layout
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["Executor", "WorkerCrashed"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the CLI's processes never pay for concurrent.futures and multiprocessing.
+    if name in __all__:
+        from taskpool import executor
+
+        return getattr(executor, name)
+    raise AttributeError(f"module 'taskpool' has no attribute {name!r}")

@@ -1,0 +1,187 @@
+"""The Dealer of a taskpool.Executor: the same Dealer, queues and recovery as a CLI run, in a
+process of its own that the Executor starts with fork+exec::
+
+    python -m taskpool.executor_host SUBMIT_FD OUTCOME_FD LIFELINE_FD
+
+Why exec: the Executor lives in someone else's program, which may run threads of its own
+(with their locks held at any instant). A fork that went on running Python in the child
+could deadlock on one of them; subprocess's fork+exec runs no Python code between the two.
+This process then forks the workers itself, as the CLI's Dealer does, with the same
+argument for why that is safe (recovery.Supervisor.spawn_worker).
+
+Threads, beside the Dealer's own three:
+
+    intake thread    submit pipe read; ready queue send. Turns the Executor's Batch frames
+                     into CALL jobs, and its End frame into EndOfJobs.
+    lifeline thread  lifeline pipe read. The Executor holds the write end and never writes:
+                     EOF means its process is gone (or it gave us up), and the pool ends at
+                     once: the recovery thread kills and reaps the workers, then exits
+                     between two queue creations (MAIN_LOST_SIGNAL, as in a CLI run).
+
+No parent-death signal here: PR_SET_PDEATHSIG fires when the *thread* that started us exits,
+and in a caller's program that may be any short-lived thread. The lifeline does that job.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.spawn
+import os
+import pickle
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from taskpool import ipc
+from taskpool import log as tplog
+from taskpool.dealer import EXIT_STOPPED_EARLY, Dealer, DealerConfig, RecordWriter
+from taskpool.jobs import Job, JobKind
+from taskpool.policy import SupervisionPolicy
+from taskpool.pools import PoolLayout
+from taskpool.protocol import (
+    DealerStats,
+    EndOfJobs,
+    FrameType,
+    JobMessage,
+    ProtocolError,
+    Result,
+    decode_batch,
+    decode_calls,
+    decode_end,
+    encode_failed,
+    encode_outcomes_frame,
+    encode_stopped,
+    read_frame,
+)
+from taskpool.recovery import MAIN_LOST_SIGNAL, SUPERVISOR_SIGNALS
+from taskpool.worker import CrashPlan
+
+log = logging.getLogger("taskpool.dealer")
+
+# Message sizes of an Executor's queues. A worker's queue holds `credit` batches of calls
+# (2 x 4,192 bytes of queue memory); the result queue takes the kernel's default largest
+# message. 64 workers cost 537 kB + 83 kB + 42 kB of the default 819,200 bytes.
+REQUEST_MESSAGE_SIZE = 4096
+RESULT_MESSAGE_SIZE = 8192
+# What the calls of one batch may take inline; the rest of a message is its fixed fields.
+INLINE_CALLS_LIMIT = REQUEST_MESSAGE_SIZE - 64
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Sent by the Executor as the first frame: everything this process needs."""
+
+    workers: int
+    max_attempts: int
+    timeout: float | None
+    initializer: bytes | None  # pickled (initializer, initargs)
+    preparation: dict[str, Any] = field(default_factory=dict)  # multiprocessing.spawn's
+    # The whole log (INFO) with verbose=True; else what needs a reader (WARNING): an
+    # Executor is a library in someone's program, and says nothing when all goes well.
+    log_level: int = logging.WARNING
+    max_restarts: int = 10
+    restart_window: float = 5.0
+
+
+class FrameWriter(RecordWriter):
+    """The recv thread's outcomes, as frames on the Executor's outcome pipe."""
+
+    def done(self, job: Job, result: Result) -> None:
+        self.write(encode_outcomes_frame(job.job_id, float(result.value), result.payload))
+
+    def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
+        calls = [call_id for call_id, _where, _data in decode_calls(job.payload)]
+        self.write(encode_failed(calls, reason))
+
+    def stats(self, stats: DealerStats) -> None:
+        if stats.stop_reason is not None:
+            self.write(encode_stopped(stats.stop_reason))
+
+
+def _read_exactly(fd: int) -> Any:
+    def read(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = os.read(fd, n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    return read
+
+
+def _intake(read: Any, ready_queue: Any) -> None:
+    """The intake thread (see the module doc)."""
+    try:
+        while True:
+            frame = read_frame(read)
+            if frame is None:
+                break  # EOF before End: the Executor is gone
+            ftype, body = frame
+            if ftype is FrameType.BATCH:
+                job_id, calls = decode_batch(body)
+                count = sum(1 for _ in decode_calls(calls))
+                job = Job(job_id, JobKind.CALL, count, payload=calls)
+                ready_queue.send(JobMessage(job, attempt=1).encode())
+            elif ftype is FrameType.END:
+                ready_queue.send(EndOfJobs(decode_end(body)).encode())
+                return
+    except ProtocolError as e:
+        log.error("The Executor sent a malformed frame: %s", e)
+    os.kill(os.getpid(), MAIN_LOST_SIGNAL)
+
+
+def _lifeline(fd: int) -> None:
+    while os.read(fd, 1):
+        pass
+    os.kill(os.getpid(), MAIN_LOST_SIGNAL)
+
+
+def main(argv: list[str]) -> NoReturn:
+    code = EXIT_STOPPED_EARLY
+    try:
+        submit_fd, outcome_fd, lifeline_fd = (int(a) for a in argv)
+        # Blocked before any thread starts, so that all inherit the mask: the recovery
+        # thread alone takes these signals, with sigwait() (see run_dealer).
+        ipc.reset_signals_in_child(blocked=SUPERVISOR_SIGNALS)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        ipc.redirect_stdin_to_devnull()
+        read = _read_exactly(submit_fd)
+        frame = read_frame(read)
+        if frame is None or frame[0] is not FrameType.SETTINGS:
+            raise ProtocolError("the Executor's first frame was not its settings")
+        settings: ExecutorSettings = pickle.loads(frame[1])
+        tplog.setup(2, settings.log_level)
+        # Import the caller's __main__ as multiprocessing's spawn does, so that functions
+        # pickled by reference to it resolve in the workers (forked from us).
+        multiprocessing.spawn.prepare(settings.preparation)
+        ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
+        policy = SupervisionPolicy(
+            max_attempts=settings.max_attempts, timeout=settings.timeout, heartbeat=None,
+            max_restarts=max(settings.max_restarts, settings.workers),
+            restart_window=settings.restart_window)
+        config = DealerConfig(
+            PoolLayout.single(settings.workers), CrashPlan(), policy,
+            request_message_size=REQUEST_MESSAGE_SIZE, result_message_size=RESULT_MESSAGE_SIZE,
+            initializer=settings.initializer)
+        dealer = Dealer(config, ready_queue, FrameWriter(outcome_fd))
+        for target, args in ((_intake, (read, ready_queue)), (_lifeline, (lifeline_fd,))):
+            threading.Thread(target=target, args=args, name=target.__name__[1:],
+                             daemon=True).start()
+        code = dealer.run()
+    except ipc.QueueLimitError as e:
+        log.error("Cannot start: %s", e)
+        os.write(2, f"taskpool.Executor: cannot start: {e}\n".encode())
+    except BaseException:
+        log.exception("The Executor's Dealer failed")
+    finally:
+        ipc.exit_between_creations(code)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -25,6 +25,7 @@ soak: $(STAMP)
 	$(PY) -m pytest -q -m soak -p no:cacheprovider
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench.py
 
 # The demo's timeline, drawn by `taskpool report` and rendered by headless Chromium to a

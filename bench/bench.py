@@ -3,9 +3,12 @@
 A benchmark, not a test: it asserts nothing, and states the machine it ran on. Each figure
 is the best of REPEATS runs (the least disturbed by the rest of the machine).
 
-Now: CLI dispatch throughput (20,000 `sleep 0` jobs, 2 workers, log to a file), with the
-results journal off and on; and the makespan of typed pools (`taskpool dispatch`) on sleep
-workloads against the ideal schedule.
+Everything runs in ONE invocation on the same machine, so that every ratio compares figures
+taken side by side: dispatch overhead of taskpool (Executor and CLI) against PPE,
+multiprocessing.Pool, loky and pebble (optional: `pip install -e '.[bench]'`), with the
+two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's makespan;
+crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
+typed pools on sleep workloads. The measurements are in peers.py.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = 20_000
 REPEATS = 3
+KILLS = 200
 
 
 def cli_jobs_per_second(workdir: Path, journal: bool) -> float:
@@ -91,43 +96,108 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 
 
 def main() -> None:
+    import peers
+
+    n = JOBS
+    fib_n, fib_count = 27, 40
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        off = cli_jobs_per_second(workdir, journal=False)
-        on = cli_jobs_per_second(workdir, journal=True)
+        print("dispatch overhead...", file=sys.stderr)
+        rates: dict[str, float] = {}
+        rates["floor"] = peers.executor_rate(peers.InlineExecutor, n, REPEATS)
+        rates["executor"] = peers.executor_rate(peers.taskpool_executor, n, REPEATS)
+        rates["executor10k"] = peers.executor_rate(peers.taskpool_executor, 10_000, REPEATS)
+        rates["cli"] = cli_jobs_per_second(workdir, journal=False)
+        rates["cli_journal"] = cli_jobs_per_second(workdir, journal=True)
+        rates["ppe"] = peers.executor_rate(peers.ppe, n, REPEATS)
+        rates["mp"] = peers.mp_pool_rate(n, REPEATS)
+        for name, make in (("loky", peers.loky_executor), ("pebble", peers.pebble_executor)):
+            try:
+                rates[name] = peers.executor_rate(make, n, REPEATS)
+            except ImportError:
+                pass  # optional: `pip install -e '.[bench]'`
+        rates["ping_pong"] = peers.ping_pong_rate(n, REPEATS)
+        print("fib batch...", file=sys.stderr)
+        ideal = peers.sequential_fib(fib_n) * fib_count / 2
+        fib_cli = peers.cli_fib_makespan(workdir, fib_count, fib_n, REPEATS)
+        fib_executor = peers.fib_makespan(peers.taskpool_executor, fib_count, fib_n, REPEATS)
+        fib_ppe = peers.fib_makespan(peers.ppe, fib_count, fib_n, REPEATS)
+        print("recovery latency...", file=sys.stderr)
+        to_resend, to_replacement = peers.recovery_latency(KILLS)
+        print("scale...", file=sys.stderr)
+        up, rss, pss = peers.scale(64)
         typed = []
         for name, jobs, exact in [
             ("27 sleeps, equal within each type (ideal exact: 2.0 s)", equal_jobs_workload(), True),
             ("300 random sleeps 0-0.2 s over 5 types (vs a lower bound)", random_workload(),
              False),
         ]:
-            ideal = ideal_makespan(jobs, exact)
-            typed.append((name, dispatch_makespan(workdir, jobs), ideal))
+            typed.append((name, dispatch_makespan(workdir, jobs), ideal_makespan(jobs, exact)))
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}, {datetime.date.today()}")
+    peers_rates = {k: rates[k] for k in ("ppe", "mp", "loky", "pebble") if k in rates}
+    best_peer = max(peers_rates.values())
+
+    def row(label: str, key: str) -> str:
+        return f"| {label} | {rates[key]:,.0f} | {rates[key] / best_peer:.2f} |"
+
+    ms = [1000 * v for v in to_resend]
+    ms_up = [1000 * v for v in to_replacement]
     table = "\n".join([
         f"Machine: {machine}",
         "",
-        "| benchmark | jobs/s | vs journal off |",
-        "| --- | ---: | ---: |",
-        f"| CLI, {JOBS:,} `sleep 0` jobs, 2 workers, log to a file, journal off | "
-        f"{off:,.0f} | 1.00 |",
-        f"| the same with `--journal` (batches of 500 or 50 ms) | {on:,.0f} | "
-        f"{on / off:.2f} ({(1 - on / off) * 100:.1f}% loss) |",
+        f"Dispatch overhead: {n:,} no-op jobs through 2 workers (Executors: `submit` per "
+        "job, then every result; pools warmed first; best of "
+        f"{REPEATS}). Ratio to the best peer (PPE, mp.Pool, loky, pebble).",
         "",
-        f"Best of {REPEATS} runs each, whole command wall time (start-up included). "
-        "Command: `make bench`.",
+        "| pool | jobs/s | vs best peer |",
+        "| --- | ---: | ---: |",
+        row("taskpool.Executor", "executor"),
+        row("taskpool.Executor, 10,000 submits", "executor10k"),
+        row(f"taskpool CLI, {n:,} `sleep 0` jobs, log to a file (whole command)", "cli"),
+        row("taskpool CLI, the same with `--journal`", "cli_journal"),
+        row("ProcessPoolExecutor", "ppe"),
+        row("multiprocessing.Pool.imap_unordered(chunksize=1)", "mp"),
+        *[row(name, name) for name in ("loky", "pebble") if name in rates],
+        row("limit: posix_ipc ping-pong between two processes (round trips)", "ping_pong"),
+        row("floor: in-process Executor (submit sets the result at once)", "floor"),
+        "",
+        "Targets: Executor (10,000 submits) "
+        f"{rates['executor10k'] / rates['floor']:.0%} of the floor (>= 50%), "
+        f"{rates['executor10k'] / rates['ppe']:.1f}x PPE (>= 10x), "
+        f"{rates['executor10k'] / rates['mp']:.1f}x mp.Pool (>= 2x); "
+        f"CLI {rates['cli'] / rates['mp']:.2f}x mp.Pool (>= 1).",
+        "",
+        f"CPU-bound batch: {fib_count} x fib({fib_n}) on 2 workers; ideal = sequential time "
+        f"in one process / 2 = {ideal:.2f} s.",
+        "",
+        "| pool | makespan | vs ideal |",
+        "| --- | ---: | ---: |",
+        f"| taskpool CLI (the run's own wall time) | {fib_cli:.2f} s | {fib_cli / ideal:.3f} |",
+        f"| taskpool.Executor (`map`) | {fib_executor:.2f} s | {fib_executor / ideal:.3f} |",
+        f"| ProcessPoolExecutor (`map`) | {fib_ppe:.2f} s | {fib_ppe / ideal:.3f} |",
+        "",
+        f"Crash recovery: {len(ms)} SIGKILLs of a busy worker of a 2-worker CLI run; from the "
+        "kill to its job sent again, and to the replacement worker up.",
+        "",
+        "| | median | p99 | max |",
+        "| --- | ---: | ---: | ---: |",
+        f"| kill -> job re-sent | {statistics.median(ms):.2f} ms | "
+        f"{peers.percentile(ms, 0.99):.2f} ms | {max(ms):.2f} ms |",
+        f"| kill -> replacement up | {statistics.median(ms_up):.2f} ms | "
+        f"{peers.percentile(ms_up, 0.99):.2f} ms | {max(ms_up):.2f} ms |",
+        "",
+        f"Scale: 64 workers as a normal user, default mq limits: {up:.2f} s from the Dealer's "
+        f"start to the last worker up; per worker {rss:.1f} MB RSS, {pss:.1f} MB PSS.",
         "",
         f"Typed pools, `taskpool dispatch {' '.join(map(str, POOLS))}`, sleep jobs:",
         "",
         "| workload | makespan | ideal | ratio |",
         "| --- | ---: | ---: | ---: |",
-        *[f"| {name} | {measured:.2f} s | {ideal:.2f} s | {measured / ideal:.3f} |"
-          for name, measured, ideal in typed],
+        *[f"| {name} | {measured:.2f} s | {ideal_:.2f} s | {measured / ideal_:.3f} |"
+          for name, measured, ideal_ in typed],
         "",
-        "Makespan: the run's own wall time from its Summary line (fork of the pool to the "
-        "last result), best of "
-        f"{REPEATS}. The ratio's excess is start-up (forking 7 workers) and dispatch latency.",
+        "Command: `make bench`.",
     ])
     print(table)
     (ROOT / "bench" / "results.md").write_text(table + "\n")

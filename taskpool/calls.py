@@ -51,7 +51,7 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
 
 def _run_one(where: CallWhere, data: bytes) -> tuple[OutcomeKind, bytes]:
     try:
-        if where is CallWhere.MEMFD:
+        if where == CallWhere.MEMFD:
             data = _read_memfd(data)
         fn, args, kwargs = pickle.loads(data)
         value = fn(*args, **kwargs)
@@ -93,7 +93,7 @@ def _read_memfd(ref: bytes) -> bytes:
 
 def call_outcome(kind: OutcomeKind, data: bytes) -> tuple[bool, Any]:
     """In the caller: (True, value) or (False, exception with its remote traceback)."""
-    if kind is OutcomeKind.RETURNED:
+    if kind == OutcomeKind.RETURNED:
         return True, pickle.loads(data)
     exc, tb = pickle.loads(data)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')

@@ -36,6 +36,7 @@ import math
 import multiprocessing.spawn
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -44,7 +45,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _FuturesExecutor
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any
 
 from taskpool import ipc
@@ -73,26 +73,6 @@ class WorkerCrashed(BrokenProcessPool):
     """A call's worker died `max_attempts` times (the message says how: the signal), or
     the pool could not keep workers at all. A BrokenProcessPool, so that code written for
     ProcessPoolExecutor still catches it; unlike PPE's, the pool goes on."""
-
-
-@dataclass
-class _Sent:
-    future: Future[Any]
-    memfd: int | None = None  # holds a call's pickle too large for a message
-
-
-def _exactly(fd: int) -> Callable[[int], bytes]:
-    def read(n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = os.read(fd, n)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    return read
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -138,14 +118,26 @@ class Executor(_FuturesExecutor):
             workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
             preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING)
 
+        # submit() and shutdown() serialise on _submit_lock alone, so that no submit can
+        # slip in after shutdown has let the feeder go. The feeder takes calls from
+        # `_waiting` without a lock (deque operations are atomic), and sleeps on `_work`
+        # only when it is empty: submit notifies it then (see _feed for why no wake-up
+        # is lost). So a submit never waits for the feeder.
+        self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # the feeder waits on it
+        self._work = threading.Condition(self._lock)
         self._waiting: collections.deque[tuple[int, Future[Any], Callable[..., Any],
                                                tuple[Any, ...], dict[str, Any]]] = (
             collections.deque())
-        self._sent: dict[int, _Sent] = {}
+        # Sent calls by id. Not under the lock: one dict operation is atomic, and pop()
+        # decides who resolves a future (the collector, or whoever finds the pool broken).
+        self._sent: dict[int, Future[Any]] = {}
+        self._memfds: dict[int, int] = {}  # call id -> memfd holding its pickle
         self._call_ids = itertools.count(1)
-        self._feeder_idle = False
+        # The feeder waits for calls (submit notifies) or for room in the window of sent
+        # calls (the collector notifies): see _feed.
+        self._feeder_wants_work = False
+        self._feeder_wants_room = False
         self._closing = False  # shutdown() was called: no new submits
         self._broken: str | None = None  # why the pool cannot go on
         self._seconds_per_call: float | None = None
@@ -179,14 +171,14 @@ class Executor(_FuturesExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
-        with self._work:
+        with self._submit_lock:
             if self._broken is not None:
                 raise WorkerCrashed(self._broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._waiting.append((next(self._call_ids), future, fn, args, kwargs))
-            if self._feeder_idle:
-                self._feeder_idle = False
+        if self._feeder_wants_work:
+            with self._work:
                 self._work.notify()
         return future
 
@@ -203,11 +195,15 @@ class Executor(_FuturesExecutor):
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._work:
+        with self._submit_lock:
             if cancel_futures:
                 while self._waiting:
-                    self._waiting.popleft()[1].cancel()
+                    try:
+                        self._waiting.popleft()[1].cancel()
+                    except IndexError:
+                        break  # the feeder took the last one
             self._closing = True
+        with self._work:
             self._work.notify()
         if wait:
             self._feeder.join()
@@ -216,7 +212,6 @@ class Executor(_FuturesExecutor):
     # --- feeder thread ------------------------------------------------------------------
 
     def _batch_size(self) -> int:
-        """Called with the lock held."""
         per_call = self._seconds_per_call
         if self._timeout is not None or per_call is None:
             return 1  # a timeout is per call; an unknown call may be long
@@ -224,63 +219,91 @@ class Executor(_FuturesExecutor):
         # Never so large that one worker gets what several could share.
         return min(size, -(-len(self._waiting) // self._workers))
 
+    def _window(self) -> int:
+        """How many calls may be sent and unresolved: two batches per worker, so that each
+        has one to run and one queued. The rest wait here, where they can be cancelled,
+        and grow into larger batches meanwhile."""
+        return self._workers * 2 * max(1, self._batch_size())
+
+    def _can_send(self) -> bool:
+        return bool(self._waiting) and len(self._sent) < self._window()
+
     def _feed(self) -> None:
         batches = 0
         try:
             while True:
-                with self._work:
-                    while not self._waiting and not self._closing:
-                        self._feeder_idle = True
-                        self._work.wait()
+                if not self._can_send():
+                    # No lost wake-up: the flags are set before the state is checked again
+                    # under the lock, and submit (collector) changes the state before it
+                    # reads its flag; so either we see the change, or it sees the flag and
+                    # notifies, under the lock that we hold until wait() releases it.
+                    with self._work:
+                        while True:
+                            self._feeder_wants_work = not self._waiting
+                            self._feeder_wants_room = not self._feeder_wants_work
+                            if self._can_send() or (self._closing and not self._waiting):
+                                break
+                            self._work.wait()
+                        self._feeder_wants_work = self._feeder_wants_room = False
                     if not self._waiting:
+                        break  # closing, and every call submitted before it is sent
+                room = self._window() - len(self._sent)
+                taken = []
+                for _ in range(min(room, self._batch_size())):
+                    try:
+                        taken.append(self._waiting.popleft())
+                    except IndexError:
                         break
-                    take = self._batch_size()
-                    taken = [self._waiting.popleft()
-                             for _ in range(min(take, len(self._waiting)))]
-                for payload in self._encode(taken):
+                for count, payload in self._encode(taken):
                     batches += 1
-                    _write_all(self._submit_w, encode_batch(batches, payload))
+                    _write_all(self._submit_w, encode_batch(batches, count, payload))
             _write_all(self._submit_w, encode_end(batches))
         except OSError:
             pass  # the Dealer is gone: the collector fails what is left
         finally:
             os.close(self._submit_w)
 
-    def _encode(self, taken: list[Any]) -> Iterator[bytes]:
-        """The taken calls as batch payloads of at most INLINE_CALLS_LIMIT bytes."""
+    def _encode(self, taken: list[Any]) -> Iterator[tuple[int, bytes]]:
+        """The taken calls as batch payloads of at most INLINE_CALLS_LIMIT bytes, each with
+        its number of calls. Every call is in `_sent` before its batch is yielded."""
         calls: list[tuple[int, CallWhere, bytes]] = []
         size = 0
+        sent = self._sent
+        dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
         for call_id, future, fn, args, kwargs in taken:
             if not future.set_running_or_notify_cancel():
                 continue  # cancelled while it waited
             try:
-                data = pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
+                data = dumps((fn, args, kwargs), protocol)
             except BaseException as e:  # noqa: BLE001 - as PPE: the future carries it
                 future.set_exception(e)
                 continue
-            sent = _Sent(future)
             where = CallWhere.INLINE
             if len(data) + _CALL_FRAME_OVERHEAD > INLINE_CALLS_LIMIT:
-                sent.memfd = fd = os.memfd_create("taskpool-call", os.MFD_CLOEXEC)
+                fd = self._memfds[call_id] = os.memfd_create("taskpool-call", os.MFD_CLOEXEC)
                 _write_all(fd, data)
                 data, where = encode_memfd_ref(os.getpid(), fd, len(data)), CallWhere.MEMFD
             if size + len(data) + _CALL_FRAME_OVERHEAD > INLINE_CALLS_LIMIT and calls:
-                yield encode_calls(calls)
+                yield self._checked(calls)
                 calls, size = [], 0
-            with self._lock:
-                if self._broken is not None:
-                    self._resolve(sent, WorkerCrashed(self._broken))
-                    continue
-                self._sent[call_id] = sent
+            sent[call_id] = future
             calls.append((call_id, where, data))
             size += len(data) + _CALL_FRAME_OVERHEAD
         if calls:
-            yield encode_calls(calls)
+            yield self._checked(calls)
+
+    def _checked(self, calls: list[tuple[int, CallWhere, bytes]]) -> tuple[int, bytes]:
+        """A batch ready to write, unless the pool broke while we built it: then its calls
+        fail here (the collector's sweep may have run before they were in `_sent`)."""
+        if self._broken is not None:
+            for call_id, _where, _data in calls:
+                self._finish(call_id, error=WorkerCrashed(self._broken))
+        return len(calls), encode_calls(calls)
 
     # --- collector thread -------------------------------------------------------------
 
     def _collect(self) -> None:
-        read = _exactly(self._outcome_r)
+        read = os.fdopen(self._outcome_r, "rb", closefd=False).read  # buffered; exact reads
         reason = None
         try:
             while True:
@@ -302,25 +325,27 @@ class Executor(_FuturesExecutor):
         if status != 0:
             ipc.sweep_queues_of(self._dealer.pid)  # it may have died inside a creation
             if reason is None:
-                how = (f"killed by signal {-status}" if status < 0
-                       else f"exited with status {status}")
+                how = (f"killed by signal {-status} ({signal.Signals(-status).name})"
+                       if status < 0 else f"exited with status {status}")
                 reason = f"the Executor's Dealer process (PID {self._dealer.pid}) {how}"
         os.close(self._outcome_r)
         os.close(self._lifeline_w)
-        with self._lock:
+        with self._submit_lock:
             if reason is not None or self._sent or self._waiting:
                 self._broken = reason or "the Executor's Dealer ended before its calls"
-            sent_left = list(self._sent.values())
-            waiting_left = [item[1] for item in self._waiting]
-            self._sent.clear()
-            self._waiting.clear()
+            self._closing = True  # the feeder has nowhere to send: let it go
+        with self._work:
             self._work.notify()
         error = WorkerCrashed(self._broken or "")
-        for sent in sent_left:
-            self._resolve(sent, error)
-        for future in waiting_left:
+        for call_id in list(self._sent):
+            self._finish(call_id, error=error)
+        while True:  # what the feeder has not taken (it fails what it has: _checked)
+            try:
+                future = self._waiting.popleft()[1]
+            except IndexError:
+                break
             if future.set_running_or_notify_cancel():
-                self._resolve(_Sent(future), error)
+                future.set_exception(error)
 
     def _on_outcomes(self, body: bytes) -> None:
         _job_id, seconds, payload = decode_outcomes_frame(body)
@@ -339,25 +364,27 @@ class Executor(_FuturesExecutor):
             per_call = seconds / count
             old = self._seconds_per_call
             self._seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
+        if self._feeder_wants_room:
+            with self._work:
+                self._work.notify()
 
     def _finish(self, call_id: int, *, value: Any = None,
                 error: BaseException | None = None) -> None:
-        with self._lock:
-            sent = self._sent.pop(call_id, None)
-        if sent is not None:  # None: already resolved (a duplicate cannot get here, but...)
-            self._resolve(sent, error, value)
-
-    @staticmethod
-    def _resolve(sent: _Sent, error: BaseException | None, value: Any = None) -> None:
-        if sent.memfd is not None:
-            os.close(sent.memfd)
+        """Resolve a sent call's future, once: whoever pops it from `_sent` does."""
+        future = self._sent.pop(call_id, None)
+        if future is None:
+            return  # resolved already (the Dealer records a result once; this is a guard)
+        if self._memfds:
+            memfd = self._memfds.pop(call_id, None)
+            if memfd is not None:
+                os.close(memfd)
         try:
             if error is not None:
-                sent.future.set_exception(error)
+                future.set_exception(error)
             else:
-                sent.future.set_result(value)
+                future.set_result(value)
         except InvalidStateError:
-            pass  # cancelled before it started: nothing to tell
+            pass  # resolved by a racing path: the first one stands
 
 
 def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:

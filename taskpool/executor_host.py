@@ -100,20 +100,6 @@ class FrameWriter(RecordWriter):
             self.write(encode_stopped(stats.stop_reason))
 
 
-def _read_exactly(fd: int) -> Any:
-    def read(n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = os.read(fd, n)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    return read
-
-
 def _intake(read: Any, ready_queue: Any) -> None:
     """The intake thread (see the module doc)."""
     try:
@@ -123,8 +109,7 @@ def _intake(read: Any, ready_queue: Any) -> None:
                 break  # EOF before End: the Executor is gone
             ftype, body = frame
             if ftype is FrameType.BATCH:
-                job_id, calls = decode_batch(body)
-                count = sum(1 for _ in decode_calls(calls))
+                job_id, count, calls = decode_batch(body)
                 job = Job(job_id, JobKind.CALL, count, payload=calls)
                 ready_queue.send(JobMessage(job, attempt=1).encode())
             elif ftype is FrameType.END:
@@ -151,7 +136,7 @@ def main(argv: list[str]) -> NoReturn:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         ipc.redirect_stdin_to_devnull()
-        read = _read_exactly(submit_fd)
+        read = os.fdopen(submit_fd, "rb").read  # buffered: exactly n bytes, or fewer at EOF
         frame = read_frame(read)
         if frame is None or frame[0] is not FrameType.SETTINGS:
             raise ProtocolError("the Executor's first frame was not its settings")

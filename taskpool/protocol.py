@@ -344,22 +344,24 @@ def decode_outcomes(payload: bytes) -> Iterator[tuple[int, OutcomeKind, bytes]]:
 
 
 def _frames(payload: bytes, head: struct.Struct, tag: type[enum.IntEnum]) -> Iterator[Any]:
-    view = memoryview(payload)
+    # Once per call on the Executor's hot path: the tag stays a plain int (an IntEnum
+    # compares equal to it), checked against the enum's values, not converted.
+    valid = frozenset(tag.__members__.values())
+    unpack_from = head.unpack_from
+    end = len(payload)
     offset = 0
-    while offset < len(view):
+    while offset < end:
         try:
-            ident, code, length = head.unpack_from(view, offset)
+            ident, code, length = unpack_from(payload, offset)
         except struct.error as e:
             raise ProtocolError(f"truncated call frame at byte {offset}: {e}") from None
         start = offset + head.size
         offset = start + length
-        if offset > len(view):
+        if offset > end:
             raise ProtocolError(f"call frame at byte {start} runs past the payload")
-        try:
-            kind = tag(code)
-        except ValueError:
-            raise ProtocolError(f"unknown call frame tag {code}") from None
-        yield ident, kind, bytes(view[start:offset])
+        if code not in valid:
+            raise ProtocolError(f"unknown call frame tag {code}")
+        yield ident, code, payload[start:offset]
 
 
 # --- The Executor's pipes: length-prefixed frames -------------------------------------------
@@ -375,6 +377,7 @@ class FrameType(enum.IntEnum):
 
 _FRAME = struct.Struct("!IB")  # length of the body, FrameType
 _JOB_ID = struct.Struct("!Q")
+_BATCH_HEAD = struct.Struct("!QI")  # job id, number of calls
 _OUTCOMES_HEAD = struct.Struct("!Qd")  # job id, seconds its calls ran in the worker
 
 
@@ -400,12 +403,13 @@ def read_frame(read: Any) -> tuple[FrameType, bytes] | None:
         raise ProtocolError(f"unknown frame type {code}") from None
 
 
-def encode_batch(job_id: int, calls: bytes) -> bytes:
-    return encode_frame(FrameType.BATCH, _JOB_ID.pack(job_id) + calls)
+def encode_batch(job_id: int, count: int, calls: bytes) -> bytes:
+    return encode_frame(FrameType.BATCH, _BATCH_HEAD.pack(job_id, count) + calls)
 
 
-def decode_batch(body: bytes) -> tuple[int, bytes]:
-    return _JOB_ID.unpack_from(body)[0], body[_JOB_ID.size:]
+def decode_batch(body: bytes) -> tuple[int, int, bytes]:
+    job_id, count = _BATCH_HEAD.unpack_from(body)
+    return job_id, count, body[_BATCH_HEAD.size:]
 
 
 def encode_end(total: int) -> bytes:

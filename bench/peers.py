@@ -1,0 +1,289 @@
+"""The measurements behind `make bench`, one function each; bench.py runs them and prints.
+
+Every pool is started and warmed with one call before its clock starts: these figures are
+what a job costs once a pool runs (the CLI's figures, whole commands, include start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import posix_ipc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def fib(n: int) -> int:
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+class InlineExecutor(Executor):
+    """The floor no Executor can beat: submit makes a Future and sets its result at once."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _submit_all(executor: Executor, n: int) -> float:
+    """Seconds for n no-op submits and their n results, after one warm-up call."""
+    executor.submit(noop, 0).result()
+    started = time.perf_counter()
+    futures = [executor.submit(noop, i) for i in range(n)]
+    for future in futures:
+        future.result()
+    return time.perf_counter() - started
+
+
+def executor_rate(make: Callable[[], Executor], n: int, repeats: int) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        executor = make()
+        try:
+            best = max(best, n / _submit_all(executor, n))
+        finally:
+            executor.shutdown(wait=True)
+    return best
+
+
+def taskpool_executor(workers: int = 2) -> Executor:
+    import taskpool
+
+    return taskpool.Executor(workers)
+
+
+def ppe(workers: int = 2) -> Executor:
+    return ProcessPoolExecutor(workers)
+
+
+def loky_executor(workers: int = 2) -> Executor:
+    import loky
+
+    return loky.ProcessPoolExecutor(workers)  # type: ignore[no-any-return]
+
+
+class _PebbleAsExecutor(Executor):
+    """pebble's ProcessPool.schedule, per job, behind the Executor interface."""
+
+    def __init__(self, workers: int) -> None:
+        import pebble
+
+        self.pool = pebble.ProcessPool(max_workers=workers)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self.pool.schedule(fn, args=args, kwargs=kwargs)  # type: ignore[no-any-return]
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+def pebble_executor(workers: int = 2) -> Executor:
+    return _PebbleAsExecutor(workers)
+
+
+def mp_pool_rate(n: int, repeats: int, workers: int = 2) -> float:
+    """multiprocessing.Pool.imap_unordered(chunksize=1): one job per message, as ours."""
+    best = 0.0
+    for _ in range(repeats):
+        with multiprocessing.Pool(workers) as pool:
+            pool.apply(noop, (0,))
+            started = time.perf_counter()
+            for _ in pool.imap_unordered(noop, range(n), chunksize=1):
+                pass
+            best = max(best, n / (time.perf_counter() - started))
+    return best
+
+
+def ping_pong_rate(n: int, repeats: int) -> float:
+    """Round trips of a small message between two processes over two posix_ipc queues: what
+    one job costs in queue operations alone, with no Python work around them."""
+    best = 0.0
+    for _ in range(repeats):
+        names = [f"/taskpool-{os.getpid()}-bench-{i}" for i in range(2)]
+        ping, pong = (posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=1,
+                                             max_message_size=64) for name in names)
+        for name in names:
+            posix_ipc.unlink_message_queue(name)
+        child = os.fork()
+        if child == 0:
+            for _ in range(n):
+                pong.send(ping.receive()[0])
+            os._exit(0)
+        started = time.perf_counter()
+        for _ in range(n):
+            ping.send(b"x" * 16)
+            pong.receive()
+        best = max(best, n / (time.perf_counter() - started))
+        os.waitpid(child, 0)
+        ping.close()
+        pong.close()
+    return best
+
+
+def fib_makespan(make: Callable[[], Executor], count: int, n: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        executor = make()
+        try:
+            executor.submit(noop, 0).result()
+            started = time.perf_counter()
+            list(executor.map(fib, [n] * count))
+            best = min(best, time.perf_counter() - started)
+        finally:
+            executor.shutdown(wait=True)
+    return best
+
+
+def sequential_fib(n: int, repeats: int = 3) -> float:
+    """One fib(n) in this process, best of `repeats`."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fib(n)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def cli_fib_makespan(workdir: Path, count: int, n: int, repeats: int) -> float:
+    """The CLI run's own wall time (its Summary line: fork of the pool to last result)."""
+    jobs = workdir / "fib.txt"
+    jobs.write_text(f"fib {n}\n" * count)
+    best = float("inf")
+    for _ in range(repeats):
+        log = workdir / "fib.log"
+        subprocess.run([sys.executable, "-m", "taskpool", "run", "--workers", "2",
+                        "--jobs", str(jobs), "--log", str(log)],
+                       cwd=ROOT, check=True, stdin=subprocess.DEVNULL)
+        text = log.read_text()
+        best = min(best, float(text.rsplit("wall time ", 1)[1].split()[0]))
+    return best
+
+
+def _events(stream: Any) -> Any:
+    for line in stream:
+        yield json.loads(line)
+
+
+def recovery_latency(kills: int) -> tuple[list[float], list[float]]:
+    """SIGKILL a busy worker of a 2-worker CLI run, `kills` times. For each: seconds from
+    the kill to its job sent again (the job_sent event of its next attempt), and to the
+    replacement worker up (its worker_started event). The events' clock is
+    CLOCK_MONOTONIC, the same as time.monotonic() here."""
+    read_fd, write_fd = os.pipe()
+    jobs = Path(os.environ.get("TMPDIR", "/tmp")) / f"taskpool-bench-{os.getpid()}.txt"
+    jobs.write_text("sleep 3600\n" * 4)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "taskpool", "run", "--workers", "2", "--jobs", str(jobs),
+         "--max-attempts", "0", "--log", os.devnull, "--events", f"/dev/fd/{write_fd}"],
+        cwd=ROOT, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+    os.close(write_fd)
+    to_resend: list[float] = []
+    to_replacement: list[float] = []
+    running: dict[int, int] = {}  # worker pid -> job id it runs
+    victim: tuple[int, int, float] | None = None  # pid, job, when killed
+    resent_at = replaced_at = None
+    with os.fdopen(read_fd) as stream:
+        for ev in _events(stream):
+            name = ev["event"]
+            if name == "job_started":
+                running[ev["worker"]] = ev["job"]
+            elif victim is not None and name == "job_sent" and ev["job"] == victim[1]:
+                resent_at = ev["t"]
+            elif victim is not None and name == "worker_started":
+                replaced_at = ev["t"]
+            if victim is not None and resent_at is not None and replaced_at is not None:
+                to_resend.append(resent_at - victim[2])
+                to_replacement.append(replaced_at - victim[2])
+                victim, resent_at, replaced_at = None, None, None
+                if len(to_resend) == kills:
+                    break
+            if victim is None and len(running) == 2:
+                # Both workers run a job: kill the one whose job started first.
+                pid = next(iter(running))
+                victim = (pid, running.pop(pid), time.monotonic())
+                os.kill(pid, signal.SIGKILL)
+        run.send_signal(signal.SIGTERM)
+        run.send_signal(signal.SIGTERM)  # the second stops the running sleeps at once
+        for _ in stream:
+            pass
+    run.wait()
+    jobs.unlink()
+    return to_resend, to_replacement
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def scale(workers: int) -> tuple[float, float, float]:
+    """A CLI run of `workers` workers as a normal user under the default queue limits
+    (nobody, through setpriv, when we are root, since root is exempt from the limit):
+    seconds from the Dealer's start to the last worker up, and the mean RSS and PSS of a
+    worker (PSS shares the pages a fork leaves shared between them), in MB."""
+    workdir = Path(tempfile.mkdtemp(prefix="taskpool-bench-"))
+    os.chmod(workdir, 0o755)
+    jobs = workdir / "jobs.txt"
+    jobs.write_text("sleep 3600\n" * workers)
+    os.chmod(jobs, 0o644)
+    fifo = workdir / "events"  # a FIFO the other user can open: a pipe of ours it cannot
+    os.mkfifo(fifo, 0o666)
+    os.chmod(fifo, 0o666)
+    as_user = (["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+               if os.getuid() == 0 else [])
+    run = subprocess.Popen(
+        [*as_user, sys.executable, "-m", "taskpool", "run", "--workers", str(workers),
+         "--jobs", str(jobs), "--log", os.devnull, "--events", str(fifo)],
+        cwd="/tmp", stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    read_fd = os.open(fifo, os.O_RDONLY)
+    started_at = None
+    pids = []
+    busy = 0
+    with os.fdopen(read_fd) as stream:
+        for ev in _events(stream):
+            if ev["event"] == "dealer_started":
+                started_at = ev["t"]
+            elif ev["event"] == "worker_started":
+                pids.append(ev["pid"])
+                last_up = ev["t"]
+            elif ev["event"] == "job_started":
+                busy += 1
+                if busy == workers:
+                    break
+        rss = [_status_kb(pid, "Rss:") for pid in pids]
+        pss = [_status_kb(pid, "Pss:") for pid in pids]
+        run.send_signal(signal.SIGTERM)
+        run.send_signal(signal.SIGTERM)
+        for _ in stream:
+            pass
+    run.wait()
+    shutil.rmtree(workdir)
+    assert started_at is not None
+    return last_up - started_at, statistics.mean(rss) / 1024, statistics.mean(pss) / 1024
+
+
+def _status_kb(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(field):
+                return float(line.split()[1])
+    return 0.0

@@ -118,7 +118,7 @@ def main() -> None:
                 pass  # optional: `pip install -e '.[bench]'`
         rates["ping_pong"] = peers.ping_pong_rate(n, REPEATS)
         print("fib batch...", file=sys.stderr)
-        ideal = peers.sequential_fib(fib_n) * fib_count / 2
+        ideal = peers.sequential_fib(fib_n, fib_count) / 2
         fib_cli = peers.cli_fib_makespan(workdir, fib_count, fib_n, REPEATS)
         fib_executor = peers.fib_makespan(peers.taskpool_executor, fib_count, fib_n, REPEATS)
         fib_ppe = peers.fib_makespan(peers.ppe, fib_count, fib_n, REPEATS)

@@ -18,6 +18,7 @@ import executor_calls as calls
 import pytest
 
 import taskpool
+
 from harness import queues_left
 
 

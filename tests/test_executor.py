@@ -23,15 +23,7 @@ from harness import queues_left
 
 
 def _children() -> set[int]:
-    me = os.getpid()
-    found = set()
-    for task in os.listdir(f"/proc/{me}/task"):
-        try:
-            found.update(int(p) for p in
-                         Path(f"/proc/{me}/task/{task}/children").read_text().split())
-        except FileNotFoundError:
-            pass
-    return found
+    return set(_children_of(os.getpid()))
 
 
 @pytest.fixture(autouse=True)

@@ -79,7 +79,7 @@ from taskpool.recovery import (
     WorkerSetup,
 )
 from taskpool.scheduler import Schedule, assign, enqueue
-from taskpool.worker import EXIT_MEMORY_LIMIT, CrashPlan
+from taskpool.worker import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT, CrashPlan
 
 log = logging.getLogger("taskpool.dealer")
 recovery_log = logging.getLogger("taskpool.recovery")
@@ -475,7 +475,7 @@ class Dealer:
                                           worker=exited.pid, reason="preempted"))
         schedule.log(self.config.layout)
         if never_took_a_job and not crashed and not failed and not requeue:
-            self._count_idle_death()
+            self._count_idle_death(reason)
 
     def _split(self, job_state: JobState) -> list[int]:
         """A batch of calls whose worker died in it becomes one job per call, sent again
@@ -507,6 +507,8 @@ class Dealer:
                 return ipc.describe_wait_status(status), True, False
             return killed_for.reason, killed_for.charges_attempt, killed_for.requeue
         status = exited.wait_status
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_INITIALIZER_FAILED:
+            return "exited: its initializer raised (the traceback is in the log)", True, False
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
             return f"memory limit ({self.config.policy.max_memory_mb} MB)", True, False
         return ipc.describe_wait_status(status), True, False
@@ -521,7 +523,7 @@ class Dealer:
                             extra=event("job_failed", job=job.job_id, worker=pid,
                                         attempts=attempts, reason=job_state.last_failure))
 
-    def _count_idle_death(self) -> None:
+    def _count_idle_death(self, reason: str) -> None:
         """Restart intensity: too many workers dead before they ever took a job, too fast,
         means a pool that cannot work (a crash loop at start-up): stop it rather than fork
         forever. A worker that died during a job, or idle after doing some, is not
@@ -534,7 +536,8 @@ class Dealer:
         if len(self.idle_deaths) > policy.max_restarts and not self.state.stopping:
             self.stop_reason = (
                 f"{len(self.idle_deaths)} workers died without taking a job within "
-                f"{policy.restart_window:g} s (max_restarts={policy.max_restarts})")
+                f"{policy.restart_window:g} s (max_restarts={policy.max_restarts}); the "
+                f"last {reason}")
             supervisor_log.error("Giving up: %s", self.stop_reason,
                                  extra=event("gave_up", reason=self.stop_reason))
             self.terminated = True

@@ -317,6 +317,7 @@ class Executor(_FuturesExecutor):
                     failed = json.loads(body)
                     for call_id in failed["calls"]:
                         self._finish(call_id, error=WorkerCrashed(failed["reason"]))
+                    self._make_room()
                 elif ftype is FrameType.STOPPED:
                     reason = body.decode()
         except (ProtocolError, OSError, ValueError) as e:
@@ -364,6 +365,10 @@ class Executor(_FuturesExecutor):
             per_call = seconds / count
             old = self._seconds_per_call
             self._seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Calls left the window (resolved, by any frame): a feeder waiting for room goes on."""
         if self._feeder_wants_room:
             with self._work:
                 self._work.notify()

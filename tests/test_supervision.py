@@ -58,7 +58,8 @@ def test_workers_that_die_at_start_up_stop_the_pool_instead_of_forking_forever(
     assert run.finish() == 1
     log = run.log_text()
     assert re.search(r"^\[Supervisor\] Giving up: 11 workers died without taking a job within "
-                     r"5 s \(max_restarts=10\)$", log, re.M), log
+                     r"5 s \(max_restarts=10\); the last killed by signal 9 \(SIGKILL\)$",
+                     log, re.M), log
     assert len(run.worker_pids()) < 20, "bounded: no endless forking"
     records = read_results(results)
     assert_exactly_once(records, range(1, 21))

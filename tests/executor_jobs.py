@@ -1,0 +1,118 @@
+"""Functions that tests/test_executor.py submits to a taskpool.Executor. They live in an
+importable module because a call is pickled by reference and unpickled in a worker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+INITIALIZED: str | None = None
+_NOTED = False  # this worker has already written its pid file (note_worker)
+
+
+class JobError(Exception):
+    """Raised by a job, to be seen by the caller with the same type and args."""
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def power(x: int, y: int) -> int:
+    return int(x**y)
+
+
+def ordered(x: int, wait_for: str | None, create: str | None) -> int:
+    """Touch `create`, or wait until `wait_for` exists: forces an order of completion."""
+    if create:
+        Path(create).touch()
+    if wait_for:
+        _wait(wait_for)
+    return x * x
+
+
+def raise_job_error(*args: object) -> None:
+    raise JobError(*args)
+
+
+def _write_pid(directory: str) -> None:
+    """One file per process, named by its pid, written atomically."""
+    tmp = os.path.join(directory, f".{os.getpid()}.tmp")
+    Path(tmp).touch()
+    os.replace(tmp, os.path.join(directory, str(os.getpid())))
+
+
+def _wait(marker: str, limit: float = 60.0) -> None:
+    # The job waits for a file that the test creates; `limit` only turns a hung test into
+    # a failed one (not a TimeoutError: that would pass for the one map's timeout raises).
+    deadline = time.monotonic() + limit
+    while not os.path.exists(marker):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{marker} never appeared")
+        time.sleep(0.005)
+
+
+def wait_for_file(marker: str, started: str | None = None, value: object = None) -> object:
+    """Note our pid in the `started` directory (one file per attempt's worker), then block
+    until `marker` exists; return `value`."""
+    if started is not None:
+        _write_pid(started)
+    _wait(marker)
+    return value
+
+
+def touch(path: str) -> None:
+    Path(path).touch()
+
+
+def kill_own_worker(log: str | None = None) -> None:
+    """Kill our worker, every time: a poison call. Appends a line to `log` first."""
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def note_worker(x: int, directory: str) -> int:
+    """x*x after ~1 ms; notes (once per worker) that this worker has taken a job."""
+    global _NOTED
+    if not _NOTED:
+        _write_pid(directory)
+        _NOTED = True
+    time.sleep(0.001)
+    return x * x
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def return_lock() -> object:
+    return threading.Lock()
+
+
+def init_worker(value: str, directory: str) -> None:
+    global INITIALIZED
+    INITIALIZED = value
+    _write_pid(directory)
+
+
+def initialized() -> tuple[int, str | None]:
+    return os.getpid(), INITIALIZED
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("no database here")

@@ -130,10 +130,8 @@ class RecordWriter:
         self.write(encode_record(stats))
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
+            ipc.write_all(self.fd, data)
         except BrokenPipeError:
             # Our reader is gone, and our workers go with us (their death signal).
             ipc.exit_between_creations(EXIT_STOPPED_EARLY)

@@ -75,12 +75,6 @@ class WorkerCrashed(BrokenProcessPool):
     ProcessPoolExecutor still catches it; unlike PPE's, the pool goes on."""
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class Executor(_FuturesExecutor):
     """A pool of `max_workers` forked workers (default: the CPU count).
 
@@ -159,7 +153,7 @@ class Executor(_FuturesExecutor):
         finally:
             for fd in (submit_r, outcome_w, lifeline_r):
                 os.close(fd)
-        _write_all(self._submit_w, encode_frame(FrameType.SETTINGS, pickle.dumps(settings)))
+        ipc.write_all(self._submit_w, encode_frame(FrameType.SETTINGS, pickle.dumps(settings)))
         self._feeder = threading.Thread(target=self._feed, name="taskpool-feeder", daemon=True)
         self._collector = threading.Thread(target=self._collect, name="taskpool-collector",
                                            daemon=True)
@@ -256,8 +250,8 @@ class Executor(_FuturesExecutor):
                         break
                 for count, payload in self._encode(taken):
                     batches += 1
-                    _write_all(self._submit_w, encode_batch(batches, count, payload))
-            _write_all(self._submit_w, encode_end(batches))
+                    ipc.write_all(self._submit_w, encode_batch(batches, count, payload))
+            ipc.write_all(self._submit_w, encode_end(batches))
         except OSError:
             pass  # the Dealer is gone: the collector fails what is left
         finally:
@@ -281,7 +275,7 @@ class Executor(_FuturesExecutor):
             where = CallWhere.INLINE
             if len(data) + _CALL_FRAME_OVERHEAD > INLINE_CALLS_LIMIT:
                 fd = self._memfds[call_id] = os.memfd_create("taskpool-call", os.MFD_CLOEXEC)
-                _write_all(fd, data)
+                ipc.write_all(fd, data)
                 data, where = encode_memfd_ref(os.getpid(), fd, len(data)), CallWhere.MEMFD
             if size + len(data) + _CALL_FRAME_OVERHEAD > INLINE_CALLS_LIMIT and calls:
                 yield self._checked(calls)

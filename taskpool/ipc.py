@@ -157,6 +157,14 @@ def _unlink_quietly(name: str) -> None:
         pass  # unlinked by its creator after all
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to a blocking descriptor: a pipe write larger than PIPE_BUF may be
+    partial."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Die with `sig` when the thread that forked us exits; if the parent is already gone,
     exit now. Call first thing in a child."""

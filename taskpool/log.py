@@ -25,6 +25,8 @@ import os
 import time
 from typing import Any, Callable
 
+from taskpool.ipc import write_all
+
 _ROLE_TAGS = {
     "taskpool.main": "Main",
     "taskpool.generator": "TaskGenerator",
@@ -79,11 +81,6 @@ class RoleFormatter(logging.Formatter):
         return f"[{role_tag(record)}] {record.getMessage()}"
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
-
-
 class FdHandler(logging.Handler):
     """Writes each record as its text line with one os.write() to a raw descriptor."""
 
@@ -94,7 +91,7 @@ class FdHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            _write_all(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
+            write_all(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
         except Exception:  # a log line must never take a process down
             self.handleError(record)
 
@@ -105,7 +102,7 @@ class JsonlHandler(FdHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = json.dumps(as_event(record, self.format(record)), separators=(",", ":"))
-            _write_all(self.fd, line.encode("utf-8", "replace") + b"\n")
+            write_all(self.fd, line.encode("utf-8", "replace") + b"\n")
         except Exception:
             self.handleError(record)
 

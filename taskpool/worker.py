@@ -191,6 +191,7 @@ def run_worker(
         cap = _address_space_bytes() + limits.max_memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     jobs_done = 0
+    result_message_size = result_queue.max_message_size  # read once: mq_getattr each time
 
     def checkpoint(job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:
         if plan.is_injected(job_id, step, attempt):
@@ -237,7 +238,7 @@ def run_worker(
             heartbeat.job_finished()
         checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
         result = Result(job.job_id, attempt, pid, job.kind, value, payload)
-        for encoded in result.encode_in_parts(result_queue.max_message_size):
+        for encoded in result.encode_in_parts(result_message_size):
             result_queue.send(encoded)
         if log_each_job:
             log.info("Done job %d", job.job_id, extra=event("job_finished", job=job.job_id))

@@ -229,18 +229,23 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _await_exit(pids: list[int], timeout: float) -> None:
-    """Wait, in the kernel, for each pid to end (pidfds become readable at exit)."""
+def await_exit(pids: list[int], timeout: float) -> list[int]:
+    """Wait, in the kernel, for each pid to end (pidfds become readable at exit); the pids
+    still running when the time is up."""
     deadline = time.monotonic() + timeout
+    running = []
     for pid in pids:
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
             continue
         try:
-            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         finally:
             os.close(fd)
+        if not ready:
+            running.append(pid)
+    return running
 
 
 def _reap_if_ours(pid: int) -> None:
@@ -256,7 +261,7 @@ def leftovers_of(run: PoolRun, timeout: float = 10.0) -> list[str]:
     if run.proc.poll() is None:
         return [f"main (PID {run.pid}) is still running"]
     members = [p for p in _group_members(run.pid)]
-    _await_exit(members, timeout)
+    await_exit(members, timeout)
     for pid in members:
         _reap_if_ours(pid)  # orphans are reparented to the test process, a subreaper
     problems = []

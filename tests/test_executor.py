@@ -43,7 +43,7 @@ import pytest
 
 import taskpool
 
-from harness import kill_quietly, queues_left
+from harness import await_exit, kill_quietly, queues_left
 
 WAIT = 60.0  # a guard against hangs only: a correct Executor answers in milliseconds
 TESTS = Path(__file__).resolve().parent
@@ -99,16 +99,8 @@ def _await_gone(pids: list[int], timeout: float = 30.0) -> None:
     by its parent, or by us when it was orphaned to us (the test process is a subreaper,
     see conftest)."""
     deadline = time.monotonic() + timeout
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        finally:
-            os.close(fd)
-        assert ready, f"PID {pid} is still running: {_cmdline(pid)}"
+    running = await_exit(pids, timeout)
+    assert not running, f"still running: {[_cmdline(pid) for pid in running]}"
     while left := [pid for pid in pids if _stat(pid) is not None]:
         for pid in left:
             try:

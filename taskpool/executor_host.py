@@ -41,6 +41,7 @@ from taskpool.jobs import Job, JobKind
 from taskpool.policy import SupervisionPolicy
 from taskpool.pools import PoolLayout
 from taskpool.protocol import (
+    CallBatch,
     DealerStats,
     EndOfJobs,
     FrameType,
@@ -48,7 +49,6 @@ from taskpool.protocol import (
     ProtocolError,
     Result,
     decode_batch,
-    decode_calls,
     decode_end,
     encode_failed,
     encode_outcomes_frame,
@@ -89,11 +89,11 @@ class FrameWriter(RecordWriter):
     """The recv thread's outcomes, as frames on the Executor's outcome pipe."""
 
     def done(self, job: Job, result: Result) -> None:
-        self.write(encode_outcomes_frame(job.job_id, float(result.value), result.payload))
+        batch = CallBatch.decode(job.payload)
+        self.write(encode_outcomes_frame(batch, float(result.value), result.payload))
 
     def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
-        calls = [call_id for call_id, _where, _data in decode_calls(job.payload)]
-        self.write(encode_failed(calls, reason))
+        self.write(encode_failed(CallBatch.decode(job.payload), reason))
 
     def stats(self, stats: DealerStats) -> None:
         if stats.stop_reason is not None:
@@ -109,8 +109,8 @@ def _intake(read: Any, ready_queue: Any) -> None:
                 break  # EOF before End: the Executor is gone
             ftype, body = frame
             if ftype is FrameType.BATCH:
-                job_id, count, calls = decode_batch(body)
-                job = Job(job_id, JobKind.CALL, count, payload=calls)
+                batch = decode_batch(body)
+                job = Job(batch.batch, JobKind.CALL, batch.count, payload=body)
                 ready_queue.send(JobMessage(job, attempt=1).encode())
             elif ftype is FrameType.END:
                 ready_queue.send(EndOfJobs(decode_end(body)).encode())

@@ -39,31 +39,33 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     outcomes (see protocol.py for the layout)."""
     started = time.perf_counter()
     batch = CallBatch.decode(payload)
+    returned = bytearray(batch.count)  # 1: the call returned; 0: it raised
+    values: list[bytes] = []
     try:
         data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
         calls = pickle.loads(data)[batch.first:batch.first + batch.count]
     except BaseException as e:  # noqa: BLE001 - each call of the batch has this outcome
-        failed = (False, _pickle_exception(e))
-        return time.perf_counter() - started, _dumps([failed] * batch.count)
+        values = [_pickle_exception(e)] * batch.count
+        return time.perf_counter() - started, _outcomes(returned, values)
     dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
-    outcomes = []
-    for fn, args, kwargs in calls:
+    for i, (fn, args, kwargs) in enumerate(calls):
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is its outcome
-            outcomes.append((False, _pickle_exception(e)))
+            values.append(_pickle_exception(e))
             continue
         try:
-            outcomes.append((True, dumps(value, protocol)))
+            values.append(dumps(value, protocol))
+            returned[i] = 1
         except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
             error = pickle.PicklingError(
                 f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
-            outcomes.append((False, _pickle_exception(error, cause=e)))
-    return time.perf_counter() - started, _dumps(outcomes)
+            values.append(_pickle_exception(error, cause=e))
+    return time.perf_counter() - started, _outcomes(returned, values)
 
 
-def _dumps(outcomes: list[tuple[bool, bytes]]) -> bytes:
-    return pickle.dumps(outcomes, pickle.HIGHEST_PROTOCOL)
+def _outcomes(returned: bytearray, values: list[bytes]) -> bytes:
+    return pickle.dumps((bytes(returned), values), pickle.HIGHEST_PROTOCOL)
 
 
 def _name_of(fn: Any) -> str:

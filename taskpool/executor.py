@@ -68,6 +68,9 @@ BATCH_SECONDS = 0.002  # of a worker's time per batch: the Dealer's cost per bat
 MAX_BATCH_CALLS = 512
 
 
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # fn, args, kwargs
+
+
 class WorkerCrashed(BrokenProcessPool):
     """A call's worker died `max_attempts` times (the message says how: the signal), or
     the pool could not keep workers at all. A BrokenProcessPool, so that code written for
@@ -119,9 +122,7 @@ class Executor(_FuturesExecutor):
         self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._waiting: collections.deque[tuple[Future[Any], Callable[..., Any],
-                                               tuple[Any, ...], dict[str, Any]]] = (
-            collections.deque())
+        self._waiting: collections.deque[tuple[Future[Any], _Call]] = collections.deque()
         # Sent batches by id: their calls' futures, in order, each replaced by None once
         # resolved. Not under the lock: the collector resolves them, and whoever finds the
         # pool broken (the collector, or the feeder in _encode) fails what is left.
@@ -172,7 +173,7 @@ class Executor(_FuturesExecutor):
                 raise WorkerCrashed(self._broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._waiting.append((future, fn, args, kwargs))
+            self._waiting.append((future, (fn, args, kwargs)))
         if self._feeder_wants_work:
             with self._work:
                 self._work.notify()
@@ -268,10 +269,10 @@ class Executor(_FuturesExecutor):
         `_sent` before it is returned; None if none is left."""
         futures: list[Future[Any] | None] = []
         calls = []
-        for future, fn, args, kwargs in taken:
+        for future, call in taken:
             if future.set_running_or_notify_cancel():  # False: cancelled while it waited
                 futures.append(future)
-                calls.append((fn, args, kwargs))
+                calls.append(call)
         if not calls:
             return None
         try:
@@ -350,18 +351,18 @@ class Executor(_FuturesExecutor):
         futures = sent.futures
         loads = pickle.loads
         try:
-            results = loads(outcomes)
-        except Exception as e:  # noqa: BLE001 - the workers' own pickle of lists and bytes
+            returned, values = loads(outcomes)
+        except Exception as e:  # noqa: BLE001 - the workers' own pickle of bytes and a list
             raise ProtocolError(f"outcomes that do not unpickle: {e!r}") from None
         resolved = 0
-        for i, (returned, data) in enumerate(results, first):
-            future = futures[i]
+        for i, data in enumerate(values):
+            future = futures[first + i]
             if future is None:
                 continue
-            futures[i] = None
+            futures[first + i] = None
             resolved += 1
             try:
-                if returned:
+                if returned[i]:
                     future.set_result(loads(data))
                 else:
                     future.set_exception(raised(data))

@@ -346,10 +346,11 @@ def decode_memfd_ref(data: bytes) -> tuple[int, int, int]:
         raise ProtocolError(f"bad memfd reference: {e}") from None
 
 
-# A batch's outcomes (a CALL job's Result payload) are one pickle of a list, one item per call
-# run, in order: (True, pickle of the return value) or (False, pickle of (exception,
-# traceback text)). Each call's value is a pickle of its own inside, so that one value that
-# does not unpickle in the caller fails its own future and no other.
+# A batch's outcomes (a CALL job's Result payload) are one pickle of (returned, values), one
+# item each per call run, in order: returned[i] is 1 if call i returned, and values[i] the
+# pickle of its return value; else 0, and the pickle of (exception, traceback text). Each
+# value is a pickle of its own, so that one value that does not unpickle in the caller fails
+# its own future and no other.
 
 
 # --- The Executor's pipes: length-prefixed frames -------------------------------------------

@@ -93,7 +93,12 @@ class FrameWriter(RecordWriter):
         self.write(encode_outcomes_frame(batch, float(result.value), result.payload))
 
     def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
-        self.write(encode_failed(CallBatch.decode(job.payload), reason))
+        # The Dealer's reason speaks of jobs, for the log; the caller knows calls.
+        last = reason.removesuffix(f" on {attempts} attempts")
+        last = last.replace(f"ran job {job.job_id} ", "ran the call ")
+        times = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        why = f"{times} of this call ended its worker; the last: {last}"
+        self.write(encode_failed(CallBatch.decode(job.payload), why))
 
     def stats(self, stats: DealerStats) -> None:
         if stats.stop_reason is not None:

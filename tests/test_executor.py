@@ -671,3 +671,21 @@ def test_the_dealer_killed_fails_pending_futures_and_leaves_nothing(
     assert pool._dealer.returncode == -signal.SIGKILL
     # The workers die of their parent-death signal, and are orphaned to us to reap.
     _await_gone(workers)
+
+
+def test_a_call_past_its_timeout_is_killed_and_charged_and_the_pool_goes_on(
+        tmp_path: Path, started: Path) -> None:
+    """timeout= is per call: a call that runs past it has its worker killed, which counts
+    as one of its attempts; it is run again, then fails with WorkerCrashed saying why.
+    Calls submitted with it are not disturbed."""
+    never = str(tmp_path / "never-created")
+    with executor(2, timeout=0.5, max_attempts=2) as pool:
+        hung = pool.submit(jobs.wait_for_file, never, str(started))
+        others = [pool.submit(jobs.square, x) for x in range(30)]
+        with pytest.raises(taskpool.WorkerCrashed, match="timed out|timeout") as caught:
+            hung.result(timeout=WAIT)
+        assert isinstance(caught.value, BrokenProcessPool)
+        assert [f.result(timeout=WAIT) for f in others] == [x * x for x in range(30)]
+        # Two attempts, each in a worker of its own (the first was killed at its timeout).
+        assert len(set(_files(started))) == 2
+        assert pool.submit(jobs.square, 9).result(timeout=WAIT) == 81

@@ -82,8 +82,10 @@ class Executor(_FuturesExecutor):
 
     max_attempts: workers a call may kill before its future raises WorkerCrashed (0: no
         limit). timeout: seconds a call may run; its worker is killed past it, which counts
-        as an attempt. initializer(*initargs): run once in each new worker; if it raises,
-        the worker exits, and a pool whose workers keep failing to start is broken.
+        as an attempt. max_tasks_per_child: calls a worker runs before it exits and is
+        replaced (as PPE's; not a crash). Either sends calls one at a time, unbatched.
+    initializer(*initargs): run once in each new worker; if it raises, the worker exits,
+        and a pool whose workers keep failing to start is broken.
     verbose: write taskpool's crash-recovery log (every job sent, every worker death and
         resend) to stderr; by default only warnings and errors are written.
     """
@@ -96,6 +98,7 @@ class Executor(_FuturesExecutor):
         timeout: float | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
         verbose: bool = False,
     ) -> None:
         workers = (os.cpu_count() or 1) if max_workers is None else max_workers
@@ -105,6 +108,9 @@ class Executor(_FuturesExecutor):
             raise ValueError("max_attempts must be 0 (no limit) or more")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ValueError("timeout must be a finite number of seconds > 0")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        self._max_tasks_per_child = max_tasks_per_child
         self._workers = workers
         self._timeout = timeout
         init = None if initializer is None else pickle.dumps((initializer, tuple(initargs)))
@@ -112,7 +118,8 @@ class Executor(_FuturesExecutor):
         preparation.pop("authkey", None)  # multiprocessing's, not ours; it refuses to pickle
         settings = ExecutorSettings(
             workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
-            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING)
+            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING,
+            max_tasks_per_child=max_tasks_per_child)
 
         # submit() and shutdown() serialise on _submit_lock alone, so that no submit can
         # slip in after shutdown has let the feeder go. The feeder takes calls from
@@ -210,8 +217,10 @@ class Executor(_FuturesExecutor):
 
     def _batch_size(self) -> int:
         per_call = self._seconds_per_call
-        if self._timeout is not None or per_call is None:
-            return 1  # a timeout is per call; an unknown call may be long
+        if self._timeout is not None or self._max_tasks_per_child is not None:
+            return 1  # a timeout is per call, and so is a worker's count of tasks
+        if per_call is None:
+            return 1  # an unknown call may be long
         size = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(per_call, 1e-7))))
         # Never so large that one worker gets what several could share.
         return min(size, -(-len(self._waiting) // self._workers))

@@ -83,6 +83,7 @@ class ExecutorSettings:
     log_level: int = logging.WARNING
     max_restarts: int = 10
     restart_window: float = 5.0
+    max_tasks_per_child: int | None = None  # the Executor then sends one call per batch
 
 
 class FrameWriter(RecordWriter):
@@ -153,6 +154,7 @@ def main(argv: list[str]) -> NoReturn:
         ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
         policy = SupervisionPolicy(
             max_attempts=settings.max_attempts, timeout=settings.timeout, heartbeat=None,
+            max_tasks_per_child=settings.max_tasks_per_child,
             max_restarts=max(settings.max_restarts, settings.workers),
             restart_window=settings.restart_window)
         config = DealerConfig(

@@ -689,3 +689,17 @@ def test_a_call_past_its_timeout_is_killed_and_charged_and_the_pool_goes_on(
         # Two attempts, each in a worker of its own (the first was killed at its timeout).
         assert len(set(_files(started))) == 2
         assert pool.submit(jobs.square, 9).result(timeout=WAIT) == 81
+
+
+def test_max_tasks_per_child_replaces_each_worker_after_that_many_calls(
+        tmp_path: Path) -> None:
+    """As PPE's: a worker runs at most max_tasks_per_child calls, then is replaced; its
+    exit is not a crash (no call fails, restart intensity is not spent)."""
+    seen = tmp_path / "workers"
+    seen.mkdir()
+    with executor(2, max_tasks_per_child=3, max_attempts=1) as pool:
+        results = [pool.submit(jobs.count_call, x, str(seen)) for x in range(30)]
+        assert [f.result(timeout=WAIT) for f in results] == list(range(30))
+    calls_per_worker = [len((seen / name).read_text().split()) for name in _files(seen)]
+    assert sum(calls_per_worker) == 30
+    assert max(calls_per_worker) <= 3 and len(calls_per_worker) >= 10

@@ -66,6 +66,7 @@ from taskpool.protocol import (
 
 BATCH_SECONDS = 0.002  # of a worker's time per batch: the Dealer's cost per batch is ~0.1 ms
 MAX_BATCH_CALLS = 512
+SHARES = 4
 
 
 _Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # fn, args, kwargs
@@ -222,8 +223,10 @@ class Executor(_FuturesExecutor):
         if per_call is None:
             return 1  # an unknown call may be long
         size = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(per_call, 1e-7))))
-        # Never so large that one worker gets what several could share.
-        return min(size, -(-len(self._waiting) // self._workers))
+        # Never so large that one worker gets what several could share: what waits goes
+        # out in at least SHARES batches a worker, so that a batch whose calls are slower
+        # than the estimate (made on earlier, other calls) is a small part of the whole.
+        return min(size, -(-len(self._waiting) // (self._workers * SHARES)))
 
     def _window(self) -> int:
         """How many calls may be sent and unresolved: two batches per worker, so that each

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -253,12 +254,15 @@ class Executor(_FuturesExecutor):
                         while True:
                             self._feeder_wants_work = not self._waiting
                             self._feeder_wants_room = not self._feeder_wants_work
-                            if self._can_send() or (self._closing and not self._waiting):
+                            if (self._can_send() or self._broken is not None
+                                    or (self._closing and not self._waiting)):
                                 break
                             self._work.wait()
                         self._feeder_wants_work = self._feeder_wants_room = False
-                    if not self._waiting:
-                        break  # closing, and every call submitted before it is sent
+                    if not self._waiting or self._broken is not None:
+                        # Closing, and every call submitted before it is sent; or broken,
+                        # and the collector fails what waits.
+                        break
                 room = self._window() - self._in_flight()
                 taken = []
                 for _ in range(min(room, self._batch_size())):
@@ -266,7 +270,17 @@ class Executor(_FuturesExecutor):
                         taken.append(self._waiting.popleft())
                     except IndexError:
                         break
-                batch = self._encode(batches + 1, taken)
+                try:
+                    batch = self._encode(batches + 1, taken)
+                except Exception as e:  # noqa: BLE001 - pickling (see _encode), a memfd
+                    # These calls fail with what went wrong; the pool goes on.
+                    for future, _call in taken:
+                        if future.done():
+                            continue  # failed in _encode already, or cancelled
+                        if future.running() or future.set_running_or_notify_cancel():
+                            with contextlib.suppress(InvalidStateError):
+                                future.set_exception(e)
+                    continue
                 if batch is not None:
                     batches += 1
                     ipc.write_all(self._submit_w, encode_batch(batch))
@@ -297,8 +311,13 @@ class Executor(_FuturesExecutor):
         sent = _SentBatch(futures, len(futures))
         where = CallWhere.INLINE
         if len(data) > INLINE_CALLS_LIMIT:
-            fd = sent.memfd = os.memfd_create("taskpool-calls", os.MFD_CLOEXEC)
-            ipc.write_all(fd, data)
+            fd = os.memfd_create("taskpool-calls", os.MFD_CLOEXEC)
+            try:
+                ipc.write_all(fd, data)
+            except BaseException:
+                os.close(fd)
+                raise
+            sent.memfd = fd
             data, where = encode_memfd_ref(os.getpid(), fd, len(data)), CallWhere.MEMFD
         self._sent[batch_id] = sent
         self._calls_sent += sent.left
@@ -327,8 +346,12 @@ class Executor(_FuturesExecutor):
                     self._make_room()
                 elif ftype is FrameType.STOPPED:
                     reason = body.decode()
-        except (ProtocolError, OSError, ValueError) as e:
-            reason = f"the Executor's Dealer sent a bad frame: {e}"
+        except Exception as e:  # noqa: BLE001 - this thread must not die and leave futures
+            reason = f"the Executor's Dealer sent a bad frame: {e!r}"
+        # Closed before the wait: a Dealer still running (we stopped reading after a bad
+        # frame) sees its lifeline end, and a write to us fail, and exits.
+        os.close(self._outcome_r)
+        os.close(self._lifeline_w)
         status = self._dealer.wait()
         if status != 0:
             ipc.sweep_queues_of(self._dealer.pid)  # it may have died inside a creation
@@ -336,14 +359,10 @@ class Executor(_FuturesExecutor):
                 how = (f"killed by signal {-status} ({signal.Signals(-status).name})"
                        if status < 0 else f"exited with status {status}")
                 reason = f"the Executor's Dealer process (PID {self._dealer.pid}) {how}"
-        os.close(self._outcome_r)
-        os.close(self._lifeline_w)
         with self._submit_lock:
             if reason is not None or self._sent or self._waiting:
                 self._broken = reason or "the Executor's Dealer ended before its calls"
             self._closing = True  # the feeder has nowhere to send: let it go
-        with self._work:
-            self._work.notify()
         error = WorkerCrashed(self._broken or "")
         for batch_id in list(self._sent):
             self._fail_batch(batch_id, error)
@@ -354,6 +373,10 @@ class Executor(_FuturesExecutor):
                 break
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+        # Last: the feeder may have looked between our setting `_broken` and the sweep,
+        # seen a full window and calls waiting, and gone back to sleep.
+        with self._work:
+            self._work.notify()
 
     def _on_outcomes(self, body: bytes) -> None:
         batch_id, first, seconds, outcomes = decode_outcomes_frame(body)

@@ -703,3 +703,41 @@ def test_max_tasks_per_child_replaces_each_worker_after_that_many_calls(
     calls_per_worker = [len((seen / name).read_text().split()) for name in _files(seen)]
     assert sum(calls_per_worker) == 30
     assert max(calls_per_worker) <= 3 and len(calls_per_worker) >= 10
+
+
+def test_an_argument_that_pickles_only_sometimes_fails_its_batch_not_the_pool() -> None:
+    """BUG (review): the second pickle of a batch, after the calls that do not pickle were
+    taken out, was unguarded: it killed the feeder, the taken futures stayed RUNNING for
+    ever and the pool broke. Now those calls fail with the pickling error, and later calls
+    run."""
+    jobs.FlakyPickle.attempts = 0
+    with executor(1) as pool:
+        flaky = pool.submit(jobs.type_name, jobs.FlakyPickle())
+        with pytest.raises(RuntimeError, match="changed size"):
+            flaky.result(timeout=WAIT)
+        assert pool.submit(jobs.type_name, 1).result(timeout=WAIT) == "int"
+        assert pool._feeder.is_alive()
+
+
+def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> None:
+    """BUG (review): the collector woke the feeder before it failed the sent and waiting
+    calls; a feeder that looked in between saw a full window and calls waiting, slept
+    again, and shutdown(wait=True) never returned."""
+    pool = taskpool.Executor(1)
+    try:
+        futures = [pool.submit(jobs.sleep_then, 30, b"x" * 5000) for _ in range(20)]
+        deadline = time.monotonic() + WAIT
+        while not pool._feeder_wants_room:  # the window (2 calls) is full, 18 wait
+            assert time.monotonic() < deadline, "the feeder never waited for room"
+            time.sleep(0.005)
+        closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
+        closer.start()
+        kill_quietly(pool._dealer.pid)
+        closer.join(WAIT)
+        assert not closer.is_alive(), "shutdown(wait=True) hung after the Dealer died"
+        for future in futures:
+            with pytest.raises(taskpool.WorkerCrashed, match="SIGKILL"):
+                future.result(timeout=0)
+    finally:
+        if pool._collector.is_alive():
+            _kill_pool(pool)

@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any
 
-from taskpool.protocol import CallBatch, CallWhere, decode_memfd_ref
+from taskpool.protocol import PLAIN_TYPES, CallBatch, CallWhere, decode_memfd_ref
 
 
 class RemoteTraceback(Exception):
@@ -40,28 +40,46 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     started = time.perf_counter()
     batch = CallBatch.decode(payload)
     returned = bytearray(batch.count)  # 1: the call returned; 0: it raised
-    values: list[bytes] = []
     try:
         data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
         calls = pickle.loads(data)[batch.first:batch.first + batch.count]
     except BaseException as e:  # noqa: BLE001 - each call of the batch has this outcome
-        values = [_pickle_exception(e)] * batch.count
-        return time.perf_counter() - started, _outcomes(returned, values)
-    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+        return time.perf_counter() - started, _outcomes(returned,
+                                                        [_pickle_exception(e)] * batch.count)
+    # A plain value (immutable) is kept as it is, and pickled with the batch's others at the
+    # end; any other is pickled at once, as PPE does, before a later call can change it.
+    outcomes: list[Any] = []
+    plain = bytearray(batch.count)
     for i, (fn, args, kwargs) in enumerate(calls):
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is its outcome
-            values.append(_pickle_exception(e))
+            outcomes.append(_pickle_exception(e))
             continue
-        try:
-            values.append(dumps(value, protocol))
-            returned[i] = 1
-        except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
-            error = pickle.PicklingError(
-                f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
-            values.append(_pickle_exception(error, cause=e))
+        if type(value) in PLAIN_TYPES:
+            returned[i] = plain[i] = 1
+            outcomes.append(value)
+        else:
+            outcomes.append(_pickle_value(fn, value, returned, i))
+    if all(plain):
+        return time.perf_counter() - started, pickle.dumps((None, outcomes),
+                                                           pickle.HIGHEST_PROTOCOL)
+    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    values = [dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
     return time.perf_counter() - started, _outcomes(returned, values)
+
+
+def _pickle_value(fn: Any, value: Any, returned: bytearray, i: int) -> bytes:
+    """The pickle of call i's return value, and returned[i] set; or, if it does not pickle,
+    that of a PicklingError that says so."""
+    try:
+        data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
+        error = pickle.PicklingError(
+            f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
+        return _pickle_exception(error, cause=e)
+    returned[i] = 1
+    return data
 
 
 def _outcomes(returned: bytearray, values: list[bytes]) -> bytes:

@@ -263,21 +263,16 @@ class Executor(_FuturesExecutor):
                         # Closing, and every call submitted before it is sent; or broken,
                         # and the collector fails what waits.
                         break
-                room = self._window() - self._in_flight()
-                taken = []
-                for _ in range(min(room, self._batch_size())):
-                    try:
-                        taken.append(self._waiting.popleft())
-                    except IndexError:
-                        break
+                futures, calls = self._take(min(self._window() - self._in_flight(),
+                                                 self._batch_size()))
+                if not calls:
+                    continue  # all cancelled while they waited
                 try:
-                    batch = self._encode(batches + 1, taken)
+                    batch = self._encode(batches + 1, futures, calls)
                 except Exception as e:  # noqa: BLE001 - pickling (see _encode), a memfd
                     # These calls fail with what went wrong; the pool goes on.
-                    for future, _call in taken:
-                        if future.done():
-                            continue  # failed in _encode already, or cancelled
-                        if future.running() or future.set_running_or_notify_cancel():
+                    for future in futures:
+                        if future is not None and not future.done():
                             with contextlib.suppress(InvalidStateError):
                                 future.set_exception(e)
                     continue
@@ -290,17 +285,26 @@ class Executor(_FuturesExecutor):
         finally:
             os.close(self._submit_w)
 
-    def _encode(self, batch_id: int, taken: list[Any]) -> CallBatch | None:
-        """The taken calls that still run (not cancelled, picklable) as one batch, in
-        `_sent` before it is returned; None if none is left."""
+    def _take(self, count: int) -> tuple[list[Future[Any] | None], list[_Call]]:
+        """Up to `count` waiting calls that were not cancelled, and their futures, now
+        RUNNING (a call handed on can no longer be cancelled)."""
         futures: list[Future[Any] | None] = []
-        calls = []
-        for future, call in taken:
+        calls: list[_Call] = []
+        popleft = self._waiting.popleft
+        for _ in range(count):
+            try:
+                future, call = popleft()
+            except IndexError:
+                break
             if future.set_running_or_notify_cancel():  # False: cancelled while it waited
                 futures.append(future)
                 calls.append(call)
-        if not calls:
-            return None
+        return futures, calls
+
+    def _encode(self, batch_id: int, futures: list[Future[Any] | None],
+                calls: list[_Call]) -> CallBatch | None:
+        """The calls that pickle as one batch, in `_sent` before it is returned; None if
+        none does. A call that does not pickle fails its future."""
         try:
             data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
         except BaseException:  # noqa: BLE001 - find the calls that do not pickle
@@ -390,6 +394,17 @@ class Executor(_FuturesExecutor):
         except Exception as e:  # noqa: BLE001 - the workers' own pickle of bytes and a list
             raise ProtocolError(f"outcomes that do not unpickle: {e!r}") from None
         resolved = 0
+        if returned is None:  # every call returned a plain value: here they are
+            for i, value in enumerate(values, first):
+                future = futures[i]
+                if future is not None:
+                    futures[i] = None
+                    resolved += 1
+                    try:
+                        future.set_result(value)
+                    except InvalidStateError:
+                        pass  # resolved by a racing path: the first one stands
+            values = []
         for i, data in enumerate(values):
             future = futures[first + i]
             if future is None:

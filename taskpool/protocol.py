@@ -351,6 +351,9 @@ def decode_memfd_ref(data: bytes) -> tuple[int, int, int]:
 # pickle of its return value; else 0, and the pickle of (exception, traceback text). Each
 # value is a pickle of its own, so that one value that does not unpickle in the caller fails
 # its own future and no other.
+# When every call returned a value of a PLAIN_TYPES type (which unpickles anywhere), returned
+# is None and values are the values themselves: one pickle for the batch, the common case.
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
 # --- The Executor's pipes: length-prefixed frames -------------------------------------------

@@ -42,6 +42,8 @@ import posix_ipc
 import pytest
 
 import taskpool
+from taskpool.calls import raised, run_calls
+from taskpool.protocol import CallBatch, CallWhere
 
 from harness import await_exit, kill_quietly, queues_left
 
@@ -375,6 +377,48 @@ def test_threads_submitting_at_once_lose_nothing() -> None:
         assert sorted(f.result(timeout=WAIT) for _, f in pairs) == [
             x * x for x in range(threads_n * per_thread)]
         assert all(f.result() == x * x for x, f in pairs)
+
+
+def _run_batch(calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> Any:
+    """A batch of calls run here, as a worker runs it: its outcomes, unpickled once."""
+    data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+    _seconds, outcomes = run_calls(CallBatch(1, 0, len(calls), CallWhere.INLINE, data).encode())
+    return pickle.loads(outcomes)
+
+
+def test_a_batch_sends_plain_values_as_they_are_and_others_pickled_when_returned() -> None:
+    """Plain values (ints, strings...) of a batch travel in its one pickle. Any other value
+    is pickled as soon as its call returns, as PPE does: a later call of the same batch
+    that changes the object does not change what an earlier call returned."""
+    assert _run_batch([(jobs.square, (3,), {}), (jobs.type_name, (b"",), {})]) \
+        == (None, [9, "bytes"])
+    returned, values = _run_batch([
+        (jobs.square, (3,), {}), (jobs.grow, ("batch", 1), {}), (jobs.grow, ("batch", 2), {}),
+        (jobs.raise_job_error, ("x",), {}), (jobs.return_lock, (), {}), (jobs.echo, (b"ab",), {})])
+    assert returned == bytes([1, 1, 1, 0, 0, 1])
+    assert [pickle.loads(values[i]) for i in (0, 1, 2, 5)] == [9, [1], [1, 2], b"ab"]
+    assert isinstance(raised(values[3]), jobs.JobError)
+    assert isinstance(raised(values[4]), pickle.PicklingError)
+
+
+def test_a_batch_of_mixed_outcomes_resolves_each_future_with_its_own() -> None:
+    with executor(2) as pool:
+        # Warm up, so that the feeder knows calls are short and batches the burst.
+        assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
+        burst = []
+        for x in range(100):
+            burst += [(pool.submit(jobs.square, x), x * x),
+                      (pool.submit(jobs.type_name, x), "int"),
+                      (pool.submit(jobs.power, x, 40), x ** 40),  # a big int: still plain
+                      (pool.submit(divmod, x, 7), divmod(x, 7)),  # a tuple: pickled alone
+                      (pool.submit(jobs.return_lock), pickle.PicklingError),
+                      (pool.submit(jobs.raise_job_error, x), jobs.JobError)]
+        for future, expected in burst:
+            if isinstance(expected, type):
+                with pytest.raises(expected):
+                    future.result(timeout=WAIT)
+            else:
+                assert future.result(timeout=WAIT) == expected
 
 
 # --- crashes --------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ SHARES = 4
 
 
 _Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # fn, args, kwargs
+_Waiting = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class WorkerCrashed(BrokenProcessPool):
@@ -131,7 +132,9 @@ class Executor(_FuturesExecutor):
         self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._waiting: collections.deque[tuple[Future[Any], _Call]] = collections.deque()
+        # (future, fn, args, kwargs): one tuple a call, as it may wait long enough to count
+        # toward the caller's cyclic GC.
+        self._waiting: collections.deque[_Waiting] = collections.deque()
         # Sent batches by id: their calls' futures, in order, each replaced by None once
         # resolved. Not under the lock: the collector resolves them, and whoever finds the
         # pool broken (the collector, or the feeder in _encode) fails what is left.
@@ -182,7 +185,7 @@ class Executor(_FuturesExecutor):
                 raise WorkerCrashed(self._broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._waiting.append((future, (fn, args, kwargs)))
+            self._waiting.append((future, fn, args, kwargs))
         if self._feeder_wants_work:
             with self._work:
                 self._work.notify()
@@ -293,12 +296,12 @@ class Executor(_FuturesExecutor):
         popleft = self._waiting.popleft
         for _ in range(count):
             try:
-                future, call = popleft()
+                future, fn, args, kwargs = popleft()
             except IndexError:
                 break
             if future.set_running_or_notify_cancel():  # False: cancelled while it waited
                 futures.append(future)
-                calls.append(call)
+                calls.append((fn, args, kwargs))
         return futures, calls
 
     def _encode(self, batch_id: int, futures: list[Future[Any] | None],

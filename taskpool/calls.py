@@ -43,7 +43,9 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     try:
         data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
         calls = pickle.loads(data)[batch.first:batch.first + batch.count]
-    except BaseException as e:  # noqa: BLE001 - each call of the batch has this outcome
+    except BaseException as e:  # noqa: BLE001 - one call's argument may be at fault
+        if batch.count > 1:  # the caller sends them again one by one: see protocol.py
+            return time.perf_counter() - started, pickle.dumps((None, None))
         return time.perf_counter() - started, _outcomes(returned,
                                                         [_pickle_exception(e)] * batch.count)
     # A plain value (immutable) is kept as it is, and pickled with the batch's others at the

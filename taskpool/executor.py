@@ -135,6 +135,11 @@ class Executor(_FuturesExecutor):
         # (future, fn, args, kwargs): one tuple a call, as it may wait long enough to count
         # toward the caller's cyclic GC.
         self._waiting: collections.deque[_Waiting] = collections.deque()
+        # Calls of a batch whose pickle did not load in a worker (one argument that cannot
+        # be unpickled there fails the load of all): sent again, each as a batch of its
+        # own, so that only the call at fault fails, as with PPE. The collector puts them
+        # here, the feeder takes them, before any waiting call.
+        self._again: collections.deque[tuple[Future[Any], _Call]] = collections.deque()
         # Sent batches by id: their calls' futures, in order, each replaced by None once
         # resolved. Not under the lock: the collector resolves them, and whoever finds the
         # pool broken (the collector, or the feeder in _encode) fails what is left.
@@ -242,7 +247,13 @@ class Executor(_FuturesExecutor):
         return self._calls_sent - self._calls_resolved
 
     def _can_send(self) -> bool:
-        return bool(self._waiting) and self._in_flight() < self._window()
+        return bool(self._waiting or self._again) and self._in_flight() < self._window()
+
+    def _all_sent(self) -> bool:
+        """Closing, and every call is sent and resolved: none can come back to be sent
+        again (see `_again`), so the feeder may tell the Dealer it has all there is."""
+        return (self._closing and not self._waiting and not self._again
+                and self._in_flight() == 0)
 
     def _feed(self) -> None:
         batches = 0
@@ -255,29 +266,36 @@ class Executor(_FuturesExecutor):
                     # notifies, under the lock that we hold until wait() releases it.
                     with self._work:
                         while True:
-                            self._feeder_wants_work = not self._waiting
-                            self._feeder_wants_room = not self._feeder_wants_work
+                            self._feeder_wants_work = not (self._waiting or self._again)
+                            # Room, or, once closing, the last outcomes (see _all_sent).
+                            self._feeder_wants_room = (not self._feeder_wants_work
+                                                       or self._closing)
                             if (self._can_send() or self._broken is not None
-                                    or (self._closing and not self._waiting)):
+                                    or self._all_sent()):
                                 break
                             self._work.wait()
                         self._feeder_wants_work = self._feeder_wants_room = False
-                    if not self._waiting or self._broken is not None:
-                        # Closing, and every call submitted before it is sent; or broken,
+                    if self._broken is not None or self._all_sent():
+                        # Closing, and every call submitted before it is done; or broken,
                         # and the collector fails what waits.
                         break
-                futures, calls = self._take(min(self._window() - self._in_flight(),
-                                                 self._batch_size()))
+                futures: list[Future[Any] | None]
+                if self._again:  # only the collector adds to it: not empty when we pop
+                    future, call = self._again.popleft()
+                    futures, calls = [future], [call]
+                else:
+                    futures, calls = self._take(min(self._window() - self._in_flight(),
+                                                     self._batch_size()))
                 if not calls:
                     continue  # all cancelled while they waited
                 try:
                     batch = self._encode(batches + 1, futures, calls)
                 except Exception as e:  # noqa: BLE001 - pickling (see _encode), a memfd
                     # These calls fail with what went wrong; the pool goes on.
-                    for future in futures:
-                        if future is not None and not future.done():
+                    for taken in futures:
+                        if taken is not None and not taken.done():
                             with contextlib.suppress(InvalidStateError):
-                                future.set_exception(e)
+                                taken.set_exception(e)
                     continue
                 if batch is not None:
                     batches += 1
@@ -315,7 +333,7 @@ class Executor(_FuturesExecutor):
             if not calls:
                 return None
             data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
-        sent = _SentBatch(futures, len(futures))
+        sent = _SentBatch(futures, calls)
         where = CallWhere.INLINE
         if len(data) > INLINE_CALLS_LIMIT:
             fd = os.memfd_create("taskpool-calls", os.MFD_CLOEXEC)
@@ -367,7 +385,7 @@ class Executor(_FuturesExecutor):
                        if status < 0 else f"exited with status {status}")
                 reason = f"the Executor's Dealer process (PID {self._dealer.pid}) {how}"
         with self._submit_lock:
-            if reason is not None or self._sent or self._waiting:
+            if reason is not None or self._sent or self._waiting or self._again:
                 self._broken = reason or "the Executor's Dealer ended before its calls"
             self._closing = True  # the feeder has nowhere to send: let it go
         error = WorkerCrashed(self._broken or "")
@@ -379,6 +397,13 @@ class Executor(_FuturesExecutor):
             except IndexError:
                 break
             if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        while True:  # running already, to be sent again
+            try:
+                future = self._again.popleft()[0]
+            except IndexError:
+                break
+            with contextlib.suppress(InvalidStateError):
                 future.set_exception(error)
         # Last: the feeder may have looked between our setting `_broken` and the sweep,
         # seen a full window and calls waiting, and gone back to sleep.
@@ -396,6 +421,9 @@ class Executor(_FuturesExecutor):
             returned, values = loads(outcomes)
         except Exception as e:  # noqa: BLE001 - the workers' own pickle of bytes and a list
             raise ProtocolError(f"outcomes that do not unpickle: {e!r}") from None
+        if values is None:  # the batch's pickle did not load in the worker
+            self._send_again(batch_id, sent, first)
+            return
         resolved = 0
         if returned is None:  # every call returned a plain value: here they are
             for i, value in enumerate(values, first):
@@ -429,6 +457,22 @@ class Executor(_FuturesExecutor):
             old = self._seconds_per_call
             self._seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
         self._make_room()
+
+    def _send_again(self, batch_id: int, sent: _SentBatch, first: int) -> None:
+        """The calls of a batch whose pickle did not load in its worker go back to the
+        feeder, to be sent one by one: they leave this batch as if resolved."""
+        again = []
+        for i in range(first, len(sent.futures)):
+            future = sent.futures[i]
+            if future is not None:
+                sent.futures[i] = None
+                again.append((future, sent.calls[i]))
+        # Queued before they leave the window, so that the feeder never sees them nowhere
+        # (neither in flight nor in `_again`) and ends too soon (see _all_sent).
+        self._again.extend(again)
+        self._resolved(batch_id, sent, len(again))
+        with self._work:
+            self._work.notify()
 
     def _make_room(self) -> None:
         """Calls left the window (resolved, by any frame): a feeder waiting for room goes on."""
@@ -473,13 +517,15 @@ class Executor(_FuturesExecutor):
 
 class _SentBatch:
     """A batch in flight: its futures in call order (None once resolved), how many are
-    left, and the memfd that holds its pickle if it was too large for a message."""
+    left, its calls (to send again one by one if their pickle does not load in a worker),
+    and the memfd that holds its pickle if it was too large for a message."""
 
-    __slots__ = ("futures", "left", "memfd")
+    __slots__ = ("futures", "left", "calls", "memfd")
 
-    def __init__(self, futures: list[Future[Any] | None], left: int) -> None:
+    def __init__(self, futures: list[Future[Any] | None], calls: list[_Call]) -> None:
         self.futures = futures
-        self.left = left
+        self.left = len(futures)
+        self.calls = calls
         self.memfd: int | None = None
 
 

@@ -353,6 +353,9 @@ def decode_memfd_ref(data: bytes) -> tuple[int, int, int]:
 # its own future and no other.
 # When every call returned a value of a PLAIN_TYPES type (which unpickles anywhere), returned
 # is None and values are the values themselves: one pickle for the batch, the common case.
+# A batch of more than one call whose pickle does not load in the worker has the outcomes
+# (None, None): the caller sends its calls again, a batch each, so that an argument that
+# cannot be unpickled there fails its own call alone.
 PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 INITIALIZED: str | None = None
 _NOTED = False  # this worker has already written its pid file (note_worker)
@@ -154,3 +156,17 @@ def grow(key: str, x: int) -> list[int]:
     """The list named `key`, after appending x: the same mutable object every call."""
     GROWN.setdefault(key, []).append(x)
     return GROWN[key]
+
+
+def _load_in(pid: int) -> LoadsOnlyInCaller:
+    if os.getpid() != pid:
+        raise pickle.UnpicklingError("this argument loads only in the process that made it")
+    return LoadsOnlyInCaller()
+
+
+class LoadsOnlyInCaller:
+    """Pickles anywhere, unpickles only in the process that pickled it: stands in for an
+    argument whose class a worker cannot import."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return (_load_in, (os.getpid(),))

@@ -763,6 +763,27 @@ def test_an_argument_that_pickles_only_sometimes_fails_its_batch_not_the_pool() 
         assert pool._feeder.is_alive()
 
 
+def test_an_argument_that_does_not_unpickle_in_the_worker_fails_its_own_call_alone() -> None:
+    """A batch is one pickle: one argument that cannot be unpickled in the worker fails the
+    load of the whole. Its calls are then sent again one by one, and only that call fails,
+    as with PPE; the batch's other calls return."""
+    with executor(2) as pool:
+        # Warm up, so that the feeder knows calls are short and batches the burst.
+        assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
+        for _round in range(3):
+            burst = [pool.submit(jobs.square, x) for x in range(40)]
+            bad = pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller())
+            burst += [pool.submit(jobs.square, x) for x in range(40, 80)]
+            with pytest.raises(pickle.UnpicklingError, match="loads only in the process"):
+                bad.result(timeout=WAIT)
+            assert [f.result(timeout=WAIT) for f in burst] == [x * x for x in range(80)]
+        assert pool.submit(jobs.type_name, 1).result(timeout=WAIT) == "int"
+    # An unbatched call fails at once, as before (a batch of one is not sent again).
+    with executor(1, max_tasks_per_child=5) as pool:
+        with pytest.raises(pickle.UnpicklingError):
+            pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller()).result(timeout=WAIT)
+
+
 def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> None:
     """BUG (review): the collector woke the feeder before it failed the sent and waiting
     calls; a feeder that looked in between saw a full window and calls waiting, slept

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -246,6 +247,38 @@ def test_resume_runs_only_what_the_journal_has_no_outcome_for(tmp_path: Path) ->
     assert "Sent job" not in again.log_text()
     assert sorted(read_results(results), key=lambda r: r["job"]) == \
         sorted(before, key=lambda r: r["job"])
+
+
+@pytest.mark.soak
+def test_chaos_with_crashing_and_killed_cluster_workers_loses_and_doubles_nothing(
+        tmp_path: Path) -> None:
+    rng = random.Random(11)
+    lines = [rng.choice(["fib 18", "fib 23", "sleep 0.02", "sleep 0"]) for _ in range(300)]
+    jobs = write_job_file(tmp_path, lines)
+    local_results, dask_results = tmp_path / "local.jsonl", tmp_path / "dask.jsonl"
+    chaos = ["--jobs", str(jobs), "--crash-rate", "0.03", "--seed", "5", "--max-attempts", "0"]
+    local = PoolRun(["--workers", "2", "--results", str(local_results), *chaos])
+    assert local.finish() == 0
+    run = PoolRun([*DASK, "--workers", "2", "--results", str(dask_results), "--verbose", *chaos])
+    starts = re.compile(STARTED)
+    killed = []
+    for step in range(1, 9):
+        def enough(log: list[str], wanted: int = 30 * step) -> bool:
+            return sum(1 for line in log if starts.match(line)) >= wanted or \
+                any(line.startswith("[Main] Summary") for line in log)
+        if not run.wait_until(enough) or "[Main] Summary" in run.log_text():
+            break
+        victim = int([m for m in map(starts.match, run.lines) if m][-1].group(2))
+        kill_quietly(victim)  # mid-job, or just after: either way a worker dies
+        killed.append(victim)
+    assert run.finish() == 0
+    assert len(killed) >= 4, run.log_text()
+    records = read_results(dask_results)
+    assert_exactly_once(records, range(1, len(lines) + 1))
+    assert_done_right(records)
+    assert _by_job(records) == _by_job(read_results(local_results))
+    assert len(re.findall(r"^\[Supervisor\] Worker PID \d+ killed by signal",
+                          run.log_text(), re.M)) >= len(killed)
 
 
 # --- nothing left behind ------------------------------------------------------------------------

@@ -7,9 +7,10 @@ job, and hands every outcome to the same Recorder as the local engine. Who does 
 
     main thread ──submit(run_job, key=taskpool-R-J-A.T, resources, priority)──> scheduler ──> worker
          ^                                                                                  │
+         ├── start pipe (our own cluster): a job started, written by its worker <───────────┤
          │  inbox (a deque) + one byte on the wake pipe                                     │
          ├── client's loop thread: a future is done ("done")  <─────────────────────────────┤
-         ├── client's loop thread: a job started ("started") <── scheduler <── log_event ───┘
+         ├── client's loop thread (--scheduler): a job started <── scheduler <── log_event ─┘
          ├── stdin thread: jobs and bad lines read from standard input
          ├── nanny's log (our own cluster): a worker process exited, and how
          └── SIGINT/SIGTERM: their number, written to the pipe by signal.set_wakeup_fd

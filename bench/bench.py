@@ -24,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = 20_000
 REPEATS = 3
+ROUNDS = 5  # of the dispatch measurements, each pool once a round
 KILLS = 200
 
 
@@ -103,19 +105,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         print("dispatch overhead...", file=sys.stderr)
-        rates: dict[str, float] = {}
-        rates["floor"] = peers.executor_rate(peers.InlineExecutor, n, REPEATS)
-        rates["executor"] = peers.executor_rate(peers.taskpool_executor, n, REPEATS)
-        rates["executor10k"] = peers.executor_rate(peers.taskpool_executor, 10_000, REPEATS)
-        rates["cli"] = cli_jobs_per_second(workdir, journal=False)
-        rates["cli_journal"] = cli_jobs_per_second(workdir, journal=True)
-        rates["ppe"] = peers.executor_rate(peers.ppe, n, REPEATS)
-        rates["mp"] = peers.mp_pool_rate(n, REPEATS)
+        # The Executor, the floor and the peers, measured in turn, round after round: a
+        # disturbance of the machine falls on all of them alike, and each keeps its best.
+        rounds: dict[str, Callable[[], float]] = {
+            "floor": lambda: peers.executor_rate(peers.InlineExecutor, n, 1),
+            "floor10k": lambda: peers.executor_rate(peers.InlineExecutor, 10_000, 1),
+            "executor": lambda: peers.executor_rate(peers.taskpool_executor, n, 1),
+            "executor10k": lambda: peers.executor_rate(peers.taskpool_executor, 10_000, 1),
+            "ppe": lambda: peers.executor_rate(peers.ppe, n, 1),
+            "mp": lambda: peers.mp_pool_rate(n, 1),
+        }
         for name, make in (("loky", peers.loky_executor), ("pebble", peers.pebble_executor)):
             try:
-                rates[name] = peers.executor_rate(make, n, REPEATS)
+                __import__(name)
             except ImportError:
-                pass  # optional: `pip install -e '.[bench]'`
+                continue  # optional: `pip install -e '.[bench]'`
+            rounds[name] = lambda make=make: peers.executor_rate(make, n, 1)
+        rates: dict[str, float] = dict.fromkeys(rounds, 0.0)
+        for _ in range(ROUNDS):
+            for name, measure in rounds.items():
+                rates[name] = max(rates[name], measure())
+        rates["cli"] = cli_jobs_per_second(workdir, journal=False)
+        rates["cli_journal"] = cli_jobs_per_second(workdir, journal=True)
         rates["ping_pong"] = peers.ping_pong_rate(n, REPEATS)
         print("fib batch...", file=sys.stderr)
         ideal = peers.sequential_fib(fib_n, fib_count) / 2
@@ -147,8 +158,9 @@ def main() -> None:
         f"Machine: {machine}",
         "",
         f"Dispatch overhead: {n:,} no-op jobs through 2 workers (Executors: `submit` per "
-        "job, then every result; pools warmed first; best of "
-        f"{REPEATS}). Ratio to the best peer (PPE, mp.Pool, loky, pebble).",
+        "job, then every result; pools warmed first; each pool measured once a round, in "
+        f"turn, best of {ROUNDS} rounds; the CLI best of {REPEATS}). Ratio to the best peer "
+        "(PPE, mp.Pool, loky, pebble).",
         "",
         "| pool | jobs/s | vs best peer |",
         "| --- | ---: | ---: |",
@@ -161,9 +173,11 @@ def main() -> None:
         *[row(name, name) for name in ("loky", "pebble") if name in rates],
         row("limit: posix_ipc ping-pong between two processes (round trips)", "ping_pong"),
         row("floor: in-process Executor (submit sets the result at once)", "floor"),
+        row("floor, 10,000 submits", "floor10k"),
         "",
         "Targets: Executor (10,000 submits) "
-        f"{rates['executor10k'] / rates['floor']:.0%} of the floor (>= 50%), "
+        f"{rates['executor10k'] / rates['floor10k']:.0%} of the floor (10,000 submits; "
+        ">= 50%), "
         f"{rates['executor10k'] / rates['ppe']:.1f}x PPE (>= 10x), "
         f"{rates['executor10k'] / rates['mp']:.1f}x mp.Pool (>= 2x); "
         f"CLI {rates['cli'] / rates['mp']:.2f}x mp.Pool (>= 1).",

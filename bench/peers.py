@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import statistics
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -1,13 +1,13 @@
 """Python calls in a worker: what a CALL job runs, for taskpool.Executor.
 
-A call crosses as PPE's do: `pickle.dumps((fn, args, kwargs))` made in the caller's process,
-read here. The worker was forked from the Executor's Dealer process, which imported the
-caller's main module the way multiprocessing's spawn does, so functions pickled by
-reference resolve here too.
+A call crosses as PPE's do, pickled as (fn, args, kwargs) in the caller's process and read
+here; a batch of calls is one pickle. The worker was forked from the Executor's Dealer
+process, which imported the caller's main module the way multiprocessing's spawn does, so
+functions pickled by reference resolve here too.
 
 Every call of a batch has an outcome, and nothing a call does (short of killing the process)
 stops the batch: a raised exception is returned with its traceback text, as is a return
-value that cannot be pickled. A call's pickle too large for one message waits in a memfd of
+value that cannot be pickled. A batch's pickle too large for one message waits in a memfd of
 the caller's process; we read it through /proc/PID/fd/FD (same user), so it never has a
 name that could be left behind.
 """
@@ -20,13 +20,7 @@ import time
 import traceback
 from typing import Any
 
-from taskpool.protocol import (
-    CallWhere,
-    OutcomeKind,
-    decode_calls,
-    decode_memfd_ref,
-    encode_outcomes,
-)
+from taskpool.protocol import CallBatch, CallWhere, decode_memfd_ref
 
 
 class RemoteTraceback(Exception):
@@ -41,28 +35,37 @@ class RemoteTraceback(Exception):
 
 
 def run_calls(payload: bytes) -> tuple[float, bytes]:
-    """Run every call of a batch; the seconds they took, and their outcomes."""
+    """Run the calls of a batch that this job holds; the seconds they took, and their
+    outcomes (see protocol.py for the layout)."""
     started = time.perf_counter()
-    outcomes = []
-    for call_id, where, data in decode_calls(payload):
-        outcomes.append((call_id, *_run_one(where, data)))
-    return time.perf_counter() - started, encode_outcomes(outcomes)
+    batch = CallBatch.decode(payload)
+    returned = bytearray(batch.count)  # 1: the call returned; 0: it raised
+    values: list[bytes] = []
+    try:
+        data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
+        calls = pickle.loads(data)[batch.first:batch.first + batch.count]
+    except BaseException as e:  # noqa: BLE001 - each call of the batch has this outcome
+        values = [_pickle_exception(e)] * batch.count
+        return time.perf_counter() - started, _outcomes(returned, values)
+    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    for i, (fn, args, kwargs) in enumerate(calls):
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is its outcome
+            values.append(_pickle_exception(e))
+            continue
+        try:
+            values.append(dumps(value, protocol))
+            returned[i] = 1
+        except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
+            error = pickle.PicklingError(
+                f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
+            values.append(_pickle_exception(error, cause=e))
+    return time.perf_counter() - started, _outcomes(returned, values)
 
 
-def _run_one(where: CallWhere, data: bytes) -> tuple[OutcomeKind, bytes]:
-    try:
-        if where == CallWhere.MEMFD:
-            data = _read_memfd(data)
-        fn, args, kwargs = pickle.loads(data)
-        value = fn(*args, **kwargs)
-    except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is the call's outcome
-        return OutcomeKind.RAISED, _pickle_exception(e)
-    try:
-        return OutcomeKind.RETURNED, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
-        error = pickle.PicklingError(
-            f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
-        return OutcomeKind.RAISED, _pickle_exception(error, cause=e)
+def _outcomes(returned: bytearray, values: list[bytes]) -> bytes:
+    return pickle.dumps((bytes(returned), values), pickle.HIGHEST_PROTOCOL)
 
 
 def _name_of(fn: Any) -> str:
@@ -91,10 +94,9 @@ def _read_memfd(ref: bytes) -> bytes:
         os.close(handle)
 
 
-def call_outcome(kind: OutcomeKind, data: bytes) -> tuple[bool, Any]:
-    """In the caller: (True, value) or (False, exception with its remote traceback)."""
-    if kind == OutcomeKind.RETURNED:
-        return True, pickle.loads(data)
+def raised(data: bytes) -> BaseException:
+    """In the caller: the exception a call raised, with the worker's traceback as its
+    cause (as PPE's)."""
     exc, tb = pickle.loads(data)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
-    return False, exc
+    return exc  # type: ignore[no-any-return]

@@ -54,6 +54,7 @@ from taskpool.pools import PoolLayout
 from taskpool.protocol import (
     MAX_MESSAGE_SIZE,
     Ack,
+    CallBatch,
     DealerStats,
     EndOfJobs,
     Heartbeat,
@@ -69,7 +70,6 @@ from taskpool.protocol import (
     WorkerExited,
     decode,
     encode_record,
-    split_calls,
 )
 from taskpool.recovery import (
     MAIN_LOST_SIGNAL,
@@ -482,10 +482,10 @@ class Dealer:
         poison call fails alone after --max-attempts. Called with the lock held."""
         job = job_state.job
         ids = []
-        for _call_id, payload in split_calls(job.payload):
+        for single in CallBatch.decode(job.payload).split():
             ids.append(self.next_split_id)
-            self.state.jobs[self.next_split_id] = JobState(
-                dataclasses.replace(job, job_id=self.next_split_id, arg=1, payload=payload))
+            self.state.jobs[self.next_split_id] = JobState(dataclasses.replace(
+                job, job_id=self.next_split_id, arg=1, payload=single.encode()))
             self.next_split_id += 1
         job_state.recorded = True  # accounted for by its calls' jobs
         self.split_extra += len(ids) - 1

@@ -5,8 +5,8 @@ of its own (executor_host.py), started with fork+exec, which forks and supervise
 workers. In the caller's process, this module installs no signal handler, reaps only the
 Dealer process it started (by pid), and starts two threads:
 
-    feeder thread     takes submitted calls, pickles them, and writes them to the Dealer
-                      in batches (one CALL job each). Blocks on its Condition while nothing
+    feeder thread     takes submitted calls and writes them to the Dealer in batches (one
+                      CALL job each, its calls one pickle). Blocks on its Condition while nothing
                       is submitted, and in the pipe write while the Dealer is behind.
     collector thread  reads the Dealer's outcome frames and resolves the futures; at the
                       Dealer's exit, reaps it and fails whatever is left.
@@ -14,8 +14,9 @@ Dealer process it started (by pid), and starts two threads:
 Invariants:
 - a future is RUNNING from the moment the feeder takes it (as PPE's are once they leave its
   pending queue): cancel() succeeds only for calls not yet handed to the Dealer;
-- a call is in `_sent` before its batch is written, and leaves it when its outcome is set,
-  so the collector never sees an outcome it cannot place, and a future is resolved once;
+- a batch is in `_sent` before it is written, and leaves it when its last call's outcome
+  is set, so the collector never sees an outcome it cannot place; a call's future is
+  resolved by whoever replaces it with None in its batch's list, so it is resolved once;
 - a batch is one job to the Dealer: a worker that dies in one gets its calls resent one by
   one without an attempt charged (dealer.Dealer._split), so a call fails with WorkerCrashed
   only after killing max_attempts workers on its own.
@@ -29,8 +30,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
-import json
 import logging
 import math
 import multiprocessing.spawn
@@ -48,16 +49,16 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from taskpool import ipc
-from taskpool.calls import call_outcome
+from taskpool.calls import raised
 from taskpool.executor_host import INLINE_CALLS_LIMIT, ExecutorSettings
 from taskpool.protocol import (
+    CallBatch,
     CallWhere,
     FrameType,
     ProtocolError,
-    decode_outcomes,
+    decode_failed,
     decode_outcomes_frame,
     encode_batch,
-    encode_calls,
     encode_end,
     encode_frame,
     encode_memfd_ref,
@@ -66,7 +67,10 @@ from taskpool.protocol import (
 
 BATCH_SECONDS = 0.002  # of a worker's time per batch: the Dealer's cost per batch is ~0.1 ms
 MAX_BATCH_CALLS = 512
-_CALL_FRAME_OVERHEAD = 13  # protocol._CALL's size
+SHARES = 4
+
+
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # fn, args, kwargs
 
 
 class WorkerCrashed(BrokenProcessPool):
@@ -80,8 +84,10 @@ class Executor(_FuturesExecutor):
 
     max_attempts: workers a call may kill before its future raises WorkerCrashed (0: no
         limit). timeout: seconds a call may run; its worker is killed past it, which counts
-        as an attempt. initializer(*initargs): run once in each new worker; if it raises,
-        the worker exits, and a pool whose workers keep failing to start is broken.
+        as an attempt. max_tasks_per_child: calls a worker runs before it exits and is
+        replaced (as PPE's; not a crash). Either sends calls one at a time, unbatched.
+    initializer(*initargs): run once in each new worker; if it raises, the worker exits,
+        and a pool whose workers keep failing to start is broken.
     verbose: write taskpool's crash-recovery log (every job sent, every worker death and
         resend) to stderr; by default only warnings and errors are written.
     """
@@ -94,6 +100,7 @@ class Executor(_FuturesExecutor):
         timeout: float | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
         verbose: bool = False,
     ) -> None:
         workers = (os.cpu_count() or 1) if max_workers is None else max_workers
@@ -103,6 +110,9 @@ class Executor(_FuturesExecutor):
             raise ValueError("max_attempts must be 0 (no limit) or more")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ValueError("timeout must be a finite number of seconds > 0")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        self._max_tasks_per_child = max_tasks_per_child
         self._workers = workers
         self._timeout = timeout
         init = None if initializer is None else pickle.dumps((initializer, tuple(initargs)))
@@ -110,7 +120,8 @@ class Executor(_FuturesExecutor):
         preparation.pop("authkey", None)  # multiprocessing's, not ours; it refuses to pickle
         settings = ExecutorSettings(
             workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
-            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING)
+            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING,
+            max_tasks_per_child=max_tasks_per_child)
 
         # submit() and shutdown() serialise on _submit_lock alone, so that no submit can
         # slip in after shutdown has let the feeder go. The feeder takes calls from
@@ -120,14 +131,15 @@ class Executor(_FuturesExecutor):
         self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._waiting: collections.deque[tuple[int, Future[Any], Callable[..., Any],
-                                               tuple[Any, ...], dict[str, Any]]] = (
-            collections.deque())
-        # Sent calls by id. Not under the lock: one dict operation is atomic, and pop()
-        # decides who resolves a future (the collector, or whoever finds the pool broken).
-        self._sent: dict[int, Future[Any]] = {}
-        self._memfds: dict[int, int] = {}  # call id -> memfd holding its pickle
-        self._call_ids = itertools.count(1)
+        self._waiting: collections.deque[tuple[Future[Any], _Call]] = collections.deque()
+        # Sent batches by id: their calls' futures, in order, each replaced by None once
+        # resolved. Not under the lock: the collector resolves them, and whoever finds the
+        # pool broken (the collector, or the feeder in _encode) fails what is left.
+        self._sent: dict[int, _SentBatch] = {}
+        # Calls sent and calls resolved, each counted by one thread only (the feeder, the
+        # collector), so that neither count is a read-modify-write race.
+        self._calls_sent = 0
+        self._calls_resolved = 0
         # The feeder waits for calls (submit notifies) or for room in the window of sent
         # calls (the collector notifies): see _feed.
         self._feeder_wants_work = False
@@ -170,7 +182,7 @@ class Executor(_FuturesExecutor):
                 raise WorkerCrashed(self._broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._waiting.append((next(self._call_ids), future, fn, args, kwargs))
+            self._waiting.append((future, (fn, args, kwargs)))
         if self._feeder_wants_work:
             with self._work:
                 self._work.notify()
@@ -193,7 +205,7 @@ class Executor(_FuturesExecutor):
             if cancel_futures:
                 while self._waiting:
                     try:
-                        self._waiting.popleft()[1].cancel()
+                        self._waiting.popleft()[0].cancel()
                     except IndexError:
                         break  # the feeder took the last one
             self._closing = True
@@ -207,11 +219,15 @@ class Executor(_FuturesExecutor):
 
     def _batch_size(self) -> int:
         per_call = self._seconds_per_call
-        if self._timeout is not None or per_call is None:
-            return 1  # a timeout is per call; an unknown call may be long
+        if self._timeout is not None or self._max_tasks_per_child is not None:
+            return 1  # a timeout is per call, and so is a worker's count of tasks
+        if per_call is None:
+            return 1  # an unknown call may be long
         size = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(per_call, 1e-7))))
-        # Never so large that one worker gets what several could share.
-        return min(size, -(-len(self._waiting) // self._workers))
+        # Never so large that one worker gets what several could share: what waits goes
+        # out in at least SHARES batches a worker, so that a batch whose calls are slower
+        # than the estimate (made on earlier, other calls) is a small part of the whole.
+        return min(size, -(-len(self._waiting) // (self._workers * SHARES)))
 
     def _window(self) -> int:
         """How many calls may be sent and unresolved: two batches per worker, so that each
@@ -219,8 +235,11 @@ class Executor(_FuturesExecutor):
         and grow into larger batches meanwhile."""
         return self._workers * 2 * max(1, self._batch_size())
 
+    def _in_flight(self) -> int:
+        return self._calls_sent - self._calls_resolved
+
     def _can_send(self) -> bool:
-        return bool(self._waiting) and len(self._sent) < self._window()
+        return bool(self._waiting) and self._in_flight() < self._window()
 
     def _feed(self) -> None:
         batches = 0
@@ -235,64 +254,78 @@ class Executor(_FuturesExecutor):
                         while True:
                             self._feeder_wants_work = not self._waiting
                             self._feeder_wants_room = not self._feeder_wants_work
-                            if self._can_send() or (self._closing and not self._waiting):
+                            if (self._can_send() or self._broken is not None
+                                    or (self._closing and not self._waiting)):
                                 break
                             self._work.wait()
                         self._feeder_wants_work = self._feeder_wants_room = False
-                    if not self._waiting:
-                        break  # closing, and every call submitted before it is sent
-                room = self._window() - len(self._sent)
+                    if not self._waiting or self._broken is not None:
+                        # Closing, and every call submitted before it is sent; or broken,
+                        # and the collector fails what waits.
+                        break
+                room = self._window() - self._in_flight()
                 taken = []
                 for _ in range(min(room, self._batch_size())):
                     try:
                         taken.append(self._waiting.popleft())
                     except IndexError:
                         break
-                for count, payload in self._encode(taken):
+                try:
+                    batch = self._encode(batches + 1, taken)
+                except Exception as e:  # noqa: BLE001 - pickling (see _encode), a memfd
+                    # These calls fail with what went wrong; the pool goes on.
+                    for future, _call in taken:
+                        if future.done():
+                            continue  # failed in _encode already, or cancelled
+                        if future.running() or future.set_running_or_notify_cancel():
+                            with contextlib.suppress(InvalidStateError):
+                                future.set_exception(e)
+                    continue
+                if batch is not None:
                     batches += 1
-                    ipc.write_all(self._submit_w, encode_batch(batches, count, payload))
+                    ipc.write_all(self._submit_w, encode_batch(batch))
             ipc.write_all(self._submit_w, encode_end(batches))
         except OSError:
             pass  # the Dealer is gone: the collector fails what is left
         finally:
             os.close(self._submit_w)
 
-    def _encode(self, taken: list[Any]) -> Iterator[tuple[int, bytes]]:
-        """The taken calls as batch payloads of at most INLINE_CALLS_LIMIT bytes, each with
-        its number of calls. Every call is in `_sent` before its batch is yielded."""
-        calls: list[tuple[int, CallWhere, bytes]] = []
-        size = 0
-        sent = self._sent
-        dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
-        for call_id, future, fn, args, kwargs in taken:
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled while it waited
+    def _encode(self, batch_id: int, taken: list[Any]) -> CallBatch | None:
+        """The taken calls that still run (not cancelled, picklable) as one batch, in
+        `_sent` before it is returned; None if none is left."""
+        futures: list[Future[Any] | None] = []
+        calls = []
+        for future, call in taken:
+            if future.set_running_or_notify_cancel():  # False: cancelled while it waited
+                futures.append(future)
+                calls.append(call)
+        if not calls:
+            return None
+        try:
+            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+        except BaseException:  # noqa: BLE001 - find the calls that do not pickle
+            futures, calls = _picklable(futures, calls)
+            if not calls:
+                return None
+            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+        sent = _SentBatch(futures, len(futures))
+        where = CallWhere.INLINE
+        if len(data) > INLINE_CALLS_LIMIT:
+            fd = os.memfd_create("taskpool-calls", os.MFD_CLOEXEC)
             try:
-                data = dumps((fn, args, kwargs), protocol)
-            except BaseException as e:  # noqa: BLE001 - as PPE: the future carries it
-                future.set_exception(e)
-                continue
-            where = CallWhere.INLINE
-            if len(data) + _CALL_FRAME_OVERHEAD > INLINE_CALLS_LIMIT:
-                fd = self._memfds[call_id] = os.memfd_create("taskpool-call", os.MFD_CLOEXEC)
                 ipc.write_all(fd, data)
-                data, where = encode_memfd_ref(os.getpid(), fd, len(data)), CallWhere.MEMFD
-            if size + len(data) + _CALL_FRAME_OVERHEAD > INLINE_CALLS_LIMIT and calls:
-                yield self._checked(calls)
-                calls, size = [], 0
-            sent[call_id] = future
-            calls.append((call_id, where, data))
-            size += len(data) + _CALL_FRAME_OVERHEAD
-        if calls:
-            yield self._checked(calls)
-
-    def _checked(self, calls: list[tuple[int, CallWhere, bytes]]) -> tuple[int, bytes]:
-        """A batch ready to write, unless the pool broke while we built it: then its calls
-        fail here (the collector's sweep may have run before they were in `_sent`)."""
+            except BaseException:
+                os.close(fd)
+                raise
+            sent.memfd = fd
+            data, where = encode_memfd_ref(os.getpid(), fd, len(data)), CallWhere.MEMFD
+        self._sent[batch_id] = sent
+        self._calls_sent += sent.left
         if self._broken is not None:
-            for call_id, _where, _data in calls:
-                self._finish(call_id, error=WorkerCrashed(self._broken))
-        return len(calls), encode_calls(calls)
+            # The pool broke while we built it: its calls fail here (the collector's
+            # sweep may have run before the batch was in `_sent`).
+            self._fail_batch(batch_id, WorkerCrashed(self._broken))
+        return CallBatch(batch_id, 0, len(futures), where, data)
 
     # --- collector thread -------------------------------------------------------------
 
@@ -308,14 +341,17 @@ class Executor(_FuturesExecutor):
                 if ftype is FrameType.OUTCOMES:
                     self._on_outcomes(body)
                 elif ftype is FrameType.FAILED:
-                    failed = json.loads(body)
-                    for call_id in failed["calls"]:
-                        self._finish(call_id, error=WorkerCrashed(failed["reason"]))
+                    batch_id, first, count, why = decode_failed(body)
+                    self._fail_batch(batch_id, WorkerCrashed(why), first, count)
                     self._make_room()
                 elif ftype is FrameType.STOPPED:
                     reason = body.decode()
-        except (ProtocolError, OSError, ValueError) as e:
-            reason = f"the Executor's Dealer sent a bad frame: {e}"
+        except Exception as e:  # noqa: BLE001 - this thread must not die and leave futures
+            reason = f"the Executor's Dealer sent a bad frame: {e!r}"
+        # Closed before the wait: a Dealer still running (we stopped reading after a bad
+        # frame) sees its lifeline end, and a write to us fail, and exits.
+        os.close(self._outcome_r)
+        os.close(self._lifeline_w)
         status = self._dealer.wait()
         if status != 0:
             ipc.sweep_queues_of(self._dealer.pid)  # it may have died inside a creation
@@ -323,40 +359,55 @@ class Executor(_FuturesExecutor):
                 how = (f"killed by signal {-status} ({signal.Signals(-status).name})"
                        if status < 0 else f"exited with status {status}")
                 reason = f"the Executor's Dealer process (PID {self._dealer.pid}) {how}"
-        os.close(self._outcome_r)
-        os.close(self._lifeline_w)
         with self._submit_lock:
             if reason is not None or self._sent or self._waiting:
                 self._broken = reason or "the Executor's Dealer ended before its calls"
             self._closing = True  # the feeder has nowhere to send: let it go
-        with self._work:
-            self._work.notify()
         error = WorkerCrashed(self._broken or "")
-        for call_id in list(self._sent):
-            self._finish(call_id, error=error)
-        while True:  # what the feeder has not taken (it fails what it has: _checked)
+        for batch_id in list(self._sent):
+            self._fail_batch(batch_id, error)
+        while True:  # what the feeder has not taken (it fails what it has: _encode)
             try:
-                future = self._waiting.popleft()[1]
+                future = self._waiting.popleft()[0]
             except IndexError:
                 break
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+        # Last: the feeder may have looked between our setting `_broken` and the sweep,
+        # seen a full window and calls waiting, and gone back to sleep.
+        with self._work:
+            self._work.notify()
 
     def _on_outcomes(self, body: bytes) -> None:
-        _job_id, seconds, payload = decode_outcomes_frame(body)
-        count = 0
-        for call_id, kind, data in decode_outcomes(payload):
-            count += 1
+        batch_id, first, seconds, outcomes = decode_outcomes_frame(body)
+        sent = self._sent.get(batch_id)
+        if sent is None:
+            return  # failed already (the Dealer records a job once; this is a guard)
+        futures = sent.futures
+        loads = pickle.loads
+        try:
+            returned, values = loads(outcomes)
+        except Exception as e:  # noqa: BLE001 - the workers' own pickle of bytes and a list
+            raise ProtocolError(f"outcomes that do not unpickle: {e!r}") from None
+        resolved = 0
+        for i, data in enumerate(values):
+            future = futures[first + i]
+            if future is None:
+                continue
+            futures[first + i] = None
+            resolved += 1
             try:
-                ok, value = call_outcome(kind, data)
+                if returned[i]:
+                    future.set_result(loads(data))
+                else:
+                    future.set_exception(raised(data))
+            except InvalidStateError:
+                pass  # resolved by a racing path: the first one stands
             except BaseException as e:  # noqa: BLE001 - a value that does not unpickle here
-                ok, value = False, e
-            if ok:
-                self._finish(call_id, value=value)
-            else:
-                self._finish(call_id, error=value)
-        if count:
-            per_call = seconds / count
+                future.set_exception(e)
+        self._resolved(batch_id, sent, resolved)
+        if resolved:
+            per_call = seconds / resolved
             old = self._seconds_per_call
             self._seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
         self._make_room()
@@ -367,23 +418,68 @@ class Executor(_FuturesExecutor):
             with self._work:
                 self._work.notify()
 
-    def _finish(self, call_id: int, *, value: Any = None,
-                error: BaseException | None = None) -> None:
-        """Resolve a sent call's future, once: whoever pops it from `_sent` does."""
-        future = self._sent.pop(call_id, None)
-        if future is None:
-            return  # resolved already (the Dealer records a result once; this is a guard)
-        if self._memfds:
-            memfd = self._memfds.pop(call_id, None)
-            if memfd is not None:
-                os.close(memfd)
+    def _fail_batch(self, batch_id: int, error: BaseException, first: int = 0,
+                    count: int | None = None) -> None:
+        """Fail the batch's calls [first, first + count) not resolved yet (all by default)."""
+        sent = self._sent.get(batch_id)
+        if sent is None:
+            return
+        futures = sent.futures
+        end = len(futures) if count is None else first + count
+        resolved = 0
+        for i in range(first, end):
+            future = futures[i]
+            if future is not None:
+                futures[i] = None
+                resolved += 1
+                try:
+                    future.set_exception(error)
+                except InvalidStateError:
+                    pass
+        if count is None:  # the pool is broken: nothing of this batch is to come
+            self._forget(batch_id)
+        self._resolved(batch_id, sent, resolved)
+
+    def _resolved(self, batch_id: int, sent: _SentBatch, count: int) -> None:
+        if threading.current_thread() is self._collector:
+            self._calls_resolved += count
+        sent.left -= count
+        if sent.left <= 0:
+            self._forget(batch_id)
+
+    def _forget(self, batch_id: int) -> None:
+        sent = self._sent.pop(batch_id, None)  # one caller wins the pop, and closes
+        if sent is not None and sent.memfd is not None:
+            os.close(sent.memfd)
+
+
+class _SentBatch:
+    """A batch in flight: its futures in call order (None once resolved), how many are
+    left, and the memfd that holds its pickle if it was too large for a message."""
+
+    __slots__ = ("futures", "left", "memfd")
+
+    def __init__(self, futures: list[Future[Any] | None], left: int) -> None:
+        self.futures = futures
+        self.left = left
+        self.memfd: int | None = None
+
+
+def _picklable(futures: list[Future[Any] | None], calls: list[Any]) -> tuple[list[Any],
+                                                                              list[Any]]:
+    """The calls that pickle, and their futures; each other future gets its error (as
+    PPE's, the future carries it)."""
+    kept_futures, kept_calls = [], []
+    for future, call in zip(futures, calls):
         try:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
-        except InvalidStateError:
-            pass  # resolved by a racing path: the first one stands
+            pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+        except BaseException as e:  # noqa: BLE001
+            assert future is not None
+            future.set_exception(e)
+            continue
+        kept_futures.append(future)
+        kept_calls.append(call)
+    return kept_futures, kept_calls
 
 
 def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:

@@ -41,6 +41,7 @@ from taskpool.jobs import Job, JobKind
 from taskpool.policy import SupervisionPolicy
 from taskpool.pools import PoolLayout
 from taskpool.protocol import (
+    CallBatch,
     DealerStats,
     EndOfJobs,
     FrameType,
@@ -48,7 +49,6 @@ from taskpool.protocol import (
     ProtocolError,
     Result,
     decode_batch,
-    decode_calls,
     decode_end,
     encode_failed,
     encode_outcomes_frame,
@@ -83,17 +83,23 @@ class ExecutorSettings:
     log_level: int = logging.WARNING
     max_restarts: int = 10
     restart_window: float = 5.0
+    max_tasks_per_child: int | None = None  # the Executor then sends one call per batch
 
 
 class FrameWriter(RecordWriter):
     """The recv thread's outcomes, as frames on the Executor's outcome pipe."""
 
     def done(self, job: Job, result: Result) -> None:
-        self.write(encode_outcomes_frame(job.job_id, float(result.value), result.payload))
+        batch = CallBatch.decode(job.payload)
+        self.write(encode_outcomes_frame(batch, float(result.value), result.payload))
 
     def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
-        calls = [call_id for call_id, _where, _data in decode_calls(job.payload)]
-        self.write(encode_failed(calls, reason))
+        # The Dealer's reason speaks of jobs, for the log; the caller knows calls.
+        last = reason.removesuffix(f" on {attempts} attempts")
+        last = last.replace(f"ran job {job.job_id} ", "ran the call ")
+        times = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        why = f"{times} of this call ended its worker; the last: {last}"
+        self.write(encode_failed(CallBatch.decode(job.payload), why))
 
     def stats(self, stats: DealerStats) -> None:
         if stats.stop_reason is not None:
@@ -109,8 +115,8 @@ def _intake(read: Any, ready_queue: Any) -> None:
                 break  # EOF before End: the Executor is gone
             ftype, body = frame
             if ftype is FrameType.BATCH:
-                job_id, count, calls = decode_batch(body)
-                job = Job(job_id, JobKind.CALL, count, payload=calls)
+                batch = decode_batch(body)
+                job = Job(batch.batch, JobKind.CALL, batch.count, payload=body)
                 ready_queue.send(JobMessage(job, attempt=1).encode())
             elif ftype is FrameType.END:
                 ready_queue.send(EndOfJobs(decode_end(body)).encode())
@@ -148,6 +154,7 @@ def main(argv: list[str]) -> NoReturn:
         ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
         policy = SupervisionPolicy(
             max_attempts=settings.max_attempts, timeout=settings.timeout, heartbeat=None,
+            max_tasks_per_child=settings.max_tasks_per_child,
             max_restarts=max(settings.max_restarts, settings.workers),
             restart_window=settings.restart_window)
         config = DealerConfig(

@@ -71,8 +71,8 @@ class Job:
     pool: int = 1  # the job type: it runs only on a worker of this pool
     priority: int = 0  # higher first, 0..PRIORITY_MAX
     line: int = field(default=0, compare=False)  # where it was read; not sent on the wire
-    # A CALL job's calls, framed by protocol.encode_calls; opaque to the Dealer except to
-    # split a batch in single calls.
+    # A CALL job's calls, a protocol.CallBatch; opaque to the Dealer except to split a
+    # batch in single calls.
     payload: bytes = field(default=b"", compare=False, repr=False)
 
     def describe(self) -> str:

@@ -18,10 +18,10 @@ and, when the caller is a taskpool.Executor (the Dealer runs in executor_host.py
     Worker --ResultPart..., Result--------------> result queue (a result over one message)
     Dealer recv thread --Outcomes, Failed, Stopped--> outcome pipe --> Executor collector
 
-A CALL job carries its calls as a payload after the fixed fields (`encode_calls`), and its
-Result carries their outcomes (`encode_outcomes`). Calls and outcomes are pickles made and
-read only by the Executor and the workers; the Dealer reads the framing alone, to split a
-batch whose worker died into single calls.
+A CALL job carries a CallBatch as a payload after the fixed fields, and its Result carries
+the calls' outcomes. Calls and outcomes are pickles made and read only by the Executor and
+the workers; the Dealer reads the CallBatch header alone, to split a batch whose worker died
+into single calls.
 
 Queue messages are small fixed-layout structs (network byte order) behind a two-byte header
 (version, type), so that every message of a CLI run fits the smallest queue we create
@@ -32,10 +32,10 @@ it and go on.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import struct
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
@@ -288,39 +288,51 @@ def _payload_of(kind: JobKind, body: bytes, fixed: int, mtype: MessageType) -> b
     return payload
 
 
-# --- A CALL job's payload: its calls, and their outcomes ------------------------------------
+# --- A CALL job's payload: a batch of calls, and their outcomes ---------------------------
 
 class CallWhere(enum.IntEnum):
-    """Where a call's pickle is: in the message, or (too large for one) in a memfd of the
+    """Where a batch's pickle is: in the message, or (too large for one) in a memfd of the
     Executor's process that the worker opens through /proc/PID/fd/FD."""
 
     INLINE = 0
     MEMFD = 1
 
 
-class OutcomeKind(enum.IntEnum):
-    RETURNED = 0  # the pickled return value
-    RAISED = 1  # a pickled (exception, traceback text)
+@dataclass(frozen=True)
+class CallBatch:
+    """A CALL job's payload: calls [first, first + count) of the Executor's batch `batch`.
+
+    The calls are ONE pickle of a list of (fn, args, kwargs) for the whole batch, made and
+    read only by the Executor and the workers (one pickle per batch, not per call, is what
+    makes a call cheap). The Dealer reads this header alone: to split a batch whose worker
+    died, it sends the same pickle again once per call, each time with `first` the call's
+    index and `count` 1."""
+
+    batch: int  # the Executor's job id for the batch; split jobs keep it
+    first: int
+    count: int
+    where: CallWhere
+    calls: bytes  # the pickle, or (where=MEMFD) encode_memfd_ref()
+
+    def encode(self) -> bytes:
+        return _CALL_BATCH.pack(self.batch, self.first, self.count, self.where) + self.calls
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CallBatch:
+        try:
+            batch, first, count, where = _CALL_BATCH.unpack_from(payload)
+            return cls(batch, first, count, CallWhere(where), payload[_CALL_BATCH.size:])
+        except (struct.error, ValueError) as e:
+            raise ProtocolError(f"bad batch of calls: {e}") from None
+
+    def split(self) -> list[CallBatch]:
+        """Each call alone, with the same pickle."""
+        return [dataclasses.replace(self, first=i, count=1)
+                for i in range(self.first, self.first + self.count)]
 
 
-_CALL = struct.Struct("!QBI")  # call id, CallWhere, length of what follows
+_CALL_BATCH = struct.Struct("!QIIB")  # batch, first, count, CallWhere
 _MEMFD = struct.Struct("!IIQ")  # pid, fd, size of the pickle
-_OUTCOME = struct.Struct("!QBI")  # call id, OutcomeKind, length of the pickle
-
-
-def encode_calls(calls: Iterable[tuple[int, CallWhere, bytes]]) -> bytes:
-    return b"".join(_CALL.pack(call_id, where, len(data)) + data
-                    for call_id, where, data in calls)
-
-
-def decode_calls(payload: bytes) -> Iterator[tuple[int, CallWhere, bytes]]:
-    return _frames(payload, _CALL, CallWhere)
-
-
-def split_calls(payload: bytes) -> list[tuple[int, bytes]]:
-    """Each call of a batch as a payload of its own: (call id, payload)."""
-    return [(call_id, encode_calls([(call_id, where, data)]))
-            for call_id, where, data in decode_calls(payload)]
 
 
 def encode_memfd_ref(pid: int, fd: int, size: int) -> bytes:
@@ -334,51 +346,27 @@ def decode_memfd_ref(data: bytes) -> tuple[int, int, int]:
         raise ProtocolError(f"bad memfd reference: {e}") from None
 
 
-def encode_outcomes(outcomes: Iterable[tuple[int, OutcomeKind, bytes]]) -> bytes:
-    return b"".join(_OUTCOME.pack(call_id, kind, len(data)) + data
-                    for call_id, kind, data in outcomes)
-
-
-def decode_outcomes(payload: bytes) -> Iterator[tuple[int, OutcomeKind, bytes]]:
-    return _frames(payload, _OUTCOME, OutcomeKind)
-
-
-def _frames(payload: bytes, head: struct.Struct, tag: type[enum.IntEnum]) -> Iterator[Any]:
-    # Once per call on the Executor's hot path: the tag stays a plain int (an IntEnum
-    # compares equal to it), checked against the enum's values, not converted.
-    valid = frozenset(tag.__members__.values())
-    unpack_from = head.unpack_from
-    end = len(payload)
-    offset = 0
-    while offset < end:
-        try:
-            ident, code, length = unpack_from(payload, offset)
-        except struct.error as e:
-            raise ProtocolError(f"truncated call frame at byte {offset}: {e}") from None
-        start = offset + head.size
-        offset = start + length
-        if offset > end:
-            raise ProtocolError(f"call frame at byte {start} runs past the payload")
-        if code not in valid:
-            raise ProtocolError(f"unknown call frame tag {code}")
-        yield ident, code, payload[start:offset]
+# A batch's outcomes (a CALL job's Result payload) are one pickle of (returned, values), one
+# item each per call run, in order: returned[i] is 1 if call i returned, and values[i] the
+# pickle of its return value; else 0, and the pickle of (exception, traceback text). Each
+# value is a pickle of its own, so that one value that does not unpickle in the caller fails
+# its own future and no other.
 
 
 # --- The Executor's pipes: length-prefixed frames -------------------------------------------
 
 class FrameType(enum.IntEnum):
     SETTINGS = 1  # Executor -> host: a pickled ExecutorSettings, first and once
-    BATCH = 2  # Executor -> host: job id, then encode_calls()
+    BATCH = 2  # Executor -> host: a CallBatch (its batch id is the job id)
     END = 3  # Executor -> host: no more batches; the total sent
-    OUTCOMES = 4  # host -> Executor: job id, seconds, then encode_outcomes()
-    FAILED = 5  # host -> Executor: a job that ran out of attempts: its calls and why
+    OUTCOMES = 4  # host -> Executor: batch, first, seconds, then the outcomes' pickle
+    FAILED = 5  # host -> Executor: calls that ran out of attempts (batch, first, count), why
     STOPPED = 6  # host -> Executor: the pool stopped before its jobs were done, and why
 
 
 _FRAME = struct.Struct("!IB")  # length of the body, FrameType
 _JOB_ID = struct.Struct("!Q")
-_BATCH_HEAD = struct.Struct("!QI")  # job id, number of calls
-_OUTCOMES_HEAD = struct.Struct("!Qd")  # job id, seconds its calls ran in the worker
+_OUTCOMES_HEAD = struct.Struct("!QId")  # batch, first, seconds its calls ran in the worker
 
 
 def encode_frame(ftype: FrameType, body: bytes) -> bytes:
@@ -403,13 +391,12 @@ def read_frame(read: Any) -> tuple[FrameType, bytes] | None:
         raise ProtocolError(f"unknown frame type {code}") from None
 
 
-def encode_batch(job_id: int, count: int, calls: bytes) -> bytes:
-    return encode_frame(FrameType.BATCH, _BATCH_HEAD.pack(job_id, count) + calls)
+def encode_batch(batch: CallBatch) -> bytes:
+    return encode_frame(FrameType.BATCH, batch.encode())
 
 
-def decode_batch(body: bytes) -> tuple[int, int, bytes]:
-    job_id, count = _BATCH_HEAD.unpack_from(body)
-    return job_id, count, body[_BATCH_HEAD.size:]
+def decode_batch(body: bytes) -> CallBatch:
+    return CallBatch.decode(body)
 
 
 def encode_end(total: int) -> bytes:
@@ -420,18 +407,29 @@ def decode_end(body: bytes) -> int:
     return int(_JOB_ID.unpack(body)[0])
 
 
-def encode_outcomes_frame(job_id: int, seconds: float, outcomes: bytes) -> bytes:
-    return encode_frame(FrameType.OUTCOMES, _OUTCOMES_HEAD.pack(job_id, seconds) + outcomes)
+def encode_outcomes_frame(batch: CallBatch, seconds: float, outcomes: bytes) -> bytes:
+    head = _OUTCOMES_HEAD.pack(batch.batch, batch.first, seconds)
+    return encode_frame(FrameType.OUTCOMES, head + outcomes)
 
 
-def decode_outcomes_frame(body: bytes) -> tuple[int, float, bytes]:
-    job_id, seconds = _OUTCOMES_HEAD.unpack_from(body)
-    return job_id, seconds, body[_OUTCOMES_HEAD.size:]
+def decode_outcomes_frame(body: bytes) -> tuple[int, int, float, bytes]:
+    """(batch, index of its first call here, seconds the calls ran, outcomes' pickle)"""
+    batch, first, seconds = _OUTCOMES_HEAD.unpack_from(body)
+    return batch, first, seconds, body[_OUTCOMES_HEAD.size:]
 
 
-def encode_failed(call_ids: list[int], reason: str) -> bytes:
-    body = json.dumps({"calls": call_ids, "reason": reason}).encode()
-    return encode_frame(FrameType.FAILED, body)
+def encode_failed(batch: CallBatch, reason: str) -> bytes:
+    body = {"batch": batch.batch, "first": batch.first, "count": batch.count,
+            "reason": reason}
+    return encode_frame(FrameType.FAILED, json.dumps(body).encode())
+
+
+def decode_failed(body: bytes) -> tuple[int, int, int, str]:
+    try:
+        failed = json.loads(body)
+        return failed["batch"], failed["first"], failed["count"], failed["reason"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"bad Failed frame: {e!r}") from None
 
 
 def encode_stopped(reason: str) -> bytes:

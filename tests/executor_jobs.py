@@ -116,3 +116,32 @@ def initialized() -> tuple[int, str | None]:
 
 def failing_initializer() -> None:
     raise RuntimeError("no database here")
+
+
+def count_call(x: int, directory: str) -> int:
+    """x, after adding a line to this worker's file (named by its pid) in `directory`."""
+    with open(os.path.join(directory, str(os.getpid())), "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+class FlakyPickle:
+    """Pickles on every other attempt only: stands in for an argument that another thread
+    mutates while it is pickled ('dictionary changed size during iteration')."""
+
+    attempts = 0
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        FlakyPickle.attempts += 1
+        if FlakyPickle.attempts % 2:
+            raise RuntimeError("dictionary changed size during iteration")
+        return (FlakyPickle, ())
+
+
+def type_name(x: object) -> str:
+    return type(x).__name__
+
+
+def sleep_then(seconds: float, pad: bytes) -> int:
+    time.sleep(seconds)
+    return len(pad)

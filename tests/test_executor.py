@@ -671,3 +671,73 @@ def test_the_dealer_killed_fails_pending_futures_and_leaves_nothing(
     assert pool._dealer.returncode == -signal.SIGKILL
     # The workers die of their parent-death signal, and are orphaned to us to reap.
     _await_gone(workers)
+
+
+def test_a_call_past_its_timeout_is_killed_and_charged_and_the_pool_goes_on(
+        tmp_path: Path, started: Path) -> None:
+    """timeout= is per call: a call that runs past it has its worker killed, which counts
+    as one of its attempts; it is run again, then fails with WorkerCrashed saying why.
+    Calls submitted with it are not disturbed."""
+    never = str(tmp_path / "never-created")
+    with executor(2, timeout=0.5, max_attempts=2) as pool:
+        hung = pool.submit(jobs.wait_for_file, never, str(started))
+        others = [pool.submit(jobs.square, x) for x in range(30)]
+        with pytest.raises(taskpool.WorkerCrashed, match="timed out|timeout") as caught:
+            hung.result(timeout=WAIT)
+        assert isinstance(caught.value, BrokenProcessPool)
+        assert [f.result(timeout=WAIT) for f in others] == [x * x for x in range(30)]
+        # Two attempts, each in a worker of its own (the first was killed at its timeout).
+        assert len(set(_files(started))) == 2
+        assert pool.submit(jobs.square, 9).result(timeout=WAIT) == 81
+
+
+def test_max_tasks_per_child_replaces_each_worker_after_that_many_calls(
+        tmp_path: Path) -> None:
+    """As PPE's: a worker runs at most max_tasks_per_child calls, then is replaced; its
+    exit is not a crash (no call fails, restart intensity is not spent)."""
+    seen = tmp_path / "workers"
+    seen.mkdir()
+    with executor(2, max_tasks_per_child=3, max_attempts=1) as pool:
+        results = [pool.submit(jobs.count_call, x, str(seen)) for x in range(30)]
+        assert [f.result(timeout=WAIT) for f in results] == list(range(30))
+    calls_per_worker = [len((seen / name).read_text().split()) for name in _files(seen)]
+    assert sum(calls_per_worker) == 30
+    assert max(calls_per_worker) <= 3 and len(calls_per_worker) >= 10
+
+
+def test_an_argument_that_pickles_only_sometimes_fails_its_batch_not_the_pool() -> None:
+    """BUG (review): the second pickle of a batch, after the calls that do not pickle were
+    taken out, was unguarded: it killed the feeder, the taken futures stayed RUNNING for
+    ever and the pool broke. Now those calls fail with the pickling error, and later calls
+    run."""
+    jobs.FlakyPickle.attempts = 0
+    with executor(1) as pool:
+        flaky = pool.submit(jobs.type_name, jobs.FlakyPickle())
+        with pytest.raises(RuntimeError, match="changed size"):
+            flaky.result(timeout=WAIT)
+        assert pool.submit(jobs.type_name, 1).result(timeout=WAIT) == "int"
+        assert pool._feeder.is_alive()
+
+
+def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> None:
+    """BUG (review): the collector woke the feeder before it failed the sent and waiting
+    calls; a feeder that looked in between saw a full window and calls waiting, slept
+    again, and shutdown(wait=True) never returned."""
+    pool = taskpool.Executor(1)
+    try:
+        futures = [pool.submit(jobs.sleep_then, 30, b"x" * 5000) for _ in range(20)]
+        deadline = time.monotonic() + WAIT
+        while not pool._feeder_wants_room:  # the window (2 calls) is full, 18 wait
+            assert time.monotonic() < deadline, "the feeder never waited for room"
+            time.sleep(0.005)
+        closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
+        closer.start()
+        kill_quietly(pool._dealer.pid)
+        closer.join(WAIT)
+        assert not closer.is_alive(), "shutdown(wait=True) hung after the Dealer died"
+        for future in futures:
+            with pytest.raises(taskpool.WorkerCrashed, match="SIGKILL"):
+                future.result(timeout=0)
+    finally:
+        if pool._collector.is_alive():
+            _kill_pool(pool)

@@ -48,7 +48,9 @@ import os
 import re
 import secrets
 import select
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -191,6 +193,7 @@ class DaskEngine(Engine):
         self.stop_now = False
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
+        self.scratch: str | None = None  # our own cluster's temporary directory
 
     def post(self, item: tuple[Any, ...]) -> None:
         """From any thread: hand an item to the main loop and wake it."""
@@ -241,9 +244,13 @@ class DaskEngine(Engine):
             # Attempts are counted here (see the module's docstring); and a worker holds
             # every task assigned to it in its own priority queue, so Dask's priority
             # orders what waits (no queueing on the scheduler, where only some tasks
-            # would wait). Spawned workers inherit this configuration.
+            # would wait). Its scratch space (distributed's dask-scratch-space: the
+            # workers' directories, lock files) is a directory of the run's own, removed
+            # at the end. Spawned workers inherit this configuration.
+            self.scratch = tempfile.mkdtemp(prefix="taskpool-dask-")
             dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                             "distributed.scheduler.worker-saturation": math.inf})
+                             "distributed.scheduler.worker-saturation": math.inf,
+                             "temporary-directory": self.scratch})
             try:
                 self.cluster = _local_cluster(self.layout)
                 self.client = Client(self.cluster, set_as_default=False)
@@ -753,8 +760,12 @@ class DaskEngine(Engine):
                 except Exception:  # noqa: BLE001 - a lost scheduler: nothing to cancel
                     pass
             self.client.close(timeout=CLOSE_TIMEOUT)
-        if self.cluster is not None:
-            self.cluster.close(timeout=CLOSE_TIMEOUT)
+        try:
+            if self.cluster is not None:
+                self.cluster.close(timeout=CLOSE_TIMEOUT)
+        finally:
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
         for fd in (self.wake_r, self.wake_w, self.start_r, self.start_w):
             if fd >= 0:
                 os.close(fd)

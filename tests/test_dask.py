@@ -1,6 +1,9 @@
 """The Dask engine (`taskpool run --engine dask`): the same jobs, results and guarantees as
 the local pool, on a LocalCluster that taskpool starts (2 one-thread workers unless a test
-needs more), or on an existing scheduler."""
+needs more), or on an existing scheduler.
+
+Every test runs taskpool with a TMPDIR of its own, and checks that the run left nothing in
+it (distributed's scratch space is where a Dask run would leave files behind)."""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +67,18 @@ def _by_job(records: list[dict[str, Any]]) -> dict[int, tuple[str, Any]]:
 
 def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The TMPDIR of the test's runs, empty at the end: a run's scratch space is removed
+    whether it ends normally, on a usage error, or on Ctrl-C or SIGTERM."""
+    scratch = tmp_path / "TMPDIR"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    yield scratch
+    left = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*"))
+    assert left == [], f"left in TMPDIR: {left}"
 
 
 # --- set-up and bad input -------------------------------------------------------------------
@@ -310,7 +327,8 @@ def test_an_interrupted_run_closes_its_cluster(tmp_path: Path, how: str) -> None
     assert await_exit(sorted(workers), 10.0) == []  # and conftest checks the process group
 
 
-def test_main_killed_takes_its_cluster_workers_with_it(tmp_path: Path) -> None:
+def test_main_killed_takes_its_cluster_workers_with_it(
+        tmp_path: Path, temporary_directory: Path) -> None:
     jobs = write_job_file(tmp_path, ["fib 34"] * 4)
     run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--verbose"])
     run.wait_for(STARTED, count=2)
@@ -320,6 +338,10 @@ def test_main_killed_takes_its_cluster_workers_with_it(tmp_path: Path) -> None:
     run.finish()
     # distributed's workers watch a pipe from their parent and exit when it closes.
     assert await_exit(sorted(workers), 10.0) == []
+    # A SIGKILLed main cannot remove its scratch space: one directory of its own is left.
+    left = list(temporary_directory.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("taskpool-dask-"), left
+    shutil.rmtree(left[0])
 
 
 # --- an existing cluster ------------------------------------------------------------------------
@@ -333,10 +355,13 @@ def _free_port() -> int:
 def test_runs_on_an_existing_scheduler(tmp_path: Path) -> None:
     address = f"tcp://127.0.0.1:{_free_port()}"
     bin_dir = Path(sys.executable).parent
+    # The cluster's own scratch space is not the run's: it goes elsewhere.
+    (tmp_path / "cluster").mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp_path / "cluster"))
     scheduler = subprocess.Popen(
         [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
          address.rsplit(":", 1)[1], "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     worker = None
     try:
         assert scheduler.stderr is not None
@@ -346,7 +371,7 @@ def test_runs_on_an_existing_scheduler(tmp_path: Path) -> None:
         worker = subprocess.Popen(
             [str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
              "--no-dashboard", "--resources", "type1=1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         jobs = write_job_file(tmp_path, ["fib 20", "sleep 0.1", "fib 25"])
         results = tmp_path / "r.jsonl"
         run = PoolRun([*DASK, "--scheduler", address, "--jobs", str(jobs), "--results",

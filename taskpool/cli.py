@@ -21,7 +21,7 @@ from typing import Any
 from taskpool import ipc
 from taskpool import log as tplog
 from taskpool.dealer import DealerConfig
-from taskpool.engine import ENGINES, RunConfig, make_engine
+from taskpool.engine import DEFAULT_CONNECT_TIMEOUT, ENGINES, RunConfig, make_engine
 from taskpool.generator import GeneratorInput
 from taskpool.jobs import Job, JobKind, read_job_file
 from taskpool.journal import Journal, JournalError
@@ -146,6 +146,9 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
     engine.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                         help="with --engine dask: run on the existing cluster of this "
                              "scheduler instead of starting one")
+    engine.add_argument("--connect-timeout", type=_seconds, metavar="SECONDS",
+                        help="with --scheduler: how long to try to reach it before giving "
+                             f"up, exit 2 (default {DEFAULT_CONNECT_TIMEOUT:g})")
     run_cmd.add_argument("--jobs", metavar="FILE",
                          help="job file ('fib N', 'sleep SECONDS' or '<job_type> <duration> "
                               "[priority]' a line); '-' or omitted with piped input: standard "
@@ -260,9 +263,11 @@ DASK_FAULT_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
 def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Usage errors of --engine and --scheduler; False after saying that the dask extra is
     missing (before any job is read)."""
+    if args.engine != "dask" and args.scheduler is not None:
+        parser.error("--scheduler is for --engine dask")
+    if args.connect_timeout is not None and args.scheduler is None:
+        parser.error("--connect-timeout is for --scheduler")
     if args.engine != "dask":
-        if args.scheduler is not None:
-            parser.error("--scheduler is for --engine dask")
         return True
     for name, flag in LOCAL_ONLY:
         if getattr(args, name) not in (None, False):
@@ -273,13 +278,18 @@ def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                          + ", ".join(step.value for step in DASK_FAULT_STEPS))
     if args.scheduler is not None and args.workers is not None:
         parser.error("--scheduler runs on that cluster's workers: drop --workers")
-    from taskpool.dask_engine import DaskMissing, require_distributed
+    from taskpool.dask_engine import DaskMissing, require_distributed, scheduler_address_error
 
     try:
         require_distributed()
     except DaskMissing as e:
         error(str(e))
         return False
+    if args.scheduler is not None:
+        why = scheduler_address_error(args.scheduler)
+        if why is not None:
+            parser.error(f"--scheduler {args.scheduler!r} is not a scheduler address ({why}): "
+                         "give tcp://HOST:PORT")
     return True
 
 
@@ -499,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         live=live,
         live_fd=live_fd,
         scheduler=args.scheduler,
+        connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
     )
     try:
         return make_engine(args.engine, config).run()

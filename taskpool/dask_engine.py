@@ -75,7 +75,6 @@ recovery_log = logging.getLogger("taskpool.recovery")
 
 INSTALL_HINT = "--engine dask needs the dask extra: pip install 'taskpool[dask]'"
 STDIN_NAME = "<stdin>"
-CONNECT_TIMEOUT = 10.0  # seconds to reach a --scheduler
 CLOSE_TIMEOUT = 5.0  # seconds for our cluster's workers to stop before they are killed
 # Job ids below this keep their order within a priority (dask_priority); the largest
 # encoded value, 32767 * 2**40, fits the 64-bit integers Dask's messages carry.
@@ -94,6 +93,23 @@ def require_distributed() -> None:
         import distributed  # noqa: F401
     except ImportError as e:
         raise DaskMissing(f"{INSTALL_HINT} ({e})") from None
+
+
+def scheduler_address_error(address: str) -> str | None:
+    """Why `address` is not an address Dask can connect to (no port, an unknown scheme), or
+    None. The CLI asks before anything runs: given such an address, distributed's Client
+    fails in a way that leaves it half built, and its finalizer then hangs the exit."""
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme).get_address_host_port(location)
+    except NotImplementedError:
+        return None  # a scheme without host:port addresses (ucx): Dask will say at connect
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
 
 
 # --- state ------------------------------------------------------------------------------
@@ -264,12 +280,14 @@ class DaskEngine(Engine):
                                  workers=self.layout.total_workers, own_cluster=True))
         else:
             try:
-                self.client = Client(self.config.scheduler, timeout=CONNECT_TIMEOUT,
+                self.client = Client(self.config.scheduler,
+                                     timeout=self.config.connect_timeout,
                                      set_as_default=False)
                 info = self.client.scheduler_info(n_workers=-1)
             except Exception as e:  # noqa: BLE001
                 self._no_cluster(f"the Dask scheduler at {self.config.scheduler} could not "
                                  f"be reached ({e})")
+                self.bad_setup = True  # an address the user gave: exit 2
                 return False
             workers = info.get("workers", {})
             threads = sum(w.get("nthreads", 0) for w in workers.values())

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from taskpool.live import LiveView
 
 ENGINES = ("local", "dask")
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to reach a --scheduler
 
 
 @dataclass
@@ -48,6 +49,7 @@ class RunConfig:
     live: LiveView | None = None  # the terminal's live view, fed by...
     live_fd: int | None = None  # ...the read end of the children's event pipe
     scheduler: str | None = None  # dask: an existing cluster's address; None: start one
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # dask: seconds to reach `scheduler`
 
 
 class Engine(ABC):
@@ -56,7 +58,9 @@ class Engine(ABC):
     The engine records each outcome with `self.recorder.record()` (once per job id: a
     second record of a job is dropped there), makes every job it accepts known with
     `accept()`, and sets `interrupted` (the first SIGINT/SIGTERM), `end_reason` (why jobs
-    were not done) and `cut_short` (a part of the engine was lost). The rest is common."""
+    were not done), `cut_short` (a part of the engine was lost) and `bad_setup` (it could
+    not start on what the user gave it, an unreachable --scheduler: exit 2, as for bad
+    input). The rest is common."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -67,13 +71,14 @@ class Engine(ABC):
         self.interrupted: int | None = None
         self.end_reason: str | None = None
         self.cut_short = False
+        self.bad_setup = False
 
     def run(self) -> int:
         started = time.monotonic()
         self.execute()
         self.recorder.finish(self.config.dealer.layout, self.end_reason,
                              time.monotonic() - started)
-        return self.recorder.exit_status(self.interrupted, self.cut_short)
+        return self.recorder.exit_status(self.interrupted, self.cut_short, self.bad_setup)
 
     @abstractmethod
     def execute(self) -> None:

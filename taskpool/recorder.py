@@ -154,12 +154,14 @@ class Recorder:
                  ", ".join(f"{n}: {count}" for n, count in histogram.items()) or "none",
                  extra=event("attempts_histogram", attempts=histogram))
 
-    def exit_status(self, interrupted: int | None, cut_short: bool) -> int:
-        """130/143 when interrupted (128 + the signal), 2 if any input line was rejected,
-        1 if any job is not done (or the run was cut short), else 0."""
+    def exit_status(self, interrupted: int | None, cut_short: bool,
+                    bad_setup: bool = False) -> int:
+        """130/143 when interrupted (128 + the signal), 2 if any input line was rejected
+        (or the engine could not start on what the user gave it), 1 if any job is not done
+        (or the run was cut short), else 0."""
         if interrupted is not None:
             return 128 + interrupted
-        if self.rejected_lines:
+        if self.rejected_lines or bad_setup:
             return EXIT_BAD_INPUT
         if cut_short or self.count(Status.DONE) < len(self.outcomes):
             return EXIT_JOBS_NOT_DONE

@@ -346,6 +346,43 @@ def test_main_killed_takes_its_cluster_workers_with_it(
 
 # --- an existing cluster ------------------------------------------------------------------------
 
+def test_a_scheduler_address_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
+    jobs = write_job_file(tmp_path, ["fib 10"])
+    for address in ("nonsense", "tcp://127.0.0.1", "http://127.0.0.1:8786"):
+        run = PoolRun([*DASK, "--scheduler", address, "--jobs", str(jobs)])
+        assert run.finish() == 2
+        log = run.log_text()
+        assert f"--scheduler {address!r} is not a scheduler address" in log, log
+        assert "[Dask]" not in log and "Traceback" not in log, log
+
+
+@pytest.fixture
+def unused_port() -> Iterator[int]:
+    """A port nothing listens on: bound but never listened on (a connection is refused),
+    and held until the test ends, so that nothing else can take it meanwhile."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield int(holder.getsockname()[1])
+
+
+def test_an_unreachable_scheduler_is_said_plainly_and_exits_2(
+        tmp_path: Path, unused_port: int) -> None:
+    address = f"tcp://127.0.0.1:{unused_port}"
+    jobs = write_job_file(tmp_path, ["fib 10", "sleep 0"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun([*DASK, "--scheduler", address, "--connect-timeout", "0.5", "--jobs",
+                   str(jobs), "--results", str(results)])
+    assert run.finish() == 2
+    log = run.log_text()
+    reason = f"the Dask scheduler at {address} could not be reached"
+    assert log.startswith(f"taskpool: {reason} ("), log
+    assert "Traceback" not in log and "Exception ignored" not in log, log
+    # No job ran; each is recorded not done, with the reason.
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 3))
+    assert all(r["status"] == "not_done" and r["reason"].startswith(reason) for r in records)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -383,41 +384,33 @@ def test_an_unreachable_scheduler_is_said_plainly_and_exits_2(
     assert all(r["status"] == "not_done" and r["reason"].startswith(reason) for r in records)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_runs_on_an_existing_scheduler(tmp_path: Path) -> None:
-    address = f"tcp://127.0.0.1:{_free_port()}"
+@pytest.fixture(scope="module")
+def existing_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Dask cluster that taskpool did not start: a scheduler, and one worker process of
+    two threads offering type1. Its address."""
     bin_dir = Path(sys.executable).parent
-    # The cluster's own scratch space is not the run's: it goes elsewhere.
-    (tmp_path / "cluster").mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp_path / "cluster"))
+    env = dict(os.environ, TMPDIR=str(tmp_path_factory.mktemp("cluster")))
     scheduler = subprocess.Popen(
-        [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-         address.rsplit(":", 1)[1], "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env)
     worker = None
     try:
         assert scheduler.stderr is not None
         for line in scheduler.stderr:
-            if "Scheduler at:" in line:
+            found = re.search(r"Scheduler at:\s+(tcp://\S+)", line)
+            if found:
+                address = found.group(1)
                 break
+        else:
+            raise AssertionError("the scheduler did not start")
+        # What it logs from now on is read and dropped (a full pipe would block it).
+        threading.Thread(target=scheduler.stderr.read, daemon=True).start()
         worker = subprocess.Popen(
-            [str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+            [str(bin_dir / "dask"), "worker", address, "--nthreads", "2", "--nworkers", "1",
              "--no-dashboard", "--resources", "type1=1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        jobs = write_job_file(tmp_path, ["fib 20", "sleep 0.1", "fib 25"])
-        results = tmp_path / "r.jsonl"
-        run = PoolRun([*DASK, "--scheduler", address, "--jobs", str(jobs), "--results",
-                       str(results)])
-        assert run.finish() == 0
-        records = read_results(results)
-        assert_exactly_once(records, range(1, 4))
-        assert_done_right(records)
-        assert f"[Dask] Connected to the Dask scheduler at {address}" in run.log_text()
+        yield address
     finally:
         for proc in (worker, scheduler):
             if proc is not None:
@@ -427,3 +420,36 @@ def test_runs_on_an_existing_scheduler(tmp_path: Path) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def test_runs_on_an_existing_scheduler(tmp_path: Path, existing_cluster: str) -> None:
+    jobs = write_job_file(tmp_path, ["fib 20", "sleep 0.1", "fib 25"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun([*DASK, "--scheduler", existing_cluster, "--jobs", str(jobs), "--results",
+                   str(results)])
+    assert run.finish() == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 4))
+    assert_done_right(records)
+    assert f"[Dask] Connected to the Dask scheduler at {existing_cluster}" in run.log_text()
+
+
+def test_on_an_existing_cluster_a_job_past_its_timeout_is_abandoned_and_charged(
+        tmp_path: Path, existing_cluster: str) -> None:
+    # Dask cannot stop one task there: each try is abandoned (left to end on its worker,
+    # which has a second thread for the next try) and charged; its late result is dropped.
+    jobs = write_job_file(tmp_path, ["sleep 5 timeout=0.5", "fib 20"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun([*DASK, "--scheduler", existing_cluster, "--jobs", str(jobs), "--results",
+                   str(results), "--max-attempts", "2"])
+    assert run.finish() == 1
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 3))
+    by_job = {r["job"]: r for r in records}
+    assert by_job[1]["status"] == "failed" and by_job[1]["attempts"] == 2
+    assert by_job[1]["reason"] == "ran job 1 past its timeout of 0.5 s on 2 attempts"
+    assert by_job[2]["status"] == "done" and by_job[2]["result"] == 6765
+    log = run.log_text()
+    assert len(re.findall(r"^\[Supervisor\] Job 1 ran past its timeout of 0.5 s on tcp://\S+: "
+                          r"abandoned it \(Dask cannot stop one task\)$", log, re.M)) == 2, log
+    assert "[Supervisor] Job 1 failed after 2 attempts" in log

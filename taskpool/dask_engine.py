@@ -244,6 +244,10 @@ class DaskEngine(Engine):
         try:
             if started:
                 self._loop()
+            else:
+                # A signal held while we tried to start (up to --connect-timeout): the run
+                # was interrupted, as the local engine's would be (128 + the signal).
+                self._on_wake()
         finally:
             signal.set_wakeup_fd(-1)
             self._close()
@@ -279,6 +283,10 @@ class DaskEngine(Engine):
                      extra=event("dask_started", scheduler=self.cluster.scheduler_address,
                                  workers=self.layout.total_workers, own_cluster=True))
         else:
+            log.info("Connecting to the Dask scheduler at %s (for up to %g s)",
+                     self.config.scheduler, self.config.connect_timeout,
+                     extra=event("dask_connecting", scheduler=self.config.scheduler,
+                                 timeout=self.config.connect_timeout))
             try:
                 self.client = Client(self.config.scheduler,
                                      timeout=self.config.connect_timeout,

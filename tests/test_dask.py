@@ -376,12 +376,32 @@ def test_an_unreachable_scheduler_is_said_plainly_and_exits_2(
     assert run.finish() == 2
     log = run.log_text()
     reason = f"the Dask scheduler at {address} could not be reached"
-    assert log.startswith(f"taskpool: {reason} ("), log
+    assert re.search(rf"^taskpool: {re.escape(reason)} \(", log, re.M), log
     assert "Traceback" not in log and "Exception ignored" not in log, log
     # No job ran; each is recorded not done, with the reason.
     records = read_results(results)
     assert_exactly_once(records, range(1, 3))
     assert all(r["status"] == "not_done" and r["reason"].startswith(reason) for r in records)
+
+
+def test_ctrl_c_while_connecting_to_a_scheduler_ends_the_run_as_interrupted(
+        tmp_path: Path, unused_port: int) -> None:
+    # SIGINT is held while the scheduler is tried (a Client interrupted half-built hangs
+    # the exit); once the try is over, it counts: exit 130, as the local engine's.
+    address = f"tcp://127.0.0.1:{unused_port}"
+    jobs = write_job_file(tmp_path, ["fib 10"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun([*DASK, "--scheduler", address, "--connect-timeout", "3", "--jobs",
+                   str(jobs), "--results", str(results)])
+    run.wait_for(rf"^\[Dask\] Connecting to the Dask scheduler at {re.escape(address)} "
+                 r"\(for up to 3 s\)$")
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.finish() == 130
+    log = run.log_text()
+    assert "[Main] Interrupted by SIGINT: stopping the pool" in log, log
+    assert "Traceback" not in log, log
+    assert [(r["status"], r["reason"]) for r in read_results(results)] == \
+        [("not_done", "interrupted by SIGINT")]
 
 
 @pytest.fixture(scope="module")

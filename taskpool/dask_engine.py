@@ -291,13 +291,12 @@ class DaskEngine(Engine):
                 self.client = Client(self.config.scheduler,
                                      timeout=self.config.connect_timeout,
                                      set_as_default=False)
-                info = self.client.scheduler_info(n_workers=-1)
+                workers = cluster_workers(self.client)
             except Exception as e:  # noqa: BLE001
                 self._no_cluster(f"the Dask scheduler at {self.config.scheduler} could not "
                                  f"be reached ({e})")
                 self.bad_setup = True  # an address the user gave: exit 2
                 return False
-            workers = info.get("workers", {})
             threads = sum(w.get("nthreads", 0) for w in workers.values())
             log.info("Connected to the Dask scheduler at %s: %d workers, %d threads",
                      self.config.scheduler, len(workers), threads,
@@ -808,6 +807,17 @@ class DaskEngine(Engine):
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+def cluster_workers(client: Any) -> dict[str, Any]:
+    """The cluster's workers, by address, as its scheduler describes them. Since distributed
+    2025.4, scheduler_info() lists every worker only when given n_workers=-1 (at first it
+    listed 5 by default); before, it took no n_workers and listed them all."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return dict(info.get("workers", {}))
+
 
 def dask_priority(job: Job) -> int:
     """Dask's priority= for a job: its priority, then the older job (lower id) first, as in

@@ -404,6 +404,24 @@ def test_ctrl_c_while_connecting_to_a_scheduler_ends_the_run_as_interrupted(
         [("not_done", "interrupted by SIGINT")]
 
 
+def test_the_workers_of_a_cluster_are_read_from_every_supported_distributed() -> None:
+    from taskpool.dask_engine import cluster_workers
+
+    workers = {f"tcp://10.0.0.{i}:1": {"nthreads": 1} for i in range(7)}
+
+    class Before2025_4:  # scheduler_info() takes no n_workers, lists every worker
+        def scheduler_info(self) -> dict[str, Any]:
+            return {"workers": workers}
+
+    class Since2025_4:  # lists 5 workers unless asked for all with n_workers=-1
+        def scheduler_info(self, n_workers: int = 5) -> dict[str, Any]:
+            return {"workers": dict(list(workers.items())[:n_workers] if n_workers >= 0
+                                    else workers)}
+
+    assert cluster_workers(Before2025_4()) == workers
+    assert cluster_workers(Since2025_4()) == workers
+
+
 @pytest.fixture(scope="module")
 def existing_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Dask cluster that taskpool did not start: a scheduler, and one worker process of

@@ -8,7 +8,9 @@ taken side by side: dispatch overhead of taskpool (Executor and CLI) against PPE
 multiprocessing.Pool, loky and pebble (optional: `pip install -e '.[bench]'`), with the
 two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's makespan;
 crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
-typed pools on sleep workloads. The measurements are in peers.py.
+typed pools on sleep workloads; the per-job overhead of the two engines of `taskpool run`
+(local and, with the dask extra, Dask) on no-op and fib jobs. The measurements are in
+peers.py and engines.py.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 
 
 def main() -> None:
+    import engines
     import peers
 
     n = JOBS
@@ -144,6 +147,8 @@ def main() -> None:
              False),
         ]:
             typed.append((name, dispatch_makespan(workdir, jobs), ideal_makespan(jobs, exact)))
+    print("engines...", file=sys.stderr)
+    engine_table = engines.overhead_table()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}, {datetime.date.today()}")
     peers_rates = {k: rates[k] for k in ("ppe", "mp", "loky", "pebble") if k in rates}
@@ -211,7 +216,14 @@ def main() -> None:
         *[f"| {name} | {measured:.2f} s | {ideal_:.2f} s | {measured / ideal_:.3f} |"
           for name, measured, ideal_ in typed],
         "",
-        "Command: `make bench`.",
+        "Engines of `taskpool run` (`--engine local|dask`): each runs the workload, and 10 "
+        "jobs of it, through the CLI; the difference gives the cost of one more job (start-up "
+        "excluded), the run of 10 the fixed cost. \"Overhead per job\" is the wall time per "
+        "extra job x the workers, less the job's own computation.",
+        "",
+        engine_table,
+        "",
+        "Command: `make bench` (the engines' table alone: `python bench/engines.py`).",
     ])
     print(table)
     (ROOT / "bench" / "results.md").write_text(table + "\n")

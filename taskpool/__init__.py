@@ -2,7 +2,11 @@
 
 Process roles, one module each:
 
-    main.py           main: forks the TaskGenerator and the Dealer, records results
+    engine.py         the engine interface of `taskpool run`, and the RunConfig
+    recorder.py       every engine's results file, journal, not-done records, exit status
+    main.py           the local engine: forks the TaskGenerator and the Dealer
+    dask_engine.py    the Dask engine (--engine dask): a LocalCluster or a given scheduler
+    dask_worker.py    a Dask worker's side: run one attempt of one job
     generator.py      TaskGenerator: puts jobs on the ready queue
     dealer.py         Dealer: send and recv threads
     recovery.py       the Dealer's recovery thread: forks, reaps and replaces workers

@@ -21,10 +21,10 @@ from typing import Any
 from taskpool import ipc
 from taskpool import log as tplog
 from taskpool.dealer import DealerConfig
+from taskpool.engine import DEFAULT_CONNECT_TIMEOUT, ENGINES, RunConfig, make_engine
 from taskpool.generator import GeneratorInput
 from taskpool.jobs import Job, JobKind, read_job_file
 from taskpool.journal import Journal, JournalError
-from taskpool.main import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, RunConfig, run
 from taskpool.policy import (
     DEFAULT_GRACE,
     DEFAULT_HEARTBEAT,
@@ -35,7 +35,8 @@ from taskpool.policy import (
 )
 from taskpool.pools import PoolLayout, PoolSpecError
 from taskpool.protocol import JobRecord, Status
-from taskpool.worker import CrashPlan, InjectedFault
+from taskpool.recorder import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE
+from taskpool.worker import CrashPlan, InjectedFault, Step
 
 MAX_WORKERS = 512
 
@@ -136,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
+    engine = run_cmd.add_argument_group(
+        "engine", "what runs the jobs: the local pool of forked workers, or a Dask cluster")
+    engine.add_argument("--engine", choices=ENGINES, default="local",
+                        help="local: forked workers on this machine (default); dask: a Dask "
+                             "distributed cluster, a LocalCluster sized like the pool unless "
+                             "--scheduler is given (needs pip install 'taskpool[dask]')")
+    engine.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                        help="with --engine dask: run on the existing cluster of this "
+                             "scheduler instead of starting one")
+    engine.add_argument("--connect-timeout", type=_seconds, metavar="SECONDS",
+                        help="with --scheduler: how long to try to reach it before giving "
+                             f"up, exit 2 (default {DEFAULT_CONNECT_TIMEOUT:g})")
     run_cmd.add_argument("--jobs", metavar="FILE",
                          help="job file ('fib N', 'sleep SECONDS' or '<job_type> <duration> "
                               "[priority]' a line); '-' or omitted with piped input: standard "
@@ -164,13 +177,11 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
                              f"job within --restart-window (default: {DEFAULT_MAX_RESTARTS} "
                              "or the pool size, whichever is larger)")
     policy.add_argument("--restart-window", type=_seconds, metavar="T",
-                        default=DEFAULT_RESTART_WINDOW,
                         help=f"seconds (default {DEFAULT_RESTART_WINDOW:g})")
     policy.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                         help="kill a worker whose job runs longer; the job counts an attempt "
                              "(default: none; a job line's timeout= overrides it)")
     policy.add_argument("--heartbeat", type=_seconds_or_off, metavar="SECONDS",
-                        default=DEFAULT_HEARTBEAT,
                         help="kill a worker that runs a job and sends no heartbeat for this "
                              f"long (stopped, or wedged); 0: off (default {DEFAULT_HEARTBEAT:g})")
     policy.add_argument("--grace", type=_seconds_or_off, metavar="SECONDS",
@@ -239,6 +250,47 @@ def _add_results_command(commands: Any) -> None:
                     "not_done, without running anything.")
     results_cmd.add_argument("journal", metavar="RUN.db")
     results_cmd.add_argument("--format", choices=("jsonl", "csv", "table"), default="table")
+
+
+# What only the local engine does; with --engine dask they are usage errors (README.md,
+# "The Dask engine", says why each one has no Dask counterpart here).
+LOCAL_ONLY = (("preempt", "--preempt"), ("max_restarts", "--max-restarts"),
+              ("restart_window", "--restart-window"), ("heartbeat", "--heartbeat"),
+              ("max_tasks_per_child", "--max-tasks-per-child"), ("max_memory", "--max-memory"))
+DASK_FAULT_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
+
+
+def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    """Usage errors of --engine and --scheduler; False after saying that the dask extra is
+    missing (before any job is read)."""
+    if args.engine != "dask" and args.scheduler is not None:
+        parser.error("--scheduler is for --engine dask")
+    if args.connect_timeout is not None and args.scheduler is None:
+        parser.error("--connect-timeout is for --scheduler")
+    if args.engine != "dask":
+        return True
+    for name, flag in LOCAL_ONLY:
+        if getattr(args, name) not in (None, False):
+            parser.error(f"{flag} is a local engine option: --engine dask does not take it")
+    for fault in args.inject_fault:
+        if fault.step not in DASK_FAULT_STEPS:
+            parser.error(f"--inject-fault {fault.step.value}: --engine dask takes only "
+                         + ", ".join(step.value for step in DASK_FAULT_STEPS))
+    if args.scheduler is not None and args.workers is not None:
+        parser.error("--scheduler runs on that cluster's workers: drop --workers")
+    from taskpool.dask_engine import DaskMissing, require_distributed, scheduler_address_error
+
+    try:
+        require_distributed()
+    except DaskMissing as e:
+        error(str(e))
+        return False
+    if args.scheduler is not None:
+        why = scheduler_address_error(args.scheduler)
+        if why is not None:
+            parser.error(f"--scheduler {args.scheduler!r} is not a scheduler address ({why}): "
+                         "give tcp://HOST:PORT")
+    return True
 
 
 def _pool_layout(args: argparse.Namespace, parser: argparse.ArgumentParser) -> PoolLayout:
@@ -375,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--resume needs --journal")
     if not hasattr(args, "demo"):
         args.demo = False
+    if not hasattr(args, "workers"):
+        args.workers = None
+    if not _check_engine(args, parser):
+        return EXIT_BAD_INPUT
     layout = _pool_layout(args, parser)
     source = _load_jobs(args, parser, layout)
     if source is None:
@@ -431,9 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy = SupervisionPolicy(
         max_attempts=max_attempts,
         max_restarts=args.max_restarts or max(DEFAULT_MAX_RESTARTS, workers),
-        restart_window=args.restart_window,
+        restart_window=args.restart_window or DEFAULT_RESTART_WINDOW,
         timeout=args.timeout,
-        heartbeat=args.heartbeat or None,
+        heartbeat=DEFAULT_HEARTBEAT if args.heartbeat is None else args.heartbeat or None,
         grace=args.grace,
         max_tasks_per_child=args.max_tasks_per_child,
         max_memory_mb=args.max_memory,
@@ -452,9 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed=journaled.resumed if journaled else {},
         live=live,
         live_fd=live_fd,
+        scheduler=args.scheduler,
+        connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
     )
     try:
-        return run(config)
+        return make_engine(args.engine, config).run()
     except ipc.QueueLimitError as e:
         error(str(e))
         return EXIT_JOBS_NOT_DONE

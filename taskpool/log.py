@@ -35,6 +35,7 @@ _ROLE_TAGS = {
     "taskpool.supervisor": "Supervisor",
     "taskpool.recovery": "Recovery",
     "taskpool.worker": "Worker",
+    "taskpool.dask": "Dask",  # the Dask engine's client side (dask_engine.py)
 }
 
 # In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].

@@ -1,7 +1,9 @@
-"""main: forks the TaskGenerator and the Dealer, records every job's outcome, ends the run.
+"""The local engine: main forks the TaskGenerator and the Dealer, records every job's
+outcome, ends the run.
 
-main is the recorder: the Dealer sends it each outcome over the record pipe and main writes
-the --results line, once per job id. Because main outlives both children, a killed Dealer or
+main is the recorder: the Dealer sends it each outcome over the record pipe and main hands
+it to the Recorder (recorder.py, shared with the Dask engine), which writes the --results
+line once per job id. Because main outlives both children, a killed Dealer or
 generator cannot take recorded results with it: main keeps them, reports every other job it
 knows of as not done, and exits 1.
 
@@ -14,52 +16,29 @@ killed Dealer (which PR_SET_PDEATHSIG kills at once) are reaped here too, not le
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import select
 import signal
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Callable
+from dataclasses import dataclass
 
 from taskpool import ipc
-from taskpool.dealer import EXIT_ALL_DONE, EXIT_STOPPED_EARLY, DealerConfig, run_dealer
-from taskpool.generator import GeneratorInput, run_generator
-from taskpool.jobs import Job
-from taskpool.journal import Journal
+from taskpool.dealer import EXIT_ALL_DONE, EXIT_STOPPED_EARLY, run_dealer
+from taskpool.engine import Engine, RunConfig
+from taskpool.generator import run_generator
 from taskpool.log import event
 from taskpool.protocol import (
-    DealerStats,
     JobAccepted,
     JobRecord,
     LineRejected,
     ProtocolError,
-    Status,
     decode_record,
 )
-
-if TYPE_CHECKING:
-    from taskpool.live import LiveView
+from taskpool.recorder import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, EXIT_OK
 
 log = logging.getLogger("taskpool.main")
 
-EXIT_OK = 0
-EXIT_JOBS_NOT_DONE = 1
-EXIT_BAD_INPUT = 2
-
-
-@dataclass
-class RunConfig:
-    dealer: DealerConfig
-    source: GeneratorInput
-    results: IO[str] | None
-    report_error: Callable[[str], None]  # prints "taskpool: ..." to the user
-    journal: Journal | None = None
-    resumed: dict[int, JobRecord] = field(default_factory=dict)  # the journal's outcomes
-    live: LiveView | None = None  # the terminal's live view, fed by...
-    live_fd: int | None = None  # ...the read end of the children's event pipe
+__all__ = ["EXIT_BAD_INPUT", "EXIT_JOBS_NOT_DONE", "EXIT_OK", "Main", "RunConfig", "run"]
 
 
 @dataclass
@@ -99,96 +78,14 @@ class LineReader:
         return lines
 
 
-# A journal batch is committed when it holds this many outcomes, or when its oldest outcome
-# has waited this long: the cost of a commit is spread over many jobs, and no result waits
-# long to reach the results file.
-JOURNAL_BATCH_MAX = 500
-JOURNAL_BATCH_DELAY = 0.05
+class Main(Engine):
+    """The local engine: a forked TaskGenerator and Dealer, and the Dealer's workers."""
 
-
-@dataclass
-class Recorder:
-    """Every job main knows of, and each one's outcome, recorded once.
-
-    With a journal, an outcome goes to the journal's pending batch first, and its results
-    line is written only once the batch is committed."""
-
-    results: IO[str] | None
-    journal: Journal | None = None
-    known: dict[int, Job] = field(default_factory=dict)
-    outcomes: dict[int, JobRecord] = field(default_factory=dict)
-    rejected_lines: int = 0
-    stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
-    batch_started: float | None = None  # when the oldest uncommitted outcome came
-
-    def record(self, record: JobRecord) -> None:
-        if record.job in self.outcomes:
-            log.info("Dropped duplicate record for job %d", record.job)
-            return
-        self.outcomes[record.job] = record
-        if self.journal is None or record.status == Status.NOT_DONE.value:
-            self.write_results([record])
-            return
-        self.journal.add_outcome(record)
-        if self.batch_started is None:
-            self.batch_started = time.monotonic()
-        if len(self.journal.pending_outcomes) >= JOURNAL_BATCH_MAX:
-            self.commit()
-
-    def accept(self, job: Job) -> None:
-        self.known[job.job_id] = job
-        if self.journal is not None:
-            self.journal.add_job(job)
-
-    def seconds_to_commit(self) -> float | None:
-        """How long main's loop may sleep before the pending batch is due; None: nothing
-        pending, sleep until something happens."""
-        if self.batch_started is None:
-            return None
-        return max(0.0, self.batch_started + JOURNAL_BATCH_DELAY - time.monotonic())
-
-    def commit(self) -> None:
-        if self.journal is not None:
-            committed = self.journal.commit()
-            if committed:
-                log.debug("Journal: committed %d outcomes", len(committed))
-            self.write_results(committed)
-        self.batch_started = None
-
-    def write_results(self, records: list[JobRecord]) -> None:
-        if self.results is not None and records:
-            self.results.write("".join(json.dumps(r.to_json()) + "\n" for r in records))
-            self.results.flush()
-
-    def record_not_done(self, reason: str) -> None:
-        self.commit()
-        for job_id in sorted(self.known):
-            if job_id not in self.outcomes:
-                job = self.known[job_id]
-                self.record(JobRecord.of(job, Status.NOT_DONE, reason=reason))
-
-    def count(self, status: Status) -> int:
-        return sum(1 for r in self.outcomes.values() if r.status == status.value)
-
-
-class Main:
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
-        self.recorder = Recorder(config.results, config.journal)
-        if config.source.jobs is not None:
-            self.recorder.known = {job.job_id: job for job in config.source.jobs}
-        # On --resume, what the journal already holds is recorded first, and the results
-        # file rewritten from it: the two never disagree about what is done.
-        for record in config.resumed.values():
-            self.recorder.outcomes[record.job] = record
-        self.recorder.write_results(list(config.resumed.values()))
-        self.interrupted: int | None = None  # the first SIGINT/SIGTERM
+        super().__init__(config)
         self.signals_seen: list[int] = []
-        self.end_reason: str | None = None
-        self.lost_role = False  # a Dealer or generator died: the run was cut short
 
-    def run(self) -> int:
-        started = time.monotonic()
+    def execute(self) -> None:
         # A shell may exec us with children of its own (a process substitution): those are
         # not ours to wait for.
         self.inherited_children = _children_of_self()
@@ -261,8 +158,6 @@ class Main:
             while live_reader.open and self._on_live_lines(live_reader):
                 pass  # every child is gone: what they wrote is all in the pipe
         signal.set_wakeup_fd(-1)
-        self._finish(time.monotonic() - started)
-        return self._exit_status()
 
     def _seconds_to_wait(self) -> float | None:
         """select()'s timeout: the next journal commit or live redraw due; None (until
@@ -354,7 +249,7 @@ class Main:
         elif child.ended_normally() or not self.dealer.running:
             return  # a generator that finished, or that we stopped after the Dealer ended
         how = ipc.describe_wait_status(child.status)
-        self.lost_role = True
+        self.cut_short = True  # a Dealer or generator died
         if self.end_reason is None:
             self.end_reason = f"the {child.role} was lost ({how})"
             log.info("%s (PID %d) %s: ending the run", child.role, child.pid, how,
@@ -395,65 +290,6 @@ class Main:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-
-    # --- the end ---------------------------------------------------------------------
-
-    def _finish(self, wall_time: float) -> None:
-        recorder = self.recorder
-        reason = (self.end_reason or recorder.stats.stop_reason
-                  or "the pool stopped before the job completed")
-        recorder.record_not_done(reason)
-        not_done = recorder.count(Status.NOT_DONE)
-        if not_done:
-            log.info("%d jobs not done: %s", not_done, reason)
-        else:
-            log.info("All done.")
-        self._log_table()
-        total = len(recorder.outcomes)
-        done, failed = recorder.count(Status.DONE), recorder.count(Status.FAILED)
-        log.info(
-            "Summary: %d jobs, %d done, %d failed, %d not done, %d crashes, %d resends, "
-            "wall time %.2f s",
-            total, done, failed, not_done,
-            recorder.stats.crashes, recorder.stats.resends, wall_time,
-            extra=event("summary", jobs=total, done=done,
-                        failed=failed, not_done=not_done,
-                        crashes=recorder.stats.crashes, resends=recorder.stats.resends,
-                        wall_time=round(wall_time, 3)),
-        )
-
-    def _log_table(self) -> None:
-        """Per pool: workers, jobs done, failed, not done, crashes and restarts; then how
-        many attempts the done jobs took. Each line is an event with its figures."""
-        layout = self.config.dealer.layout
-        outcomes = list(self.recorder.outcomes.values())
-        pool_stats = {p["type"]: p for p in self.recorder.stats.pools}
-        log.info("%-10s %7s %6s %6s %8s %7s %8s", "pool", "workers", "done", "failed",
-                 "not done", "crashes", "restarts", extra=event("table_header"))
-        for pool in layout.pools:
-            counts = Counter(r.status for r in outcomes if r.type == pool.number)
-            stats = pool_stats.get(pool.number, {})
-            row = {"type": pool.number, "workers": pool.size,
-                   "done": counts[Status.DONE.value], "failed": counts[Status.FAILED.value],
-                   "not_done": counts[Status.NOT_DONE.value],
-                   "crashes": stats.get("crashes", 0), "restarts": stats.get("restarts", 0)}
-            log.info("%-10s %7d %6d %6d %8d %7d %8d", pool.label, *list(row.values())[1:],
-                     extra=event("pool_summary", **row))
-        attempts = Counter(r.attempts for r in outcomes if r.status == Status.DONE.value)
-        histogram = {str(n): attempts[n] for n in sorted(attempts)}
-        log.info("Attempts per done job: %s",
-                 ", ".join(f"{n}: {count}" for n, count in histogram.items()) or "none",
-                 extra=event("attempts_histogram", attempts=histogram))
-
-    def _exit_status(self) -> int:
-        if self.interrupted is not None:
-            return 128 + self.interrupted
-        if self.recorder.rejected_lines:
-            return EXIT_BAD_INPUT
-        if self.lost_role or self.recorder.count(Status.DONE) < len(self.recorder.outcomes):
-            return EXIT_JOBS_NOT_DONE
-        return EXIT_OK
-
 
 def _children_of_self() -> set[int]:
     pid = os.getpid()

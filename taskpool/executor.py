@@ -238,16 +238,20 @@ class Executor(_FuturesExecutor):
         return min(size, -(-len(self._waiting) // (self._workers * SHARES)))
 
     def _window(self) -> int:
-        """How many calls may be sent and unresolved: two batches per worker, so that each
+        """How many batches may be sent and not yet resolved: two per worker, so that each
         has one to run and one queued. The rest wait here, where they can be cancelled,
-        and grow into larger batches meanwhile."""
-        return self._workers * 2 * max(1, self._batch_size())
+        and grow into larger batches meanwhile. Counted in batches, not calls: when the
+        estimate of a call's time grows (the first calls were short, these are long),
+        batches shrink, and a window in calls, sized from the new estimate, would hold
+        back new ones while the large batches sent before still run, and leave a worker
+        idle behind them."""
+        return self._workers * 2
 
     def _in_flight(self) -> int:
         return self._calls_sent - self._calls_resolved
 
     def _can_send(self) -> bool:
-        return bool(self._waiting or self._again) and self._in_flight() < self._window()
+        return bool(self._waiting or self._again) and len(self._sent) < self._window()
 
     def _all_sent(self) -> bool:
         """Closing, and every call is sent and resolved: none can come back to be sent
@@ -284,8 +288,7 @@ class Executor(_FuturesExecutor):
                     future, call = self._again.popleft()
                     futures, calls = [future], [call]
                 else:
-                    futures, calls = self._take(min(self._window() - self._in_flight(),
-                                                     self._batch_size()))
+                    futures, calls = self._take(self._batch_size())
                 if not calls:
                     continue  # all cancelled while they waited
                 try:

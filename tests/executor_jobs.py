@@ -158,15 +158,19 @@ def grow(key: str, x: int) -> list[int]:
     return GROWN[key]
 
 
-def _load_in(pid: int) -> LoadsOnlyInCaller:
+def _load_in(pid: int, delay: float = 0.0) -> LoadsOnlyInCaller:
     if os.getpid() != pid:
+        time.sleep(delay)
         raise pickle.UnpicklingError("this argument loads only in the process that made it")
-    return LoadsOnlyInCaller()
+    return LoadsOnlyInCaller(delay)
 
 
 class LoadsOnlyInCaller:
-    """Pickles anywhere, unpickles only in the process that pickled it: stands in for an
-    argument whose class a worker cannot import."""
+    """Pickles anywhere, unpickles only in the process that pickled it (after `delay`
+    seconds elsewhere): stands in for an argument whose class a worker cannot import."""
 
-    def __reduce__(self) -> tuple[Any, tuple[int]]:
-        return (_load_in, (os.getpid(),))
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+
+    def __reduce__(self) -> tuple[Any, tuple[int, float]]:
+        return (_load_in, (os.getpid(), self.delay))

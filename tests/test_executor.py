@@ -784,6 +784,29 @@ def test_an_argument_that_does_not_unpickle_in_the_worker_fails_its_own_call_alo
             pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller()).result(timeout=WAIT)
 
 
+def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load() -> None:
+    """A batch that does not load in its worker sends its calls again: shutdown(wait=True)
+    must not end the Dealer's input while such a batch is in flight, even once nothing
+    waits (its calls were then failed by the sweep: "the Executor's Dealer ended before its
+    calls"). Fails if the feeder sends END as soon as nothing waits."""
+    pool = taskpool.Executor(2)
+    try:
+        # Warm up, so that the feeder knows calls are short and batches the burst.
+        assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
+        # 20 waiting: the bad call goes out in the first batch (3 calls), which fails to
+        # load only after 0.5 s, when the other calls are done and nothing waits.
+        burst = [pool.submit(jobs.square, 0)]
+        bad = pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller(delay=0.5))
+        burst += [pool.submit(jobs.square, x) for x in range(1, 19)]
+        pool.shutdown(wait=True)
+        with pytest.raises(pickle.UnpicklingError, match="loads only in the process"):
+            bad.result(timeout=0)
+        assert [f.result(timeout=0) for f in burst] == [x * x for x in range(19)]
+    finally:
+        if pool._collector.is_alive():
+            _kill_pool(pool)
+
+
 def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> None:
     """BUG (review): the collector woke the feeder before it failed the sent and waiting
     calls; a feeder that looked in between saw a full window and calls waiting, slept

@@ -220,6 +220,13 @@ class Executor(_FuturesExecutor):
         with self._work:
             self._work.notify()
         if wait:
+            if threading.current_thread() in (self._feeder, self._collector):
+                # A done callback: it runs in one of our threads, and the wait needs both
+                # (the feeder ends only once the collector has every outcome). PPE's
+                # raises here too: its callbacks run in the thread its shutdown joins.
+                raise RuntimeError("shutdown(wait=True) cannot wait in a done callback, "
+                                   "which runs in the Executor's own thread; the shutdown "
+                                   "goes on: use wait=False there")
             self._feeder.join()
             self._collector.join()
 

@@ -807,6 +807,29 @@ def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load() -> None:
             _kill_pool(pool)
 
 
+def test_shutdown_wait_in_a_done_callback_raises_and_does_not_hang() -> None:
+    """BUG (review): a done callback runs in the collector thread; shutdown(wait=True) there
+    joined the feeder, which (since it ends the Dealer's input only once every call is
+    resolved) waited for the collector: a deadlock, no other future resolved, and the
+    process could not exit. It raises RuntimeError, as PPE's does (its callbacks run in
+    the thread that shutdown joins), and the shutdown goes on."""
+    with executor(2) as pool:
+        errors: list[BaseException] = []
+
+        def close(_future: Future[Any]) -> None:
+            try:
+                pool.shutdown(wait=True)
+            except RuntimeError as e:
+                errors.append(e)
+
+        futures = [pool.submit(jobs.sleep_then, 0.2, b"x") for _ in range(4)]
+        futures[0].add_done_callback(close)  # not done yet: it runs in the collector
+        assert [f.result(timeout=10) for f in futures] == [1] * 4
+        assert len(errors) == 1
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            pool.submit(jobs.square, 1)
+
+
 def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> None:
     """BUG (review): the collector woke the feeder before it failed the sent and waiting
     calls; a feeder that looked in between saw a full window and calls waiting, slept

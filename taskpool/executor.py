@@ -291,8 +291,11 @@ class Executor(_FuturesExecutor):
                         # and the collector fails what waits.
                         break
                 futures: list[Future[Any] | None]
-                if self._again:  # only the collector adds to it: not empty when we pop
-                    future, call = self._again.popleft()
+                if self._again:
+                    try:
+                        future, call = self._again.popleft()
+                    except IndexError:  # the collector's sweep took it (the pool broke)
+                        continue
                     futures, calls = [future], [call]
                 else:
                     futures, calls = self._take(self._batch_size())

@@ -9,9 +9,11 @@ its parent) have generous deadlines, which only turn a hang into a failure.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
+import linecache
 import logging
 import os
 import pickle
@@ -828,6 +830,36 @@ def test_shutdown_wait_in_a_done_callback_raises_and_does_not_hang() -> None:
         assert len(errors) == 1
         with pytest.raises(RuntimeError, match="after shutdown"):
             pool.submit(jobs.square, 1)
+
+
+def test_the_feeder_survives_the_sweep_taking_a_call_it_was_about_to_send_again() -> None:
+    """BUG (review): the feeder looked at `_again`, then popped from it, sure that it was
+    not empty since only the collector adds to it; but the collector's sweep (the Dealer
+    died) empties it too, and a sweep between the look and the pop killed the feeder with
+    an IndexError. A deque that empties itself as the feeder looks stands in for the sweep:
+    the feeder must go on."""
+
+    class SweptAsLooked(collections.deque[Any]):
+        def __bool__(self) -> bool:
+            frame = sys._getframe(1)
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if (len(self) and frame.f_code.co_name == "_feed"
+                    and line.startswith("if self._again:")):
+                while len(self):  # seen, then swept
+                    self.popleft()[0].set_exception(taskpool.WorkerCrashed("swept"))
+                return True
+            return len(self) > 0
+
+    with executor(1) as pool:
+        future: Future[Any] = Future()
+        assert future.set_running_or_notify_cancel()
+        pool._again = SweptAsLooked([(future, (jobs.square, (2,), {}))])
+        with pool._work:
+            pool._work.notify()
+        with pytest.raises(taskpool.WorkerCrashed, match="swept"):
+            future.result(timeout=WAIT)
+        assert pool.submit(jobs.square, 3).result(timeout=10) == 9
+        assert pool._feeder.is_alive()
 
 
 def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> None:

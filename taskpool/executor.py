@@ -263,8 +263,9 @@ class Executor(_FuturesExecutor):
     def _all_sent(self) -> bool:
         """Closing, and every call is sent and resolved: none can come back to be sent
         again (see `_again`), so the feeder may tell the Dealer it has all there is."""
-        return (self._closing and not self._waiting and not self._again
-                and self._in_flight() == 0)
+        # In this order: `_send_again` fills `_again` before the calls leave the window.
+        return (self._closing and self._in_flight() == 0 and not self._again
+                and not self._waiting)
 
     def _feed(self) -> None:
         batches = 0

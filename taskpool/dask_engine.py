@@ -234,14 +234,16 @@ class DaskEngine(Engine):
         resource_tracker.ensure_running()
         handled = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        # _close runs however _start ends: a cluster it started and then raised past (in
+        # submitting, say) is closed and its scratch space removed, not left to our exit.
         try:
-            started = self._start()
-        finally:
-            signal.set_wakeup_fd(self.wake_w)
-            for sig in handled:
-                signal.signal(sig, _note_signal)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
-        try:
+            try:
+                started = self._start()
+            finally:
+                signal.set_wakeup_fd(self.wake_w)
+                for sig in handled:
+                    signal.signal(sig, _note_signal)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
             if started:
                 self._loop()
             else:

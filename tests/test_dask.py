@@ -345,6 +345,27 @@ def test_main_killed_takes_its_cluster_workers_with_it(
     shutil.rmtree(left[0])
 
 
+def test_a_failure_after_the_cluster_started_still_closes_it(tmp_path: Path) -> None:
+    """_close must run however _start ends: here the first submit raises, after our
+    cluster started. Its scratch space is removed (the fixture checks TMPDIR is empty) and
+    its processes end with the run."""
+    jobs = write_job_file(tmp_path, ["sleep 0"] * 3)
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys\n"
+        "from taskpool import cli, dask_engine\n"
+        "def boom(self, job, attempt):\n"
+        "    raise RuntimeError('a submit that fails')\n"
+        "dask_engine.DaskEngine._submit = boom\n"
+        "if __name__ == '__main__':\n"  # the cluster's workers are spawned: they import us
+        f"    sys.exit(cli.main(['run', '--engine', 'dask', '--workers', '1', '--jobs', "
+        f"{str(jobs)!r}]))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert run.returncode != 0
+    assert "a submit that fails" in run.stderr + run.stdout
+
+
 # --- an existing cluster ------------------------------------------------------------------------
 
 def test_a_scheduler_address_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:

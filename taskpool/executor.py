@@ -144,12 +144,8 @@ class Executor(_FuturesExecutor):
         # resolved. Not under the lock: the collector resolves them, and whoever finds the
         # pool broken (the collector, or the feeder in _encode) fails what is left.
         self._sent: dict[int, _SentBatch] = {}
-        # Calls sent and calls resolved, each counted by one thread only (the feeder, the
-        # collector), so that neither count is a read-modify-write race.
-        self._calls_sent = 0
-        self._calls_resolved = 0
         # The feeder waits for calls (submit notifies) or for room in the window of sent
-        # calls (the collector notifies): see _feed.
+        # batches (the collector notifies): see _feed.
         self._feeder_wants_work = False
         self._feeder_wants_room = False
         self._closing = False  # shutdown() was called: no new submits
@@ -254,17 +250,14 @@ class Executor(_FuturesExecutor):
         idle behind them."""
         return self._workers * 2
 
-    def _in_flight(self) -> int:
-        return self._calls_sent - self._calls_resolved
-
     def _can_send(self) -> bool:
         return bool(self._waiting or self._again) and len(self._sent) < self._window()
 
     def _all_sent(self) -> bool:
         """Closing, and every call is sent and resolved: none can come back to be sent
         again (see `_again`), so the feeder may tell the Dealer it has all there is."""
-        # In this order: `_send_again` fills `_again` before the calls leave the window.
-        return (self._closing and self._in_flight() == 0 and not self._again
+        # In this order: `_send_again` fills `_again` before its batch leaves `_sent`.
+        return (self._closing and not self._sent and not self._again
                 and not self._waiting)
 
     def _feed(self) -> None:
@@ -359,7 +352,6 @@ class Executor(_FuturesExecutor):
             sent.memfd = fd
             data, where = encode_memfd_ref(os.getpid(), fd, len(data)), CallWhere.MEMFD
         self._sent[batch_id] = sent
-        self._calls_sent += sent.left
         if self._broken is not None:
             # The pool broke while we built it: its calls fail here (the collector's
             # sweep may have run before the batch was in `_sent`).
@@ -481,7 +473,7 @@ class Executor(_FuturesExecutor):
             if future is not None:
                 sent.futures[i] = None
                 again.append((future, sent.calls[i]))
-        # Queued before they leave the window, so that the feeder never sees them nowhere
+        # Queued before their batch leaves `_sent`, so that the feeder never sees them nowhere
         # (neither in flight nor in `_again`) and ends too soon (see _all_sent).
         self._again.extend(again)
         self._resolved(batch_id, sent, len(again))
@@ -489,7 +481,8 @@ class Executor(_FuturesExecutor):
             self._work.notify()
 
     def _make_room(self) -> None:
-        """Calls left the window (resolved, by any frame): a feeder waiting for room goes on."""
+        """Calls were resolved (by any frame), and their batch may have left the window: a
+        feeder waiting for room, or for the last outcomes, goes on."""
         if self._feeder_wants_room:
             with self._work:
                 self._work.notify()
@@ -517,8 +510,6 @@ class Executor(_FuturesExecutor):
         self._resolved(batch_id, sent, resolved)
 
     def _resolved(self, batch_id: int, sent: _SentBatch, count: int) -> None:
-        if threading.current_thread() is self._collector:
-            self._calls_resolved += count
         sent.left -= count
         if sent.left <= 0:
             self._forget(batch_id)

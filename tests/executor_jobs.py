@@ -158,19 +158,21 @@ def grow(key: str, x: int) -> list[int]:
     return GROWN[key]
 
 
-def _load_in(pid: int, delay: float = 0.0) -> LoadsOnlyInCaller:
+def _load_in(pid: int, marker: str | None = None) -> LoadsOnlyInCaller:
     if os.getpid() != pid:
-        time.sleep(delay)
+        if marker is not None:
+            _wait(marker)
         raise pickle.UnpicklingError("this argument loads only in the process that made it")
-    return LoadsOnlyInCaller(delay)
+    return LoadsOnlyInCaller(marker)
 
 
 class LoadsOnlyInCaller:
-    """Pickles anywhere, unpickles only in the process that pickled it (after `delay`
-    seconds elsewhere): stands in for an argument whose class a worker cannot import."""
+    """Pickles anywhere, unpickles only in the process that pickled it (elsewhere it fails,
+    once `marker` exists if one is given): stands in for an argument whose class a worker
+    cannot import."""
 
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
+    def __init__(self, marker: str | None = None) -> None:
+        self.marker = marker
 
-    def __reduce__(self) -> tuple[Any, tuple[int, float]]:
-        return (_load_in, (os.getpid(), self.delay))
+    def __reduce__(self) -> tuple[Any, tuple[int, str | None]]:
+        return (_load_in, (os.getpid(), self.marker))

@@ -381,6 +381,20 @@ def test_threads_submitting_at_once_lose_nothing() -> None:
         assert all(f.result() == x * x for x, f in pairs)
 
 
+def _count_calls(pool: taskpool.Executor, method: str) -> list[tuple[Any, ...]]:
+    """The arguments of each call of one of the pool's methods from now on (to check that
+    a test took the path it means to test)."""
+    seen: list[tuple[Any, ...]] = []
+    original = getattr(pool, method)
+
+    def counted(*args: Any) -> Any:
+        seen.append(args)
+        return original(*args)
+
+    setattr(pool, method, counted)
+    return seen
+
+
 def _run_batch(calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> Any:
     """A batch of calls run here, as a worker runs it: its outcomes, unpickled once."""
     data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
@@ -770,6 +784,7 @@ def test_an_argument_that_does_not_unpickle_in_the_worker_fails_its_own_call_alo
     load of the whole. Its calls are then sent again one by one, and only that call fails,
     as with PPE; the batch's other calls return."""
     with executor(2) as pool:
+        sent_again = _count_calls(pool, "_send_again")
         # Warm up, so that the feeder knows calls are short and batches the burst.
         assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
         for _round in range(3):
@@ -780,27 +795,40 @@ def test_an_argument_that_does_not_unpickle_in_the_worker_fails_its_own_call_alo
                 bad.result(timeout=WAIT)
             assert [f.result(timeout=WAIT) for f in burst] == [x * x for x in range(80)]
         assert pool.submit(jobs.type_name, 1).result(timeout=WAIT) == "int"
+        assert len(sent_again) >= 1  # the bad call was batched with others, at least once
     # An unbatched call fails at once, as before (a batch of one is not sent again).
     with executor(1, max_tasks_per_child=5) as pool:
         with pytest.raises(pickle.UnpicklingError):
             pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller()).result(timeout=WAIT)
 
 
-def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load() -> None:
+def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load(tmp_path: Path) -> None:
     """A batch that does not load in its worker sends its calls again: shutdown(wait=True)
     must not end the Dealer's input while such a batch is in flight, even once nothing
     waits (its calls were then failed by the sweep: "the Executor's Dealer ended before its
     calls"). Fails if the feeder sends END as soon as nothing waits."""
+    marker = tmp_path / "fail-the-load"
     pool = taskpool.Executor(2)
+    sent_again = _count_calls(pool, "_send_again")
     try:
         # Warm up, so that the feeder knows calls are short and batches the burst.
         assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
-        # 20 waiting: the bad call goes out in the first batch (3 calls), which fails to
-        # load only after 0.5 s, when the other calls are done and nothing waits.
         burst = [pool.submit(jobs.square, 0)]
-        bad = pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller(delay=0.5))
+        bad = pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller(str(marker)))
         burst += [pool.submit(jobs.square, x) for x in range(1, 19)]
-        pool.shutdown(wait=True)
+        closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)
+        closer.start()
+        # The bad batch's load fails only once shutdown runs and nothing waits: then the
+        # feeder is waiting for its outcomes (or, wrongly, has ended the Dealer's input).
+        deadline = time.monotonic() + WAIT
+        while not (pool._closing and not pool._waiting
+                   and (pool._feeder_wants_room or not pool._feeder.is_alive())):
+            assert time.monotonic() < deadline, "shutdown never got to the drain"
+            time.sleep(0.005)
+        marker.touch()
+        closer.join(WAIT)
+        assert not closer.is_alive(), "shutdown(wait=True) hung"
+        assert sent_again, "the bad call went alone: this test did not test its path"
         with pytest.raises(pickle.UnpicklingError, match="loads only in the process"):
             bad.result(timeout=0)
         assert [f.result(timeout=0) for f in burst] == [x * x for x in range(19)]
@@ -809,7 +837,7 @@ def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load() -> None:
             _kill_pool(pool)
 
 
-def test_shutdown_wait_in_a_done_callback_raises_and_does_not_hang() -> None:
+def test_shutdown_wait_in_a_done_callback_raises_and_does_not_hang(tmp_path: Path) -> None:
     """BUG (review): a done callback runs in the collector thread; shutdown(wait=True) there
     joined the feeder, which (since it ends the Dealer's input only once every call is
     resolved) waited for the collector: a deadlock, no other future resolved, and the
@@ -824,8 +852,10 @@ def test_shutdown_wait_in_a_done_callback_raises_and_does_not_hang() -> None:
             except RuntimeError as e:
                 errors.append(e)
 
-        futures = [pool.submit(jobs.sleep_then, 0.2, b"x") for _ in range(4)]
+        marker = tmp_path / "go"
+        futures = [pool.submit(jobs.wait_for_file, str(marker), None, 1) for _ in range(4)]
         futures[0].add_done_callback(close)  # not done yet: it runs in the collector
+        marker.touch()
         assert [f.result(timeout=10) for f in futures] == [1] * 4
         assert len(errors) == 1
         with pytest.raises(RuntimeError, match="after shutdown"):

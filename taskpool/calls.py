@@ -5,11 +5,12 @@ here; a batch of calls is one pickle. The worker was forked from the Executor's 
 process, which imported the caller's main module the way multiprocessing's spawn does, so
 functions pickled by reference resolve here too.
 
-Every call of a batch has an outcome, and nothing a call does (short of killing the process)
-stops the batch: a raised exception is returned with its traceback text, as is a return
-value that cannot be pickled. A batch's pickle too large for one message waits in a memfd of
-the caller's process; we read it through /proc/PID/fd/FD (same user), so it never has a
-name that could be left behind.
+Every call of a batch that loads has an outcome, and nothing a call does (short of killing
+the process) stops the batch: a raised exception is returned with its traceback text, as is
+a return value that cannot be pickled. A batch of several calls whose pickle does not load
+here is answered as such, and the caller sends its calls again one by one (protocol.py).
+A batch's pickle too large for one message waits in a memfd of the caller's process; we read
+it through /proc/PID/fd/FD (same user), so it never has a name that could be left behind.
 """
 
 from __future__ import annotations

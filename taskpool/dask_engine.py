@@ -53,13 +53,13 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from taskpool import ipc
 from taskpool.dask_worker import TOPIC, run_job
 from taskpool.engine import Engine, RunConfig
+from taskpool.generator import stdin_lines
 from taskpool.jobs import Job, LineError, parse_lines
 from taskpool.journal import job_digest
 from taskpool.log import event
@@ -75,7 +75,9 @@ recovery_log = logging.getLogger("taskpool.recovery")
 
 INSTALL_HINT = "--engine dask needs the dask extra: pip install 'taskpool[dask]'"
 STDIN_NAME = "<stdin>"
-CLOSE_TIMEOUT = 5.0  # seconds for our cluster's workers to stop before they are killed
+# Seconds for our cluster to close; distributed's Nanny kills a worker process that has not
+# stopped after 0.8 of it (4 s), which README gives as the wait.
+CLOSE_TIMEOUT = 5.0
 # Job ids below this keep their order within a priority (dask_priority); the largest
 # encoded value, 32767 * 2**40, fits the 64-bit integers Dask's messages carry.
 ID_SPAN = 2**40
@@ -451,7 +453,7 @@ class DaskEngine(Engine):
         """The stdin thread: parse each line as it comes, as the local TaskGenerator does;
         the main thread accepts, journals and submits."""
         digests = self.config.source.journal_digests
-        for item in parse_lines(_stdin_lines(), STDIN_NAME, self.layout):
+        for item in parse_lines(stdin_lines(), STDIN_NAME, self.layout):
             if isinstance(item, LineError):
                 self.post(("rejected", str(item)))
                 continue
@@ -872,15 +874,6 @@ def _quiet_distributed(engine: DaskEngine) -> None:
     root.addHandler(logging.NullHandler())
     root.propagate = False
     logging.getLogger("distributed.nanny").addHandler(_NannyExits(engine))
-
-
-def _stdin_lines() -> Iterable[str]:
-    with os.fdopen(0, "rb", closefd=False) as stream:
-        while True:
-            line = stream.readline()
-            if not line:
-                return
-            yield line.decode("utf-8", "replace")
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -46,7 +46,7 @@ class GeneratorInput:
     journal_digests: dict[int, str] = field(default_factory=dict)
 
 
-def _stdin_lines() -> Iterable[str]:
+def stdin_lines() -> Iterable[str]:
     with os.fdopen(0, "rb", closefd=False) as stream:
         while True:
             line = stream.readline()
@@ -79,7 +79,7 @@ def run_generator(
                     total += 1
         else:
             assert intake_fd is not None
-            for item in parse_lines(_stdin_lines(), STDIN_NAME, source.layout):
+            for item in parse_lines(stdin_lines(), STDIN_NAME, source.layout):
                 if isinstance(item, LineError):
                     os.write(intake_fd, encode_record(
                         LineRejected(f"{item.source}:{item.line}", item.reason)))

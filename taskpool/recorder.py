@@ -39,7 +39,8 @@ JOURNAL_BATCH_DELAY = 0.05
 
 @dataclass
 class Recorder:
-    """Every job main knows of, and each one's outcome, recorded once."""
+    """Every job of the run (whichever engine runs it), and each one's outcome, recorded
+    once."""
 
     results: IO[str] | None
     journal: Journal | None = None

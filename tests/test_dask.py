@@ -348,7 +348,7 @@ def test_main_killed_takes_its_cluster_workers_with_it(
 def test_a_failure_after_the_cluster_started_still_closes_it(tmp_path: Path) -> None:
     """_close must run however _start ends: here the first submit raises, after our
     cluster started. Its scratch space is removed (the fixture checks TMPDIR is empty) and
-    its processes end with the run."""
+    the run ends (its processes are the nannies' children, and end with it)."""
     jobs = write_job_file(tmp_path, ["sleep 0"] * 3)
     script = tmp_path / "boom.py"
     script.write_text(

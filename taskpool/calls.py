@@ -7,8 +7,8 @@ functions pickled by reference resolve here too.
 
 Every call of a batch that loads has an outcome, and nothing a call does (short of killing
 the process) stops the batch: a raised exception is returned with its traceback text, as is
-a return value that cannot be pickled. A batch of several calls whose pickle does not load
-here is answered as such, and the caller sends its calls again one by one (protocol.py).
+a return value that cannot be pickled. A batch whose pickle does not load here is answered
+as such, and the caller sends its calls again one by one (protocol.py).
 A batch's pickle too large for one message waits in a memfd of the caller's process; we read
 it through /proc/PID/fd/FD (same user), so it never has a name that could be left behind.
 """
@@ -45,10 +45,9 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
         data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
         calls = pickle.loads(data)[batch.first:batch.first + batch.count]
     except BaseException as e:  # noqa: BLE001 - one call's argument may be at fault
-        if batch.count > 1:  # the caller sends them again one by one: see protocol.py
-            return time.perf_counter() - started, pickle.dumps((None, None))
-        return time.perf_counter() - started, _outcomes(returned,
-                                                        [_pickle_exception(e)] * batch.count)
+        # The caller knows which calls the pickle holds, and decides: see protocol.py.
+        return time.perf_counter() - started, pickle.dumps((None, _pickle_exception(e)),
+                                                           pickle.HIGHEST_PROTOCOL)
     # A plain value (immutable) is kept as it is, and pickled with the batch's others at the
     # end; any other is pickled at once, as PPE does, before a later call can change it.
     outcomes: list[Any] = []

@@ -417,7 +417,7 @@ class Executor(_FuturesExecutor):
             self._work.notify()
 
     def _on_outcomes(self, body: bytes) -> None:
-        batch_id, first, seconds, outcomes = decode_outcomes_frame(body)
+        batch_id, first, count, seconds, outcomes = decode_outcomes_frame(body)
         sent = self._sent.get(batch_id)
         if sent is None:
             return  # failed already (the Dealer records a job once; this is a guard)
@@ -427,9 +427,11 @@ class Executor(_FuturesExecutor):
             returned, values = loads(outcomes)
         except Exception as e:  # noqa: BLE001 - the workers' own pickle of bytes and a list
             raise ProtocolError(f"outcomes that do not unpickle: {e!r}") from None
-        if values is None:  # the batch's pickle did not load in the worker
-            self._send_again(batch_id, sent, first)
-            return
+        if returned is None and isinstance(values, bytes):  # the pickle did not load
+            if len(futures) > 1:  # it holds other calls: one may be at fault, not these
+                self._send_again(batch_id, sent, first, count)
+                return
+            returned, values = b"\x00", [values]  # this call's own pickle: it fails
         resolved = 0
         if returned is None:  # every call returned a plain value: here they are
             for i, value in enumerate(values, first):
@@ -464,11 +466,12 @@ class Executor(_FuturesExecutor):
             self._seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
         self._make_room()
 
-    def _send_again(self, batch_id: int, sent: _SentBatch, first: int) -> None:
-        """The calls of a batch whose pickle did not load in its worker go back to the
-        feeder, to be sent one by one: they leave this batch as if resolved."""
+    def _send_again(self, batch_id: int, sent: _SentBatch, first: int, count: int) -> None:
+        """The calls [first, first + count) of a batch whose pickle did not load in their
+        worker go back to the feeder, to be sent one by one: they leave this batch as if
+        resolved."""
         again = []
-        for i in range(first, len(sent.futures)):
+        for i in range(first, first + count):
             future = sent.futures[i]
             if future is not None:
                 sent.futures[i] = None

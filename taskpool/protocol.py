@@ -353,9 +353,12 @@ def decode_memfd_ref(data: bytes) -> tuple[int, int, int]:
 # its own future and no other.
 # When every call returned a value of a PLAIN_TYPES type (which unpickles anywhere), returned
 # is None and values are the values themselves: one pickle for the batch, the common case.
-# A batch of more than one call whose pickle does not load in the worker has the outcomes
-# (None, None): the caller sends its calls again, a batch each, so that an argument that
-# cannot be unpickled there fails its own call alone.
+# A batch whose pickle does not load in the worker has the outcomes (None, the pickle of
+# (exception, traceback text)). The worker cannot tell which call is at fault, nor how many
+# calls the pickle holds (a batch split after a worker's death runs one call of it): the
+# caller can. If the pickle held other calls, it sends the calls run here again, a batch
+# each, so that an argument that cannot be unpickled there fails its own call alone; if
+# not, that call fails with the exception.
 PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
@@ -372,7 +375,8 @@ class FrameType(enum.IntEnum):
 
 _FRAME = struct.Struct("!IB")  # length of the body, FrameType
 _JOB_ID = struct.Struct("!Q")
-_OUTCOMES_HEAD = struct.Struct("!QId")  # batch, first, seconds its calls ran in the worker
+# batch, first, count (the calls of the batch this job ran), seconds they ran in the worker
+_OUTCOMES_HEAD = struct.Struct("!QIId")
 
 
 def encode_frame(ftype: FrameType, body: bytes) -> bytes:
@@ -414,14 +418,14 @@ def decode_end(body: bytes) -> int:
 
 
 def encode_outcomes_frame(batch: CallBatch, seconds: float, outcomes: bytes) -> bytes:
-    head = _OUTCOMES_HEAD.pack(batch.batch, batch.first, seconds)
+    head = _OUTCOMES_HEAD.pack(batch.batch, batch.first, batch.count, seconds)
     return encode_frame(FrameType.OUTCOMES, head + outcomes)
 
 
-def decode_outcomes_frame(body: bytes) -> tuple[int, int, float, bytes]:
+def decode_outcomes_frame(body: bytes) -> tuple[int, int, int, float, bytes]:
     """(batch, index of its first call here, seconds the calls ran, outcomes' pickle)"""
-    batch, first, seconds = _OUTCOMES_HEAD.unpack_from(body)
-    return batch, first, seconds, body[_OUTCOMES_HEAD.size:]
+    batch, first, count, seconds = _OUTCOMES_HEAD.unpack_from(body)
+    return batch, first, count, seconds, body[_OUTCOMES_HEAD.size:]
 
 
 def encode_failed(batch: CallBatch, reason: str) -> bytes:

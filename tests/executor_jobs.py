@@ -158,21 +158,25 @@ def grow(key: str, x: int) -> list[int]:
     return GROWN[key]
 
 
-def _load_in(pid: int, marker: str | None = None) -> LoadsOnlyInCaller:
+def _load_in(pid: int, marker: str | None = None,
+             started: str | None = None) -> LoadsOnlyInCaller:
     if os.getpid() != pid:
+        if started is not None:
+            _write_pid(started)
         if marker is not None:
             _wait(marker)
         raise pickle.UnpicklingError("this argument loads only in the process that made it")
-    return LoadsOnlyInCaller(marker)
+    return LoadsOnlyInCaller(marker, started)
 
 
 class LoadsOnlyInCaller:
-    """Pickles anywhere, unpickles only in the process that pickled it (elsewhere it fails,
-    once `marker` exists if one is given): stands in for an argument whose class a worker
-    cannot import."""
+    """Pickles anywhere, unpickles only in the process that pickled it: elsewhere it notes
+    the process's pid in `started`, waits for `marker` (each if given), then fails. Stands
+    in for an argument whose class a worker cannot import."""
 
-    def __init__(self, marker: str | None = None) -> None:
+    def __init__(self, marker: str | None = None, started: str | None = None) -> None:
         self.marker = marker
+        self.started = started
 
-    def __reduce__(self) -> tuple[Any, tuple[int, str | None]]:
-        return (_load_in, (os.getpid(), self.marker))
+    def __reduce__(self) -> tuple[Any, tuple[int, str | None, str | None]]:
+        return (_load_in, (os.getpid(), self.marker, self.started))

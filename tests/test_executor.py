@@ -802,6 +802,32 @@ def test_an_argument_that_does_not_unpickle_in_the_worker_fails_its_own_call_alo
             pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller()).result(timeout=WAIT)
 
 
+def test_a_batch_that_does_not_load_and_whose_worker_dies_still_fails_one_call(
+        tmp_path: Path, started: Path) -> None:
+    """A worker killed while it loads a batch: the Dealer splits the batch, and each call
+    runs alone on the batch's whole pickle, which still does not load. The worker cannot
+    tell a call alone from a call of a larger pickle; the caller can, and sends each again
+    in a pickle of its own: only the call at fault fails (it did fail every call)."""
+    marker = tmp_path / "fail-the-load"
+    with executor(2) as pool:
+        sent_again = _count_calls(pool, "_send_again")
+        # Warm up, so that the feeder knows calls are short and batches the burst.
+        assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
+        burst = [pool.submit(jobs.square, x) for x in range(10)]
+        bad = pool.submit(jobs.type_name, jobs.LoadsOnlyInCaller(str(marker), str(started)))
+        burst += [pool.submit(jobs.square, x) for x in range(10, 20)]
+        [worker] = _await_files(started, 1)  # loading the bad call's batch
+        pidfd = os.pidfd_open(worker)
+        os.kill(worker, signal.SIGKILL)
+        select.select([pidfd], [], [])
+        os.close(pidfd)
+        marker.touch()
+        with pytest.raises(pickle.UnpicklingError, match="loads only in the process"):
+            bad.result(timeout=WAIT)
+        assert [f.result(timeout=WAIT) for f in burst] == [x * x for x in range(20)]
+        assert any(count == 1 for _batch, _sent, _first, count in sent_again), sent_again
+
+
 def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load(tmp_path: Path) -> None:
     """A batch that does not load in its worker sends its calls again: shutdown(wait=True)
     must not end the Dealer's input while such a batch is in flight, even once nothing

@@ -34,11 +34,10 @@ from taskpool.protocol import (
     ProtocolError,
     decode_record,
 )
-from taskpool.recorder import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, EXIT_OK
 
 log = logging.getLogger("taskpool.main")
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_JOBS_NOT_DONE", "EXIT_OK", "Main", "RunConfig", "run"]
+__all__ = ["Main"]
 
 
 @dataclass
@@ -298,7 +297,3 @@ def _children_of_self() -> set[int]:
             return {int(child) for child in f.read().split()}
     except OSError:
         return set()
-
-
-def run(config: RunConfig) -> int:
-    return Main(config).run()

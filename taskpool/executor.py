@@ -443,22 +443,22 @@ class Executor(_FuturesExecutor):
                         future.set_result(value)
                     except InvalidStateError:
                         pass  # resolved by a racing path: the first one stands
-            values = []
-        for i, data in enumerate(values):
-            future = futures[first + i]
-            if future is None:
-                continue
-            futures[first + i] = None
-            resolved += 1
-            try:
-                if returned[i]:
-                    future.set_result(loads(data))
-                else:
-                    future.set_exception(raised(data))
-            except InvalidStateError:
-                pass  # resolved by a racing path: the first one stands
-            except BaseException as e:  # noqa: BLE001 - a value that does not unpickle here
-                future.set_exception(e)
+        else:  # each value (or exception) pickled alone
+            for i, data in enumerate(values):
+                future = futures[first + i]
+                if future is None:
+                    continue
+                futures[first + i] = None
+                resolved += 1
+                try:
+                    if returned[i]:
+                        future.set_result(loads(data))
+                    else:
+                        future.set_exception(raised(data))
+                except InvalidStateError:
+                    pass  # resolved by a racing path: the first one stands
+                except BaseException as e:  # noqa: BLE001 - a value that does not unpickle
+                    future.set_exception(e)
         self._resolved(batch_id, sent, resolved)
         if resolved:
             per_call = seconds / resolved

@@ -323,7 +323,8 @@ def execute(kind: JobKind, arg: Arg) -> Arg:
     if kind is JobKind.FIB:
         return fib(int(arg))
     if kind is JobKind.SLEEP:
-        time.sleep(float(arg))
+        if arg > 0:
+            time.sleep(float(arg))
         return float(arg)
     if kind is JobKind.ALLOC:
         block = bytearray(int(arg) * 1024 * 1024)  # zero-filled: every page is touched

@@ -2,7 +2,8 @@
 
 Threads, and what each may block on::
 
-    send thread      ready queue receive; state.backlog_room wait (backlogs full);
+    send thread      ready queue receive; state.backlog_room wait (backlogs full, until
+                     they want a refill);
                      result queue send (EndOfJobs only)
     recv thread      result queue receive; record pipe write to main
     recovery thread  sigwait(); result queue send (see recovery.py)
@@ -47,7 +48,7 @@ import posix_ipc
 from taskpool import ipc
 from taskpool import log as tplog
 from taskpool.jobs import PRIORITY_MAX, Job, JobKind
-from taskpool.log import event
+from taskpool.log import event, job_event
 from taskpool.policy import SupervisionPolicy
 from taskpool.pool_state import Deadline, JobState, PoolSlots, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
@@ -258,9 +259,11 @@ class Dealer:
                 state.jobs[job.job_id] = JobState(job)
                 enqueue(state, job.job_id)
                 schedule = assign(state, job.pool)
-                # Bounded memory: read no further while the backlogs are full.
-                while not state.backlog_has_room() and not state.stopping:
-                    state.backlog_room.wait()
+                # Bounded memory: once the backlogs are full, read no further until they
+                # want a refill (room for a run of jobs, not one).
+                if not state.backlog_has_room():
+                    while not state.backlog_wants_refill() and not state.stopping:
+                        state.backlog_room.wait()
             schedule.log(self.config.layout)
 
     # --- recv thread -----------------------------------------------------------------
@@ -376,10 +379,10 @@ class Dealer:
             return
         self.recorded += 1
         self.writer.done(job_state.job, result)
-        log.info("Received result for job %d: %s from worker PID [%d]",
-                 result.job_id, result.value, result.pid,
-                 extra=event("job_done", job=result.job_id, worker=result.pid,
-                             attempt=result.attempt, result=result.value))
+        job_event(log, "job_done", "Received result for job %d: %s from worker PID [%d]",
+                  result.job_id, result.value, result.pid,
+                  job=result.job_id, worker=result.pid, attempt=result.attempt,
+                  result=result.value)
 
     def _on_worker_exited(self, exited: WorkerExited) -> None:
         """The worker is dead and all its messages were handled: resend what it held, fail

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from taskpool.jobs import Job
-from taskpool.log import event
+from taskpool.log import event, job_event
 from taskpool.pool_state import Deadline, PoolSlots, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
 from taskpool.protocol import JobMessage, ProtocolError, decode
@@ -79,18 +79,19 @@ class Schedule:
                                 extra=event("job_preempted", job=p.job.job_id, worker=p.pid,
                                             for_job=p.urgent.job_id))
         for s in self.sent:
+            job = s.job
             retry = f" (attempt {s.attempt})" if s.attempt > 1 else ""
-            sent = event("job_sent", at=s.at, job=s.job.job_id, worker=s.pid, attempt=s.attempt,
-                         kind=s.job.kind.label, arg=s.job.arg, type=s.job.pool,
-                         priority=s.job.priority)
+            fields = {"at": s.at, "job": job.job_id, "worker": s.pid, "attempt": s.attempt,
+                      "kind": job.kind.label, "arg": job.arg, "type": job.pool,
+                      "priority": job.priority}
             if layout.typed:
-                priority = f", priority {s.job.priority}" if s.job.priority else ""
-                dispatcher_log.info("Job %d (%s, %s%s) -> worker %d%s", s.job.job_id,
-                                    layout.pool(s.job.pool).label, s.job.describe_typed(),
-                                    priority, s.pid, retry, extra=sent)
+                priority = f", priority {job.priority}" if job.priority else ""
+                job_event(dispatcher_log, "job_sent", "Job %d (%s, %s%s) -> worker %d%s",
+                          job.job_id, layout.pool(job.pool).label, job.describe_typed(),
+                          priority, s.pid, retry, **fields)
             else:
-                dealer_log.info("Sent job %d -> %s%s", s.job.job_id, s.job.describe(), retry,
-                                extra=sent)
+                job_event(dealer_log, "job_sent", "Sent job %d -> %s%s", job.job_id,
+                          job.describe(), retry, **fields)
 
 
 def enqueue(state: PoolState, job_id: int) -> None:
@@ -105,7 +106,7 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
     schedule = schedule if schedule is not None else Schedule()
     if state.stopping:
         return schedule
-    room_before = state.backlog_has_room()
+    refill_before = state.backlog_wants_refill()
     pool = state.pools[number]
     tried: set[int] = set()  # workers whose queue we found empty: their job has started
     while True:
@@ -130,8 +131,8 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
             schedule.sent.append(Sent(job_state.job, worker.pid, attempt, time.monotonic()))
         elif not _steal_for_idle(state, pool, tried, schedule):
             break
-    if not room_before and state.backlog_has_room():
-        state.backlog_room.notify()
+    if not refill_before and state.backlog_wants_refill():
+        state.backlog_room.notify()  # the send thread may be waiting for it
     return schedule
 
 

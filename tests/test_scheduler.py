@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -124,3 +125,39 @@ def test_one_urgent_job_preempts_one_worker_until_its_replacement_is_in(
         for p in sleepers:
             p.kill()
             p.wait()
+
+
+class CountingCondition(threading.Condition):
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__(lock)
+        self.notified = 0
+
+    def notify(self, n: int = 1) -> None:
+        self.notified += 1
+        super().notify(n)
+
+
+def test_full_backlogs_call_the_send_thread_back_only_once_they_want_a_refill() -> None:
+    # The send thread stops reading once the backlogs are full. Woken at every job taken
+    # from them, it would read one job per job done, a thread switch each; it is woken
+    # only once they have room for a run of jobs (backlog_refill).
+    state = PoolState(credit=1, pools={1: PoolSlots(1, 1)}, backlog_max=4, backlog_refill=2)
+    room = CountingCondition(state.lock)  # type: ignore[arg-type]
+    state.backlog_room = room
+    try:
+        for job_id in range(1, 5):
+            submit(state, job_id)  # no worker yet: all wait
+        assert not state.backlog_has_room()
+        worker = add_worker(state, 101)
+        notified = []
+        for _ in range(3):
+            with state.lock:
+                assign(state, 1)
+            notified.append(room.notified)
+            job_id = take(worker)  # the worker runs it; its result frees the worker
+            worker.outstanding.remove(job_id)
+        # Backlogs of 3, then 2 (= max - refill: the send thread is woken), then 1.
+        assert notified == [0, 1, 1]
+    finally:
+        for worker in state.workers.values():
+            worker.request_queue.close()

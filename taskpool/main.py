@@ -139,8 +139,7 @@ class Main(Engine):
                 self.recorder.commit()
             for reader in readers:
                 if reader.open and reader.fd in ready:
-                    for line in reader.read_lines():
-                        self._on_pipe_line(line)
+                    self._on_pipe_lines(reader.read_lines())
             if live_reader is not None and live_reader.fd in ready:
                 self._on_live_lines(live_reader)
             if wake_r in ready:
@@ -264,21 +263,24 @@ class Main(Engine):
             except ProcessLookupError:
                 pass
 
-    def _on_pipe_line(self, line: bytes) -> None:
-        try:
-            record = decode_record(line)
-        except ProtocolError as e:
-            log.error("Dropped a malformed record: %s", e)
-            return
-        if isinstance(record, JobRecord):
-            self.recorder.record(record)
-        elif isinstance(record, JobAccepted):
-            self.recorder.accept(record.job)
-        elif isinstance(record, LineRejected):
-            self.recorder.rejected_lines += 1
-            self.config.report_error(f"{record.where}: {record.reason}")
-        else:
-            self.recorder.stats = record
+    def _on_pipe_lines(self, lines: list[bytes]) -> None:
+        outcomes = []  # recorded together: their results lines go out in one write
+        for line in lines:
+            try:
+                record = decode_record(line)
+            except ProtocolError as e:
+                log.error("Dropped a malformed record: %s", e)
+                continue
+            if isinstance(record, JobRecord):
+                outcomes.append(record)
+            elif isinstance(record, JobAccepted):
+                self.recorder.accept(record.job)
+            elif isinstance(record, LineRejected):
+                self.recorder.rejected_lines += 1
+                self.config.report_error(f"{record.where}: {record.reason}")
+            else:
+                self.recorder.stats = record
+        self.recorder.record_all(outcomes)
 
     def _reap_orphans(self) -> None:
         """Wait for workers orphaned by a lost Dealer: PR_SET_PDEATHSIG has already sent

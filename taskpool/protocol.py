@@ -511,6 +511,10 @@ class LineRejected:
 PipeRecord = Union[JobRecord, DealerStats, JobAccepted, LineRejected]
 
 
+# One encoder for every record: json.dumps() with any option builds a new one per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_record(record: PipeRecord) -> bytes:
     body: dict[str, Any]
     if isinstance(record, JobRecord):
@@ -524,7 +528,7 @@ def encode_record(record: PipeRecord) -> bytes:
                 "line": job.line}
     else:
         body = {"t": "rejected", **asdict(record)}
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    return _COMPACT_JSON.encode(body).encode() + b"\n"
 
 
 def decode_record(line: bytes) -> PipeRecord:

@@ -59,18 +59,27 @@ class Recorder:
         self.write_results(list(resumed.values()))
 
     def record(self, record: JobRecord) -> None:
-        if record.job in self.outcomes:
-            log.info("Dropped duplicate record for job %d", record.job)
-            return
-        self.outcomes[record.job] = record
-        if self.journal is None or record.status == Status.NOT_DONE.value:
-            self.write_results([record])
-            return
-        self.journal.add_outcome(record)
-        if self.batch_started is None:
-            self.batch_started = time.monotonic()
-        if len(self.journal.pending_outcomes) >= JOURNAL_BATCH_MAX:
-            self.commit()
+        self.record_all([record])
+
+    def record_all(self, records: list[JobRecord]) -> None:
+        """Record outcomes that came together: without a journal, their results lines go
+        out in one write (the local engine reads the Dealer's records a pipe-read at a
+        time, up to hundreds of them)."""
+        unjournaled = []
+        for record in records:
+            if record.job in self.outcomes:
+                log.info("Dropped duplicate record for job %d", record.job)
+                continue
+            self.outcomes[record.job] = record
+            if self.journal is None or record.status == Status.NOT_DONE.value:
+                unjournaled.append(record)
+                continue
+            self.journal.add_outcome(record)
+            if self.batch_started is None:
+                self.batch_started = time.monotonic()
+            if len(self.journal.pending_outcomes) >= JOURNAL_BATCH_MAX:
+                self.commit()
+        self.write_results(unjournaled)
 
     def accept(self, job: Job) -> None:
         self.known[job.job_id] = job

@@ -6,7 +6,8 @@ is the best of REPEATS runs (the least disturbed by the rest of the machine).
 Everything runs in ONE invocation on the same machine, so that every ratio compares figures
 taken side by side: dispatch overhead of taskpool (Executor and CLI) against PPE,
 multiprocessing.Pool, loky and pebble (optional: `pip install -e '.[bench]'`), with the
-two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's makespan;
+two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's makespan
+(against the machine's own: plain forked processes, no pool);
 crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
 typed pools on sleep workloads; the per-job overhead of the two engines of `taskpool run`
 (local and, with the dask extra, Dask) on no-op and fib jobs. The measurements are in
@@ -138,6 +139,7 @@ def main() -> None:
         # reverse) would say more of the machine than of the pools.
         fib_runs: dict[str, Callable[[], float]] = {
             "sequential": lambda: peers.sequential_fib(fib_n, fib_count, 1),
+            "forked": lambda: peers.forked_fib(fib_n, fib_count),
             "cli": lambda: peers.cli_fib_makespan(workdir, fib_count, fib_n, 1),
             "executor": lambda: peers.fib_makespan(peers.taskpool_executor, fib_count, fib_n, 1),
             "ppe": lambda: peers.fib_makespan(peers.ppe, fib_count, fib_n, 1),
@@ -207,6 +209,8 @@ def main() -> None:
         f"| taskpool CLI (the run's own wall time) | {fib_cli:.2f} s | {fib_cli / ideal:.3f} |",
         f"| taskpool.Executor (`map`) | {fib_executor:.2f} s | {fib_executor / ideal:.3f} |",
         f"| ProcessPoolExecutor (`map`) | {fib_ppe:.2f} s | {fib_ppe / ideal:.3f} |",
+        f"| no pool: 2 plain forked processes, {fib_count // 2} calls each "
+        f"| {fib_best['forked']:.2f} s | {fib_best['forked'] / ideal:.3f} |",
         "",
         f"Crash recovery: {len(ms)} SIGKILLs of a busy worker of a 2-worker CLI run; from the "
         "kill to its job sent again, and to the replacement worker up.",

@@ -165,6 +165,24 @@ def sequential_fib(n: int, count: int, repeats: int = 3) -> float:
     return best
 
 
+def forked_fib(n: int, count: int, workers: int = 2) -> float:
+    """`count` x fib(n) shared by `workers` plain forked processes, no pool: the makespan
+    the machine itself gives with every core busy (each core may run slower then than one
+    alone, which the sequential reference does not see)."""
+    started = time.perf_counter()
+    children = []
+    for w in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(w, count, workers):
+                fib(n)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return time.perf_counter() - started
+
+
 def cli_fib_makespan(workdir: Path, count: int, n: int, repeats: int) -> float:
     """The CLI run's own wall time (its Summary line: fork of the pool to last result)."""
     jobs = workdir / "fib.txt"

@@ -169,3 +169,41 @@ def test_quiet_or_a_pipe_gets_the_plain_log(tmp_path: Path) -> None:
                           timeout=60)
     assert proc.returncode == 0
     assert "\x1b[" not in proc.stderr and " done · " not in proc.stderr
+
+
+def test_per_job_lines_read_the_same_with_the_text_log_alone_as_through_logging(
+    tmp_path: Path,
+) -> None:
+    # With the text log alone, a per-job line is written without `logging` (log.job_event);
+    # with an events file, through it. The two must give the same line.
+    import logging
+
+    from taskpool import log as tplog
+
+    def lines(events: bool, level: int = logging.INFO) -> tuple[str, list[dict[str, Any]]]:
+        text, jsonl = tmp_path / f"text-{events}-{level}", tmp_path / f"events-{events}-{level}"
+        fd = os.open(text, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        events_fd = os.open(jsonl, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if events else None
+        try:
+            tplog.setup(fd, level, events_fd)
+            for role in ("dealer", "dispatcher", "worker"):
+                tplog.job_event(logging.getLogger(f"taskpool.{role}"), "job_done",
+                                "Received result for job %d: %s from worker PID [%d]%s", 7,
+                                0.25, 4242, " (attempt 2)", job=7, worker=4242, at=1.5)
+        finally:
+            tplog.setup(None)
+            for descriptor in filter(None, (fd, events_fd)):
+                os.close(descriptor)
+        return text.read_text(), read_events(jsonl) if events else []
+
+    alone, _ = lines(events=False)
+    through_logging, events = lines(events=True)
+    assert alone == through_logging
+    assert alone.splitlines() == [
+        "[Dealer] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
+        "[Dispatcher] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
+        f"[Worker {os.getpid()}] Received result for job 7: 0.25 from worker PID [4242] "
+        "(attempt 2)"]
+    assert [(e["event"], e["job"], e["worker"], e["t"]) for e in events] == \
+        [("job_done", 7, 4242, 1.5)] * 3
+    assert lines(events=False, level=logging.WARNING)[0] == ""  # below the log's level

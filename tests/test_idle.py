@@ -50,3 +50,37 @@ def test_an_idle_pool_blocks_every_thread_in_the_kernel() -> None:
     # a thread that polls polling even four times a second would show here.
     assert not busy, f"threads that woke up while idle (pid, tid): switches: {busy}"
     assert len(before) >= 3 + 3 + 2, "main, generator, Dealer's 4 threads, 3 workers"
+
+
+def test_short_jobs_one_after_another_do_not_wake_the_heartbeat_thread_each() -> None:
+    # Each job here holds the GIL from its start to its end, as a no-op job does, and the
+    # loop releases it between jobs, as the worker's queue receive does: the heartbeat
+    # thread, woken by the first job, must stay on its timer across the rest, not wake to
+    # find each job already done and be woken again by the next.
+    import threading
+    import time
+
+    from taskpool.worker import HeartbeatThread
+
+    class CountingCondition(threading.Condition):
+        waits = 0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            CountingCondition.waits += 1
+            return super().wait(timeout)
+
+    class NoQueue:
+        def send(self, message: bytes) -> None:
+            raise AssertionError("no beat is due within the test")
+
+    heartbeat = HeartbeatThread(NoQueue(), 60.0)  # type: ignore[arg-type]
+    heartbeat.busy = CountingCondition()
+    heartbeat.start()
+    for _ in range(300):
+        heartbeat.job_started()
+        sum(range(2000))  # the job: holds the GIL
+        heartbeat.job_finished()
+        time.sleep(0.0002)  # between jobs, the GIL is released, as in a queue receive
+    # Its first untimed wait, and the timed one the first job started. Before the fix it
+    # slept untimed again after most jobs: ~300 waits.
+    assert CountingCondition.waits <= 3

@@ -520,10 +520,13 @@ class DaskEngine(Engine):
         if timeout is not None:
             started.deadline = started.started_at + timeout
         if log.isEnabledFor(logging.DEBUG):
+            # The attempt this run is charged as: on our own cluster, a second start of a
+            # key is the same attempt run again (see _reruns), as its worker ran it.
+            attempt = started.attempt + self._reruns(started)
             log.debug("Job %d started by worker PID [%d] at %s (attempt %d)",
-                      started.job.job_id, pid, address, started.attempt + started.starts - 1,
+                      started.job.job_id, pid, address, attempt,
                       extra=event("job_started", job=started.job.job_id, worker=pid,
-                                  attempt=started.attempt + started.starts - 1,
+                                  attempt=attempt,
                                   address=address, key=started.key,
                                   worker_resources=msg.get("resources", {})))
 

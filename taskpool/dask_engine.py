@@ -21,11 +21,15 @@ so no lock is needed.
 
 Attempts are counted here, not by Dask. On our own cluster the scheduler's allowed-failures
 is 0: when a worker dies, every task it held errs at once with KilledWorker, and this loop
-decides. A job that had started is charged an attempt and sent again under a new key, until
---max-attempts; one that was only waiting in that worker's queue is sent again uncharged.
-Which is which is known for sure on our own cluster: a job's start is written by its worker
-to main's start pipe (dask_worker.py) before anything else, as a local worker's ACK, and
-that pipe is read before each death is judged. On a cluster given by --scheduler, starts
+decides. The job that worker was running is charged an attempt and sent again under a new
+key, until --max-attempts; any other is sent again uncharged: one only waiting in that
+worker's queue, and one that had completed but whose result died with a worker, before the
+scheduler heard of it (a worker goes straight on to its next task; if that one kills it at
+once, the report of the last one dies too) or before we fetched it (Dask's run again was
+waiting in the dead worker's queue). Which one was running is known for sure on our own
+cluster: the last one its one thread started. A job's start is written by its worker to
+main's start pipe (dask_worker.py) before anything else, as a local worker's ACK, and that
+pipe is read before each death is judged. On a cluster given by --scheduler, starts
 come as scheduler events, which a death can overtake: a job with no start seen is sent
 again uncharged only if its one-thread worker was known to run another job, else charged.
 There, the cluster's own allowed-failures stands: Dask may run a task again by itself
@@ -516,10 +520,13 @@ class DaskEngine(Engine):
         if timeout is not None:
             started.deadline = started.started_at + timeout
         if log.isEnabledFor(logging.DEBUG):
+            # The attempt this run is charged as: on our own cluster, a second start of a
+            # key is the same attempt run again (see _reruns), as its worker ran it.
+            attempt = started.attempt + self._reruns(started)
             log.debug("Job %d started by worker PID [%d] at %s (attempt %d)",
-                      started.job.job_id, pid, address, started.attempt + started.starts - 1,
+                      started.job.job_id, pid, address, attempt,
                       extra=event("job_started", job=started.job.job_id, worker=pid,
-                                  attempt=started.attempt + started.starts - 1,
+                                  attempt=attempt,
                                   address=address, key=started.key,
                                   worker_resources=msg.get("resources", {})))
 
@@ -624,13 +631,19 @@ class DaskEngine(Engine):
             # The worker is dead: what it was running stays known, to judge the others.
             self._forget(failed, off_worker=False)
             self._on_worker_lost(address)
-            if failed.starts == 0 and (self.own_cluster
-                                       or self._ran_another(address, failed.key)):
-                recovery_log.info(
-                    "Requeued job %d: it was waiting, unstarted, for %d (%s)",
-                    job.job_id, pid, address,
-                    extra=event("job_requeued", job=job.job_id, worker=pid,
-                                reason="unstarted", address=address))
+            if self.own_cluster:
+                ran_here = self._was_running(failed, address, pid)
+            else:
+                ran_here = failed.starts > 0 or not self._ran_another(address, failed.key)
+            if not ran_here:
+                if failed.starts == 0:
+                    why, text = "unstarted", "it was waiting, unstarted, for %d (%s)"
+                else:
+                    why, text = "result_lost", ("it had completed, but its result was lost "
+                                                "with a worker; it was not running on %d (%s)")
+                recovery_log.info("Requeued job %d: " + text, job.job_id, pid, address,
+                                  extra=event("job_requeued", job=job.job_id, worker=pid,
+                                              reason=why, address=address))
                 self._submit(job, failed.attempt)
                 return
             reason = self._death_reason(failed, pid, address)
@@ -661,6 +674,15 @@ class DaskEngine(Engine):
         On a given cluster, a second start may be Dask's own retry after a death; the two
         cannot be told apart there, and each counts."""
         return 0 if self.own_cluster else max(0, ended.starts - 1)
+
+    def _was_running(self, failed: Try, address: str, pid: int) -> bool:
+        """On our own cluster: whether `failed` is the try the dead worker (`address`,
+        `pid`) was running, the last one it started. Its one thread runs one try at a
+        time, and every start it wrote was read before its death is judged; so a try that
+        it started before another one, or that started only on another worker, had
+        completed, and Dask erred it with this death only because its result was lost."""
+        worker = self.workers.get(address)
+        return worker is not None and worker.running == failed.key and failed.pid == pid
 
     def _ran_another(self, address: str, key: str) -> bool:
         """Whether the one-thread worker at `address` was running another job when it died:

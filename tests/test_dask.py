@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,162 @@ def test_a_cluster_worker_killed_mid_job_reruns_it_and_records_it_once(tmp_path:
     assert re.search(rf"^\[Recovery\] Resent job {job} after crash of {victim} ", log, re.M)
     assert victim not in {r["worker"] for r in records if r["job"] == job}
     assert "1 crashes, 1 resends" in log.splitlines()[-1]
+
+
+# --- a worker's death, judged: the main loop's own methods on a stand-in cluster --------------
+#
+# Which tries a death charges is decided from what the start pipe and the client said, in an
+# order no real cluster can be made to keep; so these tests hand the engine those messages
+# themselves: the start records, as a worker writes them, on the engine's real start pipe, and
+# the futures' outcomes, as the client's loop thread posts them.
+
+class _StandInFuture:
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.status = "pending"
+        self.error: BaseException | None = None
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass  # the test posts ("done", key) itself
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    def release(self) -> None:
+        pass
+
+
+class _StandInClient:
+    """Takes submissions, runs nothing: `sent` is each (job, attempt) submitted."""
+
+    def __init__(self) -> None:
+        self.futures: dict[int, _StandInFuture] = {}  # the latest try of each job
+        self.sent: list[tuple[int, int]] = []
+
+    def submit(self, fn: Any, job_id: int, kind: int, arg: Any, attempt: int, *args: Any,
+               key: str, **kwargs: Any) -> _StandInFuture:
+        self.futures[job_id] = _StandInFuture(key)
+        self.sent.append((job_id, attempt))
+        return self.futures[job_id]
+
+    def cancel(self, futures: Any) -> None:
+        pass
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+class _OwnCluster:
+    """A DaskEngine as on its own cluster (start pipe, allowed-failures 0), on a stand-in
+    client; `step()` is one turn of its loop: the start pipe, then the inbox."""
+
+    def __init__(self, jobs: list[str]) -> None:
+        from taskpool.dask_engine import DaskEngine
+        from taskpool.dealer import DealerConfig
+        from taskpool.engine import RunConfig
+        from taskpool.generator import GeneratorInput
+        from taskpool.jobs import Job, JobKind
+        from taskpool.policy import SupervisionPolicy
+        from taskpool.pools import PoolLayout
+        from taskpool.worker import CrashPlan
+
+        layout = PoolLayout.single(2)
+        source = [Job(i, JobKind.FIB, int(line.split()[1]))
+                  for i, line in enumerate(jobs, start=1)]
+        config = RunConfig(DealerConfig(layout, CrashPlan(), SupervisionPolicy(max_attempts=0)),
+                           GeneratorInput(source, layout), results=None,
+                           report_error=lambda message: None)
+        self.engine = DaskEngine(config)
+        self.client = _StandInClient()
+        self.engine.client = self.client  # type: ignore[assignment]
+        for job in source:
+            self.engine._submit(job, attempt=1)
+
+    def started(self, job: int, pid: int) -> None:
+        """The worker process `pid` starts the latest try of `job` (dask_worker.run_job)."""
+        key = self.client.futures[job].key
+        attempt = [a for j, a in self.client.sent if j == job][-1]
+        record = {"job": job, "attempt": attempt, "key": key, "pid": pid,
+                  "address": _address(pid), "name": "type1-1", "nthreads": 1, "resources": {}}
+        os.write(self.engine.start_w, json.dumps(record).encode() + b"\n")
+
+    def result_lost(self, job: int) -> None:
+        """The result of `job`'s try died with its worker; Dask computes it again."""
+        future = self.client.futures[job]
+        future.status = "lost"
+        self.engine.post(("done", future.key))
+
+    def killed(self, pid: int, jobs: list[int]) -> None:
+        """The worker process `pid` died, and the scheduler erred the tries of `jobs` that it
+        held (as processing) with KilledWorker."""
+        from types import SimpleNamespace
+
+        from distributed.scheduler import KilledWorker
+
+        dead = SimpleNamespace(address=_address(pid), pid=pid)  # as the scheduler's ws.clean()
+        for job in jobs:
+            future = self.client.futures[job]
+            future.status = "error"
+            future.error = KilledWorker(future.key, dead, 0)  # type: ignore[arg-type]
+            self.engine.post(("done", future.key))
+        self.engine.post(("worker_exited", pid, "killed by signal 11 (SIGSEGV)"))
+
+    def step(self) -> None:
+        arrived = len(self.engine.inbox)
+        self.engine._read_starts()
+        self.engine._drain_inbox(arrived)
+
+    def close(self) -> None:
+        self.engine._close()
+
+
+def _address(pid: int) -> str:
+    return f"tcp://127.0.0.1:{40000 + pid}"
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Callable[[list[str]], _OwnCluster]]:
+    made: list[_OwnCluster] = []
+
+    def make(jobs: list[str]) -> _OwnCluster:
+        made.append(_OwnCluster(jobs))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+def test_a_job_done_whose_report_died_with_its_worker_is_sent_again_uncharged(
+        own_cluster: Callable[[list[str]], _OwnCluster]) -> None:
+    # A one-thread worker ends job 1 and goes straight on to job 2, which kills it at once:
+    # its report of job 1 has not left the process yet, and the scheduler errs with
+    # KilledWorker every try it gave that worker. Only job 2 ran there: job 1 had
+    # completed, and job 3 only waited in its queue.
+    cluster = own_cluster(["fib 32", "fib 33", "fib 34"])
+    cluster.started(1, pid=101)
+    cluster.started(2, pid=101)
+    cluster.killed(101, [1, 2, 3])
+    cluster.step()
+    assert cluster.client.sent[3:] == [(1, 1), (2, 2), (3, 1)]
+    assert cluster.engine.counts.resends == 1
+
+
+def test_a_job_whose_run_again_waited_on_a_dying_worker_is_sent_again_uncharged(
+        own_cluster: Callable[[list[str]], _OwnCluster]) -> None:
+    # Job 1 is done on worker 101, and its result lost with it before we fetched it; Dask
+    # computes it again, queued on worker 102 behind job 2, which kills 102: both err.
+    # Only job 2 ran there; job 1 had started once, elsewhere, and completed.
+    cluster = own_cluster(["fib 32", "fib 33"])
+    cluster.started(1, pid=101)
+    cluster.started(2, pid=102)
+    cluster.killed(101, [])
+    cluster.result_lost(1)
+    cluster.step()
+    cluster.killed(102, [1, 2])
+    cluster.step()
+    assert cluster.client.sent[2:] == [(1, 1), (2, 2)]
+    assert cluster.engine.counts.resends == 1
 
 
 def test_a_job_that_kills_its_workers_fails_after_max_attempts(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ Every event is one call to a `logging` logger, with its structured fields given 
 ``extra=event("job_sent", job=1, worker=1471)``. Handlers render it: `FdHandler` as the text
 line, `JsonlHandler` as a JSON object with a monotonic timestamp (CLOCK_MONOTONIC, the same
 clock in every process of the run), and `LiveHandler` hands it to main's live view. A line
-the text log shows is always an event in the JSONL; there is no second set of calls.
+the text log shows is always an event in the JSONL; there is no second set of calls. The
+per-job events (a job sent, a result received) are the one call `job_event`, which writes
+the same text line itself when the text log is the only output, and goes through `logging`
+otherwise.
 
 Every process of a run writes with a single os.write() per line to descriptors opened
 before the forks (stderr or the --log file opened O_APPEND, the --events file, the live

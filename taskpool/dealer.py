@@ -114,10 +114,20 @@ class DealerConfig:
 class RecordWriter:
     """Where the recv thread's outcomes go: JSON lines on main's record pipe. An Executor's
     Dealer writes frames instead (executor_host.FrameWriter). Owned by the recv thread, but
-    for the stats, written by the main thread after the others have ended."""
+    for the stats, written by the main thread after the others have ended.
+
+    Outcomes are held until `flush`, which the recv thread calls before it blocks (nothing
+    more to read for now), and which `write` calls itself once FLUSH_BYTES are held. So
+    under load one write, and one wake-up of the reader, carries many outcomes; it was one
+    of each per job, two thirds of main's time. An outcome never waits on more work: only
+    on the messages already in the result queue."""
+
+    FLUSH_BYTES = 32768  # half a pipe's default capacity
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
 
     def done(self, job: Job, result: Result) -> None:
         self.write(encode_record(JobRecord.of(job, Status.DONE, result=result.value,
@@ -131,6 +141,17 @@ class RecordWriter:
         self.write(encode_record(stats))
 
     def write(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= self.FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
         try:
             ipc.write_all(self.fd, data)
         except BrokenPipeError:
@@ -203,6 +224,7 @@ class Dealer:
                             resends=self.state.resends,
                             stop_reason=self.stop_reason, pools=pool_stats)
         self.writer.stats(stats)
+        self.writer.flush()
         self.result_queue.close()
         self.ready_queue.close()
         log.info("Shutting down.", extra=event("dealer_stopped"))
@@ -273,7 +295,11 @@ class Dealer:
         Ends when the pool is stopping and every worker's exit has been seen."""
         state = self.state
         while True:
-            data, _ = self.result_queue.receive()
+            try:
+                data, _ = self.result_queue.receive(timeout=0)
+            except posix_ipc.BusyError:
+                self.writer.flush()  # before blocking: main gets what is recorded so far
+                data, _ = self.result_queue.receive()
             try:
                 message = decode(data)
             except ProtocolError as e:
@@ -302,6 +328,7 @@ class Dealer:
             if state.stopping:
                 with state.lock:
                     if not state.workers and not state.exited:
+                        self.writer.flush()
                         return
 
     def _on_ack(self, ack: Ack) -> None:

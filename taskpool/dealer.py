@@ -59,6 +59,7 @@ from taskpool.protocol import (
     DealerStats,
     EndOfJobs,
     Heartbeat,
+    JobBatch,
     JobMessage,
     JobRecord,
     ProtocolError,
@@ -268,25 +269,37 @@ class Dealer:
                 # it decides when all is done.
                 self.result_queue.send(message.encode())
                 continue
-            if not isinstance(message, JobMessage):
+            if isinstance(message, JobMessage):
+                jobs: tuple[Job, ...] = (message.job,)
+            elif isinstance(message, JobBatch):
+                jobs = message.jobs
+            else:
                 continue
-            job = message.job
+            dropped = []
             with state.lock:
-                if job.job_id in state.jobs:
-                    log.error("Dropped job %d: its id was already taken", job.job_id)
-                    continue
-                if job.pool not in state.pools:
-                    log.error("Dropped job %d: no pool of type %d", job.job_id, job.pool)
-                    continue
-                state.jobs[job.job_id] = JobState(job)
-                enqueue(state, job.job_id)
-                schedule = assign(state, job.pool)
+                pools = set()
+                for job in jobs:
+                    if job.job_id in state.jobs:
+                        dropped.append(f"Dropped job {job.job_id}: its id was already taken")
+                    elif job.pool not in state.pools:
+                        dropped.append(f"Dropped job {job.job_id}: no pool of type {job.pool}")
+                    else:
+                        state.jobs[job.job_id] = JobState(job)
+                        enqueue(state, job.job_id)
+                        pools.add(job.pool)
+                schedule = Schedule()
+                for pool in sorted(pools):
+                    assign(state, pool, schedule)
+                full = not state.backlog_has_room()
+            for reason in dropped:
+                log.error("%s", reason)
+            schedule.log(self.config.layout)
+            if full:
                 # Bounded memory: once the backlogs are full, read no further until they
                 # want a refill (room for a run of jobs, not one).
-                if not state.backlog_has_room():
+                with state.lock:
                     while not state.backlog_wants_refill() and not state.stopping:
                         state.backlog_room.wait()
-            schedule.log(self.config.layout)
 
     # --- recv thread -----------------------------------------------------------------
 

@@ -9,14 +9,16 @@ messages; the Dealer reads it as fast as jobs come, into the backlogs of its poo
 
 Each job travels at its own priority as the message's POSIX priority, so that the Dealer
 receives the most urgent of what is queued first. EndOfJobs travels at priority 0 and is
-sent last, so it is received last.
+sent last, so it is received last. A job file's jobs travel in JobBatches, each a run of
+jobs of one priority; a line from standard input goes out alone as soon as it is read.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -27,7 +29,15 @@ from taskpool import log as tplog
 from taskpool.jobs import Job, LineError, parse_lines
 from taskpool.journal import job_digest
 from taskpool.pools import PoolLayout
-from taskpool.protocol import EndOfJobs, JobAccepted, JobMessage, LineRejected, encode_record
+from taskpool.protocol import (
+    JOBS_PER_MESSAGE,
+    EndOfJobs,
+    JobAccepted,
+    JobBatch,
+    JobMessage,
+    LineRejected,
+    encode_record,
+)
 
 log = logging.getLogger("taskpool.generator")
 
@@ -55,6 +65,15 @@ def stdin_lines() -> Iterable[str]:
             yield line.decode("utf-8", "replace")
 
 
+def job_batches(jobs: list[Job], done: frozenset[int]) -> Iterator[JobBatch]:
+    """The jobs not done, highest priority first (a stable sort: in file order within a
+    priority), in batches of one priority each."""
+    todo = sorted((job for job in jobs if job.job_id not in done), key=lambda job: -job.priority)
+    for _, run in itertools.groupby(todo, key=lambda job: job.priority):
+        while batch := tuple(itertools.islice(run, JOBS_PER_MESSAGE)):
+            yield JobBatch(batch)
+
+
 def run_generator(
     source: GeneratorInput,
     ready_queue: posix_ipc.MessageQueue,
@@ -73,10 +92,9 @@ def run_generator(
                  "standard input" if source.jobs is None else f"{len(source.jobs)} jobs")
         total = 0
         if source.jobs is not None:
-            for job in sorted(source.jobs, key=lambda job: -job.priority):
-                if job.job_id not in source.done:
-                    ready_queue.send(JobMessage(job, attempt=1).encode(), priority=job.priority)
-                    total += 1
+            for batch in job_batches(source.jobs, source.done):
+                ready_queue.send(batch.encode(), priority=batch.jobs[0].priority)
+                total += len(batch.jobs)
         else:
             assert intake_fd is not None
             for item in parse_lines(stdin_lines(), STDIN_NAME, source.layout):

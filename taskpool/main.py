@@ -28,6 +28,7 @@ from taskpool.engine import Engine, RunConfig
 from taskpool.generator import run_generator
 from taskpool.log import event
 from taskpool.protocol import (
+    READY_MESSAGE_SIZE,
     JobAccepted,
     JobRecord,
     LineRejected,
@@ -97,7 +98,7 @@ class Main(Engine):
             signal.signal(sig, self._note_signal)
 
         ipc.sweep_abandoned_queues()
-        ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH)
+        ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
         record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
         intake_r, intake_w = os.pipe() if streaming else (None, None)

@@ -2,7 +2,7 @@
 
 Who sends what, on which channel::
 
-    TaskGenerator --Job, EndOfJobs--------------> ready queue ----> Dealer send thread
+    TaskGenerator --JobBatch, Job, EndOfJobs----> ready queue ----> Dealer send thread
     Dealer (own threads) --Stop-----------------> ready queue ----> Dealer send thread
     Dealer send thread --Job, Shutdown----------> request queue (one per worker) --> Worker
     Worker --Ack, Result, Heartbeat-------------> result queue ---> Dealer recv thread
@@ -25,7 +25,8 @@ into single calls.
 
 Queue messages are small fixed-layout structs (network byte order) behind a two-byte header
 (version, type), so that every message of a CLI run fits the smallest queue we create
-(`MAX_MESSAGE_SIZE`). Pipe messages are JSON lines, one object each, shorter than
+(`MAX_MESSAGE_SIZE`); but for the JobBatch, which fits the ready queue's
+(`READY_MESSAGE_SIZE`). Pipe messages are JSON lines, one object each, shorter than
 PIPE_BUF so that a write is atomic. Anything malformed raises `ProtocolError`; receivers log
 it and go on.
 """
@@ -42,7 +43,8 @@ from typing import Any, Union
 from taskpool.jobs import Arg, Job, JobKind
 
 VERSION = 1
-MAX_MESSAGE_SIZE = 128  # the largest encoded queue message is well below this
+MAX_MESSAGE_SIZE = 128  # the largest encoded queue message is well below this, but...
+READY_MESSAGE_SIZE = 2048  # ...a JobBatch, on the ready queue (10 of them: 21 KB of budget)
 
 _HEADER = struct.Struct("!BB")
 
@@ -63,6 +65,7 @@ class MessageType(enum.IntEnum):
     TERMINATE = 9
     HEARTBEAT = 10
     RESULT_PART = 11
+    JOB_BATCH = 12
 
 
 # Payload layouts. An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
@@ -75,6 +78,9 @@ _EXITED = struct.Struct("!Ii")  # pid, raw wait status
 _TERMINATE = struct.Struct("!B")  # signal number that asked for it
 _HEARTBEAT = struct.Struct("!I")  # worker pid
 _PART = struct.Struct("!QHI")  # job id, attempt, worker pid; then a piece of the payload
+_BATCH_COUNT = struct.Struct("!H")  # number of jobs; then that many _JOB
+# A JobBatch's jobs at most: as many as fit one message of the ready queue.
+JOBS_PER_MESSAGE = (READY_MESSAGE_SIZE - _HEADER.size - _BATCH_COUNT.size) // _JOB.size
 
 
 def _pack_value(kind: JobKind, value: Arg) -> bytes:
@@ -106,10 +112,38 @@ class JobMessage:
     attempt: int
 
     def encode(self) -> bytes:
-        job = self.job
-        fields = _JOB.pack(job.job_id, self.attempt, job.kind, _pack_value(job.kind, job.arg),
-                           job.timeout or 0.0, job.pool, job.priority)
-        return _HEADER.pack(VERSION, MessageType.JOB) + fields + job.payload
+        return _HEADER.pack(VERSION, MessageType.JOB) + _pack_job(self.job, self.attempt) \
+            + self.job.payload
+
+
+@dataclass(frozen=True)
+class JobBatch:
+    """Jobs of a job file on their way to the Dealer, up to JOBS_PER_MESSAGE a message,
+    where one message a job cost the generator and the Dealer's send thread a system call,
+    and the send thread a wake-up, each. All of one priority (the message's), at their first
+    attempt, and without payload (no CALL job). Only the ready queue carries it: each job
+    still goes to its worker, and is accounted for there, alone."""
+
+    jobs: tuple[Job, ...]
+
+    def encode(self) -> bytes:
+        return b"".join([_HEADER.pack(VERSION, MessageType.JOB_BATCH),
+                         _BATCH_COUNT.pack(len(self.jobs)),
+                         *(_pack_job(job, 1) for job in self.jobs)])
+
+
+def _pack_job(job: Job, attempt: int) -> bytes:
+    return _JOB.pack(job.job_id, attempt, job.kind, _pack_value(job.kind, job.arg),
+                     job.timeout or 0.0, job.pool, job.priority)
+
+
+def _unpack_job(body: bytes, offset: int, mtype: MessageType) -> tuple[Job, int]:
+    """The job at `offset` of `body`, and its attempt. A JOB message's payload follows it."""
+    job_id, attempt, kind_code, raw, timeout, pool, priority = _JOB.unpack_from(body, offset)
+    kind = _kind(kind_code)
+    payload = _payload_of(kind, body, _JOB.size, mtype) if mtype is MessageType.JOB else b""
+    return Job(job_id, kind, _unpack_value(kind, raw), timeout or None, pool, priority,
+               payload=payload), attempt
 
 
 @dataclass(frozen=True)
@@ -230,8 +264,8 @@ class Terminate:
 
 
 Message = Union[
-    JobMessage, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, ResultPart, WorkerExited,
-    Terminate,
+    JobMessage, JobBatch, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, ResultPart,
+    WorkerExited, Terminate,
 ]
 
 
@@ -248,12 +282,18 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"unknown message type {code}") from None
     try:
         if mtype is MessageType.JOB:
-            job_id, attempt, kind_code, raw, timeout, pool, priority = _JOB.unpack_from(body)
-            kind = _kind(kind_code)
-            payload = _payload_of(kind, body, _JOB.size, mtype)
-            job = Job(job_id, kind, _unpack_value(kind, raw), timeout or None, pool, priority,
-                      payload=payload)
-            return JobMessage(job, attempt)
+            return JobMessage(*_unpack_job(body, 0, mtype))
+        if mtype is MessageType.JOB_BATCH:
+            (count,) = _BATCH_COUNT.unpack_from(body)
+            size = _BATCH_COUNT.size + count * _JOB.size
+            if len(body) != size:
+                raise ProtocolError(f"JOB_BATCH message of {count} jobs has {len(body)} "
+                                    f"bytes, expected {size}")
+            jobs = tuple(_unpack_job(body, offset, mtype)[0]
+                         for offset in range(_BATCH_COUNT.size, size, _JOB.size))
+            if any(job.kind is JobKind.CALL for job in jobs):
+                raise ProtocolError("JOB_BATCH message with a CALL job")
+            return JobBatch(jobs)
         if mtype is MessageType.ACK:
             return Ack(*_ACK.unpack(body))
         if mtype is MessageType.RESULT:

@@ -6,14 +6,18 @@ import struct
 
 import pytest
 
+from taskpool.generator import job_batches
 from taskpool.jobs import Job, JobKind
 from taskpool.protocol import (
+    JOBS_PER_MESSAGE,
     MAX_MESSAGE_SIZE,
+    READY_MESSAGE_SIZE,
     Ack,
     DealerStats,
     EndOfJobs,
     Heartbeat,
     JobAccepted,
+    JobBatch,
     JobMessage,
     JobRecord,
     LineRejected,
@@ -58,6 +62,27 @@ def test_fib_values_and_sleep_values_keep_their_types() -> None:
     assert isinstance(value, float) and value == 0.1
 
 
+def test_a_full_job_batch_round_trips_within_the_ready_queue_message_size() -> None:
+    jobs = tuple(Job(2**40 + i, JobKind.SLEEP if i % 2 else JobKind.FIB, 0.5 if i % 2 else i,
+                     timeout=2.0 if i % 3 else None, pool=1 + i % 5, priority=7)
+                 for i in range(JOBS_PER_MESSAGE))
+    data = JobBatch(jobs).encode()
+    assert MAX_MESSAGE_SIZE < len(data) <= READY_MESSAGE_SIZE
+    assert decode(data) == JobBatch(jobs)
+
+
+def test_a_job_file_goes_out_in_full_batches_of_one_priority_highest_first() -> None:
+    jobs = [Job(i, JobKind.SLEEP, 0.0, priority=5 if i % 10 == 0 else 0)
+            for i in range(1, 3 * JOBS_PER_MESSAGE + 1)]
+    batches = list(job_batches(jobs, done=frozenset({20, 21})))
+    sent = [job for batch in batches for job in batch.jobs]
+    urgent = [job for job in jobs if job.priority == 5 and job.job_id != 20]
+    rest = [job for job in jobs if job.priority == 0 and job.job_id != 21]
+    assert sent == urgent + rest  # each priority in file order; done jobs left out
+    assert all(len({job.priority for job in batch.jobs}) == 1 for batch in batches)
+    assert len(batches) == 1 + -(-len(rest) // JOBS_PER_MESSAGE)  # only the last is short
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [
@@ -68,6 +93,9 @@ def test_fib_values_and_sleep_values_keep_their_types() -> None:
         (JobMessage(Job(1, JobKind.FIB, 3), 1).encode()[:-1], "JOB message"),
         (Ack(1, 1, 1).encode() + b"x", "ACK message"),
         (Stop().encode() + b"x", "unexpected bytes"),
+        (JobBatch((Job(1, JobKind.FIB, 3),) * 2).encode()[:-1], "JOB_BATCH message of 2"),
+        (b"\x01\x0c\x00\x01" + JobMessage(Job(1, JobKind.CALL, 1), 1).encode()[2:],
+         "with a CALL job"),
         (b"\x01\x01" + struct.pack("!QHB8sdHH", 1, 1, 9, bytes(8), 0.0, 1, 0),
          "unknown job kind 9"),
     ],

@@ -50,7 +50,14 @@ from taskpool import log as tplog
 from taskpool.jobs import PRIORITY_MAX, Job, JobKind
 from taskpool.log import event, job_event
 from taskpool.policy import SupervisionPolicy
-from taskpool.pool_state import Deadline, JobState, PoolSlots, PoolState, WorkerHandle
+from taskpool.pool_state import (
+    NUDGE_SIGNAL,
+    Deadline,
+    JobState,
+    PoolSlots,
+    PoolState,
+    WorkerHandle,
+)
 from taskpool.pools import PoolLayout
 from taskpool.protocol import (
     MAX_MESSAGE_SIZE,
@@ -72,10 +79,10 @@ from taskpool.protocol import (
     WorkerExited,
     decode,
     encode_record,
+    is_acked,
 )
 from taskpool.recovery import (
     MAIN_LOST_SIGNAL,
-    NUDGE_SIGNAL,
     SUPERVISOR_SIGNALS,
     Supervisor,
     WorkerSetup,
@@ -169,9 +176,14 @@ class Dealer:
         self.writer = writer
         self.result_queue = ipc.create_queue("result", ipc.RESULT_QUEUE_DEPTH,
                                              config.result_message_size)
+        # Acks are asked for where they are used (protocol.is_acked): the job_started
+        # event is a DEBUG one.
+        ack_every_job = (config.preempt or config.policy.timeout is not None
+                         or log.isEnabledFor(logging.DEBUG))
         self.state = PoolState(
             credit=config.credit, preempt=config.preempt,
-            pools={p.number: PoolSlots(p.number, p.size) for p in config.layout.pools})
+            pools={p.number: PoolSlots(p.number, p.size) for p in config.layout.pools},
+            ack_every_job=ack_every_job, heartbeat=config.policy.heartbeat)
         # Owned by the recv thread alone: no lock.
         self.expected_total: int | None = None
         self.recorded = 0
@@ -183,12 +195,10 @@ class Dealer:
         self.terminated = False
         self.stop_reason: str | None = None
         self.idle_deaths: deque[float] = deque()  # when workers died without taking a job
-        heartbeat = config.policy.heartbeat
-        self.no_heartbeat_reason = f"sent no heartbeat for {heartbeat:g} s" if heartbeat else ""
         self.supervisor = Supervisor(
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
-                        config.initializer, config.request_message_size),
+                        config.initializer, config.request_message_size, ack_every_job),
         )
 
     def run(self) -> int:
@@ -365,7 +375,7 @@ class Dealer:
                     reason = f"ran job {ack.job_id} past its timeout of {timeout:g} s"
                     nudge |= state.set_deadline(
                         state.job_deadlines, ack.pid, Deadline(now + timeout, reason))
-                nudge |= self._expect_heartbeat(ack.pid, now)
+                nudge |= state.expect_heartbeat(ack.pid, now)
         if nudge:
             os.kill(os.getpid(), NUDGE_SIGNAL)
         if schedule is not None:
@@ -377,36 +387,38 @@ class Dealer:
                       extra=event("job_started", job=ack.job_id, worker=ack.pid,
                                   attempt=ack.attempt))
 
-    def _expect_heartbeat(self, pid: int, now: float) -> bool:
-        """Called with the lock held; True if the recovery thread needs a nudge."""
-        period = self.config.policy.heartbeat
-        if period is None:
-            return False
-        return self.state.set_deadline(
-            self.state.heartbeat_deadlines, pid, Deadline(now + period, self.no_heartbeat_reason))
-
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
         with self.state.lock:
             # Only while the worker runs a job: a late beat after its Result is ignored.
             if heartbeat.pid in self.state.heartbeat_deadlines:
-                self._expect_heartbeat(heartbeat.pid, time.monotonic())
+                self.state.expect_heartbeat(heartbeat.pid, time.monotonic())
 
     def _on_result(self, result: Result) -> None:
         state = self.state
         schedule = None
+        nudge = False
         with state.lock:
             state.forget_deadlines(result.pid)
             worker = state.handle_of(result.pid)
             if worker is not None:
                 worker.running = None
+                worker.took_a_job = True
                 if result.job_id in worker.outstanding:
                     worker.outstanding.remove(result.job_id)
+                if (worker.outstanding and result.pid in state.workers
+                        and not is_acked(state.jobs[worker.outstanding[0]].job,
+                                         state.ack_every_job)):
+                    # It takes its next job now (it sent this Result first); no Ack will
+                    # say so.
+                    nudge = state.expect_heartbeat(result.pid, time.monotonic())
             job_state = state.jobs.get(result.job_id)
             duplicate = job_state is not None and job_state.recorded
             if job_state is not None:
                 job_state.recorded = True
             if worker is not None and result.pid in state.workers:
                 schedule = assign(state, worker.pool)
+        if nudge:
+            os.kill(os.getpid(), NUDGE_SIGNAL)
         if schedule is not None:
             schedule.log(self.config.layout)
         if job_state is None:
@@ -446,12 +458,14 @@ class Dealer:
             worker = state.exited.pop(exited.pid, None)
             if worker is None:
                 return
-            never_took_a_job = not worker.took_a_job
             pool = state.pools[worker.pool]
             if pool.preempting == exited.pid:
                 pool.preempting = None
             state.forget_deadlines(exited.pid)
             never_started = self._drain(worker)
+            # Not acked, a job it took is one it held and that was not in its queue.
+            never_took_a_job = not worker.took_a_job and all(
+                job_id in never_started for job_id in worker.outstanding)
             if state.short_of_workers and not state.stopping:
                 state.spare_queues.append(worker.request_queue)  # empty now: reusable
                 os.kill(os.getpid(), NUDGE_SIGNAL)
@@ -624,6 +638,8 @@ class Dealer:
             for worker in state.workers.values():
                 taken_back = self._drain(worker)
                 worker.outstanding = [j for j in worker.outstanding if j not in taken_back]
+                if not worker.outstanding:
+                    state.heartbeat_deadlines.pop(worker.pid, None)  # idle: owes no beat
                 # The queue is empty now: never blocks. The worker reads it after its job.
                 worker.request_queue.send(Shutdown().encode(), timeout=0)
             running = sum(1 for w in state.workers.values() if w.outstanding)

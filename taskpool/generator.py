@@ -30,13 +30,13 @@ from taskpool.jobs import Job, LineError, parse_lines
 from taskpool.journal import job_digest
 from taskpool.pools import PoolLayout
 from taskpool.protocol import (
-    JOBS_PER_MESSAGE,
     EndOfJobs,
     JobAccepted,
     JobBatch,
     JobMessage,
     LineRejected,
     encode_record,
+    jobs_per_message,
 )
 
 log = logging.getLogger("taskpool.generator")
@@ -65,12 +65,12 @@ def stdin_lines() -> Iterable[str]:
             yield line.decode("utf-8", "replace")
 
 
-def job_batches(jobs: list[Job], done: frozenset[int]) -> Iterator[JobBatch]:
+def job_batches(jobs: list[Job], done: frozenset[int], size: int) -> Iterator[JobBatch]:
     """The jobs not done, highest priority first (a stable sort: in file order within a
-    priority), in batches of one priority each."""
+    priority), in batches of one priority each, `size` jobs at most."""
     todo = sorted((job for job in jobs if job.job_id not in done), key=lambda job: -job.priority)
     for _, run in itertools.groupby(todo, key=lambda job: job.priority):
-        while batch := tuple(itertools.islice(run, JOBS_PER_MESSAGE)):
+        while batch := tuple(itertools.islice(run, size)):
             yield JobBatch(batch)
 
 
@@ -92,7 +92,8 @@ def run_generator(
                  "standard input" if source.jobs is None else f"{len(source.jobs)} jobs")
         total = 0
         if source.jobs is not None:
-            for batch in job_batches(source.jobs, source.done):
+            size = jobs_per_message(ready_queue.max_message_size)
+            for batch in job_batches(source.jobs, source.done, size):
                 ready_queue.send(batch.encode(), priority=batch.jobs[0].priority)
                 total += len(batch.jobs)
         else:

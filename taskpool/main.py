@@ -98,7 +98,12 @@ class Main(Engine):
             signal.signal(sig, self._note_signal)
 
         ipc.sweep_abandoned_queues()
-        ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
+        try:
+            ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
+        except ipc.QueueLimitError:
+            # A queue budget (ulimit -q) or fs.mqueue.msgsize_max too small for it: the
+            # smallest messages, and JobBatches of a few jobs, leave the budget to workers.
+            ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH)
         record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
         intake_r, intake_w = os.pipe() if streaming else (None, None)

@@ -21,12 +21,17 @@ has slots), and the recovery thread's fork() is quick.
 from __future__ import annotations
 
 import heapq
+import signal
 import threading
 from dataclasses import dataclass, field
 
 import posix_ipc
 
 from taskpool.jobs import Job
+
+# "Look at the deadlines again": to the recovery thread, from whoever set one earlier than
+# the one it sleeps until.
+NUDGE_SIGNAL = signal.SIGUSR1
 
 # Jobs the Dealer holds in its backlogs at most, all pools together. Beyond it the send
 # thread stops reading the ready queue, so the generator (and a producer piping into
@@ -51,7 +56,7 @@ class WorkerHandle:
     # worker takes them in this order (its queue is FIFO), one at a time.
     outstanding: list[int] = field(default_factory=list)
     took_a_job: bool = False  # ever: a worker that never did is what a crash loop makes
-    running: int | None = None  # the job it ACKed and has not answered yet
+    running: int | None = None  # the job it ACKed and has not answered yet (if acked)
 
 
 @dataclass
@@ -127,6 +132,12 @@ class PoolState:
     # the recv thread to give as the reason of the attempt.
     kill_reasons: dict[int, Deadline] = field(default_factory=dict)
     resends: int = 0
+    # Workers Ack every job (see protocol.is_acked); else only those that need it.
+    ack_every_job: bool = True
+    # Seconds a worker running a job may go without a Heartbeat (None: not watched). The
+    # clock starts with the job's Ack; for a job not acked, as the worker takes it: when it
+    # is sent to an idle worker, or the worker's Result for the job before it comes.
+    heartbeat: float | None = None
     backlog_max: int = BACKLOG_MAX
     backlog_refill: int = BACKLOG_REFILL
 
@@ -169,6 +180,14 @@ class PoolState:
         """Record a deadline; True if the recovery thread must be nudged to meet it."""
         table[pid] = deadline
         return deadline.at < self.wake_at
+
+    def expect_heartbeat(self, pid: int, now: float) -> bool:
+        """Start or restart `pid`'s heartbeat clock; True if the recovery thread must be
+        nudged to meet it."""
+        if self.heartbeat is None:
+            return False
+        return self.set_deadline(self.heartbeat_deadlines, pid, Deadline(
+            now + self.heartbeat, f"sent no heartbeat for {self.heartbeat:g} s"))
 
     def forget_deadlines(self, pid: int) -> None:
         self.job_deadlines.pop(pid, None)

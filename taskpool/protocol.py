@@ -44,7 +44,7 @@ from taskpool.jobs import Arg, Job, JobKind
 
 VERSION = 1
 MAX_MESSAGE_SIZE = 128  # the largest encoded queue message is well below this, but...
-READY_MESSAGE_SIZE = 2048  # ...a JobBatch, on the ready queue (10 of them: 21 KB of budget)
+READY_MESSAGE_SIZE = 1024  # ...a JobBatch, on the ready queue (10 of them: 11 KB of budget)
 
 _HEADER = struct.Struct("!BB")
 
@@ -79,8 +79,14 @@ _TERMINATE = struct.Struct("!B")  # signal number that asked for it
 _HEARTBEAT = struct.Struct("!I")  # worker pid
 _PART = struct.Struct("!QHI")  # job id, attempt, worker pid; then a piece of the payload
 _BATCH_COUNT = struct.Struct("!H")  # number of jobs; then that many _JOB
-# A JobBatch's jobs at most: as many as fit one message of the ready queue.
-JOBS_PER_MESSAGE = (READY_MESSAGE_SIZE - _HEADER.size - _BATCH_COUNT.size) // _JOB.size
+
+
+def jobs_per_message(message_size: int) -> int:
+    """A JobBatch's jobs at most: as many as fit one message of the ready queue."""
+    return (message_size - _HEADER.size - _BATCH_COUNT.size) // _JOB.size
+
+
+JOBS_PER_MESSAGE = jobs_per_message(READY_MESSAGE_SIZE)
 
 
 def _pack_value(kind: JobKind, value: Arg) -> bytes:
@@ -118,7 +124,7 @@ class JobMessage:
 
 @dataclass(frozen=True)
 class JobBatch:
-    """Jobs of a job file on their way to the Dealer, up to JOBS_PER_MESSAGE a message,
+    """Jobs of a job file on their way to the Dealer, up to `jobs_per_message` a message,
     where one message a job cost the generator and the Dealer's send thread a system call,
     and the send thread a wake-up, each. All of one priority (the message's), at their first
     attempt, and without payload (no CALL job). Only the ready queue carries it: each job
@@ -174,7 +180,7 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ack:
-    """A worker has taken the job and is about to run it."""
+    """A worker has taken the job and is about to run it (sent only if `is_acked`)."""
 
     job_id: int
     attempt: int
@@ -183,6 +189,17 @@ class Ack:
     def encode(self) -> bytes:
         payload = _ACK.pack(self.job_id, self.attempt, self.pid)
         return _HEADER.pack(VERSION, MessageType.ACK) + payload
+
+
+def is_acked(job: Job, every_job: bool) -> bool:
+    """Whether a worker sends an Ack when it takes `job`. The Dealer needs none to know which
+    jobs a worker holds, nor which one it died in (dealer.py's doc says how): only to start
+    the clock of a job's timeout, to know which job runs (--preempt), to report when each
+    job started (a DEBUG event: --events, the live view) and for the Executor's calls (the
+    first can wait behind a long initializer). `every_job`: one of these holds for the whole
+    run. Else a job's Result is the only message of its worker's about it: one message a
+    job less, a fifth of the Dealer's time on short jobs."""
+    return every_job or job.timeout is not None or job.kind is JobKind.CALL
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from taskpool import ipc
 from taskpool import log as tplog
 from taskpool.log import event
 from taskpool.policy import SupervisionPolicy
-from taskpool.pool_state import Deadline, PoolState, WorkerHandle
+from taskpool.pool_state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
 from taskpool.protocol import MAX_MESSAGE_SIZE, Terminate, WorkerExited
 from taskpool.scheduler import Schedule, assign
@@ -46,7 +46,6 @@ from taskpool.worker import EXIT_RETIRED, CrashPlan, WorkerLimits, run_worker
 
 log = logging.getLogger("taskpool.supervisor")
 
-NUDGE_SIGNAL = signal.SIGUSR1  # "look at the state again", sent by the recv thread
 # The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
 # and mq_unlink and leave its name behind with nobody alive to sweep it (ipc's module doc).
 MAIN_LOST_SIGNAL = signal.SIGUSR2
@@ -79,6 +78,7 @@ class WorkerSetup:
     layout: PoolLayout
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
     request_message_size: int = MAX_MESSAGE_SIZE
+    ack_every_job: bool = True  # see protocol.is_acked
 
 
 class Supervisor(threading.Thread):
@@ -277,7 +277,7 @@ class Supervisor(threading.Thread):
             )
             policy = self.setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
-                                  policy.max_memory_mb)
+                                  policy.max_memory_mb, self.setup.ack_every_job)
             run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
                        log_each_job=self.layout.typed, initializer=self.setup.initializer)
         finally:

@@ -36,9 +36,9 @@ import posix_ipc
 
 from taskpool.jobs import Job
 from taskpool.log import event, job_event
-from taskpool.pool_state import Deadline, PoolSlots, PoolState, WorkerHandle
+from taskpool.pool_state import NUDGE_SIGNAL, Deadline, PoolSlots, PoolState, WorkerHandle
 from taskpool.pools import PoolLayout
-from taskpool.protocol import JobMessage, ProtocolError, decode
+from taskpool.protocol import JobMessage, ProtocolError, decode, is_acked
 
 dealer_log = logging.getLogger("taskpool.dealer")
 dispatcher_log = logging.getLogger("taskpool.dispatcher")
@@ -67,8 +67,12 @@ class Schedule:
     sent: list[Sent] = field(default_factory=list)
     taken_back: list[tuple[int, int, float]] = field(default_factory=list)  # job, pid, when
     preempted: list[Preempted] = field(default_factory=list)
+    nudge: bool = False  # a heartbeat clock started earlier than the recovery thread wakes
 
     def log(self, layout: PoolLayout) -> None:
+        """Log what was done, and nudge the recovery thread if it must wake earlier."""
+        if self.nudge:
+            os.kill(os.getpid(), NUDGE_SIGNAL)
         for job_id, pid, at in self.taken_back:
             dealer_log.debug("Took back job %d from worker PID [%d]: not started", job_id, pid,
                              extra=event("job_taken_back", at=at, job=job_id, worker=pid))
@@ -125,10 +129,14 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
                 break
             heapq.heappop(pool.backlog)
             attempt = job_state.failed_attempts + 1
+            now = time.monotonic()
+            if not worker.outstanding and not is_acked(job_state.job, state.ack_every_job):
+                # Idle, the worker takes it at once; no Ack will say so.
+                schedule.nudge |= state.expect_heartbeat(worker.pid, now)
             worker.outstanding.append(job_id)
             # Never blocks: this worker has fewer outstanding jobs than its queue has slots.
             worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
-            schedule.sent.append(Sent(job_state.job, worker.pid, attempt, time.monotonic()))
+            schedule.sent.append(Sent(job_state.job, worker.pid, attempt, now))
         elif not _steal_for_idle(state, pool, tried, schedule):
             break
     if not refill_before and state.backlog_wants_refill():
@@ -192,6 +200,8 @@ def _take_back(
         job_id = message.job.job_id
         if job_id in worker.outstanding:
             worker.outstanding.remove(job_id)
+        if not worker.outstanding:
+            state.heartbeat_deadlines.pop(worker.pid, None)  # idle now: it owes no beat
         pool.push(message.job.priority, job_id)
         schedule.taken_back.append((job_id, worker.pid, time.monotonic()))
         taken = True

@@ -1,9 +1,10 @@
 """The worker: a forked process that runs one job at a time.
 
 Protocol, per job: receive it from its own request queue, send an Ack to the shared result
-queue, run it, send the Result. Each step boundary is a `Step`; simulated crashes
-(--crash-rate) and injected kills (--inject-fault, a test hook) happen exactly there, so
-that a test can kill a worker at every point of the protocol.
+queue (if the Dealer needs one: protocol.is_acked), run it, send the Result. Each step
+boundary is a `Step`; simulated crashes (--crash-rate) and injected kills (--inject-fault,
+a test hook) happen exactly there, so that a test can kill a worker at every point of the
+protocol.
 
 "Let it crash": a worker never tries to survive its own faults. Any unexpected error ends
 the process; the Dealer notices the death and restores the pool.
@@ -27,7 +28,16 @@ import posix_ipc
 from taskpool.calls import run_calls
 from taskpool.jobs import JobKind, execute
 from taskpool.log import event
-from taskpool.protocol import Ack, Heartbeat, JobMessage, ProtocolError, Result, Shutdown, decode
+from taskpool.protocol import (
+    Ack,
+    Heartbeat,
+    JobMessage,
+    ProtocolError,
+    Result,
+    Shutdown,
+    decode,
+    is_acked,
+)
 
 log = logging.getLogger("taskpool.worker")
 
@@ -113,6 +123,7 @@ class WorkerLimits:
     heartbeat: float | None = None  # seconds; a beat every third of it while a job runs
     max_tasks: int | None = None
     max_memory_mb: int | None = None
+    ack_every_job: bool = True  # see protocol.is_acked
 
 
 class HeartbeatThread(threading.Thread):
@@ -234,7 +245,8 @@ def run_worker(
         job, attempt = message.job, message.attempt
         crash_at = plan.simulated_step(job.job_id, attempt)
         checkpoint(job.job_id, attempt, Step.BEFORE_ACK, crash_at)
-        result_queue.send(Ack(job.job_id, attempt, pid).encode())
+        if is_acked(job, limits.ack_every_job):
+            result_queue.send(Ack(job.job_id, attempt, pid).encode())
         checkpoint(job.job_id, attempt, Step.DURING_COMPUTE, crash_at)
         if heartbeat is not None:
             heartbeat.job_started()

@@ -74,7 +74,7 @@ def test_a_full_job_batch_round_trips_within_the_ready_queue_message_size() -> N
 def test_a_job_file_goes_out_in_full_batches_of_one_priority_highest_first() -> None:
     jobs = [Job(i, JobKind.SLEEP, 0.0, priority=5 if i % 10 == 0 else 0)
             for i in range(1, 3 * JOBS_PER_MESSAGE + 1)]
-    batches = list(job_batches(jobs, done=frozenset({20, 21})))
+    batches = list(job_batches(jobs, frozenset({20, 21}), JOBS_PER_MESSAGE))
     sent = [job for batch in batches for job in batch.jobs]
     urgent = [job for job in jobs if job.priority == 5 and job.job_id != 20]
     rest = [job for job in jobs if job.priority == 0 and job.job_id != 21]

@@ -161,3 +161,38 @@ def test_full_backlogs_call_the_send_thread_back_only_once_they_want_a_refill() 
     finally:
         for worker in state.workers.values():
             worker.request_queue.close()
+
+
+
+def test_without_acks_a_worker_owes_heartbeats_from_the_job_it_takes_idle_until_it_holds_none(
+    state: PoolState,
+) -> None:
+    """No Ack says when a job starts (protocol.is_acked), so its heartbeat clock starts as
+    it is sent to an idle worker, which takes it at once. A job queued behind a running one
+    does not restart the clock; taking back every job the worker holds stops it."""
+    state.ack_every_job, state.heartbeat = False, 5.0
+    worker = add_worker(state, 101)
+    submit(state, 1)
+    first = state.heartbeat_deadlines[101]
+    submit(state, 2)  # queued behind job 1
+    assert state.heartbeat_deadlines[101] is first
+    # Job 3 outranks both, neither started: both are taken back (the worker holds none:
+    # the clock stops), then 3 and 1 are sent to the idle worker (it starts again).
+    submit(state, 3, priority=9)
+    assert worker.outstanding == [3, 1]
+    assert state.heartbeat_deadlines[101] is not first
+
+
+@pytest.mark.parametrize("every_job, timeout", [(True, None), (False, 9.0)])
+def test_an_acked_job_starts_no_heartbeat_clock_when_sent(
+    state: PoolState, every_job: bool, timeout: float | None,
+) -> None:
+    """Its Ack will, when the worker starts it (Dealer._on_ack)."""
+    state.ack_every_job, state.heartbeat = every_job, 5.0
+    worker = add_worker(state, 101)
+    with state.lock:
+        state.jobs[1] = JobState(Job(1, JobKind.SLEEP, 0.0, timeout=timeout))
+        enqueue(state, 1)
+        assign(state, 1)
+    assert worker.outstanding == [1]
+    assert state.heartbeat_deadlines == {}

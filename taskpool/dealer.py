@@ -78,6 +78,7 @@ from taskpool.protocol import (
     Terminate,
     WorkerExited,
     decode,
+    encode_done,
     encode_record,
     is_acked,
 )
@@ -138,8 +139,7 @@ class RecordWriter:
         self.pending_bytes = 0
 
     def done(self, job: Job, result: Result) -> None:
-        self.write(encode_record(JobRecord.of(job, Status.DONE, result=result.value,
-                                              worker=result.pid, attempts=result.attempt)))
+        self.write(encode_done(job, result))
 
     def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
         self.write(encode_record(JobRecord.of(job, Status.FAILED, worker=pid,

@@ -56,7 +56,10 @@ class JobKind(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _KIND_LABELS[self]  # looked up: Enum.name is a slow property, asked per job
+
+
+_KIND_LABELS = {kind: kind.name.lower() for kind in JobKind}
 
 
 Arg = Union[int, float]

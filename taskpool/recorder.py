@@ -11,7 +11,6 @@ the results file, which is what --resume relies on.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from taskpool.jobs import Job
 from taskpool.journal import Journal
 from taskpool.log import event
 from taskpool.pools import PoolLayout
-from taskpool.protocol import DealerStats, JobRecord, Status
+from taskpool.protocol import DealerStats, JobRecord, Status, results_line
 
 log = logging.getLogger("taskpool.main")
 
@@ -103,7 +102,7 @@ class Recorder:
 
     def write_results(self, records: list[JobRecord]) -> None:
         if self.results is not None and records:
-            self.results.write("".join(json.dumps(r.to_json()) + "\n" for r in records))
+            self.results.write("".join(map(results_line, records)))
             self.results.flush()
 
     def record_not_done(self, reason: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -24,12 +25,15 @@ from taskpool.protocol import (
     ProtocolError,
     Result,
     Shutdown,
+    Status,
     Stop,
     Terminate,
     WorkerExited,
     decode,
     decode_record,
+    encode_done,
     encode_record,
+    results_line,
 )
 
 MESSAGES = [
@@ -129,6 +133,27 @@ def test_results_line_has_the_contract_fields() -> None:
     fields = RECORDS[0].to_json()  # type: ignore[union-attr]
     assert fields == {"job": 3, "kind": "fib", "arg": 30, "type": 1, "priority": 0,
                       "status": "done", "result": 832040, "worker": 1471, "attempts": 2}
+
+
+def test_results_lines_are_written_as_json_dumps_writes_them() -> None:
+    """The results file's bytes did not change when its encoder was made once."""
+    odd = JobRecord(job=7, kind="sleep", arg=1e-7, status="failed", result=None, worker=3,
+                    attempts=3, reason='killed "it"\n\u00e9\U0001f600\t', type=2, priority=1)
+    for record in [*[r for r in RECORDS if isinstance(r, JobRecord)], odd]:
+        assert results_line(record) == json.dumps(record.to_json()) + "\n"
+        assert encode_record(record) == (json.dumps(
+            {"t": "record", **record.to_json()}, separators=(",", ":")) + "\n").encode()
+
+
+@pytest.mark.parametrize("job, result", [
+    (Job(3, JobKind.FIB, 30, pool=2, priority=4), Result(3, 2, 1471, JobKind.FIB, 832040)),
+    (Job(2**40, JobKind.SLEEP, 0.25, timeout=1.0), Result(2**40, 1, 7, JobKind.SLEEP, 0.25)),
+])
+def test_a_done_record_is_the_record_of_the_jobs_result(job: Job, result: Result) -> None:
+    record = JobRecord.of(job, Status.DONE, result=result.value, worker=result.pid,
+                          attempts=result.attempt)
+    assert encode_done(job, result) == encode_record(record)
+    assert decode_record(encode_done(job, result).rstrip(b"\n")) == record
 
 
 @pytest.mark.parametrize("line", [b"not json", b"{}", b'{"t":"nope"}', b'{"t":"record"}'])

@@ -63,11 +63,10 @@ from typing import TYPE_CHECKING, Any
 from taskpool import ipc
 from taskpool.dask_worker import TOPIC, run_job
 from taskpool.engine import Engine, RunConfig
-from taskpool.generator import stdin_lines
-from taskpool.jobs import Job, LineError, parse_lines
-from taskpool.journal import job_digest
+from taskpool.generator import streamed_jobs
+from taskpool.jobs import Job
 from taskpool.log import event
-from taskpool.protocol import DealerStats, JobRecord, Status
+from taskpool.protocol import DealerStats, JobRecord, LineRejected, Status
 
 if TYPE_CHECKING:
     from distributed import Client, Future, SpecCluster
@@ -456,17 +455,11 @@ class DaskEngine(Engine):
     def _read_stdin(self) -> None:
         """The stdin thread: parse each line as it comes, as the local TaskGenerator does;
         the main thread accepts, journals and submits."""
-        digests = self.config.source.journal_digests
-        for item in parse_lines(stdin_lines(), STDIN_NAME, self.layout):
-            if isinstance(item, LineError):
-                self.post(("rejected", str(item)))
-                continue
-            journaled = digests.get(item.job_id)
-            if journaled is not None and journaled != job_digest(item):
-                self.post(("rejected", f"{STDIN_NAME}:{item.line}: job {item.job_id} differs "
-                                       "from the journal's; not run"))
-                continue
-            self.post(("job", item))
+        for item in streamed_jobs(self.config.source):
+            if isinstance(item, LineRejected):
+                self.post(("rejected", f"{item.where}: {item.reason}"))
+            else:
+                self.post(("job", item))
         self.post(("input_closed",))
 
     def _on_streamed_job(self, job: Job) -> None:
@@ -651,20 +644,27 @@ class DaskEngine(Engine):
             self._forget(failed)
             address = failed.address or "an unknown worker"
             reason = f"raised {type(error).__name__}: {error}"
-        charged = 1 + self._reruns(failed)
-        used = failed.attempt - 1 + charged
+        used = failed.attempt + self._reruns(failed)
+        if self._failed_for_good(job, used, pid, reason):
+            return
+        recovery_log.info("Resent job %d after crash of %s (%s): %s", job.job_id, pid, address,
+                          reason, extra=event("job_resent", job=job.job_id, worker=pid,
+                                              address=address, reason=reason))
+        self._submit(job, used + 1)
+
+    def _failed_for_good(self, job: Job, used: int, pid: int | None, reason: str) -> bool:
+        """`used` attempts of `job` have failed, the last one for `reason`. If that is all
+        it may use, record it failed (True); else count the resend the caller makes, at
+        attempt used + 1 (False)."""
         if self.policy.max_attempts and used >= self.policy.max_attempts:
             self.recorder.record(JobRecord.of(job, Status.FAILED, worker=pid, attempts=used,
                                               reason=f"{reason} on {used} attempts"))
             supervisor_log.info("Job %d failed after %d attempts: %s", job.job_id, used,
                                 reason, extra=event("job_failed", job=job.job_id, worker=pid,
                                                     attempts=used, reason=reason))
-            return
+            return True
         self.counts.resends += 1
-        recovery_log.info("Resent job %d after crash of %s (%s): %s", job.job_id, pid, address,
-                          reason, extra=event("job_resent", job=job.job_id, worker=pid,
-                                              address=address, reason=reason))
-        self._submit(job, used + 1)
+        return False
 
     def _reruns(self, ended: Try) -> int:
         """Runs of a try after its first that count as attempts. On our own cluster, none:
@@ -761,17 +761,8 @@ class DaskEngine(Engine):
         self.client.cancel([overdue.future])
         job, used = overdue.job, overdue.attempt + self._reruns(overdue)
         reason = f"ran job {job.job_id} past its timeout of {timeout:g} s"
-        if self.policy.max_attempts and used >= self.policy.max_attempts:
-            self.recorder.record(JobRecord.of(job, Status.FAILED, worker=overdue.pid,
-                                              attempts=used, reason=f"{reason} on {used} "
-                                                                    "attempts"))
-            supervisor_log.info("Job %d failed after %d attempts: %s", job.job_id, used,
-                                reason, extra=event("job_failed", job=job.job_id,
-                                                    worker=overdue.pid, attempts=used,
-                                                    reason=reason))
-            return
-        self.counts.resends += 1
-        self._submit(job, used + 1)
+        if not self._failed_for_good(job, used, overdue.pid, reason):
+            self._submit(job, used + 1)
 
     # --- stopping --------------------------------------------------------------------------
 

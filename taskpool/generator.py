@@ -65,6 +65,22 @@ def stdin_lines() -> Iterable[str]:
             yield line.decode("utf-8", "replace")
 
 
+def streamed_jobs(source: GeneratorInput) -> Iterator[Job | LineRejected]:
+    """Standard input's jobs, line by line as they come, or why a line is rejected: it does
+    not parse, or (on --resume) its job differs from the one the journal has under its id.
+    Both engines read standard input through this."""
+    for item in parse_lines(stdin_lines(), STDIN_NAME, source.layout):
+        if isinstance(item, LineError):
+            yield LineRejected(f"{item.source}:{item.line}", item.reason)
+            continue
+        journaled = source.journal_digests.get(item.job_id)
+        if journaled is not None and journaled != job_digest(item):
+            yield LineRejected(f"{STDIN_NAME}:{item.line}",
+                               f"job {item.job_id} differs from the journal's; not run")
+            continue
+        yield item
+
+
 def job_batches(jobs: list[Job], done: frozenset[int], size: int) -> Iterator[JobBatch]:
     """The jobs not done, highest priority first (a stable sort: in file order within a
     priority), in batches of one priority each, `size` jobs at most."""
@@ -98,16 +114,9 @@ def run_generator(
                 total += len(batch.jobs)
         else:
             assert intake_fd is not None
-            for item in parse_lines(stdin_lines(), STDIN_NAME, source.layout):
-                if isinstance(item, LineError):
-                    os.write(intake_fd, encode_record(
-                        LineRejected(f"{item.source}:{item.line}", item.reason)))
-                    continue
-                journaled = source.journal_digests.get(item.job_id)
-                if journaled is not None and journaled != job_digest(item):
-                    os.write(intake_fd, encode_record(LineRejected(
-                        f"{STDIN_NAME}:{item.line}",
-                        f"job {item.job_id} differs from the journal's; not run")))
+            for item in streamed_jobs(source):
+                if isinstance(item, LineRejected):
+                    os.write(intake_fd, encode_record(item))
                     continue
                 # Tell main first: a job main knows of is reported at the end, done or not.
                 os.write(intake_fd, encode_record(JobAccepted(item)))

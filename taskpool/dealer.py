@@ -129,9 +129,12 @@ class RecordWriter:
     more to read for now), and which `write` calls itself once FLUSH_BYTES are held. So
     under load one write, and one wake-up of the reader, carries many outcomes; it was one
     of each per job, two thirds of main's time. An outcome never waits on more work: only
-    on the messages already in the result queue."""
+    on the messages already in the result queue, or a failure of the recv thread."""
 
-    FLUSH_BYTES = 32768  # half a pipe's default capacity
+    # Held at most: PIPE_BUF, so that a write of records stays atomic, and a Dealer
+    # killed outright loses at most this much of the outcomes it has (~27 jobs': main
+    # reports them not done, and --resume runs them again).
+    FLUSH_BYTES = 4096
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -149,10 +152,10 @@ class RecordWriter:
         self.write(encode_record(stats))
 
     def write(self, data: bytes) -> None:
+        if self.pending_bytes + len(data) > self.FLUSH_BYTES:
+            self.flush()
         self.pending.append(data)
         self.pending_bytes += len(data)
-        if self.pending_bytes >= self.FLUSH_BYTES:
-            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
@@ -316,6 +319,13 @@ class Dealer:
     def _recv_loop(self) -> None:
         """Owns: the job records, the all-done decision, and what to resend after a death.
         Ends when the pool is stopping and every worker's exit has been seen."""
+        try:
+            self._receive_all()
+        except BaseException:
+            self.writer.flush()  # what is recorded reaches main, whatever ends the thread
+            raise
+
+    def _receive_all(self) -> None:
         state = self.state
         while True:
             try:
@@ -405,7 +415,7 @@ class Dealer:
                 worker.took_a_job = True
                 if result.job_id in worker.outstanding:
                     worker.outstanding.remove(result.job_id)
-                if (worker.outstanding and result.pid in state.workers
+                if (worker.outstanding and state.workers.get(result.pid) is worker
                         and not is_acked(state.jobs[worker.outstanding[0]].job,
                                          state.ack_every_job)):
                     # It takes its next job now (it sent this Result first); no Ack will

@@ -58,6 +58,13 @@ def queue_cost(depth: int, msgsize: int = MAX_MESSAGE_SIZE) -> int:
     return depth * (msgsize + _PER_MESSAGE_OVERHEAD)
 
 
+def fits_budget(cost: int) -> bool:
+    """Whether `cost` bytes of queues fit this user's queue budget (the soft
+    RLIMIT_MSGQUEUE), were it all ours."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
+    return soft == resource.RLIM_INFINITY or cost <= soft
+
+
 def _read_sysctl(name: str) -> str:
     try:
         with open(f"/proc/sys/fs/mqueue/{name}") as f:

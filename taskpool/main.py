@@ -22,6 +22,8 @@ import select
 import signal
 from dataclasses import dataclass
 
+import posix_ipc
+
 from taskpool import ipc
 from taskpool.dealer import EXIT_ALL_DONE, EXIT_STOPPED_EARLY, run_dealer
 from taskpool.engine import Engine, RunConfig
@@ -98,12 +100,7 @@ class Main(Engine):
             signal.signal(sig, self._note_signal)
 
         ipc.sweep_abandoned_queues()
-        try:
-            ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
-        except ipc.QueueLimitError:
-            # A queue budget (ulimit -q) or fs.mqueue.msgsize_max too small for it: the
-            # smallest messages, and JobBatches of a few jobs, leave the budget to workers.
-            ready_queue = ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH)
+        ready_queue = self._create_ready_queue()
         record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
         intake_r, intake_w = os.pipe() if streaming else (None, None)
@@ -162,6 +159,22 @@ class Main(Engine):
             while live_reader.open and self._on_live_lines(live_reader):
                 pass  # every child is gone: what they wrote is all in the pipe
         signal.set_wakeup_fd(-1)
+
+    def _create_ready_queue(self) -> posix_ipc.MessageQueue:
+        """Of READY_MESSAGE_SIZE messages (JobBatches of 32 jobs) if the queue budget holds
+        them with the Dealer's and workers' queues; else, or if the kernel refuses them
+        (fs.mqueue.msgsize_max), of the smallest ones (batches of 4 jobs), so that a tight
+        budget (`ulimit -q`) goes to workers first."""
+        dealer = self.config.dealer
+        others = (ipc.queue_cost(ipc.RESULT_QUEUE_DEPTH, dealer.result_message_size)
+                  + dealer.layout.total_workers
+                  * ipc.queue_cost(ipc.WORKER_QUEUE_DEPTH, dealer.request_message_size))
+        if ipc.fits_budget(ipc.queue_cost(ipc.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE) + others):
+            try:
+                return ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
+            except ipc.QueueLimitError:
+                pass
+        return ipc.create_queue("ready", ipc.READY_QUEUE_DEPTH)
 
     def _seconds_to_wait(self) -> float | None:
         """select()'s timeout: the next journal commit or live redraw due; None (until

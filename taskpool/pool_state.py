@@ -121,7 +121,8 @@ class PoolState:
     short_of_workers: bool = False
     spare_queues: list[posix_ipc.MessageQueue] = field(default_factory=list)
     queues_closed: int = 0  # dead workers' queues closed so far, by the recv thread
-    # Set by the recv thread (on Ack, Heartbeat, Terminate), enforced by the recovery
+    # Set by the recv thread (on Ack, Result, Heartbeat, Terminate) and by any thread that
+    # sends a job not acked to an idle worker (scheduler.assign); enforced by the recovery
     # thread, which sleeps in sigtimedwait() until the earliest one. `wake_at` is when it
     # will wake next: whoever sets an earlier deadline nudges it.
     job_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid: --timeout

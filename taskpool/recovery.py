@@ -141,7 +141,8 @@ class Supervisor(threading.Thread):
     def kill_overdue_workers(self) -> None:
         """SIGKILL every worker past a deadline, noting why for the recv thread.
 
-        Deadlines move only when the recv thread reads a Heartbeat or a Result. While it
+        A deadline is pushed back only when the recv thread reads a Heartbeat or a Result
+        (an Ack, or a job sent to an idle worker, starts one). While it
         is behind (messages wait in the result queue: it may be blocked writing the log to
         a paused terminal), a due job or heartbeat deadline may be met by a message not yet
         read: it is put off by HOLD_OFF rather than kill a healthy worker."""

@@ -51,8 +51,8 @@ EXIT_INITIALIZER_FAILED = 77  # the Executor's initializer raised: this worker c
 class Step(str, enum.Enum):
     """Points of the worker protocol where a crash can be made to happen."""
 
-    BEFORE_ACK = "before_ack"  # job received from the queue, Ack not sent
-    DURING_COMPUTE = "during_compute"  # Ack sent, result not computed
+    BEFORE_ACK = "before_ack"  # job received from the queue, Ack (if any) not sent
+    DURING_COMPUTE = "during_compute"  # Ack (if any) sent, result not computed
     BEFORE_RESULT = "before_result"  # result computed, not sent
     AFTER_RESULT = "after_result"  # result sent, next job not taken (test hook only)
     AT_START = "at_start"  # a worker that has just started (test hook only, any job)

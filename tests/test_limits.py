@@ -83,6 +83,22 @@ def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
     assert "Sent job" not in log
 
 
+def test_a_tight_queue_budget_goes_to_workers_before_a_roomy_ready_queue(
+    shared_dir: Path,
+) -> None:
+    """12,000 bytes hold the 4 workers' queues (4 x 448), the result queue (2,240) and a ready
+    queue of small messages (2,240), not one of 1,024-byte JobBatches (11,200)."""
+    jobs = shared_dir / "jobs.txt"
+    jobs.write_text("fib 5\n" * 100)
+    results = shared_dir / "r.jsonl"
+    run = PoolRun(["--workers", "4", "--jobs", str(jobs), "--results", str(results)],
+                  preexec_fn=lambda: _default_queue_budget(12000), user=_as_normal_user())
+    assert run.finish() == 0, run.log_text()
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 101))
+    assert_done_right(records)
+
+
 def test_a_pool_that_fits_its_queue_budget_exactly_still_replaces_crashed_workers(
     shared_dir: Path,
 ) -> None:

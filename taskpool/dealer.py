@@ -156,6 +156,8 @@ class RecordWriter:
             self.flush()
         self.pending.append(data)
         self.pending_bytes += len(data)
+        if self.pending_bytes >= self.FLUSH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         if not self.pending:

@@ -87,7 +87,12 @@ class ExecutorSettings:
 
 
 class FrameWriter(RecordWriter):
-    """The recv thread's outcomes, as frames on the Executor's outcome pipe."""
+    """The recv thread's outcomes, as frames on the Executor's outcome pipe, each written at
+    once: a frame answers a whole batch of calls already, and the Executor's feeder sends
+    more batches as outcomes come back (a window of batches), so one held back would leave
+    workers idle."""
+
+    FLUSH_BYTES = 0
 
     def done(self, job: Job, result: Result) -> None:
         batch = CallBatch.decode(job.payload)

@@ -113,13 +113,15 @@ class Main(Engine):
         # (or written to main's wake-up pipe) before the child has set its own.
         handled = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-        generator_pid = os.fork()
-        if generator_pid == 0:
-            run_generator(self.config.source, ready_queue, intake_w, main_pid)
+        # The Dealer first: the pool's start (its workers' forks) is the longer way to the
+        # first job, and the generator is not read before the pool is up.
         dealer_pid = os.fork()
         if dealer_pid == 0:
             os.close(record_r)
             run_dealer(self.config.dealer, ready_queue, record_w, main_pid)
+        generator_pid = os.fork()
+        if generator_pid == 0:
+            run_generator(self.config.source, ready_queue, intake_w, main_pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
         ready_queue.close()
         os.close(record_w)

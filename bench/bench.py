@@ -90,7 +90,7 @@ def ideal_makespan(jobs: list[tuple[int, float]], exact: bool) -> float:
 
 
 def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
-    """The run's own wall time (its Summary line: from start to the last result), best of
+    """The run's own wall time (its Summary line: from the fork of the pool to its end), best of
     REPEATS."""
     path = workdir / "typed.txt"
     path.write_text("".join(f"{t} {d}\n" for t, d in jobs))

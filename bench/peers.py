@@ -184,7 +184,7 @@ def forked_fib(n: int, count: int, workers: int = 2) -> float:
 
 
 def cli_fib_makespan(workdir: Path, count: int, n: int, repeats: int) -> float:
-    """The CLI run's own wall time (its summary event: fork of the pool to last result; to
+    """The CLI run's own wall time (its summary event: fork of the pool to its end; to
     the millisecond, where the Summary line rounds to 10 ms, 2% of this batch)."""
     jobs = workdir / "fib.txt"
     jobs.write_text(f"fib {n}\n" * count)

@@ -2,15 +2,16 @@
 
 A job file was read and validated whole by main before anything started; the generator sends
 that list, highest priority first (a stable sort: in file order within a priority).
-Standard input is read here, line by line, while the pool runs: each good line is reported
+Standard input is read here while the pool runs, as it comes: each good line is reported
 to main (so that main can account for it even if the Dealer dies) and then queued; each bad
-line is reported to main, which prints the error, and skipped. The ready queue holds ten
-messages; the Dealer reads it as fast as jobs come, into the backlogs of its pools.
+line is reported to main, which prints the error, and skipped. The lines of one read go
+together (one write to main, then their jobs), and before the next read, which may block:
+a line is never held for input still to come. The ready queue holds ten messages; the
+Dealer reads it as fast as jobs come, into the backlogs of its pools.
 
-Each job travels at its own priority as the message's POSIX priority, so that the Dealer
-receives the most urgent of what is queued first. EndOfJobs travels at priority 0 and is
-sent last, so it is received last. A job file's jobs travel in JobBatches, each a run of
-jobs of one priority; a line from standard input goes out alone as soon as it is read.
+Jobs travel in JobBatches of one priority each, that priority the message's POSIX priority,
+so that the Dealer receives the most urgent of what is queued first. EndOfJobs travels at
+priority 0 and is sent last, so it is received last.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -33,7 +34,6 @@ from taskpool.protocol import (
     EndOfJobs,
     JobAccepted,
     JobBatch,
-    JobMessage,
     LineRejected,
     encode_record,
     jobs_per_message,
@@ -56,20 +56,35 @@ class GeneratorInput:
     journal_digests: dict[int, str] = field(default_factory=dict)
 
 
-def stdin_lines() -> Iterable[str]:
-    with os.fdopen(0, "rb", closefd=False) as stream:
-        while True:
-            line = stream.readline()
-            if not line:
-                return
-            yield line.decode("utf-8", "replace")
+def _no_op() -> None:
+    pass
 
 
-def streamed_jobs(source: GeneratorInput) -> Iterator[Job | LineRejected]:
+def stdin_lines(before_read: Callable[[], None] = _no_op) -> Iterable[str]:
+    """Standard input's lines as they come: all the lines of one read, then `before_read()`
+    and the next read, which blocks until more input comes. So a caller may hold back what
+    it made of the lines read so far (a batch) until `before_read` tells it to let it go:
+    a line is never kept waiting for input that has not come."""
+    partial = b""
+    while True:
+        before_read()
+        chunk = os.read(0, 65536)
+        if not chunk:
+            if partial:
+                yield partial.decode("utf-8", "replace")
+            return
+        *lines, partial = (partial + chunk).split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", "replace") + "\n"
+
+
+def streamed_jobs(
+    source: GeneratorInput, before_read: Callable[[], None] = _no_op
+) -> Iterator[Job | LineRejected]:
     """Standard input's jobs, line by line as they come, or why a line is rejected: it does
     not parse, or (on --resume) its job differs from the one the journal has under its id.
-    Both engines read standard input through this."""
-    for item in parse_lines(stdin_lines(), STDIN_NAME, source.layout):
+    Both engines read standard input through this; `before_read` as in stdin_lines."""
+    for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout):
         if isinstance(item, LineError):
             yield LineRejected(f"{item.source}:{item.line}", item.reason)
             continue
@@ -88,6 +103,37 @@ def job_batches(jobs: list[Job], done: frozenset[int], size: int) -> Iterator[Jo
     for _, run in itertools.groupby(todo, key=lambda job: job.priority):
         while batch := tuple(itertools.islice(run, size)):
             yield JobBatch(batch)
+
+
+def _stream(source: GeneratorInput, ready_queue: posix_ipc.MessageQueue, intake_fd: int) -> int:
+    """Send standard input's jobs as they come, the lines of one read together: their
+    records to main in one write, then the jobs in JobBatches. Returns how many were sent."""
+    size = jobs_per_message(ready_queue.max_message_size)
+    records: list[bytes] = []  # for main: each line's JobAccepted or LineRejected, in order
+    jobs: list[Job] = []
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        # Tell main first: a job main knows of is reported at the end, done or not.
+        if records:
+            ipc.write_all(intake_fd, b"".join(records))
+            records.clear()
+        for batch in job_batches(jobs, source.done, size):
+            ready_queue.send(batch.encode(), priority=batch.jobs[0].priority)
+            sent += len(batch.jobs)
+        jobs.clear()
+
+    for item in streamed_jobs(source, before_read=send):
+        if isinstance(item, LineRejected):
+            records.append(encode_record(item))
+            continue
+        records.append(encode_record(JobAccepted(item)))
+        jobs.append(item)
+        if len(jobs) == size:
+            send()
+    send()
+    return sent
 
 
 def run_generator(
@@ -114,16 +160,7 @@ def run_generator(
                 total += len(batch.jobs)
         else:
             assert intake_fd is not None
-            for item in streamed_jobs(source):
-                if isinstance(item, LineRejected):
-                    os.write(intake_fd, encode_record(item))
-                    continue
-                # Tell main first: a job main knows of is reported at the end, done or not.
-                os.write(intake_fd, encode_record(JobAccepted(item)))
-                if item.job_id not in source.done:
-                    ready_queue.send(JobMessage(item, attempt=1).encode(),
-                                     priority=item.priority)
-                    total += 1
+            total = _stream(source, ready_queue, intake_fd)
         ready_queue.send(EndOfJobs(total).encode())
         log.info("All %d jobs queued", total)
         code = 0

@@ -80,6 +80,24 @@ def test_streamed_lines_start_at_once_and_the_run_ends_when_input_closes(
     assert records[3]["priority"] == 3
 
 
+def test_lines_that_come_together_start_together_and_none_waits_for_more_input(
+    tmp_path: Path,
+) -> None:
+    """The lines of one read go in one batch, sent before the next read blocks: the job of
+    a write that ends in a comment and a blank line is not held for input to come."""
+    results = tmp_path / "r.jsonl"
+    run = dispatch(["2", "--results", str(results)], pipe_stdin=True)
+    run.send_line("1 0\n1 0.05 7\n1 0\n# more to come\n")
+    for job_id in (1, 2, 3):
+        run.wait_for(rf"^\[Dealer\] Received result for job {job_id}:")
+    run.send_line("1 0")
+    run.wait_for(r"^\[Dealer\] Received result for job 4:")
+    run.close_stdin()
+    assert run.finish() == 0
+    records = by_job(results)
+    assert sorted(records) == [1, 2, 3, 4] and records[2]["priority"] == 7
+
+
 def test_a_zero_duration_is_a_job_not_a_shutdown(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
     run = dispatch(["1", "--results", str(results)], stdin=b"1 0\n1 0\n1 0\n")

@@ -320,6 +320,9 @@ def _load_jobs(
             parser.error("--demo brings its own jobs: drop --jobs")
         return GeneratorInput(
             [Job(i, JobKind.FIB, n) for i, n in enumerate(DEMO_FIB_ARGS, start=1)], layout)
+    if (args.jobs is None or args.jobs == "-") and sys.stdin is None:
+        error("no jobs: standard input is closed; give --jobs FILE, or pipe jobs into it")
+        return None
     if args.jobs is None and sys.stdin.isatty():
         parser.print_usage(sys.stderr)
         error("no jobs: give --jobs FILE, or pipe jobs into standard input")

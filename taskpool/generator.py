@@ -65,15 +65,20 @@ def stdin_lines(before_read: Callable[[], None] = _no_op) -> Iterable[str]:
     and the next read, which blocks until more input comes. So a caller may hold back what
     it made of the lines read so far (a batch) until `before_read` tells it to let it go:
     a line is never kept waiting for input that has not come."""
-    partial = b""
+    partial: list[bytes] = []  # a line's pieces so far: joined once it ends, not per read
     while True:
         before_read()
         chunk = os.read(0, 65536)
         if not chunk:
             if partial:
-                yield partial.decode("utf-8", "replace")
+                yield b"".join(partial).decode("utf-8", "replace")
             return
-        *lines, partial = (partial + chunk).split(b"\n")
+        if b"\n" not in chunk:
+            partial.append(chunk)
+            continue
+        *lines, rest = chunk.split(b"\n")
+        lines[0] = b"".join([*partial, lines[0]])
+        partial = [rest] if rest else []
         for line in lines:
             yield line.decode("utf-8", "replace") + "\n"
 

@@ -130,7 +130,11 @@ class Main(Engine):
         self.generator = Child("TaskGenerator", generator_pid)
         self.dealer = Child("Dealer", dealer_pid)
 
-        readers = [LineReader(record_r)] + ([LineReader(intake_r)] if intake_r is not None else [])
+        # The intake pipe first: a job's JobAccepted is in it before the job is sent, and is
+        # read in the same round as the job's outcome, or an earlier one; so a job is known
+        # (and journaled) before its outcome is recorded.
+        intake = LineReader(intake_r) if intake_r is not None else None
+        readers = ([intake] if intake is not None else []) + [LineReader(record_r)]
         # The live view's pipe stays open in main (its handler is inherited from here), so
         # it never ends the loop; it is drained once every child is gone.
         live = self.config.live
@@ -150,7 +154,8 @@ class Main(Engine):
             if wake_r in ready:
                 self._on_signals(wake_r)
             if live is not None:
-                total = len(self.recorder.known) if not streaming or not readers[-1].open else None
+                input_done = intake is None or not intake.open
+                total = len(self.recorder.known) if input_done else None
                 live.set_jobs(len(self.recorder.known), total)
                 if live.seconds_to_redraw() == 0.0:
                     live.redraw()

@@ -27,8 +27,9 @@ Queue messages are small fixed-layout structs (network byte order) behind a two-
 (version, type), so that every message of a CLI run fits the smallest queue we create
 (`MAX_MESSAGE_SIZE`); but for the JobBatch, which fits the ready queue's
 (`READY_MESSAGE_SIZE`). Pipe messages are JSON lines, one object each, shorter than
-PIPE_BUF so that a write is atomic. Anything malformed raises `ProtocolError`; receivers log
-it and go on.
+PIPE_BUF; each pipe has one writer, which may write several lines at once (the Dealer's
+records up to PIPE_BUF, the generator's a read of standard input's) and the reader splits
+them. Anything malformed raises `ProtocolError`; receivers log it and go on.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class JobMessage:
 
 @dataclass(frozen=True)
 class JobBatch:
-    """Jobs of a job file on their way to the Dealer, up to `jobs_per_message` a message,
+    """Jobs on their way from the generator to the Dealer, up to `jobs_per_message` a message,
     where one message a job cost the generator and the Dealer's send thread a system call,
     and the send thread a wake-up, each. All of one priority (the message's), at their first
     attempt, and without payload (no CALL job). Only the ready queue carries it: each job

@@ -70,6 +70,15 @@ def test_no_jobs_with_a_terminal_on_stdin_prints_usage_and_exits_2() -> None:
     assert "taskpool: no jobs: give --jobs FILE, or pipe jobs into standard input" in proc.stderr
 
 
+@pytest.mark.parametrize("jobs_args", [[], ["--jobs", "-"]])
+def test_no_jobs_with_stdin_closed_says_so_and_exits_2(jobs_args: list[str]) -> None:
+    """`taskpool run <&-`: Python's sys.stdin is None, and the generator could not read fd 0."""
+    proc = taskpool("run", *jobs_args, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 2
+    assert "taskpool: no jobs: standard input is closed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_lines_on_stdin_are_skipped_the_rest_complete_and_exit_is_2(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--results", str(results)],

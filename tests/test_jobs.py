@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from taskpool.generator import stdin_lines
 from taskpool.jobs import (
     FIB_MAX,
     PRIORITY_MAX,
@@ -152,3 +154,30 @@ def test_a_type_with_no_workers_takes_no_jobs() -> None:
 def test_bad_pool_specs(items: list[str], reason: str) -> None:
     with pytest.raises(PoolSpecError, match=reason):
         PoolLayout.parse(items)
+
+
+def test_stdin_lines_are_whole_lines_however_the_reads_cut_them() -> None:
+    """generator.stdin_lines reads fd 0 as the input comes: a line cut over several reads
+    (a long one, or a slow writer) is joined, CRLF and bad UTF-8 pass as before, and the
+    last line needs no newline. Each piece is written by `before_read`, so each read gets
+    exactly one piece."""
+    pieces = [b"fib 1\nfi", b"b", b" 2\r", b"\nsleep 0\n\n\xff x\n" + b"y" * 30000,
+              b"y" * 30000, b"z", b"\nlast"]  # each under a pipe's 64 KB: written whole
+    read_end, write_end = os.pipe()
+    saved_stdin = os.dup(0)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+
+    def write_next_piece() -> None:
+        if pieces:
+            os.write(write_end, pieces.pop(0))
+        else:
+            os.close(write_end)
+
+    try:
+        lines = list(stdin_lines(before_read=write_next_piece))
+    finally:
+        os.dup2(saved_stdin, 0)
+        os.close(saved_stdin)
+    assert lines == ["fib 1\n", "fib 2\r\n", "sleep 0\n", "\n", "\ufffd x\n",
+                     "y" * 60000 + "z\n", "last"]

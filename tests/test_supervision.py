@@ -8,6 +8,8 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from harness import (
     PoolRun,
     assert_done_right,
@@ -109,27 +111,17 @@ def test_a_worker_stopped_mid_job_is_killed_replaced_and_its_job_resent(tmp_path
             in run.log_text())
 
 
-def test_a_worker_that_stops_beating_mid_job_is_killed_and_its_job_resent(tmp_path: Path) -> None:
-    jobs = write_job_file(tmp_path, ["fib 10", "sleep 0.3"])
-    results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                   "--heartbeat", "0.5", "--inject-fault", "2:hang"])
-    assert run.finish() == 0
-    by_job = _by_job(results)
-    assert_done_right(list(by_job.values()))
-    assert by_job[2]["attempts"] == 2
-    assert re.search(r"^\[Supervisor\] Worker PID \d+ sent no heartbeat for 0.5 s: killed it$",
-                     run.log_text(), re.M)
-
-
-def test_a_job_that_hangs_behind_another_on_its_worker_is_caught_without_an_ack(
-    tmp_path: Path,
+@pytest.mark.parametrize("workers", ["2", "1"], ids=["sent_to_an_idle_worker",
+                                                    "queued_behind_another_job"])
+def test_a_worker_that_stops_beating_mid_job_is_killed_and_its_job_resent(
+    tmp_path: Path, workers: str,
 ) -> None:
-    """At INFO, without --events, workers send no Acks (protocol.is_acked): job 2, queued
-    behind job 1 on the one worker, starts its heartbeat clock with job 1's Result."""
+    """At INFO, without --events, workers send no Acks (protocol.is_acked), so the heartbeat
+    clock of job 2 starts as it is sent to an idle worker (2 workers) or, queued behind job
+    1 on the one worker, with job 1's Result."""
     jobs = write_job_file(tmp_path, ["fib 10", "sleep 0.3"])
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
+    run = PoolRun(["--workers", workers, "--jobs", str(jobs), "--results", str(results),
                    "--heartbeat", "0.5", "--inject-fault", "2:hang"])
     assert run.finish() == 0
     by_job = _by_job(results)

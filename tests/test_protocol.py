@@ -156,7 +156,8 @@ def test_a_done_record_is_the_record_of_the_jobs_result(job: Job, result: Result
     assert decode_record(encode_done(job, result).rstrip(b"\n")) == record
 
 
-@pytest.mark.parametrize("line", [b"not json", b"{}", b'{"t":"nope"}', b'{"t":"record"}'])
+@pytest.mark.parametrize("line", [b"not json", b"{}", b'{"t":"nope"}', b'{"t":"record"}',
+                                  b'{"t":"stats","crashes":1,"resends":0} {}', b"\xff{}", b""])
 def test_malformed_pipe_records_are_rejected(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_record(line)

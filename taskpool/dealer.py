@@ -371,8 +371,7 @@ class Dealer:
         policy = self.config.policy
         state = self.state
         now = time.monotonic()
-        nudge = False
-        schedule = None
+        schedule = Schedule()  # its log() also nudges the recovery thread, if asked to
         with state.lock:
             job_state = state.jobs.get(ack.job_id)
             worker = state.handle_of(ack.pid)
@@ -380,18 +379,15 @@ class Dealer:
                 worker.took_a_job = True
                 worker.running = ack.job_id
                 if state.preempt and state.pools[worker.pool].backlog:
-                    schedule = assign(state, worker.pool)  # it may now be preempted
+                    assign(state, worker.pool, schedule)  # it may now be preempted
             if ack.pid in state.workers and job_state is not None:
                 timeout = job_state.job.timeout or policy.timeout
                 if timeout is not None:
                     reason = f"ran job {ack.job_id} past its timeout of {timeout:g} s"
-                    nudge |= state.set_deadline(
+                    schedule.nudge |= state.set_deadline(
                         state.job_deadlines, ack.pid, Deadline(now + timeout, reason))
-                nudge |= state.expect_heartbeat(ack.pid, now)
-        if nudge:
-            os.kill(os.getpid(), NUDGE_SIGNAL)
-        if schedule is not None:
-            schedule.log(self.config.layout)
+                schedule.nudge |= state.expect_heartbeat(ack.pid, now)
+        schedule.log(self.config.layout)
         # The assignment is already known; an Ack only says the job started.
         if log.isEnabledFor(logging.DEBUG):  # once per job: skip building a dropped event
             log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
@@ -407,8 +403,7 @@ class Dealer:
 
     def _on_result(self, result: Result) -> None:
         state = self.state
-        schedule = None
-        nudge = False
+        schedule = Schedule()  # its log() also nudges the recovery thread, if asked to
         with state.lock:
             state.forget_deadlines(result.pid)
             worker = state.handle_of(result.pid)
@@ -422,17 +417,14 @@ class Dealer:
                                          state.ack_every_job)):
                     # It takes its next job now (it sent this Result first); no Ack will
                     # say so.
-                    nudge = state.expect_heartbeat(result.pid, time.monotonic())
+                    schedule.nudge |= state.expect_heartbeat(result.pid, time.monotonic())
             job_state = state.jobs.get(result.job_id)
             duplicate = job_state is not None and job_state.recorded
             if job_state is not None:
                 job_state.recorded = True
             if worker is not None and result.pid in state.workers:
-                schedule = assign(state, worker.pool)
-        if nudge:
-            os.kill(os.getpid(), NUDGE_SIGNAL)
-        if schedule is not None:
-            schedule.log(self.config.layout)
+                assign(state, worker.pool, schedule)
+        schedule.log(self.config.layout)
         if job_state is None:
             log.error("Dropped a result for unknown job %d", result.job_id)
             return

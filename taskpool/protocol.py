@@ -199,7 +199,7 @@ def is_acked(job: Job, every_job: bool) -> bool:
     job started (a DEBUG event: --events, the live view) and for the Executor's calls (the
     first can wait behind a long initializer). `every_job`: one of these holds for the whole
     run. Else a job's Result is the only message of its worker's about it: one message a
-    job less, a fifth of the Dealer's time on short jobs."""
+    job fewer for the worker to send and the Dealer's recv thread to read."""
     return every_job or job.timeout is not None or job.kind is JobKind.CALL
 
 

@@ -64,8 +64,14 @@ def stdin_lines(before_read: Callable[[], None] = _no_op) -> Iterable[str]:
     """Standard input's lines as they come: all the lines of one read, then `before_read()`
     and the next read, which blocks until more input comes. So a caller may hold back what
     it made of the lines read so far (a batch) until `before_read` tells it to let it go:
-    a line is never kept waiting for input that has not come."""
+    a line is never kept waiting for input that has not come.
+
+    Lines end as in a job file, which Python opens with universal newlines: at "\n", "\r\n"
+    or a lone "\r", each given as "\n"; so a line has the same number on both inputs. A
+    read that ends in "\r" ends its line at once, and a "\n" at the start of the next read
+    is then the rest of that "\r\n", not an empty line."""
     partial: list[bytes] = []  # a line's pieces so far: joined once it ends, not per read
+    after_cr = False  # the last read ended in "\r"
     while True:
         before_read()
         chunk = os.read(0, 65536)
@@ -73,8 +79,14 @@ def stdin_lines(before_read: Callable[[], None] = _no_op) -> Iterable[str]:
             if partial:
                 yield b"".join(partial).decode("utf-8", "replace")
             return
+        if after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        after_cr = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n" not in chunk:
-            partial.append(chunk)
+            if chunk:
+                partial.append(chunk)
             continue
         *lines, rest = chunk.split(b"\n")
         lines[0] = b"".join([*partial, lines[0]])

@@ -158,11 +158,13 @@ def test_bad_pool_specs(items: list[str], reason: str) -> None:
 
 def test_stdin_lines_are_whole_lines_however_the_reads_cut_them() -> None:
     """generator.stdin_lines reads fd 0 as the input comes: a line cut over several reads
-    (a long one, or a slow writer) is joined, CRLF and bad UTF-8 pass as before, and the
-    last line needs no newline. Each piece is written by `before_read`, so each read gets
-    exactly one piece."""
+    (a long one, or a slow writer) is joined, bad UTF-8 passes as before, and the last
+    line needs no newline. Lines end as a job file's (universal newlines): at "\\n", "\\r\\n"
+    (cut between two reads too) and a lone "\\r", each given as "\\n". Each piece is written
+    by `before_read`, so each read gets exactly one piece."""
     pieces = [b"fib 1\nfi", b"b", b" 2\r", b"\nsleep 0\n\n\xff x\n" + b"y" * 30000,
-              b"y" * 30000, b"z", b"\nlast"]  # each under a pipe's 64 KB: written whole
+              b"y" * 30000, b"z", b"\nsleep 1\rsleep 2\r\n\r", b"\r", b"\n",
+              b"last"]  # each under a pipe's 64 KB: written whole
     read_end, write_end = os.pipe()
     saved_stdin = os.dup(0)
     os.dup2(read_end, 0)
@@ -179,5 +181,5 @@ def test_stdin_lines_are_whole_lines_however_the_reads_cut_them() -> None:
     finally:
         os.dup2(saved_stdin, 0)
         os.close(saved_stdin)
-    assert lines == ["fib 1\n", "fib 2\r\n", "sleep 0\n", "\n", "\ufffd x\n",
-                     "y" * 60000 + "z\n", "last"]
+    assert lines == ["fib 1\n", "fib 2\n", "sleep 0\n", "\n", "\ufffd x\n",
+                     "y" * 60000 + "z\n", "sleep 1\n", "sleep 2\n", "\n", "\n", "last"]

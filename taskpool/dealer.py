@@ -129,7 +129,9 @@ class RecordWriter:
     more to read for now), and which `write` calls itself once FLUSH_BYTES are held. So
     under load one write, and one wake-up of the reader, carries many outcomes; it was one
     of each per job, two thirds of main's time. An outcome never waits on more work: only
-    on the messages already in the result queue, or a failure of the recv thread."""
+    on the messages already in the result queue, or a failure of a Dealer thread. A lock
+    guards what is held, so that the thread that fails (the send thread, say) can flush
+    what the recv thread holds before the Dealer exits (`Dealer._guarded`)."""
 
     # Held at most: PIPE_BUF, so that a write of records stays atomic, and a Dealer
     # killed outright loses at most this much of the outcomes it has (~27 jobs': main
@@ -138,6 +140,7 @@ class RecordWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.lock = threading.Lock()
         self.pending: list[bytes] = []
         self.pending_bytes = 0
 
@@ -152,14 +155,19 @@ class RecordWriter:
         self.write(encode_record(stats))
 
     def write(self, data: bytes) -> None:
-        if self.pending_bytes + len(data) > self.FLUSH_BYTES:
-            self.flush()
-        self.pending.append(data)
-        self.pending_bytes += len(data)
-        if self.pending_bytes >= self.FLUSH_BYTES:
-            self.flush()
+        with self.lock:
+            if self.pending_bytes + len(data) > self.FLUSH_BYTES:
+                self._flush()
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes >= self.FLUSH_BYTES:
+                self._flush()
 
     def flush(self) -> None:
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self.pending:
             return
         data = b"".join(self.pending)
@@ -248,18 +256,21 @@ class Dealer:
             return EXIT_STOPPED_EARLY
         return EXIT_ALL_DONE
 
-    @staticmethod
-    def _guarded(loop: Callable[[], None]) -> Callable[[], None]:
+    def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
         """A bug in the send or recv thread must end the run loudly, not leave the other
         threads waiting for it. Let it crash: the Dealer exits, main reports it lost (keeping
-        every recorded result), and PR_SET_PDEATHSIG takes the workers with it."""
+        every recorded result: the outcomes the recv thread holds are written first, whichever
+        thread failed), and PR_SET_PDEATHSIG takes the workers with it."""
 
         def run() -> None:
             try:
                 loop()
             except BaseException:
                 log.exception("The %s thread failed", threading.current_thread().name)
-                ipc.exit_between_creations(EXIT_THREAD_FAILED)
+                try:
+                    self.writer.flush()
+                finally:
+                    ipc.exit_between_creations(EXIT_THREAD_FAILED)
 
         return run
 
@@ -321,13 +332,6 @@ class Dealer:
     def _recv_loop(self) -> None:
         """Owns: the job records, the all-done decision, and what to resend after a death.
         Ends when the pool is stopping and every worker's exit has been seen."""
-        try:
-            self._receive_all()
-        except BaseException:
-            self.writer.flush()  # what is recorded reaches main, whatever ends the thread
-            raise
-
-    def _receive_all(self) -> None:
         state = self.state
         while True:
             try:

@@ -140,6 +140,8 @@ class RecordWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        # What to do when a write finds our reader gone: the Dealer sets it (_reader_lost).
+        self.reader_lost: Callable[[], NoReturn] = _exit_stopped_early
         self.lock = threading.Lock()
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -176,8 +178,11 @@ class RecordWriter:
         try:
             ipc.write_all(self.fd, data)
         except BrokenPipeError:
-            # Our reader is gone, and our workers go with us (their death signal).
-            ipc.exit_between_creations(EXIT_STOPPED_EARLY)
+            self.reader_lost()
+
+
+def _exit_stopped_early() -> NoReturn:
+    ipc.exit_between_creations(EXIT_STOPPED_EARLY)
 
 
 class Dealer:
@@ -213,6 +218,7 @@ class Dealer:
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
                         config.initializer, config.request_message_size, ack_every_job),
         )
+        writer.reader_lost = self._reader_lost
 
     def run(self) -> int:
         layout = self.config.layout
@@ -255,6 +261,19 @@ class Dealer:
         if self.terminated or self.supervisor.failure is not None:
             return EXIT_STOPPED_EARLY
         return EXIT_ALL_DONE
+
+    def _reader_lost(self) -> NoReturn:
+        """A write to main (or to the Executor's caller) failed: it is gone. End as on main's
+        parent-death signal, which may come before or after this: the recovery thread kills
+        and reaps the workers, then exits the process. Exiting here instead would leave the
+        workers to their death signal, and their exit statuses to whatever process adopts
+        them, which may never reap (a container's PID 1 that is no init, say). Called by
+        any thread but the recovery thread, with no lock of PoolState held (that thread
+        takes it to kill the workers)."""
+        os.kill(os.getpid(), MAIN_LOST_SIGNAL)
+        self.supervisor.join()  # not reached if it takes the signal: it exits the process
+        # It had ended already, and killed and reaped the workers as it did.
+        ipc.exit_between_creations(EXIT_STOPPED_EARLY)
 
     def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
         """A bug in the send or recv thread must end the run loudly, not leave the other
@@ -366,9 +385,10 @@ class Dealer:
                 self._stop_pool(kill=False)
             if state.stopping:
                 with state.lock:
-                    if not state.workers and not state.exited:
-                        self.writer.flush()
-                        return
+                    all_gone = not state.workers and not state.exited
+                if all_gone:
+                    self.writer.flush()  # not under the lock: see _reader_lost
+                    return
 
     def _on_ack(self, ack: Ack) -> None:
         """The job has started: from now on its timeout and the heartbeat run."""

@@ -46,6 +46,7 @@ import pytest
 import taskpool
 from taskpool.calls import raised, run_calls
 from taskpool.protocol import CallBatch, CallWhere
+from taskpool.recovery import EXIT_MAIN_LOST
 
 from harness import await_exit, kill_quietly, queues_left
 
@@ -706,6 +707,44 @@ def test_the_caller_killed_leaves_nothing_behind(
     # is reparented to us (a subreaper) and reaped here.
     _await_gone(workers + [dealer])
     assert not [n for n in queues_left() if n.startswith(f"taskpool-{dealer}-")]
+
+
+def test_the_caller_killed_while_outcomes_flow_the_dealer_reaps_its_workers(
+        tmp_path: Path, nothing_left_behind: list[int]) -> None:
+    """As a CLI run's Dealer when main dies (test_faults): the Executor's Dealer finds its
+    caller gone by the lifeline or by a frame write that fails, whichever comes first, and
+    either way kills and reaps its workers and exits 1. None is left to the process that
+    adopts them (here the test process, a subreaper) to reap or not."""
+    script = tmp_path / "caller.py"
+    script.write_text(textwrap.dedent(f"""\
+        import sys
+        sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]
+        import executor_jobs as jobs
+        import taskpool
+        if __name__ == "__main__":
+            pool = taskpool.Executor(2)
+            print(pool._dealer.pid, flush=True)
+            list(pool.map(jobs.square, range(1000)))
+            print("ready", flush=True)
+            while True:  # outcomes flow until we are killed
+                for future in [pool.submit(jobs.square, i) for i in range(1000)]:
+                    future.result()
+        """))
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert caller.stdout is not None
+    with caller.stdout:
+        dealer = int(caller.stdout.readline())
+        nothing_left_behind.append(dealer)  # its queue names are checked after the test
+        assert caller.stdout.readline() == "ready\n"
+    workers = _children_of(dealer)
+    assert len(workers) == 2
+    caller.kill()
+    assert caller.wait() == -signal.SIGKILL
+    _, status = os.waitpid(dealer, 0)  # orphaned: reparented to us
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MAIN_LOST
+    for worker in workers:
+        with pytest.raises(ChildProcessError):  # reaped by the Dealer, not adopted
+            os.waitpid(worker, os.WNOHANG)
 
 
 def test_the_dealer_killed_fails_pending_futures_and_leaves_nothing(

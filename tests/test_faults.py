@@ -13,6 +13,8 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
+from taskpool.recovery import EXIT_MAIN_LOST
+
 from harness import (
     PoolRun,
     assert_done_right,
@@ -184,6 +186,30 @@ def test_main_killed_takes_the_whole_pool_with_it(tmp_path: Path) -> None:
     ids = [r["job"] for r in records]
     assert len(ids) == len(set(ids))
     assert_done_right(records)
+
+
+def test_main_killed_while_results_flow_the_dealer_reaps_its_workers_itself(
+    tmp_path: Path,
+) -> None:
+    """The Dealer learns of main's death two ways, in either order: its parent-death signal,
+    and a write of outcomes to main's pipe that fails. Either way it kills and reaps its
+    workers itself and exits 1: none is left to whatever process adopts it (here the test
+    process, a subreaper; in a container, maybe a PID 1 that never reaps). Before, a failed
+    write exited at once, 3, and left them (7-13 runs in 30 in a kill storm)."""
+    jobs = write_job_file(tmp_path, ["sleep 0"] * 20_000)
+    for attempt in range(3):
+        run = PoolRun(["--workers", "2", "--jobs", str(jobs),
+                       "--results", str(tmp_path / f"r{attempt}.jsonl")])
+        dealer = run.role_pid("Dealer")
+        run.wait_for(r"Received result for job 300:")  # the recv thread writes to main
+        workers = run.worker_pids()
+        kill_quietly(run.pid)
+        assert run.finish() == -signal.SIGKILL
+        _, status = os.waitpid(dealer, 0)  # ours now: adopted by the test process
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MAIN_LOST
+        for worker in workers:
+            with pytest.raises(ChildProcessError):  # reaped by the Dealer, not adopted
+                os.waitpid(worker, os.WNOHANG)
 
 
 def test_every_kill_of_the_dealer_at_a_random_instant_ends_cleanly(tmp_path: Path) -> None:

@@ -528,5 +528,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             journaled.journal.close()
 
 
+# 128 + SIGINT: the status of a run interrupted by Ctrl-C (recorder.exit_status's).
+EXIT_INTERRUPTED = 130
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        # Ctrl-C before main's handlers are in place (they turn it into a graceful stop,
+        # and no pool runs before they are): the status a run interrupted later gives,
+        # without a traceback.
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

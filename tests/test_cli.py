@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from taskpool import cli
+
 from harness import ROOT, PoolRun, assert_done_right, assert_exactly_once, read_results
 
 
@@ -93,3 +95,20 @@ def test_bad_lines_on_stdin_are_skipped_the_rest_complete_and_exit_is_2(tmp_path
     assert_done_right(records)
     assert [(r["kind"], r["arg"]) for r in sorted(records, key=lambda r: r["job"])] == [
         ("fib", 10), ("sleep", 0.0), ("fib", 20)]
+
+
+def test_ctrl_c_before_mains_handlers_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Ctrl-C in the first milliseconds, before main turns SIGINT into a graceful stop
+    (while it parses its arguments, reads the job file...), raises KeyboardInterrupt there:
+    the run ends with the status of an interrupted run, and no traceback."""
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        cli.entry_point()
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == ""

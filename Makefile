@@ -48,6 +48,8 @@ lint: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(VENV)/bin/ruff check taskpool tests
 	$(VENV)/bin/mypy taskpool
+	$(VENV)/bin/lint-imports
+	$(PY) tools/function_length.py taskpool
 
 container-test:
 	../shared/tools/container-check --devcontainer

@@ -28,7 +28,7 @@ __all__ = ["Executor", "WorkerCrashed"]
 def __getattr__(name: str) -> Any:
     # Lazy: the CLI's processes never pay for concurrent.futures and multiprocessing.
     if name in __all__:
-        from taskpool import executor
+        from taskpool.executor import client as executor
 
         return getattr(executor, name)
     raise AttributeError(f"module 'taskpool' has no attribute {name!r}")

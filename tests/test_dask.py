@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from taskpool.model.pools import PoolSpec
+
 from harness import (
     ROOT,
     WAIT,
@@ -272,19 +274,18 @@ class _OwnCluster:
     client; `step()` is one turn of its loop: the start pipe, then the inbox."""
 
     def __init__(self, jobs: list[str]) -> None:
-        from taskpool.dask_engine import DaskEngine
-        from taskpool.dealer import DealerConfig
-        from taskpool.engine import RunConfig
-        from taskpool.generator import GeneratorInput
-        from taskpool.jobs import Job, JobKind
-        from taskpool.policy import SupervisionPolicy
-        from taskpool.pools import PoolLayout
-        from taskpool.worker import CrashPlan
+        from taskpool.core.engine import RunConfig
+        from taskpool.core.stdin import GeneratorInput
+        from taskpool.dask.engine import DaskEngine
+        from taskpool.model.faults import CrashPlan
+        from taskpool.model.jobs import Job, JobKind
+        from taskpool.model.policy import SupervisionPolicy
+        from taskpool.model.pools import PoolLayout
 
         layout = PoolLayout.single(2)
         source = [Job(i, JobKind.FIB, int(line.split()[1]))
                   for i, line in enumerate(jobs, start=1)]
-        config = RunConfig(DealerConfig(layout, CrashPlan(), SupervisionPolicy(max_attempts=0)),
+        config = RunConfig(PoolSpec(layout, CrashPlan(), SupervisionPolicy(max_attempts=0)),
                            GeneratorInput(source, layout), results=None,
                            report_error=lambda message: None)
         self.engine = DaskEngine(config)
@@ -509,7 +510,7 @@ def test_a_failure_after_the_cluster_started_still_closes_it(tmp_path: Path) -> 
     script = tmp_path / "boom.py"
     script.write_text(
         "import sys\n"
-        "from taskpool import cli, dask_engine\n"
+        "from taskpool import cli\nfrom taskpool.dask import engine as dask_engine\n"
         "def boom(self, job, attempt):\n"
         "    raise RuntimeError('a submit that fails')\n"
         "dask_engine.DaskEngine._submit = boom\n"
@@ -582,7 +583,7 @@ def test_ctrl_c_while_connecting_to_a_scheduler_ends_the_run_as_interrupted(
 
 
 def test_the_workers_of_a_cluster_are_read_from_every_supported_distributed() -> None:
-    from taskpool.dask_engine import cluster_workers
+    from taskpool.dask.engine import cluster_workers
 
     workers = {f"tcp://10.0.0.{i}:1": {"nthreads": 1} for i in range(7)}
 

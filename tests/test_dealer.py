@@ -8,10 +8,13 @@ from typing import NoReturn
 
 import pytest
 
-from taskpool import ipc
-from taskpool.dealer import EXIT_THREAD_FAILED, Dealer, RecordWriter
-from taskpool.jobs import Job, JobKind
-from taskpool.protocol import JobRecord, Result, decode_record
+from taskpool.local.dealer import Dealer, RecordWriter
+from taskpool.model.exits import EXIT_THREAD_FAILED
+from taskpool.model.jobs import Job, JobKind
+from taskpool.model.outcome import JobRecord
+from taskpool.posix import mqueue
+from taskpool.wire.queue import Result
+from taskpool.wire.records import decode_record
 
 
 def test_a_failed_send_thread_first_hands_main_the_outcomes_the_recv_thread_holds(
@@ -35,7 +38,7 @@ def test_a_failed_send_thread_first_hands_main_the_outcomes_the_recv_thread_hold
     def send_loop() -> None:
         raise RuntimeError("a bug in the send thread")
 
-    monkeypatch.setattr(ipc, "exit_between_creations", exit_between_creations)
+    monkeypatch.setattr(mqueue, "exit_between_creations", exit_between_creations)
     try:
         with pytest.raises(SystemExit):
             dealer._guarded(send_loop)()

@@ -178,7 +178,7 @@ def test_per_job_lines_read_the_same_with_the_text_log_alone_as_through_logging(
     # with an events file, through it. The two must give the same line.
     import logging
 
-    from taskpool import log as tplog
+    from taskpool.observe import log as tplog
 
     def lines(events: bool, level: int = logging.INFO) -> tuple[str, list[dict[str, Any]]]:
         text, jsonl = tmp_path / f"text-{events}-{level}", tmp_path / f"events-{events}-{level}"

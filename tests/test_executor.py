@@ -44,9 +44,9 @@ import posix_ipc
 import pytest
 
 import taskpool
-from taskpool.calls import raised, run_calls
-from taskpool.protocol import CallBatch, CallWhere
-from taskpool.recovery import EXIT_MAIN_LOST
+from taskpool.core.calls import raised, run_calls
+from taskpool.model.exits import EXIT_MAIN_LOST
+from taskpool.wire.calls import CallBatch, CallWhere
 
 from harness import await_exit, kill_quietly, queues_left
 
@@ -664,9 +664,9 @@ def test_starts_safely_while_the_callers_threads_hold_locks() -> None:
         with executor(2) as pool:
             assert list(pool.map(jobs.square, range(20), timeout=WAIT)) == [
                 x * x for x in range(20)]
-            # fork+exec: the Dealer is a fresh interpreter running executor_host, not a
+            # fork+exec: the Dealer is a fresh interpreter running executor.host, not a
             # forked copy of this one (which would inherit the held locks).
-            assert "-m taskpool.executor_host" in _cmdline(pool._dealer.pid)
+            assert "-m taskpool.executor.host" in _cmdline(pool._dealer.pid)
     finally:
         release.set()
         holder.join()

@@ -13,7 +13,7 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from taskpool.recovery import EXIT_MAIN_LOST
+from taskpool.model.exits import EXIT_MAIN_LOST
 
 from harness import (
     PoolRun,

@@ -60,7 +60,7 @@ def test_short_jobs_one_after_another_do_not_wake_the_heartbeat_thread_each() ->
     import threading
     import time
 
-    from taskpool.worker import HeartbeatThread
+    from taskpool.local.worker import HeartbeatThread
 
     class CountingCondition(threading.Condition):
         waits = 0

@@ -7,18 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from taskpool.generator import stdin_lines
-from taskpool.jobs import (
-    FIB_MAX,
-    PRIORITY_MAX,
-    SLEEP_MAX,
-    Job,
-    JobKind,
-    LineError,
-    parse_lines,
-    read_job_file,
-)
-from taskpool.pools import PoolLayout, PoolSpecError
+from taskpool.core.jobfile import LineError, parse_lines, read_job_file
+from taskpool.core.stdin import stdin_lines
+from taskpool.model.jobs import FIB_MAX, PRIORITY_MAX, SLEEP_MAX, Job, JobKind
+from taskpool.model.pools import PoolLayout, PoolSpecError
 
 ONE = PoolLayout.single(2)  # a plain run: one pool, type 1
 SEED_000 = PoolLayout.parse(["1", "3", "1", "1", "1"])

@@ -7,29 +7,29 @@ import struct
 
 import pytest
 
-from taskpool.generator import job_batches
-from taskpool.jobs import Job, JobKind
-from taskpool.protocol import (
+from taskpool.local.generator import job_batches
+from taskpool.model.jobs import Job, JobKind
+from taskpool.model.outcome import DealerStats, JobRecord, Status
+from taskpool.wire import ProtocolError
+from taskpool.wire.queue import (
     JOBS_PER_MESSAGE,
     MAX_MESSAGE_SIZE,
     READY_MESSAGE_SIZE,
     Ack,
-    DealerStats,
     EndOfJobs,
     Heartbeat,
-    JobAccepted,
     JobBatch,
     JobMessage,
-    JobRecord,
-    LineRejected,
-    ProtocolError,
     Result,
     Shutdown,
-    Status,
     Stop,
     Terminate,
     WorkerExited,
     decode,
+)
+from taskpool.wire.records import (
+    JobAccepted,
+    LineRejected,
     decode_record,
     encode_done,
     encode_record,

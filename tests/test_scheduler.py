@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from taskpool import ipc
-from taskpool.jobs import Job, JobKind
-from taskpool.pool_state import JobState, PoolSlots, PoolState, WorkerHandle
-from taskpool.protocol import JobMessage, decode
-from taskpool.scheduler import assign, enqueue
+from taskpool.local.scheduler import assign, enqueue
+from taskpool.local.state import JobState, PoolSlots, PoolState, WorkerHandle
+from taskpool.model.jobs import Job, JobKind
+from taskpool.posix import mqueue
+from taskpool.wire.queue import MAX_MESSAGE_SIZE, JobMessage, decode
 
 
 @pytest.fixture
@@ -26,7 +26,8 @@ def state() -> Iterator[PoolState]:
 
 
 def add_worker(state: PoolState, pid: int) -> WorkerHandle:
-    worker = WorkerHandle(pid, 1, ipc.create_queue("worker", ipc.WORKER_QUEUE_DEPTH))
+    queue = mqueue.create_queue("worker", mqueue.WORKER_QUEUE_DEPTH, MAX_MESSAGE_SIZE)
+    worker = WorkerHandle(pid, 1, queue)
     state.workers[pid] = worker
     return worker
 

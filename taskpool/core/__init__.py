@@ -1,0 +1,1 @@
+"""Engine-neutral logic: job sources, supervision rules, recording, the journal."""

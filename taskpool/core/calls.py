@@ -1,0 +1,122 @@
+"""Python calls in a worker: what a CALL job runs, for taskpool.Executor.
+
+A call crosses as PPE's do, pickled as (fn, args, kwargs) in the caller's process and read
+here; a batch of calls is one pickle. The worker was forked from the Executor's Dealer
+process, which imported the caller's main module the way multiprocessing's spawn does, so
+functions pickled by reference resolve here too.
+
+Every call of a batch that loads has an outcome, and nothing a call does (short of killing
+the process) stops the batch: a raised exception is returned with its traceback text, as is
+a return value that cannot be pickled. A batch whose pickle does not load here is answered
+as such, and the caller sends its calls again one by one (protocol.py).
+A batch's pickle too large for one message waits in a memfd of the caller's process; we read
+it through /proc/PID/fd/FD (same user), so it never has a name that could be left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+import traceback
+from typing import Any
+
+from taskpool.wire.calls import PLAIN_TYPES, CallBatch, CallWhere, decode_memfd_ref
+
+
+class RemoteTraceback(Exception):
+    """The cause of an exception raised in a worker: the worker's traceback, as text."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def run_calls(payload: bytes) -> tuple[float, bytes]:
+    """Run the calls of a batch that this job holds; the seconds they took, and their
+    outcomes (see protocol.py for the layout)."""
+    started = time.perf_counter()
+    batch = CallBatch.decode(payload)
+    returned = bytearray(batch.count)  # 1: the call returned; 0: it raised
+    try:
+        data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
+        calls = pickle.loads(data)[batch.first:batch.first + batch.count]
+    except BaseException as e:  # noqa: BLE001 - one call's argument may be at fault
+        # The caller knows which calls the pickle holds, and decides: see protocol.py.
+        return time.perf_counter() - started, pickle.dumps((None, _pickle_exception(e)),
+                                                           pickle.HIGHEST_PROTOCOL)
+    # A plain value (immutable) is kept as it is, and pickled with the batch's others at the
+    # end; any other is pickled at once, as PPE does, before a later call can change it.
+    outcomes: list[Any] = []
+    plain = bytearray(batch.count)
+    for i, (fn, args, kwargs) in enumerate(calls):
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is its outcome
+            outcomes.append(_pickle_exception(e))
+            continue
+        if type(value) in PLAIN_TYPES:
+            returned[i] = plain[i] = 1
+            outcomes.append(value)
+        else:
+            outcomes.append(_pickle_value(fn, value, returned, i))
+    if all(plain):
+        return time.perf_counter() - started, pickle.dumps((None, outcomes),
+                                                           pickle.HIGHEST_PROTOCOL)
+    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    values = [dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
+    return time.perf_counter() - started, _outcomes(returned, values)
+
+
+def _pickle_value(fn: Any, value: Any, returned: bytearray, i: int) -> bytes:
+    """The pickle of call i's return value, and returned[i] set; or, if it does not pickle,
+    that of a PicklingError that says so."""
+    try:
+        data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
+        error = pickle.PicklingError(
+            f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
+        return _pickle_exception(error, cause=e)
+    returned[i] = 1
+    return data
+
+
+def _outcomes(returned: bytearray, values: list[bytes]) -> bytes:
+    return pickle.dumps((bytes(returned), values), pickle.HIGHEST_PROTOCOL)
+
+
+def _name_of(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _pickle_exception(e: BaseException, cause: BaseException | None = None) -> bytes:
+    tb = "".join(traceback.format_exception(cause or e))
+    try:
+        return pickle.dumps((e, tb), pickle.HIGHEST_PROTOCOL)
+    except BaseException as why:  # noqa: BLE001 - an exception that does not pickle
+        stand_in = RuntimeError(f"{type(e).__name__}: {e} (the exception itself could not be "
+                                f"pickled: {why!r})")
+        return pickle.dumps((stand_in, tb), pickle.HIGHEST_PROTOCOL)
+
+
+def _read_memfd(ref: bytes) -> bytes:
+    pid, fd, size = decode_memfd_ref(ref)
+    handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
+    try:
+        data = os.pread(handle, size, 0)
+        while len(data) < size:
+            data += os.pread(handle, size - len(data), len(data))
+        return data
+    finally:
+        os.close(handle)
+
+
+def raised(data: bytes) -> BaseException:
+    """In the caller: the exception a call raised, with the worker's traceback as its
+    cause (as PPE's)."""
+    exc, tb = pickle.loads(data)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return exc  # type: ignore[no-any-return]

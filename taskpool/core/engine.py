@@ -1,0 +1,84 @@
+"""What runs the jobs: the engine behind `taskpool run`.
+
+    cli.py ──RunConfig──> Engine.run()
+                           ├─ execute()  the engine's own: run every job, hand each
+                           │             outcome to the Recorder, note why it stopped
+                           └─ Recorder   (recorder.py) results file, journal, once per job,
+                                         not-done records, exit table, exit status
+
+Two engines, one job model (jobs.py), one results writer (recorder.py):
+
+    local  main.py         fork()ed Dealer and workers over POSIX message queues (default)
+    dask   dask_engine.py  a Dask distributed cluster: a LocalCluster it starts, or an
+                           existing scheduler (--scheduler); needs the `dask` extra
+
+An engine is picked by name (`make_engine`); the Dask engine's module, and `distributed`
+with it, is imported only when asked for, so the local engine never pays for it.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Callable
+
+from taskpool.core.journal import Journal
+from taskpool.core.recorder import Recorder
+from taskpool.core.stdin import GeneratorInput
+from taskpool.model.outcome import JobRecord
+from taskpool.model.pools import PoolSpec
+
+if TYPE_CHECKING:
+    from taskpool.observe.live import LiveView
+
+ENGINES = ("local", "dask")
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to reach a --scheduler
+
+
+@dataclass
+class RunConfig:
+    pool: PoolSpec  # the pool layout, crash plan and supervision policy
+    source: GeneratorInput
+    results: IO[str] | None
+    report_error: Callable[[str], None]  # prints "taskpool: ..." to the user
+    journal: Journal | None = None
+    resumed: dict[int, JobRecord] = field(default_factory=dict)  # the journal's outcomes
+    live: LiveView | None = None  # the terminal's live view, fed by...
+    live_fd: int | None = None  # ...the read end of the children's event pipe
+    scheduler: str | None = None  # dask: an existing cluster's address; None: start one
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # dask: seconds to reach `scheduler`
+
+
+class Engine(ABC):
+    """Runs a RunConfig's jobs; `run` returns the exit status.
+
+    The engine records each outcome with `self.recorder.record()` (once per job id: a
+    second record of a job is dropped there), makes every job it accepts known with
+    `accept()`, and sets `interrupted` (the first SIGINT/SIGTERM), `end_reason` (why jobs
+    were not done), `cut_short` (a part of the engine was lost) and `bad_setup` (it could
+    not start on what the user gave it, an unreachable --scheduler: exit 2, as for bad
+    input). The rest is common."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.recorder = Recorder(config.results, config.journal)
+        if config.source.jobs is not None:
+            self.recorder.known = {job.job_id: job for job in config.source.jobs}
+        self.recorder.resume_from(config.resumed)
+        self.interrupted: int | None = None
+        self.end_reason: str | None = None
+        self.cut_short = False
+        self.bad_setup = False
+
+    def run(self) -> int:
+        started = time.monotonic()
+        self.execute()
+        self.recorder.finish(self.config.pool.layout, self.end_reason,
+                             time.monotonic() - started)
+        return self.recorder.exit_status(self.interrupted, self.cut_short, self.bad_setup)
+
+    @abstractmethod
+    def execute(self) -> None:
+        """Run the jobs until each has an outcome or the run is cut short."""
+

@@ -1,0 +1,239 @@
+"""The job file format: a line of text to a Job, or the reason it is bad."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from taskpool.model.jobs import (
+    ALLOC_MAX_MB,
+    FIB_MAX,
+    PRIORITY_MAX,
+    SLEEP_MAX,
+    Arg,
+    Job,
+    JobKind,
+    whole_number,
+)
+
+if TYPE_CHECKING:
+    from taskpool.model.pools import PoolLayout
+
+
+@dataclass(frozen=True)
+class LineError:
+    source: str  # the file name, or "<stdin>"
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    kind: JobKind
+    arg: Arg
+    timeout: float | None
+    pool: int
+    priority: int
+
+
+@dataclass
+class _Options:
+    timeout: float | None = None
+    pool: int | None = None
+    priority: int | None = None
+
+
+def _parse_options(words: list[str]) -> tuple[list[str], _Options] | str:
+    """Split `key=value` options (timeout=, type=, priority=) from the arguments."""
+    args: list[str] = []
+    options = _Options()
+    seen: set[str] = set()
+    for word in words:
+        if "=" not in word:
+            args.append(word)
+            continue
+        key, value = word.split("=", 1)
+        key = key.lower()
+        if key in seen:
+            return f"option {key}= given twice"
+        seen.add(key)
+        if key == "timeout":
+            try:
+                timeout = float(value)
+            except ValueError:
+                return f"timeout {value!r} is not a number"
+            if not math.isfinite(timeout) or timeout <= 0:
+                return f"timeout {value} must be a finite number > 0"
+            options.timeout = timeout
+        elif key == "type":
+            try:
+                options.pool = whole_number(value)
+            except ValueError:
+                return f"type {value!r} is not a whole number"
+        elif key == "priority":
+            priority = _priority(value)
+            if isinstance(priority, str):
+                return priority
+            options.priority = priority
+        else:
+            return (f"unknown option {key!r} "
+                    "(expected timeout=SECONDS, type=T or priority=P)")
+    return args, options
+
+
+def _priority(text: str) -> int | str:
+    try:
+        priority = whole_number(text)
+    except ValueError:
+        return f"priority {text!r} is not a whole number"
+    if not 0 <= priority <= PRIORITY_MAX:
+        return f"priority {priority} is out of range 0..{PRIORITY_MAX} (higher runs first)"
+    return priority
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_job_text(text: str, layout: PoolLayout) -> ParsedLine | str | None:
+    """Parse one line's text; None for a blank or comment line, or the reason it is bad."""
+    body = text.split("#", 1)[0].strip()
+    if not body:
+        return None
+    words = body.split()
+    if _is_number(words[0]):
+        return _parse_typed(words, layout)
+    options = _parse_options(words[1:])
+    if isinstance(options, str):
+        return options
+    args, opts = options
+    parsed = _parse_kind(words[0], args)
+    if isinstance(parsed, str):
+        return parsed
+    kind, arg = parsed
+    pool = opts.pool if opts.pool is not None else layout.pool_for_kind(kind)
+    if isinstance(pool, str):
+        return pool
+    why_not = layout.check_type(pool)
+    if why_not is not None:
+        return why_not
+    return ParsedLine(kind, arg, opts.timeout, pool, opts.priority or 0)
+
+
+def _parse_typed(words: list[str], layout: PoolLayout) -> ParsedLine | str:
+    """Seed 000's `<job_type> <duration> [priority]`, with the core's options too."""
+    options = _parse_options(words)
+    if isinstance(options, str):
+        return options
+    fields, opts = options
+    if opts.pool is not None:
+        return "a typed line gives its type first: type= is for 'fib N' and 'sleep S' lines"
+    if len(fields) not in (2, 3):
+        return (f"expected '<job_type> <duration> [priority]', got {len(fields)} field"
+                f"{'' if len(fields) == 1 else 's'}")
+    try:
+        pool = whole_number(fields[0])
+    except ValueError:
+        return f"job type {fields[0]!r} is not a whole number"
+    why_not = layout.check_type(pool)
+    if why_not is not None:
+        return why_not
+    duration = _duration(fields[1], "duration")
+    if isinstance(duration, str):
+        return duration
+    priority = opts.priority or 0
+    if len(fields) == 3:
+        if opts.priority is not None:
+            return "priority given twice (third field and priority=)"
+        parsed_priority = _priority(fields[2])
+        if isinstance(parsed_priority, str):
+            return parsed_priority
+        priority = parsed_priority
+    return ParsedLine(JobKind.SLEEP, duration, opts.timeout, pool, priority)
+
+
+def _duration(text: str, name: str) -> float | str:
+    try:
+        seconds = float(text)
+    except ValueError:
+        return f"{name} {text!r} is not a number"
+    if not math.isfinite(seconds) or seconds < 0:
+        return f"{name} {text} must be a finite number >= 0"
+    if seconds > SLEEP_MAX:
+        return f"{name} {seconds:g} is over the limit of {SLEEP_MAX:g} seconds"
+    return seconds
+
+
+def _int_argument(kind: JobKind, args: list[str], maximum: int) -> tuple[JobKind, Arg] | str:
+    name = kind.label
+    if len(args) != 1:
+        return f"{name} takes one argument, got {len(args)}"
+    try:
+        n = whole_number(args[0])
+    except ValueError:
+        return f"{name} argument {args[0]!r} is not an integer"
+    if not 0 <= n <= maximum:
+        return f"{name} argument {n} is out of range 0..{maximum}"
+    return kind, n
+
+
+def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
+    name = word.lower()
+    if name == "crash":
+        if args:
+            return f"crash takes no argument, got {len(args)}"
+        return JobKind.CRASH, 0
+    if name == "alloc":
+        return _int_argument(JobKind.ALLOC, args, ALLOC_MAX_MB)
+    if name == "fib":
+        return _int_argument(JobKind.FIB, args, FIB_MAX)
+    if name == "sleep":
+        if len(args) != 1:
+            return f"sleep takes one argument, got {len(args)}"
+        seconds = _duration(args[0], "sleep argument")
+        if isinstance(seconds, str):
+            return seconds
+        return JobKind.SLEEP, seconds
+    return (f"unknown job kind {word!r} (expected 'fib N', 'sleep SECONDS', 'alloc MB', "
+            "'crash' or '<job_type> <duration> [priority]')")
+
+
+def parse_lines(
+    lines: Iterable[str], source: str, layout: PoolLayout, first_id: int = 1
+) -> Iterator[Job | LineError]:
+    """Yield a Job for each accepted line and a LineError for each bad one, in order.
+
+    Ids count accepted jobs only, so a skipped bad line on stdin does not leave a hole."""
+    next_id = first_id
+    for number, text in enumerate(lines, start=1):
+        parsed = parse_job_text(text, layout)
+        if parsed is None:
+            continue
+        if isinstance(parsed, str):
+            yield LineError(source, number, parsed)
+            continue
+        yield Job(next_id, parsed.kind, parsed.arg, parsed.timeout, parsed.pool,
+                  parsed.priority, line=number)
+        next_id += 1
+
+
+def read_job_file(path: str, layout: PoolLayout) -> tuple[list[Job], list[LineError]]:
+    """Validate a whole job file. The caller runs nothing if any error comes back."""
+    jobs: list[Job] = []
+    errors: list[LineError] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for item in parse_lines(f, path, layout):
+            if isinstance(item, LineError):
+                errors.append(item)
+            else:
+                jobs.append(item)
+    return jobs, errors

@@ -1,0 +1,194 @@
+"""The results journal: an SQLite file (WAL mode) of the accepted jobs and of every recorded
+outcome, so that a run killed at any instant can be resumed with exactly-once results.
+
+Only main writes it, in batches (see `Journal.commit`): a results line is written to
+--results after its batch is committed, never before, so the journal is always at least as
+complete as the results file, and `--resume` rewrites the results file from the journal.
+
+Durability: with journal_mode=WAL and synchronous=NORMAL, a committed batch survives the
+death of any of our processes (kill -9, OOM): it is in the WAL file, which the next open
+replays. After a power loss or an OS crash, the batches committed since the last checkpoint
+of the WAL may be lost (NORMAL does not fsync at every commit); those jobs simply run again
+on resume, and still appear once in the results.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from taskpool.model.jobs import Job, JobKind, job_digest
+from taskpool.model.outcome import JobRecord
+
+SCHEMA_VERSION = "2"  # 2 added jobs.pool and jobs.priority (typed pools)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job INTEGER PRIMARY KEY, kind TEXT NOT NULL, arg TEXT NOT NULL, timeout REAL,
+    line INTEGER NOT NULL, digest TEXT NOT NULL,
+    pool INTEGER NOT NULL DEFAULT 1, priority INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS outcomes (
+    job INTEGER PRIMARY KEY, status TEXT NOT NULL, result TEXT, worker INTEGER,
+    attempts INTEGER NOT NULL, reason TEXT);
+"""
+
+
+class JournalError(Exception):
+    """A journal that cannot be used as asked; the message is for people."""
+
+
+def describe(job: Job) -> str:
+    return _describe(job.kind.label, job.arg, job.timeout, job.pool, job.priority)
+
+
+def _describe(kind: str, arg: object, timeout: float | None, pool: int, priority: int) -> str:
+    text = f"{kind} {arg}"
+    if timeout:
+        text += f" timeout={timeout:g}"
+    if pool != 1:
+        text += f" type={pool}"
+    if priority:
+        text += f" priority={priority}"
+    return text
+
+
+class Journal:
+    def __init__(self, path: str, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self.db = connection
+        self.pending_jobs: list[Job] = []
+        self.pending_outcomes: list[JobRecord] = []
+
+    @classmethod
+    def open(cls, path: str, resume: bool) -> Journal:
+        """Open (resume) or create (not resume) a journal; JournalError if that cannot be
+        done safely."""
+        exists = Path(path).exists() and Path(path).stat().st_size > 0
+        if resume and not exists:
+            raise JournalError(f"{path}: no journal to resume (run once without --resume)")
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            journal = cls(path, db)
+            if exists:
+                journal._check_usable()
+            else:
+                db.executescript(_SCHEMA)
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except sqlite3.DatabaseError as e:
+            raise JournalError(f"{path}: not a usable taskpool journal ({e})") from None
+        if exists and not resume and journal.outcome_count():
+            raise JournalError(
+                f"{path}: already holds a run with {journal.outcome_count()} recorded jobs: "
+                "add --resume to go on with it, or give a new journal file")
+        return journal
+
+    def _check_usable(self) -> None:
+        check = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check: {check}")
+        tables = {row[0] for row in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"meta", "jobs", "outcomes"} <= tables:
+            raise sqlite3.DatabaseError("an SQLite file, but not a taskpool journal")
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and row[0] == "1":
+            # A journal of a run from before typed pools: every job was type 1, priority 0.
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("ALTER TABLE jobs ADD COLUMN pool INTEGER NOT NULL DEFAULT 1")
+                self.db.execute(
+                    "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
+            row = (SCHEMA_VERSION,)
+        if row is None or row[0] != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"journal schema {row and row[0]}, "
+                                        f"expected {SCHEMA_VERSION}")
+
+    # --- reading ---------------------------------------------------------------------
+
+    def jobs(self) -> dict[int, tuple[str, int, str]]:
+        """job id: (digest, line, description)"""
+        rows = self.db.execute(
+            "SELECT job, kind, arg, timeout, line, digest, pool, priority FROM jobs")
+        return {job: (digest, line, _describe(kind, arg, t, pool, priority))
+                for job, kind, arg, t, line, digest, pool, priority in rows}
+
+    def all_jobs(self) -> dict[int, Job]:
+        rows = self.db.execute(
+            "SELECT job, kind, arg, timeout, line, pool, priority FROM jobs ORDER BY job")
+        return {job: Job(job, JobKind[kind.upper()], _arg(kind, arg), timeout, pool, priority,
+                         line=line)
+                for job, kind, arg, timeout, line, pool, priority in rows}
+
+    def outcomes(self) -> dict[int, JobRecord]:
+        rows = self.db.execute(
+            "SELECT o.job, j.kind, j.arg, o.status, o.result, o.worker, o.attempts, o.reason, "
+            "j.pool, j.priority FROM outcomes o JOIN jobs j USING (job) ORDER BY o.job")
+        return {job: JobRecord(job=job, kind=kind, arg=_arg(kind, arg), status=status,
+                               result=None if result is None else json.loads(result),
+                               worker=worker, attempts=attempts, reason=reason, type=pool,
+                               priority=priority)
+                for job, kind, arg, status, result, worker, attempts, reason, pool, priority
+                in rows}
+
+    def outcome_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM outcomes").fetchone()[0])
+
+    def first_difference(self, jobs: Iterable[Job], source: str) -> str | None:
+        """Where the jobs given differ from the journal's, as a message; None if they agree."""
+        recorded = self.jobs()
+        given = 0
+        for job in jobs:
+            given += 1
+            entry = recorded.get(job.job_id)
+            if entry is None:
+                if recorded:
+                    return (f"{source}:{job.line}: job {job.job_id} ({describe(job)}) is not in "
+                            f"the journal, which has {len(recorded)} jobs")
+                return None  # a journal with no jobs yet: nothing to differ from
+            if entry[0] != job_digest(job):
+                return (f"{source}:{job.line}: job {job.job_id} is '{describe(job)}' here but "
+                        f"'{entry[2]}' in the journal (line {entry[1]})")
+        if given < len(recorded):
+            missing = min(j for j in recorded if j > given)
+            return (f"{source}: has {given} jobs, the journal {len(recorded)}: job {missing} "
+                    f"(line {recorded[missing][1]} then) is missing")
+        return None
+
+    # --- writing, in batches -------------------------------------------------------------
+
+    def add_job(self, job: Job) -> None:
+        self.pending_jobs.append(job)
+
+    def add_outcome(self, record: JobRecord) -> None:
+        self.pending_outcomes.append(record)
+
+    def commit(self) -> list[JobRecord]:
+        """Write what is pending in one transaction; return the outcomes now durable."""
+        if not self.pending_jobs and not self.pending_outcomes:
+            return []
+        jobs, outcomes = self.pending_jobs, self.pending_outcomes
+        self.pending_jobs, self.pending_outcomes = [], []
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(j.job_id, j.kind.label, repr(j.arg), j.timeout, j.line, job_digest(j),
+                  j.pool, j.priority) for j in jobs])
+            self.db.executemany(
+                "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.job, r.status, None if r.result is None else json.dumps(r.result),
+                  r.worker, r.attempts, r.reason) for r in outcomes])
+        return outcomes
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _arg(kind: str, text: str) -> float | int:
+    return float(text) if kind == JobKind.SLEEP.label else int(text)

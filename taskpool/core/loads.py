@@ -1,0 +1,34 @@
+"""The built-in job kinds' work, as a worker runs it (fib, sleep, alloc, crash)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from taskpool.model.jobs import Arg, JobKind
+
+if TYPE_CHECKING:
+    pass
+
+
+def fib(n: int) -> int:
+    """Naive recursion on purpose: it is the CPU-bound load, not a fast Fibonacci."""
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def execute(kind: JobKind, arg: Arg) -> Arg:
+    """Run a job in the worker. A sleep job's result is the time it slept, as seed 000's
+    workers report their duration back; an alloc job's is the megabytes it touched."""
+    if kind is JobKind.FIB:
+        return fib(int(arg))
+    if kind is JobKind.SLEEP:
+        if arg > 0:
+            time.sleep(float(arg))
+        return float(arg)
+    if kind is JobKind.ALLOC:
+        block = bytearray(int(arg) * 1024 * 1024)  # zero-filled: every page is touched
+        return len(block) // (1024 * 1024)
+    os.kill(os.getpid(), signal.SIGSEGV)  # JobKind.CRASH: a poison job
+    raise AssertionError("not reached: SIGSEGV's default action ends the process")

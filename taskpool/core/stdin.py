@@ -1,0 +1,83 @@
+"""Standard input as a job source, read as it comes, for both engines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from taskpool.core.jobfile import LineError, parse_lines
+from taskpool.model.jobs import Job, job_digest
+from taskpool.model.pools import PoolLayout
+from taskpool.wire.records import LineRejected
+
+STDIN_NAME = "<stdin>"
+
+
+@dataclass(frozen=True)
+class GeneratorInput:
+    """Either the validated jobs of a file, or None to stream standard input. On --resume,
+    `done` are the ids the journal has outcomes for (not run again) and `journal_digests`
+    what each journaled job was (a streamed line that differs is rejected)."""
+
+    jobs: list[Job] | None
+    layout: PoolLayout  # how a streamed line is routed to its pool
+    done: frozenset[int] = frozenset()
+    journal_digests: dict[int, str] = field(default_factory=dict)
+
+
+def _no_op() -> None:
+    pass
+
+
+def stdin_lines(before_read: Callable[[], None] = _no_op) -> Iterable[str]:
+    """Standard input's lines as they come: all the lines of one read, then `before_read()`
+    and the next read, which blocks until more input comes. So a caller may hold back what
+    it made of the lines read so far (a batch) until `before_read` tells it to let it go:
+    a line is never kept waiting for input that has not come.
+
+    Lines end as in a job file, which Python opens with universal newlines: at "\n", "\r\n"
+    or a lone "\r", each given as "\n"; so a line has the same number on both inputs. A
+    read that ends in "\r" ends its line at once, and a "\n" at the start of the next read
+    is then the rest of that "\r\n", not an empty line."""
+    partial: list[bytes] = []  # a line's pieces so far: joined once it ends, not per read
+    after_cr = False  # the last read ended in "\r"
+    while True:
+        before_read()
+        chunk = os.read(0, 65536)
+        if not chunk:
+            if partial:
+                yield b"".join(partial).decode("utf-8", "replace")
+            return
+        if after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        after_cr = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in chunk:
+            if chunk:
+                partial.append(chunk)
+            continue
+        *lines, rest = chunk.split(b"\n")
+        lines[0] = b"".join([*partial, lines[0]])
+        partial = [rest] if rest else []
+        for line in lines:
+            yield line.decode("utf-8", "replace") + "\n"
+
+
+def streamed_jobs(
+    source: GeneratorInput, before_read: Callable[[], None] = _no_op
+) -> Iterator[Job | LineRejected]:
+    """Standard input's jobs, line by line as they come, or why a line is rejected: it does
+    not parse, or (on --resume) its job differs from the one the journal has under its id.
+    Both engines read standard input through this; `before_read` as in stdin_lines."""
+    for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout):
+        if isinstance(item, LineError):
+            yield LineRejected(f"{item.source}:{item.line}", item.reason)
+            continue
+        journaled = source.journal_digests.get(item.job_id)
+        if journaled is not None and journaled != job_digest(item):
+            yield LineRejected(f"{STDIN_NAME}:{item.line}",
+                               f"job {item.job_id} differs from the journal's; not run")
+            continue
+        yield item

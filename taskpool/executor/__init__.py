@@ -1,0 +1,1 @@
+"""taskpool.Executor: the client in the caller's process, and its host process."""

@@ -1,0 +1,1 @@
+"""The local engine: main, the TaskGenerator, the Dealer and its workers."""

@@ -1,0 +1,199 @@
+"""The Dealer's shared state, and the one lock that guards it.
+
+Three threads of the Dealer touch this state (see dealer.py for their roles):
+
+- the send thread puts new jobs in their pool's backlog;
+- the recv thread records results, and on a worker's death puts what it held back in the
+  backlog;
+- the recovery thread registers forked workers, and moves reaped ones from `workers` to
+  `exited` in the same critical section as its waitpid(), so that no other thread can see
+  (and signal) a pid that is already reaped and may be reused.
+
+Whichever of them adds a job to a backlog or frees a worker also hands out what it can
+(`scheduler.assign`), in the same critical section: so no thread ever waits for a worker.
+
+Every field below is read and written under `PoolState.lock`, with one exception named
+where it is. Nothing blocks while holding the lock: sends to a worker's queue are
+non-blocking by construction (a worker never has more `outstanding` jobs than its queue
+has slots), and the recovery thread's fork() is quick.
+"""
+
+from __future__ import annotations
+
+import heapq
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import posix_ipc
+
+from taskpool.model.jobs import Job
+
+# "Look at the deadlines again": to the recovery thread, from whoever set one earlier than
+# the one it sleeps until.
+NUDGE_SIGNAL = signal.SIGUSR1
+
+# Jobs the Dealer holds in its backlogs at most, all pools together. Beyond it the send
+# thread stops reading the ready queue, so the generator (and a producer piping into
+# taskpool) waits: memory stays bounded whatever the input. Priorities order the jobs read
+# so far; a job file is sorted by priority before it is sent.
+BACKLOG_MAX = 10_000
+# Once the backlogs are full, the send thread reads on only when they have this much room
+# again, and then reads a run of jobs: not one job for each job done, which was a thread
+# switch per job, an eighth of the Dealer's time on a long job file.
+BACKLOG_REFILL = 1_000
+
+
+@dataclass
+class WorkerHandle:
+    pid: int
+    pool: int  # its job type
+    # This worker's own queue. The worker reads it; the Dealer only takes back from it
+    # jobs not yet started (a receive is atomic: each job is either taken by the worker or
+    # taken back, never both).
+    request_queue: posix_ipc.MessageQueue
+    # Job ids sent to this worker and not yet answered by a Result, in the order sent. The
+    # worker takes them in this order (its queue is FIFO), one at a time.
+    outstanding: list[int] = field(default_factory=list)
+    took_a_job: bool = False  # ever: a worker that never did is what a crash loop makes
+    running: int | None = None  # the job it ACKed and has not answered yet (if acked)
+
+
+@dataclass
+class PoolSlots:
+    """One typed pool: its size and its backlog of jobs waiting for one of its workers."""
+
+    number: int
+    size: int
+    # A heap of (-priority, job id): the highest priority first, then the oldest job.
+    backlog: list[tuple[int, int]] = field(default_factory=list)
+    preempting: int | None = None  # a worker killed to make room, until its death is seen
+    forked: int = 0  # workers started, replacements included
+    crashes: int = 0  # workers that died while the pool was running (not retired, preempted)
+
+    def push(self, priority: int, job_id: int) -> None:
+        heapq.heappush(self.backlog, (-priority, job_id))
+
+
+@dataclass
+class JobState:
+    job: Job
+    # Workers that took this job and died before its result reached us. The next send
+    # carries attempt = failed_attempts + 1.
+    failed_attempts: int = 0
+    last_failure: str = ""  # why the last attempt's worker died
+    recorded: bool = False
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the recovery thread must kill a worker, and the reason it will give."""
+
+    at: float  # time.monotonic()
+    reason: str
+    # False for kills that are our doing, not the job's (the grace period ran out, a
+    # second Ctrl-C, a preemption): no attempt is charged, and the job is reported not
+    # done, unless `requeue`.
+    charges_attempt: bool = True
+    requeue: bool = False  # a preemption: the job goes back to its backlog
+
+
+@dataclass
+class PoolState:
+    credit: int  # jobs a worker may hold at once: one running, the rest queued
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    workers: dict[int, WorkerHandle] = field(default_factory=dict)  # live: not yet reaped
+    # Reaped, and their WorkerExited not yet handled by the recv thread. While a pid is here,
+    # every message from that pid comes from the dead worker (a new worker with the same
+    # pid is forked after WorkerExited was posted, so its messages come after it).
+    exited: dict[int, WorkerHandle] = field(default_factory=dict)
+    jobs: dict[int, JobState] = field(default_factory=dict)
+    pools: dict[int, PoolSlots] = field(default_factory=dict)
+    preempt: bool = False  # --preempt: an urgent job may stop a running lower one
+    # Set once by the recv thread (all done, or terminated); never cleared. The send
+    # thread also reads it without the lock at the top of its loop: a stale False costs
+    # one more iteration, never a wrong send, since sends re-check it under the lock.
+    stopping: bool = False
+    # Set by the recovery thread when the kernel refused a replacement's queue. The recv
+    # thread then hands each dead worker's drained queue over in `spare_queues` instead of
+    # closing it (a replacement reuses it, needing no new budget), and nudges the recovery
+    # thread.
+    short_of_workers: bool = False
+    spare_queues: list[posix_ipc.MessageQueue] = field(default_factory=list)
+    queues_closed: int = 0  # dead workers' queues closed so far, by the recv thread
+    # Set by the recv thread (on Ack, Result, Heartbeat, Terminate) and by any thread that
+    # sends a job not acked to an idle worker (scheduler.assign); enforced by the recovery
+    # thread, which sleeps in sigtimedwait() until the earliest one. `wake_at` is when it
+    # will wake next: whoever sets an earlier deadline nudges it.
+    job_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid: --timeout
+    heartbeat_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid
+    grace_deadline: Deadline | None = None
+    wake_at: float = float("inf")
+    # Why we killed a worker (timeout, no heartbeat, stopped, grace over, preempted), for
+    # the recv thread to give as the reason of the attempt.
+    kill_reasons: dict[int, Deadline] = field(default_factory=dict)
+    resends: int = 0
+    # Workers Ack every job (see protocol.is_acked); else only those that need it.
+    ack_every_job: bool = True
+    # Seconds a worker running a job may go without a Heartbeat (None: not watched). The
+    # clock starts with the job's Ack; for a job not acked, as the worker takes it: when it
+    # is sent to an idle worker, or the worker's Result for the job before it comes.
+    heartbeat: float | None = None
+    backlog_max: int = BACKLOG_MAX
+    backlog_refill: int = BACKLOG_REFILL
+
+    def __post_init__(self) -> None:
+        # The send thread waits here once the backlogs are full (see BACKLOG_MAX), until
+        # they want a refill; `scheduler.assign` notifies it then, and so does stopping.
+        self.backlog_room = threading.Condition(self.lock)
+
+    def backlog_size(self) -> int:
+        return sum(len(pool.backlog) for pool in self.pools.values())
+
+    def backlog_has_room(self) -> bool:
+        return self.backlog_size() < self.backlog_max
+
+    def backlog_wants_refill(self) -> bool:
+        """The send thread, stopped by full backlogs, may read on."""
+        return self.backlog_size() <= self.backlog_max - self.backlog_refill
+
+    def pick_worker(self, pool: int) -> WorkerHandle | None:
+        """The live worker of `pool` with the fewest outstanding jobs, if any has free
+        credit. Idle workers first, so a queued job never waits behind a running one while
+        another worker idles."""
+        best: WorkerHandle | None = None
+        for worker in self.workers.values():
+            if worker.pool == pool and len(worker.outstanding) < self.credit:
+                if best is None or len(worker.outstanding) < len(best.outstanding):
+                    best = worker
+                    if not best.outstanding:
+                        break
+        return best
+
+    def next_deadline(self) -> float:
+        deadlines = [d.at for d in self.job_deadlines.values()]
+        deadlines += [d.at for d in self.heartbeat_deadlines.values()]
+        if self.grace_deadline is not None:
+            deadlines.append(self.grace_deadline.at)
+        return min(deadlines, default=float("inf"))
+
+    def set_deadline(self, table: dict[int, Deadline], pid: int, deadline: Deadline) -> bool:
+        """Record a deadline; True if the recovery thread must be nudged to meet it."""
+        table[pid] = deadline
+        return deadline.at < self.wake_at
+
+    def expect_heartbeat(self, pid: int, now: float) -> bool:
+        """Start or restart `pid`'s heartbeat clock; True if the recovery thread must be
+        nudged to meet it."""
+        if self.heartbeat is None:
+            return False
+        return self.set_deadline(self.heartbeat_deadlines, pid, Deadline(
+            now + self.heartbeat, f"sent no heartbeat for {self.heartbeat:g} s"))
+
+    def forget_deadlines(self, pid: int) -> None:
+        self.job_deadlines.pop(pid, None)
+        self.heartbeat_deadlines.pop(pid, None)
+
+    def handle_of(self, pid: int) -> WorkerHandle | None:
+        """The worker that sent a message: a reaped one first (see `exited`)."""
+        return self.exited.get(pid) or self.workers.get(pid)

@@ -1,0 +1,377 @@
+"""The recovery thread: it forks every worker, reaps every death, and keeps the pool full.
+
+How a death reaches it: the Dealer blocks SIGCHLD, SIGTERM and SIGUSR1 in all its threads
+before starting any, and this thread alone takes them with sigwait(). No handler runs, no
+other thread's blocking mq receive is ever interrupted (posix_ipc does not retry after EINTR),
+and the thread sleeps in the kernel until a child exits. Several deaths may arrive as one
+SIGCHLD, so it reaps with waitpid(-1, WNOHANG) until nothing is left. Each reap moves the
+worker out of `workers` under the lock, so no thread ever signals a reaped pid.
+
+What it does with a death: it marks the worker dead (so the send thread stops choosing it),
+posts WorkerExited to the result queue, and forks a replacement.
+
+Timers without polling: it sleeps in sigtimedwait() until the earliest deadline (a job's
+--timeout, a missed heartbeat, the end of the grace period), and not at all while none is
+set; a thread that sets an earlier deadline nudges it with SIGUSR1. A worker stopped by
+SIGSTOP is reported by waitpid(WUNTRACED) at once, through the same SIGCHLD.
+
+Deciding which jobs to resend is the recv thread's work, not this one's: the dead worker's
+messages are all in the result queue ahead of WorkerExited (mq_send is atomic, and the
+worker is already reaped), so the recv thread sees its last Ack and Result before it sees
+the death, and resends exactly the jobs that have no result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import NoReturn
+
+import posix_ipc
+
+from taskpool.local.scheduler import Schedule, assign
+from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
+from taskpool.local.worker import WorkerLimits, run_worker
+from taskpool.model.exits import EXIT_MAIN_LOST, EXIT_RETIRED, EXIT_WORKER_FAILED
+from taskpool.model.faults import CrashPlan
+from taskpool.model.policy import SupervisionPolicy
+from taskpool.model.pools import PoolLayout
+from taskpool.observe import events as ev
+from taskpool.observe import log as tplog
+from taskpool.observe.log import event
+from taskpool.posix import mqueue, proc
+from taskpool.wire.queue import MAX_MESSAGE_SIZE, Terminate, WorkerExited
+
+log = logging.getLogger("taskpool.supervisor")
+
+# The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
+# and mq_unlink and leave its name behind with nobody alive to sweep it (ipc's module doc).
+MAIN_LOST_SIGNAL = signal.SIGUSR2
+# Signals this thread takes with sigwait(); blocked in every thread of the Dealer.
+SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, NUDGE_SIGNAL, MAIN_LOST_SIGNAL})
+HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messages to read
+
+
+
+def silence_fork_warning() -> None:
+    """Python 3.12+ warns on every fork() from a threaded process; the argument in
+    Supervisor.spawn_worker is why ours is safe. Called by the entry point of a Dealer
+    process (ours alone: never at import, which would silence it in a caller's program)."""
+    warnings.filterwarnings("ignore", message=".*multi-threaded.*fork.*",
+                            category=DeprecationWarning)
+
+
+def _reap_all_children() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a forked worker needs, and nothing else: the child touches no other Dealer
+    object."""
+
+    result_queue: posix_ipc.MessageQueue
+    plan: CrashPlan
+    policy: SupervisionPolicy
+    layout: PoolLayout
+    initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    request_message_size: int = MAX_MESSAGE_SIZE
+    ack_every_job: bool = True  # see protocol.is_acked
+
+
+class Supervisor(threading.Thread):
+    """Owns: forking workers, reaping them. Blocks only in sigwait() and, briefly, in a
+    send to the result queue (which the recv thread always drains)."""
+
+    def __init__(self, state: PoolState, setup: WorkerSetup) -> None:
+        super().__init__(name="recovery", daemon=True)
+        self.state = state
+        self.setup = setup
+        self.layout = setup.layout
+        self.dealer_pid = os.getpid()
+        self.failure: BaseException | None = None
+        # Set once the first `size` workers are forked, or the attempt failed (`failure`).
+        self.pool_started = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.fill_pool(starting=True)
+            self.pool_started.set()
+            while True:
+                sig = self.wait_for_signal_or_deadline()
+                if sig == MAIN_LOST_SIGNAL:
+                    # Nobody can record a result now. Kill and reap the workers ourselves:
+                    # left to their parent-death signal they would be zombies of whatever
+                    # process adopts them, and that one may never reap.
+                    self.kill_workers()
+                    _reap_all_children()
+                    mqueue.exit_between_creations(EXIT_MAIN_LOST)
+                if sig == signal.SIGTERM:
+                    self.setup.result_queue.send(Terminate(sig).encode())
+                self.reap_workers()
+                self.kill_overdue_workers()
+                self.fill_pool()
+                with self.state.lock:
+                    if self.state.stopping and not self.state.workers:
+                        return
+        except mqueue.QueueLimitError as e:
+            log.error("Cannot start a worker: %s", e)
+            self.failure = e
+        except BaseException as e:  # a bug: say so, and let the Dealer end the run
+            log.exception("Recovery thread failed: %s", e)
+            self.failure = e
+        self.pool_started.set()
+        # Without a supervisor the pool cannot go on: ask the recv thread to stop it, and
+        # kill the workers ourselves, since nobody will reap and replace them now.
+        self.setup.result_queue.send(Terminate(0).encode())
+        self.kill_workers()
+        self.reap_until_empty()
+
+    def wait_for_signal_or_deadline(self) -> int | None:
+        """Block until a signal comes or the earliest deadline passes (None then)."""
+        with self.state.lock:
+            wake_at = self.state.wake_at = self.state.next_deadline()
+        if wake_at == float("inf"):
+            return signal.sigwait(SUPERVISOR_SIGNALS)
+        info = signal.sigtimedwait(SUPERVISOR_SIGNALS, max(0.0, wake_at - time.monotonic()))
+        return None if info is None else info.si_signo
+
+    def kill_overdue_workers(self) -> None:
+        """SIGKILL every worker past a deadline, noting why for the recv thread.
+
+        A deadline is pushed back only when the recv thread reads a Heartbeat or a Result
+        (an Ack, or a job sent to an idle worker, starts one). While it
+        is behind (messages wait in the result queue: it may be blocked writing the log to
+        a paused terminal), a due job or heartbeat deadline may be met by a message not yet
+        read: it is put off by HOLD_OFF rather than kill a healthy worker."""
+        now = time.monotonic()
+        overdue: list[tuple[int, Deadline]] = []
+        recv_is_behind = self.setup.result_queue.current_messages > 0
+        with self.state.lock:
+            state = self.state
+            for pid in state.workers:
+                for table in (state.job_deadlines, state.heartbeat_deadlines):
+                    deadline = table.get(pid)
+                    if deadline is not None and deadline.at <= now:
+                        if recv_is_behind:
+                            table[pid] = Deadline(now + HOLD_OFF, deadline.reason)
+                            break
+                        overdue.append((pid, deadline))
+                        break
+                else:
+                    grace = state.grace_deadline
+                    if grace is not None and grace.at <= now:
+                        overdue.append((pid, grace))
+            for pid, deadline in overdue:
+                state.forget_deadlines(pid)
+                state.kill_reasons[pid] = deadline
+                os.kill(pid, signal.SIGKILL)  # still in `workers`: not reaped, still ours
+            if state.grace_deadline is not None and state.grace_deadline.at <= now:
+                state.grace_deadline = None
+        for pid, deadline in overdue:
+            log.info("Worker PID %d %s: killed it", pid, deadline.reason,
+                     extra=event(ev.WORKER_KILLED, worker=pid, reason=deadline.reason))
+
+    def fill_pool(self, starting: bool = False) -> None:
+        """Fork workers until every pool has its size again (unless stopping).
+
+        A replacement takes a spare queue (a dead worker's, drained) if there is one, else a
+        new one. When the kernel refuses a new queue: if dead workers' queues are still to
+        be drained, wait for the recv thread to hand them over (it nudges us); if not, the
+        pool runs smaller and says so, and tries again at the next death. Only a pool that
+        cannot start, or has no worker left, is a failure."""
+        while True:
+            with self.state.lock:
+                pool = self._pool_short_of_workers()
+                if self.state.stopping or pool is None:
+                    self.state.short_of_workers = False
+                    return
+                queue = self.state.spare_queues.pop() if self.state.spare_queues else None
+                closed_before = self.state.queues_closed
+            try:
+                if queue is None:
+                    queue = mqueue.create_queue("worker", self.state.credit,
+                                             self.setup.request_message_size)
+            except mqueue.QueueLimitError as e:
+                with self.state.lock:
+                    if self.state.spare_queues or self.state.queues_closed != closed_before:
+                        continue  # budget or a queue was freed since we tried
+                    self.state.short_of_workers = True
+                    if self.state.exited:
+                        return  # the recv thread will hand over their queues
+                    if starting or self._a_pool_has_no_worker():
+                        raise  # its backlog would wait forever
+                    live = len(self.state.workers)
+                log.warning("Running with %d of %d workers until a queue frees up: %s",
+                            live, self.layout.total_workers, e)
+                return
+            if self.spawn_worker(queue, pool) is None:
+                queue.close()
+
+    def _a_pool_has_no_worker(self) -> bool:
+        """Called with the lock."""
+        live = {worker.pool for worker in self.state.workers.values()}
+        return any(pool.size and pool.number not in live for pool in self.layout.pools)
+
+    def _pool_short_of_workers(self) -> int | None:
+        """The first pool with fewer live workers than its size. Called with the lock."""
+        live = [0] * (len(self.layout.pools) + 1)
+        for worker in self.state.workers.values():
+            live[worker.pool] += 1
+        for pool in self.layout.pools:
+            if live[pool.number] < pool.size:
+                return pool.number
+        return None
+
+    def spawn_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> int | None:
+        """Fork a worker of `pool` on `request_queue`, and give it work; None if the pool
+        is stopping."""
+        schedule = Schedule()
+        with self.state.lock:
+            # Checked under the lock that the recv thread holds while it sends Shutdown to
+            # every live worker: a worker is either told to shut down or never forked.
+            if self.state.stopping:
+                return None
+            # FORK SAFETY. We fork from a process that runs three threads (five in an
+            # Executor's Dealer: its intake and lifeline threads only read a pipe and send
+            # to the ready queue, under no lock of ours). The child gets only this thread,
+            # and cannot deadlock, because:
+            # - the only lock our other threads take is state.lock, and we hold it right
+            #   now, so no other thread is inside a critical section at the fork; the child
+            #   never touches it anyway;
+            # - log lines go through log.FdHandler, one os.write() per line: no buffered
+            #   stdio object whose lock another thread could hold (gh-84579); the handler's
+            #   lock and logging's module lock are reset in the child by logging's own
+            #   os.register_at_fork hooks;
+            # - the GIL, the import lock and glibc's malloc locks are reset by CPython and
+            #   glibc at fork; posix_ipc holds no locks across its calls; libc for prctl()
+            #   was loaded before any thread started (proc._LIBC), so the child calls no
+            #   dlopen();
+            # - the child's first acts are to reset its signal handlers and mask and close
+            #   every descriptor it does not need; then it runs run_worker(), which uses
+            #   only its two queues and the log descriptor, and leaves by os._exit(),
+            #   never returning into this stack.
+            # PR_SET_PDEATHSIG ties a worker to the thread that forked it, which is why
+            # every worker is forked here: this thread lives until the last worker is
+            # reaped.
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(request_queue, pool)
+            self.state.workers[pid] = WorkerHandle(pid, pool, request_queue)
+            self.state.pools[pool].forked += 1
+            assign(self.state, pool, schedule)
+        schedule.log(self.layout)
+        return pid
+
+    def _become_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> NoReturn:
+        try:
+            if self.layout.typed:
+                tplog.set_worker_pool(self.layout.pool(pool).label)
+            proc.set_parent_death_signal(self.dealer_pid)
+            # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
+            # mid-way: the Dealer decides, and lets running jobs finish within --grace.
+            proc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
+            proc.close_fds_except(
+                {0, 1, 2, request_queue.mqd, self.setup.result_queue.mqd} | tplog.descriptors()
+            )
+            policy = self.setup.policy
+            limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
+                                  policy.max_memory_mb, self.setup.ack_every_job)
+            run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
+                       log_each_job=self.layout.typed, initializer=self.setup.initializer)
+        finally:
+            os._exit(EXIT_WORKER_FAILED)
+
+    def _reaped(self, pid: int) -> WorkerHandle | None:
+        """Move a reaped worker to `exited`. Called with state.lock held, in the same
+        critical section as the waitpid() that reaped it."""
+        worker = self.state.workers.pop(pid, None)
+        if worker is not None:
+            self.state.exited[pid] = worker
+            self.state.forget_deadlines(pid)  # no timer may fire for a reaped pid
+        return worker
+
+    def reap_workers(self) -> None:
+        """Reap every exited worker and post each death to the recv thread."""
+        while True:
+            with self.state.lock:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+                stopped, worker = None, None
+                if os.WIFSTOPPED(status):
+                    stopped = self._kill_stopped(pid, status)
+                else:
+                    worker = self._reaped(pid)
+                stopping = self.state.stopping
+                retired = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RETIRED
+                killed_for = self.state.kill_reasons.get(pid)
+                preempted = killed_for is not None and killed_for.requeue
+                if worker is not None and not stopping and not retired and not preempted:
+                    self.state.pools[worker.pool].crashes += 1
+            if stopped:
+                log.info("Worker PID %d %s: killed it", pid, stopped,
+                         extra=event(ev.WORKER_KILLED, worker=pid, reason=stopped))
+            if worker is None:
+                continue
+            if retired:
+                log.info("Worker PID %d retired after %d jobs", pid,
+                         self.setup.policy.max_tasks_per_child or 0,
+                         extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
+                                     reason="retired", crash=False))
+            elif not stopping and not preempted:
+                how = proc.describe_wait_status(status)
+                log.info("Worker PID %d %s", pid, how,
+                         extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool, reason=how,
+                                     crash=True))
+            else:
+                how = "preempted" if preempted else proc.describe_wait_status(status)
+                log.debug("Reaped worker %d: %s", pid, how,
+                          extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
+                                      reason=how, crash=False))
+            # Posted before any replacement is forked, so that the job is resent (to another
+            # idle worker, if there is one) without waiting for the new worker to start.
+            self.setup.result_queue.send(WorkerExited(pid, status).encode())
+
+    def _kill_stopped(self, pid: int, status: int) -> str | None:
+        """A stopped worker is hung: kill it (its death comes as another SIGCHLD) and
+        return why. Called with state.lock held; the worker is not reaped, so the pid is
+        still ours."""
+        if pid not in self.state.workers:
+            return None
+        sig = os.WSTOPSIG(status)
+        reason = f"was stopped by signal {sig} ({signal.Signals(sig).name})"
+        self.state.kill_reasons[pid] = Deadline(time.monotonic(), reason)
+        self.state.forget_deadlines(pid)
+        os.kill(pid, signal.SIGKILL)
+        return reason
+
+    def kill_workers(self) -> None:
+        with self.state.lock:
+            for pid in self.state.workers:
+                os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still ours
+
+    def reap_until_empty(self) -> None:
+        while True:
+            try:
+                # Wait without reaping, so that the reap below can happen under the lock.
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            with self.state.lock:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                worker = self._reaped(pid) if pid else None
+            if worker is not None:
+                self.setup.result_queue.send(WorkerExited(pid, status).encode())

@@ -1,0 +1,1 @@
+"""The job model and the supervision policy: pure data, importing nothing of ours above it."""

@@ -1,0 +1,1 @@
+"""Observability: the event vocabulary, the log, the live view, the report."""

@@ -1,0 +1,210 @@
+"""The crash-recovery log and the events file: one source, two renderings.
+
+    [Dealer] Sent job 1 -> fib(30)
+    {"t": 5123.402113, "event": "job_sent", "role": "Dealer", "pid": 1466, "job": 1, ...}
+
+Every event is one call to a `logging` logger, with its structured fields given as
+``extra=event(ev.JOB_SENT, job=1, worker=1471)``. Handlers render it: `FdHandler` as the text
+line, `JsonlHandler` as a JSON object with a monotonic timestamp (CLOCK_MONOTONIC, the same
+clock in every process of the run), and `LiveHandler` hands it to main's live view. A line
+the text log shows is always an event in the JSONL; there is no second set of calls. The
+per-job events (a job sent, a result received) are the one call `job_event`, which writes
+the same text line itself when the text log is the only output, and goes through `logging`
+otherwise.
+
+Every process of a run writes with a single os.write() per line to descriptors opened
+before the forks (stderr or the --log file opened O_APPEND, the --events file, the live
+view's pipe). There is no buffered stream in the way, which matters twice: lines from
+different processes never interleave mid-line, and a child forked while another thread is
+logging cannot inherit a held stdio buffer lock (CPython gh-84579). The handlers' own
+locks are re-initialised in the child by `logging`'s at-fork hook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from taskpool.observe import events as ev
+from taskpool.posix.proc import write_all
+
+_ROLE_TAGS = {
+    "taskpool.main": "Main",
+    "taskpool.generator": "TaskGenerator",
+    "taskpool.dealer": "Dealer",
+    "taskpool.dispatcher": "Dispatcher",
+    "taskpool.supervisor": "Supervisor",
+    "taskpool.recovery": "Recovery",
+    "taskpool.worker": "Worker",
+    "taskpool.dask": "Dask",  # the Dask engine's client side (dask_engine.py)
+}
+
+# In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].
+_worker_pool = ""
+_descriptors: set[int] = set()
+# With the text log as the only output (no events file, no live view): where per-job lines
+# go, written by `job_event` without `logging`; -1 when they are below the log's level.
+# None otherwise: they go through `logging`, whose other handlers want the whole record.
+_text_only_fd: int | None = None
+
+
+def set_worker_pool(label: str) -> None:
+    """Called once in a newly forked worker of a typed pool."""
+    global _worker_pool
+    _worker_pool = f" {label}"
+
+
+def event(name: str, at: float | None = None, **data: Any) -> dict[str, Any]:
+    """The `extra=` of a log call that is an event of its own kind (a name of
+    `events.NAMES`), with its fields; `at` is when it happened (time.monotonic()), if earlier
+    than the log call."""
+    assert name in ev.NAMES, f"event {name!r} is not in observe/events.py"
+    return {"event": name, "data": data, "at": at}
+
+
+def role_tag(record: logging.LogRecord) -> str:
+    return _role_tag(record.name, record.process)
+
+
+def _role_tag(logger_name: str, pid: int | None) -> str:
+    if logger_name == "taskpool.worker":
+        return f"Worker {pid}{_worker_pool}"
+    return _ROLE_TAGS.get(logger_name, logger_name)
+
+
+def as_event(record: logging.LogRecord, text: str) -> dict[str, Any]:
+    """The JSON object of a record: when, what kind, who, its fields, and its text line."""
+    body: dict[str, Any] = {
+        "t": round(getattr(record, "at", None) or time.monotonic(), 6),
+        "event": getattr(record, "event", ev.LOG),
+        "role": _ROLE_TAGS.get(record.name, record.name),
+        "pid": record.process,
+    }
+    if _worker_pool and record.name == "taskpool.worker":
+        body["type"] = _worker_pool.split()[-1]
+    body.update(getattr(record, "data", {}))
+    body["level"] = record.levelname.lower()
+    body["text"] = text
+    return body
+
+
+def job_event(logger: logging.Logger, name: str, msg: str, *args: Any, **data: Any) -> None:
+    """An INFO event that comes once or more per job (a job sent, a result received): one
+    call, as any event, rendered as `logger.info(msg, *args, extra=event(name, **data))`
+    would render it. With the text log alone, its line is written here, without a
+    LogRecord: `logging` costs ~6.6 us a line against ~1.4 us for the write itself
+    (measured with the Dealer's result line), and the Dealer writes two lines a job."""
+    fd = _text_only_fd
+    if fd is None:
+        logger.info(msg, *args, extra=event(name, **data))
+        return
+    if fd < 0:
+        return
+    line = f"[{_role_tag(logger.name, os.getpid())}] {msg % args}\n"
+    try:
+        write_all(fd, line.encode("utf-8", "replace"))
+    except OSError:
+        pass  # a log line must never take a process down (as FdHandler's)
+
+
+class RoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{role_tag(record)}] {record.getMessage()}"
+
+
+class FdHandler(logging.Handler):
+    """Writes each record as its text line with one os.write() to a raw descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.setFormatter(RoleFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_all(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:  # a log line must never take a process down
+            self.handleError(record)
+
+
+class JsonlHandler(FdHandler):
+    """Writes each record as one JSON line (`as_event`) with one os.write()."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.dumps(as_event(record, self.format(record)), separators=(",", ":"))
+            write_all(self.fd, line.encode("utf-8", "replace") + b"\n")
+        except Exception:
+            self.handleError(record)
+
+
+class LiveHandler(JsonlHandler):
+    """With the live view on: children write their events as JSON lines to a pipe that
+    main reads; main itself hands its own straight to `sink`."""
+
+    def __init__(self, fd: int, main_pid: int, sink: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(fd)
+        self.main_pid = main_pid
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self.main_pid:
+            super().emit(record)
+            return
+        try:
+            self.sink(as_event(record, self.format(record)))
+        except Exception:
+            self.handleError(record)
+
+
+def setup(
+    fd: int | None,
+    level: int = logging.INFO,
+    events_fd: int | None = None,
+    live: LiveHandler | None = None,
+) -> None:
+    """Route every taskpool logger: the text log to `fd` at `level`, every event (debug
+    included) to `events_fd`; or, with the live view, everything to `live`, which renders
+    both. Called once in main, before any fork; children inherit the configuration."""
+    # What no handler of ours renders, and `logging` would work out for every record (the
+    # Logging HOWTO's "Optimization"): the caller's file and line (a walk up the stack),
+    # the thread's name, the multiprocessing process's name. The Dealer writes two lines
+    # per job; these were about a sixth of its cost per line. The processes are our own
+    # (the CLI's, the Executor's host): no caller's logging is touched.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    root = logging.getLogger("taskpool")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    _descriptors.clear()
+    handlers: list[logging.Handler] = []
+    if live is not None:
+        handlers.append(live)
+    else:
+        if fd is not None:
+            text = FdHandler(fd)
+            text.setLevel(level)
+            handlers.append(text)
+        if events_fd is not None:
+            handlers.append(JsonlHandler(events_fd))
+    for handler in handlers:
+        root.addHandler(handler)
+        if isinstance(handler, FdHandler):
+            _descriptors.add(handler.fd)
+    detailed = live is not None or events_fd is not None
+    root.setLevel(logging.DEBUG if detailed else level)
+    root.propagate = False
+    global _text_only_fd
+    _text_only_fd = None
+    if not detailed:
+        _text_only_fd = fd if fd is not None and level <= logging.INFO else -1
+    logging.raiseExceptions = False
+
+
+def descriptors() -> set[int]:
+    """The descriptors the log writes to: a forked child must keep them open."""
+    return set(_descriptors)

@@ -1,0 +1,1 @@
+"""Linux plumbing: POSIX message queues and process set-up."""

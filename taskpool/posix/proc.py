@@ -1,0 +1,87 @@
+"""Process plumbing: a forked child's set-up, parent death, wait statuses, writes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+# Loaded once, at import, before any fork or thread: a forked child must not dlopen().
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to a blocking descriptor: a pipe write larger than PIPE_BUF may be
+    partial."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> None:
+    """Die with `sig` when the thread that forked us exits; if the parent is already gone,
+    exit now. Call first thing in a child."""
+    if _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (workers of a killed Dealer) are reparented to us, so that we
+    can reap them instead of leaving zombies to an init that may not."""
+    if _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor not in `keep`: queues, pipes and pidfds a forked child
+    inherited but must not hold (a held queue outlives its owner and eats the budget)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+
+
+def redirect_stdin_to_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def reset_signals_in_child(
+    blocked: frozenset[int] = frozenset(), ignored: frozenset[int] = frozenset({signal.SIGINT})
+) -> None:
+    """A forked child starts with its parent's handlers, wake-up fd and signal mask (the
+    parent forks with its signals blocked, so none is handled in between). Reset the
+    handlers and the wake-up fd first, then set the mask, so that a signal pending since the
+    fork meets this process's own dispositions. SIGINT is ignored because Ctrl-C reaches the
+    whole process group, and main alone decides how a run ends."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
+                signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def describe_wait_status(status: int) -> str:
+    """'exited with status 3' or 'killed by signal 11 (SIGSEGV)'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by signal {sig} ({name})"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"changed state ({status:#x})"

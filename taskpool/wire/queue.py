@@ -1,0 +1,352 @@
+"""The wire format: the only module that knows how messages are laid out in bytes.
+
+Who sends what, on which channel::
+
+    TaskGenerator --JobBatch, Job, EndOfJobs----> ready queue ----> Dealer send thread
+    Dealer (own threads) --Stop-----------------> ready queue ----> Dealer send thread
+    Dealer send thread --Job, Shutdown----------> request queue (one per worker) --> Worker
+    Worker --Ack, Result, Heartbeat-------------> result queue ---> Dealer recv thread
+    Dealer recovery thread --WorkerExited, Terminate--> result queue
+    Dealer send thread --EndOfJobs--------------> result queue
+    TaskGenerator --JobAccepted, LineRejected---> intake pipe  ---> main   (stdin input only)
+    Dealer recv thread --JobRecord, DealerStats-> record pipe  ---> main
+
+and, when the caller is a taskpool.Executor (the Dealer runs in executor_host.py)::
+
+    Executor feeder thread --Settings, Batch, End--> submit pipe ---> host's intake thread
+    host intake thread --Job (kind CALL), EndOfJobs--> ready queue ---> Dealer send thread
+    Worker --ResultPart..., Result--------------> result queue (a result over one message)
+    Dealer recv thread --Outcomes, Failed, Stopped--> outcome pipe --> Executor collector
+
+A CALL job carries a CallBatch as a payload after the fixed fields, and its Result carries
+the calls' outcomes. Calls and outcomes are pickles made and read only by the Executor and
+the workers; the Dealer reads the CallBatch header alone, to split a batch whose worker died
+into single calls.
+
+Queue messages are small fixed-layout structs (network byte order) behind a two-byte header
+(version, type), so that every message of a CLI run fits the smallest queue we create
+(`MAX_MESSAGE_SIZE`); but for the JobBatch, which fits the ready queue's
+(`READY_MESSAGE_SIZE`). Pipe messages are JSON lines, one object each, shorter than
+PIPE_BUF; each pipe has one writer, which may write several lines at once (the Dealer's
+records up to PIPE_BUF, the generator's a read of standard input's) and the reader splits
+them. Anything malformed raises `ProtocolError`; receivers log it and go on.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Union
+
+from taskpool.model.jobs import Arg, Job, JobKind
+from taskpool.wire import ProtocolError
+
+VERSION = 1
+MAX_MESSAGE_SIZE = 128  # the largest encoded queue message is well below this, but...
+READY_MESSAGE_SIZE = 1024  # ...a JobBatch, on the ready queue (10 of them: 11 KB of budget)
+
+_HEADER = struct.Struct("!BB")
+
+
+class MessageType(enum.IntEnum):
+    JOB = 1
+    END_OF_JOBS = 2
+    # 3 was WAKE, retired when the send thread stopped waiting for workers
+    STOP = 4
+    SHUTDOWN = 5
+    ACK = 6
+    RESULT = 7
+    WORKER_EXITED = 8
+    TERMINATE = 9
+    HEARTBEAT = 10
+    RESULT_PART = 11
+    JOB_BATCH = 12
+
+
+# Payload layouts. An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
+# job id, attempt, kind, arg, timeout (0: none), pool (job type), priority
+_JOB = struct.Struct("!QHB8sdHH")
+_END = struct.Struct("!Q")  # number of jobs accepted
+_ACK = struct.Struct("!QHI")  # job id, attempt, worker pid
+_RESULT = struct.Struct("!QHIB8s")  # job id, attempt, worker pid, kind, value
+_EXITED = struct.Struct("!Ii")  # pid, raw wait status
+_TERMINATE = struct.Struct("!B")  # signal number that asked for it
+_HEARTBEAT = struct.Struct("!I")  # worker pid
+_PART = struct.Struct("!QHI")  # job id, attempt, worker pid; then a piece of the payload
+_BATCH_COUNT = struct.Struct("!H")  # number of jobs; then that many _JOB
+
+
+def jobs_per_message(message_size: int) -> int:
+    """A JobBatch's jobs at most: as many as fit one message of the ready queue."""
+    return (message_size - _HEADER.size - _BATCH_COUNT.size) // _JOB.size
+
+
+JOBS_PER_MESSAGE = jobs_per_message(READY_MESSAGE_SIZE)
+
+
+def _pack_value(kind: JobKind, value: Arg) -> bytes:
+    if kind is JobKind.SLEEP or kind is JobKind.CALL and isinstance(value, float):
+        return struct.pack("!d", float(value))
+    return struct.pack("!q", int(value))
+
+
+def _unpack_value(kind: JobKind, raw: bytes, is_result: bool = False) -> Arg:
+    # A CALL job's arg is its number of calls; its result value, the seconds they ran.
+    if kind is JobKind.SLEEP or kind is JobKind.CALL and is_result:
+        return float(struct.unpack("!d", raw)[0])
+    return int(struct.unpack("!q", raw)[0])
+
+
+def _kind(code: int) -> JobKind:
+    try:
+        return JobKind(code)
+    except ValueError:
+        raise ProtocolError(f"unknown job kind {code}") from None
+
+
+@dataclass(frozen=True)
+class JobMessage:
+    """A job on its way to be run. `attempt` is 1 + the number of workers that took it and
+    died; a crash decision is a function of (seed, job id, attempt)."""
+
+    job: Job
+    attempt: int
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.JOB) + _pack_job(self.job, self.attempt) \
+            + self.job.payload
+
+
+@dataclass(frozen=True)
+class JobBatch:
+    """Jobs on their way from the generator to the Dealer, up to `jobs_per_message` a message,
+    where one message a job cost the generator and the Dealer's send thread a system call,
+    and the send thread a wake-up, each. All of one priority (the message's), at their first
+    attempt, and without payload (no CALL job). Only the ready queue carries it: each job
+    still goes to its worker, and is accounted for there, alone."""
+
+    jobs: tuple[Job, ...]
+
+    def encode(self) -> bytes:
+        return b"".join([_HEADER.pack(VERSION, MessageType.JOB_BATCH),
+                         _BATCH_COUNT.pack(len(self.jobs)),
+                         *(_pack_job(job, 1) for job in self.jobs)])
+
+
+def _pack_job(job: Job, attempt: int) -> bytes:
+    return _JOB.pack(job.job_id, attempt, job.kind, _pack_value(job.kind, job.arg),
+                     job.timeout or 0.0, job.pool, job.priority)
+
+
+def _unpack_job(body: bytes, offset: int, mtype: MessageType) -> tuple[Job, int]:
+    """The job at `offset` of `body`, and its attempt. A JOB message's payload follows it."""
+    job_id, attempt, kind_code, raw, timeout, pool, priority = _JOB.unpack_from(body, offset)
+    kind = _kind(kind_code)
+    payload = _payload_of(kind, body, _JOB.size, mtype) if mtype is MessageType.JOB else b""
+    return Job(job_id, kind, _unpack_value(kind, raw), timeout or None, pool, priority,
+               payload=payload), attempt
+
+
+@dataclass(frozen=True)
+class EndOfJobs:
+    """No more jobs will come; `total` were accepted."""
+
+    total: int
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.END_OF_JOBS) + _END.pack(self.total)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Ends the send thread."""
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.STOP)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Tells a worker to exit. A message kind of its own, so that no job value means 'stop'."""
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.SHUTDOWN)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A worker has taken the job and is about to run it (sent only if `is_acked`)."""
+
+    job_id: int
+    attempt: int
+    pid: int
+
+    def encode(self) -> bytes:
+        payload = _ACK.pack(self.job_id, self.attempt, self.pid)
+        return _HEADER.pack(VERSION, MessageType.ACK) + payload
+
+
+def is_acked(job: Job, every_job: bool) -> bool:
+    """Whether a worker sends an Ack when it takes `job`. The Dealer needs none to know which
+    jobs a worker holds, nor which one it died in (dealer.py's doc says how): only to start
+    the clock of a job's timeout, to know which job runs (--preempt), to report when each
+    job started (a DEBUG event: --events, the live view) and for the Executor's calls (the
+    first can wait behind a long initializer). `every_job`: one of these holds for the whole
+    run. Else a job's Result is the only message of its worker's about it: one message a
+    job fewer for the worker to send and the Dealer's recv thread to read."""
+    return every_job or job.timeout is not None or job.kind is JobKind.CALL
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker running a job is alive and not stopped (sent every heartbeat/3 s)."""
+
+    pid: int
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.HEARTBEAT) + _HEARTBEAT.pack(self.pid)
+
+
+@dataclass(frozen=True)
+class Result:
+    job_id: int
+    attempt: int
+    pid: int
+    kind: JobKind
+    value: Arg
+    payload: bytes = field(default=b"", repr=False)  # a CALL job's outcomes
+
+    def encode(self) -> bytes:
+        fields = _RESULT.pack(
+            self.job_id, self.attempt, self.pid, self.kind, _pack_value(self.kind, self.value)
+        )
+        return _HEADER.pack(VERSION, MessageType.RESULT) + fields + self.payload
+
+    def encode_in_parts(self, max_size: int) -> list[bytes]:
+        """The result as queue messages of at most `max_size` bytes: ResultParts carrying
+        the payload's head, then the Result with its tail. The receiver joins the parts of
+        one worker (its messages keep their order), and drops them if the worker dies."""
+        whole = self.encode()
+        if len(whole) <= max_size:
+            return [whole]
+        part_header = _HEADER.pack(VERSION, MessageType.RESULT_PART) + _PART.pack(
+            self.job_id, self.attempt, self.pid)
+        piece = max_size - len(part_header)
+        tail_room = max_size - (len(whole) - len(self.payload))
+        head = len(self.payload) - tail_room
+        parts = [part_header + self.payload[i:min(i + piece, head)]
+                 for i in range(0, head, piece)]
+        last = Result(self.job_id, self.attempt, self.pid, self.kind, self.value,
+                      self.payload[head:])
+        return parts + [last.encode()]
+
+
+@dataclass(frozen=True)
+class ResultPart:
+    """A piece of a Result's payload too large for one message (see encode_in_parts)."""
+
+    job_id: int
+    attempt: int
+    pid: int
+    piece: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """Sent by the recovery thread after it reaped `pid`. The worker is dead, so every message
+    it sent is already in the result queue ahead of this one."""
+
+    pid: int
+    wait_status: int
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.WORKER_EXITED) + _EXITED.pack(
+            self.pid, self.wait_status
+        )
+
+
+@dataclass(frozen=True)
+class Terminate:
+    """The Dealer was asked to stop (SIGTERM from main) before the jobs were done."""
+
+    signum: int
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(VERSION, MessageType.TERMINATE) + _TERMINATE.pack(self.signum)
+
+
+Message = Union[
+    JobMessage, JobBatch, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, ResultPart,
+    WorkerExited, Terminate,
+]
+
+
+def decode(data: bytes) -> Message:
+    if len(data) < _HEADER.size:
+        raise ProtocolError(f"message of {len(data)} bytes is shorter than its header")
+    version, code = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise ProtocolError(f"message version {version}, expected {VERSION}")
+    body = data[_HEADER.size :]
+    try:
+        mtype = MessageType(code)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {code}") from None
+    try:
+        if mtype is MessageType.JOB:
+            return JobMessage(*_unpack_job(body, 0, mtype))
+        if mtype is MessageType.JOB_BATCH:
+            (count,) = _BATCH_COUNT.unpack_from(body)
+            size = _BATCH_COUNT.size + count * _JOB.size
+            if len(body) != size:
+                raise ProtocolError(f"JOB_BATCH message of {count} jobs has {len(body)} "
+                                    f"bytes, expected {size}")
+            jobs = tuple(_unpack_job(body, offset, mtype)[0]
+                         for offset in range(_BATCH_COUNT.size, size, _JOB.size))
+            if any(job.kind is JobKind.CALL for job in jobs):
+                raise ProtocolError("JOB_BATCH message with a CALL job")
+            return JobBatch(jobs)
+        if mtype is MessageType.ACK:
+            return Ack(*_ACK.unpack(body))
+        if mtype is MessageType.RESULT:
+            job_id, attempt, pid, kind_code, raw = _RESULT.unpack_from(body)
+            kind = _kind(kind_code)
+            payload = _payload_of(kind, body, _RESULT.size, mtype)
+            return Result(job_id, attempt, pid, kind, _unpack_value(kind, raw, True), payload)
+        if mtype is MessageType.RESULT_PART:
+            job_id, attempt, pid = _PART.unpack_from(body)
+            return ResultPart(job_id, attempt, pid, body[_PART.size:])
+        if mtype is MessageType.END_OF_JOBS:
+            return EndOfJobs(*_END.unpack(body))
+        if mtype is MessageType.WORKER_EXITED:
+            return WorkerExited(*_EXITED.unpack(body))
+        if mtype is MessageType.TERMINATE:
+            return Terminate(*_TERMINATE.unpack(body))
+        if mtype is MessageType.HEARTBEAT:
+            return Heartbeat(*_HEARTBEAT.unpack(body))
+    except struct.error as e:
+        raise ProtocolError(f"{mtype.name} message of {len(data)} bytes: {e}") from None
+    if body:
+        raise ProtocolError(f"{mtype.name} message has {len(body)} unexpected bytes")
+    if mtype is MessageType.STOP:
+        return Stop()
+    return Shutdown()
+
+
+def _payload_of(kind: JobKind, body: bytes, fixed: int, mtype: MessageType) -> bytes:
+    payload = body[fixed:]
+    if payload and kind is not JobKind.CALL:
+        raise ProtocolError(f"{mtype.name} message has {len(payload)} unexpected bytes")
+    return payload
+
+
+# --- A CALL job's payload: a batch of calls, and their outcomes ---------------------------
+
+
+# --- The Executor's pipes: length-prefixed frames -------------------------------------------
+
+
+# --- Pipe records: JSON lines -------------------------------------------------------------
+
+

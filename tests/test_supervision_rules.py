@@ -1,0 +1,122 @@
+"""The supervision rules, as tables: no process is started here."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from taskpool.core.supervision import (
+    Cause,
+    Death,
+    RestartIntensity,
+    Verdict,
+    after_death,
+)
+from taskpool.model.policy import SupervisionPolicy
+
+KILLED = signal.SIGKILL  # a raw wait status of a death by SIGKILL is the signal number
+
+DEATHS = {
+    "crashed": Death.crashed(signal.SIGSEGV),
+    "exited": Death.crashed(3 << 8),
+    "timed_out": Death.timed_out(7, 1.5),
+    "no_heartbeat": Death.no_heartbeat(10),
+    "stopped": Death.stopped(signal.SIGSTOP),
+    "memory_limit": Death.memory_limit(200),
+    "initializer_failed": Death.initializer_failed(),
+    "raised": Death.raised(ValueError("bad")),
+    "worker_lost": Death.worker_lost("tcp://127.0.0.1:4001"),
+    "preempted": Death.preempted(9),
+    "grace_over": Death.grace_over(10),
+    "stopped_with_pool": Death.stopped_with_pool(),
+}
+
+
+@pytest.mark.parametrize(("death", "reason"), [
+    ("crashed", "killed by signal 11 (SIGSEGV)"),
+    ("exited", "exited with status 3"),
+    ("timed_out", "ran job 7 past its timeout of 1.5 s"),
+    ("no_heartbeat", "sent no heartbeat for 10 s"),
+    ("stopped", "was stopped by signal 19 (SIGSTOP)"),
+    ("memory_limit", "memory limit (200 MB)"),
+    ("initializer_failed", "exited: its initializer raised (the traceback is in the log)"),
+    ("raised", "raised ValueError: bad"),
+    ("worker_lost", "its worker tcp://127.0.0.1:4001 was lost"),
+    ("preempted", "was preempted for job 9"),
+    ("grace_over", "was still running when the 10 s grace period ended"),
+    ("stopped_with_pool", "was stopped with the pool"),
+])
+def test_each_death_says_why_in_the_words_the_log_and_results_use(death: str,
+                                                                 reason: str) -> None:
+    assert DEATHS[death].reason == reason
+
+
+CHARGED = {"crashed", "exited", "timed_out", "no_heartbeat", "stopped", "memory_limit",
+           "initializer_failed", "raised", "worker_lost"}
+
+
+@pytest.mark.parametrize("death", sorted(DEATHS))
+def test_a_death_charges_an_attempt_only_when_the_job_may_be_to_blame(death: str) -> None:
+    assert DEATHS[death].charges_attempt == (death in CHARGED)
+    assert DEATHS[death].requeue == (death == "preempted")
+
+
+THREE = SupervisionPolicy(max_attempts=3)
+UNLIMITED = SupervisionPolicy(max_attempts=0)
+
+
+@pytest.mark.parametrize(("death", "failed_before", "policy", "options", "verdict", "failed"), [
+    # A charged death: resent until the attempts run out, then failed.
+    ("crashed", 0, THREE, {}, Verdict.RESEND, 1),
+    ("crashed", 1, THREE, {}, Verdict.RESEND, 2),
+    ("crashed", 2, THREE, {}, Verdict.FAIL, 3),
+    ("timed_out", 2, THREE, {}, Verdict.FAIL, 3),
+    ("crashed", 99, UNLIMITED, {}, Verdict.RESEND, 100),
+    # Not taken yet (waiting in the dead worker's queue, or a result lost): never charged.
+    ("crashed", 2, THREE, {"started": False}, Verdict.REQUEUE, 2),
+    ("crashed", 0, THREE, {"started": False, "stopping": True}, Verdict.NOT_DONE, 0),
+    # Our doing: a preemption goes back uncharged; grace and a stopped pool end it.
+    ("preempted", 2, THREE, {}, Verdict.REQUEUE, 2),
+    ("preempted", 0, THREE, {"stopping": True}, Verdict.NOT_DONE, 0),
+    ("grace_over", 0, THREE, {}, Verdict.NOT_DONE, 0),
+    ("stopped_with_pool", 1, THREE, {}, Verdict.NOT_DONE, 1),
+    # A batch of calls cannot tell which call killed it: each goes again alone.
+    ("crashed", 0, THREE, {"calls": 5}, Verdict.SPLIT, 0),
+    ("grace_over", 0, THREE, {"calls": 5}, Verdict.NOT_DONE, 0),
+    # While stopping, a charged death is still counted (and may fail the job)...
+    ("crashed", 0, THREE, {"stopping": True}, Verdict.NOT_DONE, 1),
+    ("crashed", 2, THREE, {"stopping": True}, Verdict.FAIL, 3),
+])
+def test_after_a_death_the_job_is_resent_failed_requeued_or_not_done(
+        death: str, failed_before: int, policy: SupervisionPolicy, options: dict[str, object],
+        verdict: Verdict, failed: int) -> None:
+    decision = after_death(DEATHS[death], failed_before, policy, **options)  # type: ignore[arg-type]
+    assert (decision.verdict, decision.failed_attempts) == (verdict, failed)
+
+
+def test_a_failure_records_the_last_death_and_the_attempts_used() -> None:
+    decision = after_death(DEATHS["timed_out"], 2, THREE)
+    assert decision.failure_reason(DEATHS["timed_out"]) == \
+        "ran job 7 past its timeout of 1.5 s on 3 attempts"
+
+
+def test_restart_intensity_gives_up_past_max_restarts_within_the_window() -> None:
+    intensity = RestartIntensity(max_restarts=2, window=5.0)
+    assert not intensity.note_idle_death(100.0)
+    assert not intensity.note_idle_death(101.0)
+    assert intensity.note_idle_death(102.0)
+    assert intensity.give_up_reason(DEATHS["exited"]) == (
+        "3 workers died without taking a job within 5 s (max_restarts=2); the last exited "
+        "with status 3")
+
+
+def test_restart_intensity_forgets_deaths_older_than_the_window() -> None:
+    intensity = RestartIntensity(max_restarts=2, window=5.0)
+    for now in (100.0, 101.0, 106.5, 107.0):
+        assert not intensity.note_idle_death(now)
+    assert len(intensity.deaths) == 2
+
+
+def test_every_cause_has_a_rule() -> None:
+    assert all(isinstance(cause.rule.charges_attempt, bool) for cause in Cause)

@@ -1,20 +1,38 @@
 """taskpool: a fault-tolerant task pool on fork() and POSIX message queues.
 
-Process roles, one module each:
+Data flow of a local run (`taskpool run`; `[ ]` is a POSIX message queue, `=` a pipe)::
 
-    engine.py         the engine interface of `taskpool run`, and the RunConfig
-    recorder.py       every engine's results file, journal, not-done records, exit status
-    main.py           the local engine: forks the TaskGenerator and the Dealer
-    dask_engine.py    the Dask engine (--engine dask): a LocalCluster or a given scheduler
-    dask_worker.py    a Dask worker's side: run one attempt of one job
-    generator.py      TaskGenerator: puts jobs on the ready queue
-    dealer.py         Dealer: send and recv threads
-    recovery.py       the Dealer's recovery thread: forks, reaps and replaces workers
-    worker.py         a worker: ACK, compute, result
-    executor.py       taskpool.Executor, in the caller's process: feeder and collector
-    executor_host.py  an Executor's Dealer process (fork+exec'd), with its intake thread
-    calls.py          a worker's side of the Executor: run pickled calls
-    protocol.py       the wire format, the only module that knows the byte layout
+    cli ──RunConfig──> local.main (main: the recorder)
+                         │ fork                              │ fork
+                         v                                   v
+              local.generator ──JobBatch──> [ready] ──> local.dealer: send thread
+              (the job file or stdin)                        │ per pool backlogs; scheduler
+                         │=intake (JobAccepted)=>main        v
+                                                  [request, one per worker] ──> local.worker
+              main <=record (JobRecord, stats)= recv thread <── [result] <──Ack/Result/Heartbeat
+                         │                           ^
+                         v                           └── WorkerExited ── recovery thread
+              core.recorder: --results, --journal       (local.supervisor: forks, reaps,
+              (once per job id), exit table, status      deadlines; core.supervision decides)
+
+A `taskpool.Executor` runs the same Dealer and workers in a host process of its own
+(`executor.host`, fork+exec'd), fed by frames over pipes from the caller's process
+(`executor.client`); `--engine dask` runs the same jobs and records on a Dask cluster
+(`dask.engine`), under the same supervision rules (`core.supervision`).
+
+The sub-packages, bottom up (each imports only those below it; `make lint` checks it)::
+
+    model/     pure data: jobs, pools, the policy, outcomes, crash plans, exit statuses
+    wire/      one module a channel: queue messages, JSON-line records, Executor frames
+    posix/     message queues and their budget; a forked child's set-up
+    observe/   the event vocabulary, the log, the live view, the report
+    core/      engine-neutral: job file and stdin, supervision rules, recorder, journal
+    local/     the local engine's process roles: main, generator, Dealer, supervisor, worker
+    dask/      the Dask engine
+    executor/  taskpool.Executor: the client (caller's process) and its host process
+    cli/       the command line
+
+docs/ARCHITECTURE.md tells the whole story: threads, invariants, and why no job is lost.
 """
 
 from __future__ import annotations

@@ -1,4 +1,27 @@
-"""The job file format: a line of text to a Job, or the reason it is bad."""
+"""The job file format: each line of text to a Job, or the reason it is bad.
+
+A job file has one job a line, in either of two forms. The core's::
+
+    fib 30          # naive-recursive fib(N), the CPU-bound load
+    sleep 0.5       # sleep for SECONDS, the waiting load
+    alloc 200       # allocate and touch MB megabytes (to meet --max-memory)
+    crash           # kill the worker with SIGSEGV (a poison job, for testing)
+    sleep 10 timeout=2   # any job: its own timeout in seconds, overriding --timeout
+    fib 30 type=2 priority=5   # any job: its pool (job type) and priority
+
+and seed 000's typed form, a sleep of DURATION seconds on a worker of type TYPE::
+
+    2 3.0           # <job_type> <duration> [priority]
+    2 3.0 9         # priority 9: started before queued jobs of lower priority
+
+A line whose first word is a number is a typed line. Which pool a core line goes to is
+`PoolLayout.pool_for_kind` (see model/pools.py). Priorities are 0 (the default) to PRIORITY_MAX,
+higher first; they travel as the POSIX queue's own message priority.
+
+Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
+accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
+line and the reason, so that the caller can list every bad line.
+"""
 
 from __future__ import annotations
 

@@ -1,16 +1,13 @@
-"""The built-in job kinds' work, as a worker runs it (fib, sleep, alloc, crash)."""
+"""The built-in job kinds' work, as a worker runs it: the CPU-bound `fib`, `sleep`, `alloc`
+(to meet --max-memory) and the poison `crash`. Both engines' workers call `execute`."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
 
 from taskpool.model.jobs import Arg, JobKind
-
-if TYPE_CHECKING:
-    pass
 
 
 def fib(n: int) -> int:

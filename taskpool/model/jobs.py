@@ -1,26 +1,11 @@
-"""The job model and the job file format.
+"""The job model: what a job is, whatever reads it and whichever engine runs it.
 
-A job file has one job a line, in either of two forms. The core's::
-
-    fib 30          # naive-recursive fib(N), the CPU-bound load
-    sleep 0.5       # sleep for SECONDS, the waiting load
-    alloc 200       # allocate and touch MB megabytes (to meet --max-memory)
-    crash           # kill the worker with SIGSEGV (a poison job, for testing)
-    sleep 10 timeout=2   # any job: its own timeout in seconds, overriding --timeout
-    fib 30 type=2 priority=5   # any job: its pool (job type) and priority
-
-and seed 000's typed form, a sleep of DURATION seconds on a worker of type TYPE::
-
-    2 3.0           # <job_type> <duration> [priority]
-    2 3.0 9         # priority 9: started before queued jobs of lower priority
-
-A line whose first word is a number is a typed line. Which pool a core line goes to is
-`PoolLayout.pool_for_kind` (see pools.py). Priorities are 0 (the default) to PRIORITY_MAX,
-higher first; they travel as the POSIX queue's own message priority.
-
-Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
-accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
-line and the reason, so that the caller can list every bad line.
+A job has an id (1-based, in input order of the accepted jobs), a kind (`JobKind`) and its
+argument, and may carry a timeout, a type and a priority. Its *type* is the number of the
+typed pool that runs it (`model/pools.py`: `taskpool dispatch 1 3 1` has pools of types 1, 2
+and 3); the code calls that number `pool` where it routes a job (`Job.pool`, `Pool.number`)
+and the results file calls it `type`. Priorities are 0 (the default) to PRIORITY_MAX, higher
+first. How a line of text becomes a Job is `core/jobfile.py`.
 """
 
 from __future__ import annotations
@@ -28,10 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
-
-if TYPE_CHECKING:
-    pass
+from typing import Union
 
 # Naive recursion is exponential: fib(30) takes ~0.2 s in CPython, fib(40) ~20 s, fib(45)
 # ~4 minutes. 45 leaves room for long jobs while refusing typos that would run for days.

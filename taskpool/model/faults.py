@@ -1,4 +1,10 @@
-"""Crash plans: which (job, attempt) a worker crashes in, and at which step."""
+"""Crash plans: which (job, attempt) a worker crashes in, and at which step.
+
+`--crash-rate P --seed S` makes the demo's crashes (seed 004's "simulated node failure"), and
+`--inject-fault JOB:STEP[:ATTEMPT]` is the test hook that kills a worker at an exact point of
+the worker protocol. Both are decided here, as pure functions of the job and the attempt, so
+that every engine's workers crash the same jobs at the same steps.
+"""
 
 from __future__ import annotations
 

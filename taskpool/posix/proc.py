@@ -1,4 +1,10 @@
-"""Process plumbing: a forked child's set-up, parent death, wait statuses, writes."""
+"""Process plumbing: a forked child's set-up, parent death, wait statuses, writes.
+
+Every role that forks (main, the Dealer's recovery thread) and every child it makes use these,
+so that each child starts the same way: the parent-death signal first (and a check that the
+parent is still there), then its signal mask and handlers reset, then every descriptor it does
+not need closed. What each fork's child may and may not touch is argued where the fork is.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,7 @@ import ctypes
 import os
 import signal
 
-PR_SET_PDEATHSIG = 1
-
-
+PR_SET_PDEATHSIG = 1  # prctl(2) options
 PR_SET_CHILD_SUBREAPER = 36
 
 

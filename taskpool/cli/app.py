@@ -376,7 +376,7 @@ def _open_journal(args: argparse.Namespace, source: GeneratorInput) -> Journaled
 
 def _print_results(path: str, form: str) -> int:
     try:
-        journal = Journal.open(path, resume=True)
+        journal = Journal.open(path, resume=True, for_run=False)
     except JournalError as e:
         error(str(e))
         return EXIT_BAD_INPUT

@@ -14,7 +14,10 @@ on resume, and still appear once in the results.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +37,13 @@ CREATE TABLE IF NOT EXISTS outcomes (
     job INTEGER PRIMARY KEY, status TEXT NOT NULL, result TEXT, worker INTEGER,
     attempts INTEGER NOT NULL, reason TEXT);
 """
+
+
+# The columns taskpool reads; a table that lacks one is not our journal.
+_COLUMNS = {
+    "jobs": {"job", "kind", "arg", "timeout", "line", "digest", "pool", "priority"},
+    "outcomes": {"job", "status", "result", "worker", "attempts", "reason"},
+}
 
 
 class JournalError(Exception):
@@ -56,36 +66,67 @@ def _describe(kind: str, arg: object, timeout: float | None, pool: int, priority
 
 
 class Journal:
-    def __init__(self, path: str, connection: sqlite3.Connection) -> None:
+    def __init__(self, path: str, connection: sqlite3.Connection,
+                 lock_fd: int | None = None) -> None:
         self.path = path
         self.db = connection
+        # flock()ed for the whole run: a second run on this journal is refused. Main's
+        # children close their copy at start (proc.close_fds_except), so the lock is main's.
+        self.lock_fd = lock_fd
         self.pending_jobs: list[Job] = []
         self.pending_outcomes: list[JobRecord] = []
 
     @classmethod
-    def open(cls, path: str, resume: bool) -> Journal:
+    def open(cls, path: str, resume: bool, *, for_run: bool = True) -> Journal:
         """Open (resume) or create (not resume) a journal; JournalError if that cannot be
-        done safely."""
-        exists = Path(path).exists() and Path(path).stat().st_size > 0
-        if resume and not exists:
+        done safely. `for_run`: a run will write it, so it is locked for this process (and
+        refused if another run holds it); `taskpool results` only reads."""
+        if resume and not _has_content(path):
             raise JournalError(f"{path}: no journal to resume (run once without --resume)")
+        lock_fd = _lock(path) if for_run else None
+        try:
+            journal = cls._connect(path, lock_fd)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        if for_run and not resume:
+            journal._refuse_another_run()
+        return journal
+
+    @classmethod
+    def _connect(cls, path: str, lock_fd: int | None) -> Journal:
+        exists = _has_content(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            journal = cls(path, db)
+            journal = cls(path, db, lock_fd)
             if exists:
                 journal._check_usable()
             else:
                 db.executescript(_SCHEMA)
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            if lock_fd is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('owner', ?)",
+                           (str(os.getpid()),))
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{path}: not a usable taskpool journal ({e})") from None
-        if exists and not resume and journal.outcome_count():
-            raise JournalError(
-                f"{path}: already holds a run with {journal.outcome_count()} recorded jobs: "
-                "add --resume to go on with it, or give a new journal file")
+        except OSError as e:
+            raise JournalError(f"{path}: cannot open the journal ({e.strerror})") from None
         return journal
+
+    def _refuse_another_run(self) -> None:
+        """A journal that holds jobs already is another run's (or this job file's, killed):
+        only --resume may go on with it. Its outcomes would otherwise be taken for ours."""
+        outcomes = self.outcome_count()
+        jobs = len(self.jobs()) if not outcomes else 0
+        if outcomes or jobs:
+            held = (f"{outcomes} recorded jobs" if outcomes
+                    else f"{jobs} jobs (none recorded yet)")
+            self.close()
+            raise JournalError(f"{self.path}: already holds a run with {held}: add --resume "
+                               "to go on with it, or give a new journal file")
 
     def _check_usable(self) -> None:
         check = self.db.execute("PRAGMA quick_check").fetchone()[0]
@@ -108,6 +149,11 @@ class Journal:
         if row is None or row[0] != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"journal schema {row and row[0]}, "
                                         f"expected {SCHEMA_VERSION}")
+        for table, columns in _COLUMNS.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if not columns <= have:
+                missing = ", ".join(sorted(columns - have))
+                raise sqlite3.DatabaseError(f"its {table} table has no {missing} column")
 
     # --- reading ---------------------------------------------------------------------
 
@@ -126,15 +172,21 @@ class Journal:
                 for job, kind, arg, timeout, line, pool, priority in rows}
 
     def outcomes(self) -> dict[int, JobRecord]:
+        """Every recorded outcome; JournalError if one cannot be read back (a journal
+        written by something else than taskpool)."""
         rows = self.db.execute(
             "SELECT o.job, j.kind, j.arg, o.status, o.result, o.worker, o.attempts, o.reason, "
             "j.pool, j.priority FROM outcomes o JOIN jobs j USING (job) ORDER BY o.job")
-        return {job: JobRecord(job=job, kind=kind, arg=_arg(kind, arg), status=status,
-                               result=None if result is None else json.loads(result),
-                               worker=worker, attempts=attempts, reason=reason, type=pool,
-                               priority=priority)
-                for job, kind, arg, status, result, worker, attempts, reason, pool, priority
-                in rows}
+        try:
+            return {job: JobRecord(job=job, kind=kind, arg=_arg(kind, arg), status=status,
+                                   result=None if result is None else json.loads(result),
+                                   worker=worker, attempts=attempts, reason=reason, type=pool,
+                                   priority=priority)
+                    for job, kind, arg, status, result, worker, attempts, reason, pool, priority
+                    in rows}
+        except (ValueError, TypeError, KeyError) as e:
+            raise JournalError(f"{self.path}: not a usable taskpool journal (an outcome "
+                               f"cannot be read: {e})") from None
 
     def outcome_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outcomes").fetchone()[0])
@@ -188,6 +240,47 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def _has_content(path: str) -> bool:
+    try:
+        return Path(path).stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _lock(path: str) -> int:
+    """An exclusive lock on the journal for this run, or JournalError naming the run that
+    holds it. flock(), not SQLite's own locks: those last a transaction, this the run (and
+    the kernel drops it when the holder dies, however it dies)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise JournalError(f"{path}: cannot open the journal ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        owner = _owner(path)
+        by = f"another run (PID {owner})" if owner else "another run"
+        raise JournalError(f"{path}: in use by {by}: wait for it to end, or give another "
+                           "journal file") from None
+    return fd
+
+
+def _owner(path: str) -> str | None:
+    """The pid of the run that holds the journal, as it wrote it: read-only, so as not to
+    disturb it."""
+    try:
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()
+    except (sqlite3.Error, OSError, ValueError):
+        return None
+    return None if row is None else str(row[0])
 
 
 def _arg(kind: str, text: str) -> float | int:

@@ -12,6 +12,7 @@ the results file, which is what --resume relies on.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Recorder:
     # The engine's counts: crashes (worker deaths), resends, per pool; why it stopped early.
     stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
     batch_started: float | None = None  # when the oldest uncommitted outcome came
+    journal_lost: str | None = None  # why the journal stopped taking outcomes, if it did
 
     def resume_from(self, resumed: dict[int, JobRecord]) -> None:
         """On --resume, what the journal already holds is recorded first, and the results
@@ -94,11 +96,27 @@ class Recorder:
 
     def commit(self) -> None:
         if self.journal is not None:
-            committed = self.journal.commit()
+            pending = self.journal.pending_outcomes
+            try:
+                committed = self.journal.commit()
+            except sqlite3.Error as e:
+                self._journal_failed(e)
+                committed = pending
             if committed:
                 log.debug("Journal: committed %d outcomes", len(committed))
             self.write_results(committed)
         self.batch_started = None
+
+    def _journal_failed(self, error: sqlite3.Error) -> None:
+        """The journal cannot take more (a full disk, say): the run goes on without it, its
+        outcomes still reach the results file, and it ends with exit status 1, since the
+        journal no longer holds what --resume would need."""
+        assert self.journal is not None
+        log.error("Journal: cannot write to %s (%s): recording the results file only; the "
+                  "run will exit 1", self.journal.path, error)
+        self.journal_lost = str(error)
+        self.journal.close()
+        self.journal = None
 
     def write_results(self, records: list[JobRecord]) -> None:
         if self.results is not None and records:
@@ -172,6 +190,6 @@ class Recorder:
             return 128 + interrupted
         if self.rejected_lines or bad_setup:
             return EXIT_BAD_INPUT
-        if cut_short or self.count(Status.DONE) < len(self.outcomes):
+        if cut_short or self.journal_lost or self.count(Status.DONE) < len(self.outcomes):
             return EXIT_JOBS_NOT_DONE
         return EXIT_OK

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT
 from taskpool.core.journal import Journal, JournalError
 from taskpool.core.recorder import Recorder
 from taskpool.model.exits import EXIT_JOBS_NOT_DONE, EXIT_OK
 from taskpool.model.jobs import Job, JobKind
 from taskpool.model.outcome import JobRecord, Status
+
+from harness import ROOT
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -69,11 +69,13 @@ def reset_signals_in_child(
     parent forks with its signals blocked, so none is handled in between). Reset the
     handlers and the wake-up fd first, then set the mask, so that a signal pending since the
     fork meets this process's own dispositions. SIGINT is ignored because Ctrl-C reaches the
-    whole process group, and main alone decides how a run ends."""
+    whole process group, and main alone decides how a run ends. SIGPIPE is always ignored:
+    a log whose reader went away (`taskpool run ... 2>&1 | head`) costs log lines, never a
+    process (a write then fails with EPIPE, which the log handlers swallow)."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP,
-                signal.SIGUSR1):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 

@@ -11,6 +11,7 @@ the results file, which is what --resume relies on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -51,6 +52,7 @@ class Recorder:
     stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
     batch_started: float | None = None  # when the oldest uncommitted outcome came
     journal_lost: str | None = None  # why the journal stopped taking outcomes, if it did
+    results_lost: str | None = None  # why the results file stopped taking them, if it did
 
     def resume_from(self, resumed: dict[int, JobRecord]) -> None:
         """On --resume, what the journal already holds is recorded first, and the results
@@ -120,8 +122,25 @@ class Recorder:
 
     def write_results(self, records: list[JobRecord]) -> None:
         if self.results is not None and records:
-            self.results.write("".join(map(results_line, records)))
-            self.results.flush()
+            try:
+                self.results.write("".join(map(results_line, records)))
+                self.results.flush()
+            except OSError as e:
+                self._results_failed(e)
+
+    def _results_failed(self, error: OSError) -> None:
+        """The results file cannot be written (a full disk, /dev/full): said once; the run
+        goes on (a journal still records every outcome) and ends with exit status 1."""
+        assert self.results is not None
+        name = getattr(self.results, "name", "the results file")
+        log.error("Cannot write the results file %s (%s): %s", name,
+                  error.strerror or error,
+                  "its outcomes are in the journal" if self.journal is not None
+                  else "the outcomes from here on are not recorded")
+        self.results_lost = str(error)
+        with contextlib.suppress(OSError):
+            self.results.close()  # closed even when its last flush fails
+        self.results = None
 
     def record_not_done(self, reason: str) -> None:
         self.commit()
@@ -185,11 +204,13 @@ class Recorder:
                     bad_setup: bool = False) -> int:
         """130/143 when interrupted (128 + the signal), 2 if any input line was rejected
         (or the engine could not start on what the user gave it), 1 if any job is not done
-        (or the run was cut short), else 0."""
+        (or the run was cut short, or its journal or results file could not be written),
+        else 0."""
         if interrupted is not None:
             return 128 + interrupted
         if self.rejected_lines or bad_setup:
             return EXIT_BAD_INPUT
-        if cut_short or self.journal_lost or self.count(Status.DONE) < len(self.outcomes):
+        not_whole = self.journal_lost or self.results_lost  # the record of the run is not
+        if cut_short or not_whole or self.count(Status.DONE) < len(self.outcomes):
             return EXIT_JOBS_NOT_DONE
         return EXIT_OK

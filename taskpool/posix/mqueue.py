@@ -101,20 +101,50 @@ def _create_and_unlink(role: str, depth: int, msgsize: int) -> posix_ipc.Message
         ) from None
     except OSError as e:
         # posix_ipc raises a bare OSError (errno None) saying "the maximum number of files
-        # open" for EMFILE, which is what mq_open returns when RLIMIT_MSGQUEUE is used up.
+        # open" for EMFILE, which is what mq_open returns both when this process is out of
+        # descriptors and when RLIMIT_MSGQUEUE is used up; ENOSPC is fs.mqueue.queues_max.
         if e.errno in (errno.EMFILE, errno.ENOMEM, errno.ENOSPC, None):
-            soft, _ = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
-            raise QueueLimitError(
-                "the kernel refused another message queue: this user's queue memory "
-                f"(RLIMIT_MSGQUEUE, {soft} bytes) or the system's queue count "
-                f"(fs.mqueue.queues_max, {_read_sysctl('queues_max')}) is used up. "
-                f"This queue needs {queue_cost(depth, msgsize)} bytes. Other programs, or queues "
-                "still open in processes of an earlier run, may hold the rest: raise the "
-                "limit with `ulimit -q` (or `prlimit --msgqueue`) or `sysctl fs.mqueue.queues_max`"
-            ) from None
+            raise QueueLimitError(_which_limit(e.errno, depth, msgsize)) from None
         raise
     queue.unlink()
     return queue
+
+
+def _which_limit(error: int | None, depth: int, msgsize: int) -> str:
+    """Which limit refused a queue, with its numbers and the setting that raises it."""
+    if error != errno.ENOSPC and _out_of_descriptors():
+        fd_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return (f"this process ran out of file descriptors (`ulimit -n` is {fd_limit}): "
+                "each worker's queue is a descriptor of the Dealer; raise it with `ulimit -n`")
+    queues_max = _read_sysctl("queues_max")
+    if error == errno.ENOSPC or (queues_max.isdigit() and len(_queue_names_all()) >= int(
+            queues_max)):
+        return (f"the system's message queue count is used up (fs.mqueue.queues_max, "
+                f"{queues_max}, for every user of this machine together): raise it with "
+                "`sysctl fs.mqueue.queues_max`")
+    soft, _ = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
+    return ("the kernel refused another message queue: this user's queue memory "
+            f"(RLIMIT_MSGQUEUE, {soft} bytes) is used up. This queue needs "
+            f"{queue_cost(depth, msgsize)} bytes. Other programs, or queues still open in "
+            "processes of an earlier run, may hold the rest: raise the limit with `ulimit -q` "
+            "(or `prlimit --msgqueue`)")
+
+
+def _out_of_descriptors() -> bool:
+    try:
+        os.close(os.dup(2))
+    except OSError as e:
+        return e.errno == errno.EMFILE
+    return False
+
+
+def _queue_names_all() -> list[str]:
+    """Every queue of this IPC namespace, of any user (what queues_max counts), if
+    /dev/mqueue is mounted."""
+    try:
+        return os.listdir(QUEUE_DIR)
+    except OSError:
+        return []
 
 
 def sweep_queues_of(pid: int) -> None:

@@ -43,7 +43,7 @@ from taskpool.observe.log import event
 
 log = logging.getLogger("taskpool.main")
 
-__all__ = ["INTERRUPTS", "EngineLoop", "Rung"]
+__all__ = ["INTERRUPTS", "EngineLoop", "Rung", "set_nonblocking"]
 
 INTERRUPTS = frozenset({signal.SIGINT, signal.SIGTERM})
 
@@ -198,12 +198,16 @@ class EngineLoop(Engine):
         """A signal other than SIGINT and SIGTERM that the engine installed a handler for."""
 
 
+def set_nonblocking(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
 def _nonblocking_pipe() -> tuple[int, int]:
     """Non-blocking at both ends: a full pipe drops a wake-up (the loop is awake anyway),
     and the loop reads what is there without waiting for more."""
     read_end, write_end = os.pipe()
-    for fd in (read_end, write_end):
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    set_nonblocking(read_end)
+    set_nonblocking(write_end)
     return read_end, write_end
 
 

@@ -80,7 +80,7 @@ class Tries:
         return len(self.by_key)
 
     def __iter__(self) -> Iterator[Try]:
-        return iter(list(self.by_key.values()))
+        return iter(list(self.by_key.values()))  # a copy: a caller may forget as it goes
 
     def add(self, added: Try) -> None:
         self.by_key[added.key] = added
@@ -146,6 +146,11 @@ class Tries:
     def attempts_used(self, ended: Try) -> int:
         """The attempts of its job that `ended` has used, up to and including its last run."""
         return ended.attempt + self.reruns(ended)
+
+    def failed_before(self, failed: Try) -> int:
+        """The failed attempts of its job before the last run of `failed`: its attempts
+        before this try, and the runs of this try before its last that count."""
+        return self.attempts_used(failed) - 1
 
     def reruns(self, ended: Try) -> int:
         """Runs of a try after its first that count as attempts. On our own cluster, none:

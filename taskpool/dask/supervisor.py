@@ -137,8 +137,8 @@ class Supervisor:
         """after_death() for `failed`: `started` says it ran on the worker that died (else
         it only waited in its queue, or had completed and its result was lost). Never
         NOT_DONE: nothing is judged once stopping."""
-        failed_before = self.tries.attempts_used(failed) - 1
-        return after_death(death, failed_before, self.policy, started=started)
+        return after_death(death, self.tries.failed_before(failed), self.policy,
+                           started=started)
 
     def _carry_out(self, decision: Decision, failed: Try, death: Death, pid: int | None,
                    address: str) -> None:
@@ -154,7 +154,7 @@ class Supervisor:
             recovery_log.info("Requeued job %d: " + text, job.job_id, pid, address,
                               extra=event(ev.JOB_REQUEUED, job=job.job_id, worker=pid,
                                           reason=why, address=address))
-            self.submit(job, decision.failed_attempts + 1)
+            self.submit(job, decision.next_attempt)
         else:
             recovery_log.info("Resent job %d after crash of %s (%s): %s", job.job_id, pid,
                               address, death.reason,
@@ -173,7 +173,7 @@ class Supervisor:
 
     def _resend(self, job: Job, decision: Decision) -> None:
         self.counts.resends += 1
-        self.submit(job, decision.failed_attempts + 1)
+        self.submit(job, decision.next_attempt)
 
     def on_cancelled_by_cluster(self, lost: Try) -> None:
         """The cluster cancelled a try (not we): it is sent again, uncharged."""

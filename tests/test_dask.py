@@ -361,7 +361,7 @@ def test_a_job_done_whose_report_died_with_its_worker_is_sent_again_uncharged(
     cluster.killed(101, [1, 2, 3])
     cluster.step()
     assert cluster.client.sent[3:] == [(1, 1), (2, 2), (3, 1)]
-    assert cluster.engine.counts.resends == 1
+    assert cluster.engine.supervisor.counts.resends == 1
 
 
 def test_a_job_whose_run_again_waited_on_a_dying_worker_is_sent_again_uncharged(
@@ -378,7 +378,7 @@ def test_a_job_whose_run_again_waited_on_a_dying_worker_is_sent_again_uncharged(
     cluster.killed(102, [1, 2])
     cluster.step()
     assert cluster.client.sent[2:] == [(1, 1), (2, 2)]
-    assert cluster.engine.counts.resends == 1
+    assert cluster.engine.supervisor.counts.resends == 1
 
 
 def test_a_job_that_kills_its_workers_fails_after_max_attempts(tmp_path: Path) -> None:
@@ -583,7 +583,7 @@ def test_ctrl_c_while_connecting_to_a_scheduler_ends_the_run_as_interrupted(
 
 
 def test_the_workers_of_a_cluster_are_read_from_every_supported_distributed() -> None:
-    from taskpool.dask.engine import cluster_workers
+    from taskpool.dask.cluster import cluster_workers
 
     workers = {f"tcp://10.0.0.{i}:1": {"nthreads": 1} for i in range(7)}
 

@@ -101,6 +101,18 @@ def test_a_failure_records_the_last_death_and_the_attempts_used() -> None:
         "ran job 7 past its timeout of 1.5 s on 3 attempts"
 
 
+@pytest.mark.parametrize(("death", "failed_before", "options", "verdict", "next_attempt"), [
+    ("crashed", 1, {}, Verdict.RESEND, 3),  # its second attempt failed: the third
+    ("crashed", 1, {"started": False}, Verdict.REQUEUE, 2),  # its second, not run: again
+    ("preempted", 0, {}, Verdict.REQUEUE, 1),
+])
+def test_a_job_sent_again_goes_as_the_attempt_after_its_failed_ones(
+        death: str, failed_before: int, options: dict[str, object], verdict: Verdict,
+        next_attempt: int) -> None:
+    decision = after_death(DEATHS[death], failed_before, THREE, **options)  # type: ignore[arg-type]
+    assert (decision.verdict, decision.next_attempt) == (verdict, next_attempt)
+
+
 def test_restart_intensity_gives_up_past_max_restarts_within_the_window() -> None:
     intensity = RestartIntensity(max_restarts=2, window=5.0)
     assert not intensity.note_idle_death(100.0)

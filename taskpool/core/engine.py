@@ -6,10 +6,12 @@
                            └─ Recorder   (recorder.py) results file, journal, once per job,
                                          not-done records, exit table, exit status
 
-Two engines, one job model (jobs.py), one results writer (recorder.py):
+Two engines, one job model (model/jobs.py), one results writer (recorder.py), one main
+loop (loop.py: the select() loop, its timers and the SIGINT/SIGTERM ladder), one set of
+supervision rules (supervision.py):
 
-    local  main.py         fork()ed Dealer and workers over POSIX message queues (default)
-    dask   dask_engine.py  a Dask distributed cluster: a LocalCluster it starts, or an
+    local  local/main.py   fork()ed Dealer and workers over POSIX message queues (default)
+    dask   dask/engine.py  a Dask distributed cluster: a LocalCluster it starts, or an
                            existing scheduler (--scheduler); needs the `dask` extra
 
 An engine is picked by name (`make_engine`); the Dask engine's module, and `distributed`

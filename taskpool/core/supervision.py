@@ -142,6 +142,12 @@ class Decision:
         """The reason a FAIL records: ``ran job 3 past its timeout of 1 s on 3 attempts``."""
         return f"{death.reason} on {self.failed_attempts} attempts"
 
+    @property
+    def next_attempt(self) -> int:
+        """The attempt number a RESEND or REQUEUE sends the job as: the one after its
+        failed attempts (a requeued job goes again as the attempt it had not finished)."""
+        return self.failed_attempts + 1
+
 
 def after_death(death: Death, failed_before: int, policy: SupervisionPolicy, *,
                 started: bool = True, calls: int = 1, stopping: bool = False) -> Decision:

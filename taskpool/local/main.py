@@ -7,9 +7,10 @@ line once per job id. Because main outlives both children, a killed Dealer or
 generator cannot take recorded results with it: main keeps them, reports every other job it
 knows of as not done, and exits 1.
 
-main is single-threaded. Its signal handlers only note the signal; signal.set_wakeup_fd()
-wakes the select() loop, which does the work: read the pipes, reap children with
-waitpid(-1, WNOHANG), and end the run. main is a child subreaper, so workers orphaned by a
+main is single-threaded, and runs the engines' one loop (core/loop.py): its signal
+handlers only note the signal; signal.set_wakeup_fd() wakes the select() loop, which does
+the work: climb the SIGINT/SIGTERM ladder, reap children with waitpid(-1, WNOHANG) on
+SIGCHLD, read the pipes, and end the run. main is a child subreaper, so workers orphaned by a
 killed Dealer (which PR_SET_PDEATHSIG kills at once) are reaped here too, not left as zombies.
 """
 
@@ -18,13 +19,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import select
 import signal
 from dataclasses import dataclass
 
 import posix_ipc
 
-from taskpool.core.engine import Engine, RunConfig
+from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung
 from taskpool.local.dealer import DealerConfig, run_dealer
 from taskpool.local.generator import run_generator
 from taskpool.model.exits import EXIT_ALL_DONE, EXIT_STOPPED_EARLY
@@ -39,6 +39,8 @@ from taskpool.wire.records import JobAccepted, LineRejected, decode_record
 log = logging.getLogger("taskpool.main")
 
 __all__ = ["Main"]
+
+HANDLED = INTERRUPTS | {signal.SIGCHLD}
 
 
 @dataclass
@@ -78,26 +80,25 @@ class LineReader:
         return lines
 
 
-class Main(Engine):
+class Main(EngineLoop):
     """The local engine: a forked TaskGenerator and Dealer, and the Dealer's workers."""
-
-    def __init__(self, config: RunConfig) -> None:
-        super().__init__(config)
-        self.signals_seen: list[int] = []
 
     def execute(self) -> None:
         # A shell may exec us with children of its own (a process substitution): those are
         # not ours to wait for.
         self.inherited_children = _children_of_self()
         proc.become_subreaper()
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._note_signal)
-
+        self.install_signal_handlers(HANDLED)
         mqueue.sweep_abandoned_queues()
+        self._fork_children()
+        self.run_loop()
+        self._reap_orphans()
+        self._drain_live_view()
+        self.stop_waking()
+        self.close_wake_pipe()
+
+    def _fork_children(self) -> None:
+        """Fork the Dealer and the TaskGenerator, and open main's ends of their pipes."""
         ready_queue = self._create_ready_queue()
         record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
@@ -108,19 +109,18 @@ class Main(Engine):
 
         # main is single-threaded: these forks copy no other thread's state. Our signals are
         # blocked across the forks, so that none is handled by main's handlers in a child
-        # (or written to main's wake-up pipe) before the child has set its own.
-        handled = {signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-        # The Dealer first: the pool's start (its workers' forks) is the longer way to the
-        # first job, and the generator is not read before the pool is up.
-        dealer_pid = os.fork()
-        if dealer_pid == 0:
-            os.close(record_r)
-            run_dealer(self._dealer_config(), ready_queue, record_w, main_pid)
-        generator_pid = os.fork()
-        if generator_pid == 0:
-            run_generator(self.config.source, ready_queue, intake_w, main_pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+        # (or written to main's wake-up pipe) before the child has set its own. Each child
+        # leaves through os._exit(), never back into this block.
+        with self.signals_held(HANDLED):
+            # The Dealer first: the pool's start (its workers' forks) is the longer way to
+            # the first job, and the generator is not read before the pool is up.
+            dealer_pid = os.fork()
+            if dealer_pid == 0:
+                os.close(record_r)
+                run_dealer(self._dealer_config(), ready_queue, record_w, main_pid)
+            generator_pid = os.fork()
+            if generator_pid == 0:
+                run_generator(self.config.source, ready_queue, intake_w, main_pid)
         ready_queue.close()
         os.close(record_w)
         if intake_w is not None:
@@ -131,39 +131,44 @@ class Main(Engine):
         # The intake pipe first: a job's JobAccepted is in it before the job is sent, and is
         # read in the same round as the job's outcome, or an earlier one; so a job is known
         # (and journaled) before its outcome is recorded.
-        intake = LineReader(intake_r) if intake_r is not None else None
-        readers = ([intake] if intake is not None else []) + [LineReader(record_r)]
+        self.intake = LineReader(intake_r) if intake_r is not None else None
+        self.readers = ([self.intake] if self.intake is not None else []) + \
+            [LineReader(record_r)]
         # The live view's pipe stays open in main (its handler is inherited from here), so
         # it never ends the loop; it is drained once every child is gone.
-        live = self.config.live
-        live_reader = LineReader(self.config.live_fd) if self.config.live_fd is not None else None
-        while any(r.open for r in readers) or self.dealer.running or self.generator.running:
-            watched = [r.fd for r in readers if r.open] + [wake_r]
-            if live_reader is not None:
-                watched.append(live_reader.fd)
-            ready, _, _ = select.select(watched, [], [], self._seconds_to_wait())
-            if self.recorder.seconds_to_commit() == 0.0:
-                self.recorder.commit()
-            for reader in readers:
-                if reader.open and reader.fd in ready:
-                    self._on_pipe_lines(reader.read_lines())
-            if live_reader is not None and live_reader.fd in ready:
-                self._on_live_lines(live_reader)
-            if wake_r in ready:
-                self._on_signals(wake_r)
-            if live is not None:
-                input_done = intake is None or not intake.open
-                total = len(self.recorder.known) if input_done else None
-                live.set_jobs(len(self.recorder.known), total)
-                if live.seconds_to_redraw() == 0.0:
-                    live.redraw()
+        live_fd = self.config.live_fd
+        self.live_reader = LineReader(live_fd) if live_fd is not None else None
 
-        self._reap_orphans()
-        if live_reader is not None:
-            fcntl.fcntl(live_reader.fd, fcntl.F_SETFL, os.O_NONBLOCK)
-            while live_reader.open and self._on_live_lines(live_reader):
-                pass  # every child is gone: what they wrote is all in the pipe
-        signal.set_wakeup_fd(-1)
+    # --- the loop's duties (core/loop.py) ------------------------------------------------
+
+    def finished(self) -> bool:
+        return not (any(r.open for r in self.readers) or self.dealer.running
+                    or self.generator.running)
+
+    def descriptors(self) -> list[int]:
+        watched = [r.fd for r in self.readers if r.open]
+        if self.live_reader is not None:
+            watched.append(self.live_reader.fd)
+        return watched
+
+    def read_ready(self, ready: list[int]) -> None:
+        for reader in self.readers:  # in order: the intake pipe first
+            if reader.open and reader.fd in ready:
+                self._on_pipe_lines(reader.read_lines())
+        if self.live_reader is not None and self.live_reader.fd in ready:
+            self._on_live_lines(self.live_reader)
+
+    def input_done(self) -> bool:
+        return self.intake is None or not self.intake.open
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self._reap_children()
+
+    def on_interrupt(self, rung: Rung, signum: int) -> None:
+        """First signal: the Dealer lets running jobs finish within the grace period.
+        Second: the Dealer kills them at once. Third: the pool is killed outright."""
+        self._signal_children(signal.SIGKILL if rung is Rung.KILL_POOL else signal.SIGTERM)
 
     def _create_ready_queue(self) -> posix_ipc.MessageQueue:
         """Of READY_MESSAGE_SIZE messages (JobBatches of 32 jobs) if the queue budget holds
@@ -186,13 +191,11 @@ class Main(Engine):
         pool = self.config.pool
         return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt)
 
-    def _seconds_to_wait(self) -> float | None:
-        """select()'s timeout: the next journal commit or live redraw due; None (until
-        something happens) when neither is pending."""
-        waits = [self.recorder.seconds_to_commit()]
-        if self.config.live is not None:
-            waits.append(self.config.live.seconds_to_redraw())
-        return min((w for w in waits if w is not None), default=None)
+    def _drain_live_view(self) -> None:
+        if self.live_reader is not None:
+            fcntl.fcntl(self.live_reader.fd, fcntl.F_SETFL, os.O_NONBLOCK)
+            while self.live_reader.open and self._on_live_lines(self.live_reader):
+                pass  # every child is gone: what they wrote is all in the pipe
 
     def _on_live_lines(self, reader: LineReader) -> bool:
         """Hand what the children wrote to the live view; False if there was nothing."""
@@ -205,46 +208,9 @@ class Main(Engine):
             self.config.live.on_line(line)
         return True
 
-    # --- events ----------------------------------------------------------------------
-
-    def _note_signal(self, signum: int, frame: object) -> None:
-        pass  # the wake-up fd carries the signal number to the loop
-
-    def _on_signals(self, wake_r: int) -> None:
-        try:
-            data = os.read(wake_r, 512)
-        except BlockingIOError:
-            return
-        for signum in data:
-            if signum in (signal.SIGINT, signal.SIGTERM):
-                self._on_interrupt(signum)
-        self._reap_children()
-
-    def _on_interrupt(self, signum: int) -> None:
-        """First signal: the Dealer lets running jobs finish within the grace period.
-        Second: the Dealer kills them at once. Third: the pool is killed outright."""
-        name = signal.Signals(signum).name
-        self.signals_seen.append(signum)
-        if self.interrupted is None:
-            self.interrupted = signum
-            self.end_reason = f"interrupted by {name}"
-            log.info("Interrupted by %s: stopping the pool", name,
-                     extra=event(ev.INTERRUPTED, signal=name))
-            self._signal_children(signal.SIGTERM)
-        elif len(self.signals_seen) == 2:
-            log.info("Second %s: stopping running jobs now", name)
-            self._signal_children(signal.SIGTERM)
-        else:
-            log.info("%s again: killing the pool", name)
-            self._signal_children(signal.SIGKILL)
-
     def _signal_children(self, sig: int) -> None:
         for child in (self.generator, self.dealer):
-            if child.running:
-                try:
-                    os.kill(child.pid, sig)
-                except ProcessLookupError:
-                    pass
+            _signal(child, sig)
 
     def _reap_children(self) -> None:
         while True:
@@ -286,11 +252,7 @@ class Main(Engine):
 
     @staticmethod
     def _stop(child: Child) -> None:
-        if child.running:
-            try:
-                os.kill(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _signal(child, signal.SIGTERM)
 
     def _on_pipe_lines(self, lines: list[bytes]) -> None:
         outcomes = []  # recorded together: their results lines go out in one write
@@ -320,6 +282,15 @@ class Main(Engine):
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+
+
+def _signal(child: Child, sig: int) -> None:
+    if child.running:
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
 
 def _children_of_self() -> set[int]:
     pid = os.getpid()

@@ -1,0 +1,236 @@
+"""The Dask engine's cluster: starting our own (a LocalCluster), reaching a given one
+(--scheduler), closing it, and keeping distributed's logging out of ours.
+
+Nothing here decides about jobs: the engine (engine.py) does. distributed is imported only
+inside these functions, so that importing taskpool.dask costs nothing until a run asks for
+the Dask engine (the CLI first asks `require_distributed()`).
+"""
+
+# distributed is typed only in part: its Client, Future and cluster methods are untyped calls
+# (as for engine.py, in pyproject.toml).
+# mypy: disallow-untyped-calls=False
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from taskpool.model.pools import PoolLayout
+from taskpool.observe import events as ev
+from taskpool.observe.log import event
+from taskpool.posix import proc
+
+if TYPE_CHECKING:
+    from distributed import Client, Future, SpecCluster
+
+log = logging.getLogger("taskpool.dask")
+
+INSTALL_HINT = "--engine dask needs the dask extra: pip install 'taskpool[dask]'"
+# Seconds for our cluster to close; distributed's Nanny kills a worker process that has not
+# stopped after 0.8 of it (4 s), which README gives as the wait.
+CLOSE_TIMEOUT = 5.0
+
+
+class DaskMissing(Exception):
+    """`distributed` cannot be imported; the message says how to install it."""
+
+
+def require_distributed() -> None:
+    """Import distributed now, or raise DaskMissing: the CLI checks this before reading any
+    job, so that a missing extra is said first and plainly."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError as e:
+        raise DaskMissing(f"{INSTALL_HINT} ({e})") from None
+
+
+def scheduler_address_error(address: str) -> str | None:
+    """Why `address` is not an address Dask can connect to (no port, an unknown scheme), or
+    None. The CLI asks before anything runs: given such an address, distributed's Client
+    fails in a way that leaves it half built, and its finalizer then hangs the exit."""
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme).get_address_host_port(location)
+    except NotImplementedError:
+        return None  # a scheme without host:port addresses (ucx): Dask will say at connect
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+# --- our own cluster ----------------------------------------------------------------------
+
+def configure_own_cluster() -> str:
+    """Set Dask's configuration for our own cluster; the run's scratch directory.
+
+    Attempts are counted by the engine, not by Dask (allowed-failures 0: see engine.py);
+    and a worker holds every task assigned to it in its own priority queue, so Dask's
+    priority orders what waits (no queueing on the scheduler, where only some tasks would
+    wait). Its scratch space (distributed's dask-scratch-space: the workers' directories,
+    lock files) is a directory of the run's own, removed at the end. Spawned workers inherit
+    this configuration."""
+    import dask
+
+    scratch = tempfile.mkdtemp(prefix="taskpool-dask-")
+    dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                     "distributed.scheduler.worker-saturation": math.inf,
+                     "temporary-directory": scratch})
+    return scratch
+
+
+def local_cluster(layout: PoolLayout) -> SpecCluster:
+    """Our LocalCluster: a scheduler on 127.0.0.1 (no dashboard), and per pool as many
+    one-thread worker processes as the pool has workers, each under a nanny that starts a
+    new process when one dies; a typed pool's workers offer the resource of its type."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {}
+    for pool in layout.pools:
+        for i in range(pool.size):
+            options: dict[str, Any] = {
+                "nthreads": 1, "host": "127.0.0.1", "dashboard": False,
+                "memory_limit": 0, "silence_logs": logging.CRITICAL,
+                "name": f"type{pool.number}-{i + 1}",
+            }
+            if layout.typed:
+                options["resources"] = {resource_name(pool.number): 1}
+            workers[f"type{pool.number}-{i + 1}"] = {"cls": Nanny, "options": options}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0,
+                                               "dashboard": False, "dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL,
+                       name="taskpool")
+
+
+def log_own_cluster_started(cluster: SpecCluster, layout: PoolLayout) -> None:
+    log.info("Started a LocalCluster: scheduler %s, %d workers of 1 thread%s",
+             cluster.scheduler_address, layout.total_workers,
+             f" ({layout.describe()})" if layout.typed else "",
+             extra=event(ev.DASK_STARTED, scheduler=cluster.scheduler_address,
+                         workers=layout.total_workers, own_cluster=True))
+
+
+def pool_of_worker(worker_name: str) -> int | None:
+    """Our own cluster names its workers ``type2-1``."""
+    match = re.fullmatch(r"type(\d+)-\d+", worker_name)
+    return int(match.group(1)) if match else None
+
+
+# --- a given cluster ----------------------------------------------------------------------
+
+def connect(address: str, timeout: float) -> Client:
+    """A client of the scheduler at `address`; raises if it cannot be reached within
+    `timeout` seconds."""
+    from distributed import Client
+
+    log.info("Connecting to the Dask scheduler at %s (for up to %g s)", address, timeout,
+             extra=event(ev.DASK_CONNECTING, scheduler=address, timeout=timeout))
+    return Client(address, timeout=timeout, set_as_default=False)
+
+
+def log_connected(address: str, workers: dict[str, Any]) -> None:
+    threads = sum(w.get("nthreads", 0) for w in workers.values())
+    log.info("Connected to the Dask scheduler at %s: %d workers, %d threads",
+             address, len(workers), threads,
+             extra=event(ev.DASK_STARTED, scheduler=address, workers=len(workers),
+                         threads=threads, own_cluster=False))
+
+
+def cluster_workers(client: Any) -> dict[str, Any]:
+    """The cluster's workers, by address, as its scheduler describes them. Since distributed
+    2025.4, scheduler_info() lists every worker only when given n_workers=-1 (at first it
+    listed 5 by default); before, it took no n_workers and listed them all."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return dict(info.get("workers", {}))
+
+
+def warn_of_missing_resources(layout: PoolLayout, workers: dict[str, Any]) -> None:
+    """A typed pool whose resource no worker of a given cluster offers: its jobs wait."""
+    if not layout.typed:
+        return
+    offered = {name for w in workers.values() for name in w.get("resources", {})}
+    for pool in layout.pools:
+        if pool.size and resource_name(pool.number) not in offered:
+            log.warning("No worker of the cluster offers %s yet: its jobs wait for one "
+                        "(dask worker ... --resources %s=1)",
+                        resource_name(pool.number), resource_name(pool.number))
+
+
+def resource_name(pool: int) -> str:
+    """The Dask worker resource a job of type `pool` asks for: ``type2``."""
+    return f"type{pool}"
+
+
+# --- closing ------------------------------------------------------------------------------
+
+def close_cluster(client: Client | None, cluster: SpecCluster | None, scratch: str | None,
+                  outstanding: Iterable[Future[Any]]) -> None:
+    """Close the client, and our cluster: its workers are asked to stop and killed if they
+    do not within CLOSE_TIMEOUT (a job still running after --grace); remove our scratch
+    directory."""
+    if client is not None:
+        futures = list(outstanding)
+        if futures:
+            try:
+                client.cancel(futures)
+            except Exception:  # noqa: BLE001 - a lost scheduler: nothing to cancel
+                pass
+        client.close(timeout=CLOSE_TIMEOUT)
+    try:
+        if cluster is not None:
+            cluster.close(timeout=CLOSE_TIMEOUT)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --- distributed's logging ----------------------------------------------------------------
+
+_NANNY_EXIT = re.compile(r"^Worker process (\d+) (?:was killed by signal (\d+)|exited with "
+                         r"status (\d+))")
+
+
+class _NannyExits(logging.Handler):
+    """distributed has no hook for a worker process's exit status; its nanny (in our
+    process, for our own cluster) logs it. This handler turns that line into an inbox item,
+    ("worker_exited", pid, how)."""
+
+    def __init__(self, post: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__(logging.INFO)
+        self.post = post
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _NANNY_EXIT.match(record.getMessage())
+        if match is None:
+            return
+        pid = int(match.group(1))
+        # As waitpid() would have given it: a signal's number, or the exit code shifted.
+        if match.group(2) is not None:
+            status = int(match.group(2))
+        else:
+            status = int(match.group(3)) << 8
+        self.post(("worker_exited", pid, proc.describe_wait_status(status)))
+
+
+def quiet_distributed(post: Callable[[tuple[Any, ...]], None]) -> None:
+    """distributed logs to stderr, our log; what it says that matters (a worker's death, a
+    task's failure) we say ourselves, so its own lines are kept out, but for the nanny's
+    line about a worker process's exit, which `post` gets as an inbox item."""
+    import distributed  # noqa: F401 - it sets up its loggers on import: quiet them after
+
+    root = logging.getLogger("distributed")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.NullHandler())
+    root.propagate = False
+    logging.getLogger("distributed.nanny").addHandler(_NannyExits(post))

@@ -89,17 +89,27 @@ class Main(EngineLoop):
         self.inherited_children = _children_of_self()
         proc.become_subreaper()
         self.install_signal_handlers(HANDLED)
-        mqueue.sweep_abandoned_queues()
-        self._fork_children()
-        self.run_loop()
-        self._reap_orphans()
-        self._drain_live_view()
-        self.stop_waking()
-        self.close_wake_pipe()
+        try:
+            mqueue.sweep_abandoned_queues()
+            if self._fork_children():
+                self.run_loop()
+                self._reap_orphans()
+                self._drain_live_view()
+        finally:
+            self.stop_waking()
+            self.close_wake_pipe()
 
-    def _fork_children(self) -> None:
-        """Fork the Dealer and the TaskGenerator, and open main's ends of their pipes."""
-        ready_queue = self._create_ready_queue()
+    def _fork_children(self) -> bool:
+        """Fork the Dealer and the TaskGenerator, and open main's ends of their pipes; False
+        if the pool cannot start (its ready queue is refused): every job is then reported
+        not done, with the reason."""
+        try:
+            ready_queue = self._create_ready_queue()
+        except mqueue.QueueLimitError as e:
+            self.config.report_error(str(e))
+            self.cut_short = True
+            self.end_reason = f"the pool could not start: {e}"
+            return False
         record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
         intake_r, intake_w = os.pipe() if streaming else (None, None)
@@ -138,6 +148,7 @@ class Main(EngineLoop):
         # it never ends the loop; it is drained once every child is gone.
         live_fd = self.config.live_fd
         self.live_reader = LineReader(live_fd) if live_fd is not None else None
+        return True
 
     # --- the loop's duties (core/loop.py) ------------------------------------------------
 

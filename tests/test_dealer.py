@@ -1,18 +1,27 @@
-"""The Dealer's parts that no run can reach on purpose: what a failing thread leaves behind."""
+"""The Dealer's parts that no run can reach on purpose: what a failing thread leaves behind,
+and the words a failure is recorded in."""
 
 from __future__ import annotations
 
+import io
 import os
 import select
+import signal
 from typing import NoReturn
 
 import pytest
 
-from taskpool.local.dealer import Dealer, RecordWriter
+from taskpool.core.supervision import Death, Verdict, after_death
+from taskpool.executor.host import FrameWriter
+from taskpool.local.dealer import Dealer
+from taskpool.local.records import RecordWriter
 from taskpool.model.exits import EXIT_THREAD_FAILED
 from taskpool.model.jobs import Job, JobKind
 from taskpool.model.outcome import JobRecord
+from taskpool.model.policy import SupervisionPolicy
 from taskpool.posix import mqueue
+from taskpool.wire.calls import CallBatch, CallWhere
+from taskpool.wire.frames import FrameType, decode_failed, read_frame
 from taskpool.wire.queue import Result
 from taskpool.wire.records import decode_record
 
@@ -50,3 +59,41 @@ def test_a_failed_send_thread_first_hands_main_the_outcomes_the_recv_thread_hold
         os.close(write_fd)
     assert isinstance(record, JobRecord)
     assert (record.job, record.status, record.result, record.worker) == (7, "done", 55, 4242)
+
+
+@pytest.mark.parametrize(("death", "failed_before", "reason"), [
+    (Death.timed_out(7, 1.5), 2, "ran job 7 past its timeout of 1.5 s on 3 attempts"),
+    (Death.crashed(signal.SIGSEGV), 0, "killed by signal 11 (SIGSEGV) on 1 attempts"),
+])
+def test_a_failed_job_is_recorded_with_its_last_death_and_its_attempts(
+        death: Death, failed_before: int, reason: str) -> None:
+    decision = after_death(death, failed_before, SupervisionPolicy(max_attempts=failed_before + 1))
+    assert decision.verdict is Verdict.FAIL
+    written: list[bytes] = []
+    writer = RecordWriter(-1)
+    writer.write = written.append  # type: ignore[method-assign]
+    writer.failed(Job(7, JobKind.FIB, 10), 4242, death, decision)
+    record = decode_record(written[0])
+    assert isinstance(record, JobRecord)
+    assert (record.status, record.attempts, record.reason) == ("failed", decision.failed_attempts,
+                                                              reason)
+
+
+@pytest.mark.parametrize(("death", "failed_before", "reason"), [
+    # The caller knows calls, not the job ids the Dealer gave its batches.
+    (Death.timed_out(7, 1.5), 2,
+     "3 attempts of this call ended its worker; the last: ran the call past its timeout of 1.5 s"),
+    (Death.crashed(signal.SIGSEGV), 0,
+     "1 attempt of this call ended its worker; the last: killed by signal 11 (SIGSEGV)"),
+])
+def test_a_failed_call_is_told_to_the_executor_in_the_callers_words(
+        death: Death, failed_before: int, reason: str) -> None:
+    decision = after_death(death, failed_before, SupervisionPolicy(max_attempts=failed_before + 1))
+    written: list[bytes] = []
+    writer = FrameWriter(-1)
+    writer.write = written.append  # type: ignore[method-assign]
+    batch = CallBatch(7, 2, 1, CallWhere.INLINE, b"calls")
+    writer.failed(Job(7, JobKind.CALL, 1, payload=batch.encode()), 4242, death, decision)
+    frame = read_frame(io.BytesIO(written[0]).read)
+    assert frame is not None and frame[0] is FrameType.FAILED
+    assert decode_failed(frame[1]) == (7, 2, 1, reason)

@@ -52,6 +52,20 @@ def test_each_death_says_why_in_the_words_the_log_and_results_use(death: str,
     assert DEATHS[death].reason == reason
 
 
+@pytest.mark.parametrize(("death", "call_reason"), [
+    # An Executor's caller knows its calls, not the job ids the Dealer gave them.
+    ("timed_out", "ran the call past its timeout of 1.5 s"),
+    ("crashed", "killed by signal 11 (SIGSEGV)"),
+    ("exited", "exited with status 3"),
+    ("no_heartbeat", "sent no heartbeat for 10 s"),
+    ("memory_limit", "memory limit (200 MB)"),
+    ("initializer_failed", "exited: its initializer raised (the traceback is in the log)"),
+])
+def test_a_death_told_to_an_executor_caller_speaks_of_the_call(death: str,
+                                                               call_reason: str) -> None:
+    assert DEATHS[death].call_reason == call_reason
+
+
 CHARGED = {"crashed", "exited", "timed_out", "no_heartbeat", "stopped", "memory_limit",
            "initializer_failed", "raised", "worker_lost"}
 

@@ -64,6 +64,13 @@ class Death:
 
     cause: Cause
     reason: str
+    # The reason as an Executor's caller reads it, where it differs: the caller knows its
+    # calls, not the job ids the Dealer gave them. Empty: the same as `reason`.
+    call_wording: str = ""
+
+    @property
+    def call_reason(self) -> str:
+        return self.call_wording or self.reason
 
     @property
     def charges_attempt(self) -> bool:
@@ -84,7 +91,8 @@ class Death:
 
     @classmethod
     def timed_out(cls, job_id: int, seconds: float) -> Death:
-        return cls(Cause.TIMED_OUT, f"ran job {job_id} past its timeout of {seconds:g} s")
+        return cls(Cause.TIMED_OUT, f"ran job {job_id} past its timeout of {seconds:g} s",
+                   f"ran the call past its timeout of {seconds:g} s")
 
     @classmethod
     def no_heartbeat(cls, seconds: float) -> Death:

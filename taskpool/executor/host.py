@@ -1,15 +1,15 @@
 """The Dealer of a taskpool.Executor: the same Dealer, queues and recovery as a CLI run, in a
 process of its own that the Executor starts with fork+exec::
 
-    python -m taskpool.executor_host SUBMIT_FD OUTCOME_FD LIFELINE_FD
+    python -m taskpool.executor.host SUBMIT_FD OUTCOME_FD LIFELINE_FD
 
 Why exec: the Executor lives in someone else's program, which may run threads of its own
 (with their locks held at any instant). A fork that went on running Python in the child
 could deadlock on one of them; subprocess's fork+exec runs no Python code between the two.
 This process then forks the workers itself, as the CLI's Dealer does, with the same
-argument for why that is safe (recovery.Supervisor.spawn_worker).
+argument for why that is safe (local/supervisor.py, Supervisor.spawn_worker).
 
-Threads, beside the Dealer's own three:
+Threads, beside the Dealer's own (main, recovery, recv, send: local/dealer.py):
 
     intake thread    submit pipe read; ready queue send. Turns the Executor's Batch frames
                      into CALL jobs, and its End frame into EndOfJobs.
@@ -33,8 +33,10 @@ import sys
 import threading
 from typing import Any, NoReturn
 
+from taskpool.core.supervision import Death, Decision
 from taskpool.executor.settings import REQUEST_MESSAGE_SIZE, RESULT_MESSAGE_SIZE, ExecutorSettings
-from taskpool.local.dealer import Dealer, DealerConfig, RecordWriter
+from taskpool.local.dealer import Dealer, DealerConfig
+from taskpool.local.records import RecordWriter
 from taskpool.local.supervisor import MAIN_LOST_SIGNAL, SUPERVISOR_SIGNALS, silence_fork_warning
 from taskpool.model.exits import EXIT_STOPPED_EARLY
 from taskpool.model.faults import CrashPlan
@@ -72,12 +74,11 @@ class FrameWriter(RecordWriter):
         batch = CallBatch.decode(job.payload)
         self.write(encode_outcomes_frame(batch, float(result.value), result.payload))
 
-    def failed(self, job: Job, pid: int, attempts: int, reason: str) -> None:
+    def failed(self, job: Job, pid: int, death: Death, decision: Decision) -> None:
         # The Dealer's reason speaks of jobs, for the log; the caller knows calls.
-        last = reason.removesuffix(f" on {attempts} attempts")
-        last = last.replace(f"ran job {job.job_id} ", "ran the call ")
+        attempts = decision.failed_attempts
         times = "1 attempt" if attempts == 1 else f"{attempts} attempts"
-        why = f"{times} of this call ended its worker; the last: {last}"
+        why = f"{times} of this call ended its worker; the last: {death.call_reason}"
         self.write(encode_failed(CallBatch.decode(job.payload), why))
 
     def stats(self, stats: DealerStats) -> None:

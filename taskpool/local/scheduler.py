@@ -32,15 +32,13 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-import posix_ipc
-
-from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolSlots, PoolState, WorkerHandle
+from taskpool.core.supervision import Death
+from taskpool.local.state import NUDGE_SIGNAL, PoolSlots, PoolState, WorkerHandle
 from taskpool.model.jobs import Job
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import event, job_event
-from taskpool.wire import ProtocolError
-from taskpool.wire.queue import JobMessage, decode, is_acked
+from taskpool.wire.queue import JobMessage, is_acked
 
 dealer_log = logging.getLogger("taskpool.dealer")
 dispatcher_log = logging.getLogger("taskpool.dispatcher")
@@ -187,26 +185,17 @@ def _take_back(
     oldest first, which may be a job the worker has not started yet and that outranks the
     one behind it. True if any was taken back."""
     tried.add(worker.pid)
-    taken = False
-    while True:
-        try:
-            data, _ = worker.request_queue.receive(timeout=0)
-        except posix_ipc.BusyError:
-            return taken  # empty: the worker has taken what was left
-        try:
-            message = decode(data)
-        except ProtocolError:
-            continue
-        if not isinstance(message, JobMessage):
-            continue  # not reached: a Shutdown is only sent once stopping
-        job_id = message.job.job_id
-        if job_id in worker.outstanding:
-            worker.outstanding.remove(job_id)
-        if not worker.outstanding:
-            state.heartbeat_deadlines.pop(worker.pid, None)  # idle now: it owes no beat
-        pool.push(message.job.priority, job_id)
-        schedule.taken_back.append((job_id, worker.pid, time.monotonic()))
-        taken = True
+    # Until its queue is empty: then the worker has taken what was left. (A Shutdown is
+    # only sent once stopping, when nothing is assigned: never among these.)
+    taken = worker.take_back_waiting()
+    for job in taken:
+        if job.job_id in worker.outstanding:
+            worker.outstanding.remove(job.job_id)
+        pool.push(job.priority, job.job_id)
+        schedule.taken_back.append((job.job_id, worker.pid, time.monotonic()))
+    if taken and not worker.outstanding:
+        state.heartbeat_deadlines.pop(worker.pid, None)  # idle now: it owes no beat
+    return bool(taken)
 
 
 def _preempt(state: PoolState, pool: PoolSlots, urgent: Job, schedule: Schedule) -> None:
@@ -225,9 +214,7 @@ def _preempt(state: PoolState, pool: PoolSlots, urgent: Job, schedule: Schedule)
         return
     victim = min(victims, key=lambda w: state.jobs[w.running or 0].job.priority)
     assert victim.running is not None
-    state.kill_reasons[victim.pid] = Deadline(
-        time.monotonic(), f"was preempted for job {urgent.job_id}", charges_attempt=False,
-        requeue=True)
+    state.kill_reasons[victim.pid] = Death.preempted(urgent.job_id)
     state.forget_deadlines(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)  # in `workers`: not reaped, so the pid is ours
     pool.preempting = victim.pid

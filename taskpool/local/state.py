@@ -2,12 +2,12 @@
 
 Three threads of the Dealer touch this state (see dealer.py for their roles):
 
-- the send thread puts new jobs in their pool's backlog;
-- the recv thread records results, and on a worker's death puts what it held back in the
-  backlog;
-- the recovery thread registers forked workers, and moves reaped ones from `workers` to
-  `exited` in the same critical section as its waitpid(), so that no other thread can see
-  (and signal) a pid that is already reaped and may be reused.
+- the send thread (sender.py) puts new jobs in their pool's backlog;
+- the recv thread (receiver.py) records results, and on a worker's death (recovery.py) puts
+  what it held back in the backlog; it also stops the pool (stopping.py);
+- the recovery thread (supervisor.py) registers forked workers, and moves reaped ones from
+  `workers` to `exited` in the same critical section as its waitpid(), so that no other
+  thread can see (and signal) a pid that is already reaped and may be reused.
 
 Whichever of them adds a job to a backlog or frees a worker also hands out what it can
 (`scheduler.assign`), in the same critical section: so no thread ever waits for a worker.
@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
+from taskpool.core.supervision import Death
 from taskpool.model.jobs import Job
+from taskpool.wire import ProtocolError
+from taskpool.wire.queue import JobMessage, decode
 
 # "Look at the deadlines again": to the recovery thread, from whoever set one earlier than
 # the one it sleeps until.
@@ -58,6 +61,22 @@ class WorkerHandle:
     took_a_job: bool = False  # ever: a worker that never did is what a crash loop makes
     running: int | None = None  # the job it ACKed and has not answered yet (if acked)
 
+    def take_back_waiting(self) -> list[Job]:
+        """Take every job still waiting in this worker's queue, unstarted, oldest first.
+        Called with the lock held; never blocks."""
+        waiting: list[Job] = []
+        while True:
+            try:
+                data, _ = self.request_queue.receive(timeout=0)
+            except posix_ipc.BusyError:
+                return waiting
+            try:
+                message = decode(data)
+            except ProtocolError:
+                continue
+            if isinstance(message, JobMessage):
+                waiting.append(message.job)
+
 
 @dataclass
 class PoolSlots:
@@ -81,21 +100,16 @@ class JobState:
     # Workers that took this job and died before its result reached us. The next send
     # carries attempt = failed_attempts + 1.
     failed_attempts: int = 0
-    last_failure: str = ""  # why the last attempt's worker died
     recorded: bool = False
 
 
 @dataclass(frozen=True)
 class Deadline:
-    """When the recovery thread must kill a worker, and the reason it will give."""
+    """When the recovery thread must kill a worker, and the death it will give as the
+    reason: its Cause says whether the job is charged an attempt (core/supervision.py)."""
 
     at: float  # time.monotonic()
-    reason: str
-    # False for kills that are our doing, not the job's (the grace period ran out, a
-    # second Ctrl-C, a preemption): no attempt is charged, and the job is reported not
-    # done, unless `requeue`.
-    charges_attempt: bool = True
-    requeue: bool = False  # a preemption: the job goes back to its backlog
+    death: Death
 
 
 @dataclass
@@ -129,9 +143,10 @@ class PoolState:
     heartbeat_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid
     grace_deadline: Deadline | None = None
     wake_at: float = float("inf")
-    # Why we killed a worker (timeout, no heartbeat, stopped, grace over, preempted), for
-    # the recv thread to give as the reason of the attempt.
-    kill_reasons: dict[int, Deadline] = field(default_factory=dict)
+    # Why we killed a worker (timeout, no heartbeat, stopped, grace over, stopped with the
+    # pool, preempted), for the recv thread to give as the death of the attempt. Set by
+    # whoever sends the SIGKILL, in the same critical section; popped by the recv thread.
+    kill_reasons: dict[int, Death] = field(default_factory=dict)
     resends: int = 0
     # Workers Ack every job (see protocol.is_acked); else only those that need it.
     ack_every_job: bool = True
@@ -188,7 +203,7 @@ class PoolState:
         if self.heartbeat is None:
             return False
         return self.set_deadline(self.heartbeat_deadlines, pid, Deadline(
-            now + self.heartbeat, f"sent no heartbeat for {self.heartbeat:g} s"))
+            now + self.heartbeat, Death.no_heartbeat(self.heartbeat)))
 
     def forget_deadlines(self, pid: int) -> None:
         self.job_deadlines.pop(pid, None)

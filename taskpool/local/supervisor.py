@@ -15,10 +15,10 @@ Timers without polling: it sleeps in sigtimedwait() until the earliest deadline 
 set; a thread that sets an earlier deadline nudges it with SIGUSR1. A worker stopped by
 SIGSTOP is reported by waitpid(WUNTRACED) at once, through the same SIGCHLD.
 
-Deciding which jobs to resend is the recv thread's work, not this one's: the dead worker's
-messages are all in the result queue ahead of WorkerExited (mq_send is atomic, and the
-worker is already reaped), so the recv thread sees its last Ack and Result before it sees
-the death, and resends exactly the jobs that have no result.
+Deciding which jobs to resend is the recv thread's work (recovery.py), not this one's: the
+dead worker's messages are all in the result queue ahead of WorkerExited (mq_send is atomic,
+and the worker is already reaped), so the recv thread sees its last Ack and Result before it
+sees the death, and resends exactly the jobs that have no result.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import NoReturn
 
 import posix_ipc
 
+from taskpool.core.supervision import Death
 from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
@@ -163,7 +164,7 @@ class Supervisor(threading.Thread):
                     deadline = table.get(pid)
                     if deadline is not None and deadline.at <= now:
                         if recv_is_behind:
-                            table[pid] = Deadline(now + HOLD_OFF, deadline.reason)
+                            table[pid] = Deadline(now + HOLD_OFF, deadline.death)
                             break
                         overdue.append((pid, deadline))
                         break
@@ -173,13 +174,12 @@ class Supervisor(threading.Thread):
                         overdue.append((pid, grace))
             for pid, deadline in overdue:
                 state.forget_deadlines(pid)
-                state.kill_reasons[pid] = deadline
+                state.kill_reasons[pid] = deadline.death
                 os.kill(pid, signal.SIGKILL)  # still in `workers`: not reaped, still ours
             if state.grace_deadline is not None and state.grace_deadline.at <= now:
                 state.grace_deadline = None
         for pid, deadline in overdue:
-            log.info("Worker PID %d %s: killed it", pid, deadline.reason,
-                     extra=event(ev.WORKER_KILLED, worker=pid, reason=deadline.reason))
+            self._log_killed(pid, deadline.death)
 
     def fill_pool(self, starting: bool = False) -> None:
         """Fork workers until every pool has its size again (unless stopping).
@@ -241,35 +241,62 @@ class Supervisor(threading.Thread):
             # every live worker: a worker is either told to shut down or never forked.
             if self.state.stopping:
                 return None
-            # FORK SAFETY. We fork from a process that runs three threads (five in an
-            # Executor's Dealer: its intake and lifeline threads only read a pipe and send
-            # to the ready queue, under no lock of ours). The child gets only this thread,
-            # and cannot deadlock, because:
-            # - the only lock our other threads take is state.lock, and we hold it right
-            #   now, so no other thread is inside a critical section at the fork; the child
-            #   never touches it anyway;
-            # - log lines go through log.FdHandler, one os.write() per line: no buffered
-            #   stdio object whose lock another thread could hold (gh-84579); the handler's
-            #   lock and logging's module lock are reset in the child by logging's own
-            #   os.register_at_fork hooks;
-            # - the GIL, the import lock and glibc's malloc locks are reset by CPython and
-            #   glibc at fork; posix_ipc holds no locks across its calls; libc for prctl()
-            #   was loaded before any thread started (proc._LIBC), so the child calls no
-            #   dlopen();
-            # - the child's first acts are to reset its signal handlers and mask and close
-            #   every descriptor it does not need; then it runs run_worker(), which uses
-            #   only its two queues and the log descriptor, and leaves by os._exit(),
-            #   never returning into this stack.
-            # PR_SET_PDEATHSIG ties a worker to the thread that forked it, which is why
-            # every worker is forked here: this thread lives until the last worker is
-            # reaped.
-            pid = os.fork()
-            if pid == 0:
-                self._become_worker(request_queue, pool)
+            pid = self._fork(request_queue, pool)  # FORK SAFETY: see there
             self.state.workers[pid] = WorkerHandle(pid, pool, request_queue)
             self.state.pools[pool].forked += 1
             assign(self.state, pool, schedule)
         schedule.log(self.layout)
+        return pid
+
+    def _fork(self, request_queue: posix_ipc.MessageQueue, pool: int) -> int:
+        """fork(); the child becomes the worker and never returns. Called with state.lock
+        held, by spawn_worker."""
+        # FORK SAFETY. The child gets only this thread. The other threads of the process
+        # (see dealer.py and executor/host.py), and the locks each may hold at the fork:
+        #   main thread      waits in pool_started.wait(), then join(): the Event's
+        #                    condition lock, briefly;
+        #   recv thread      state.lock; RecordWriter.lock, held while a write to main's
+        #                    pipe (or the Executor's outcome pipe) blocks; logging's locks;
+        #   send thread      state.lock, and its own waiter lock of backlog_room (a
+        #                    Condition on state.lock) while it waits there; logging's locks;
+        #   and in an Executor's Dealer:
+        #   intake thread    the lock of the buffered reader of the submit pipe, held while
+        #                    it blocks reading; logging's locks;
+        #   lifeline thread  none: os.read() on a raw descriptor;
+        # every thread holds its own join lock (_tstate_lock) while it lives, and any of
+        # them may hold mqueue._CREATING from `exit_between_creations` on, which ends the
+        # process. The child cannot deadlock on any of them:
+        # - state.lock is held by us right now, so no other thread is inside a critical
+        #   section at the fork (backlog_room's waiter lock is the send thread's alone);
+        # - logging's module lock is taken by this very thread just before the fork, by
+        #   logging's os.register_at_fork hook, which re-initialises it and every handler's
+        #   lock in the child. (Taking it under state.lock cannot deadlock the parent: it is
+        #   held only inside logging, which calls none of our code under it.) threading's
+        #   own at-fork hook resets its module state and the threads' internal locks;
+        # - every other lock above belongs to an object the child never touches: it uses
+        #   only `self.setup`, the layout and its two queues, not the Dealer, the state, the
+        #   writer, the Events or the submit pipe's reader; it creates no queue and leaves
+        #   by os._exit(), so it never takes mqueue._CREATING;
+        # - log lines go through log.FdHandler, one os.write() per line: no thread of ours
+        #   holds the buffer lock of sys.stdout or sys.stderr (CPython gh-84579: not reset
+        #   at fork) but on a path that is already a failure (logging's handleError after a
+        #   log write failed; threading's excepthook for an intake or lifeline thread dead
+        #   of a bug). Only then, and only if the child writes to that stream too (a print()
+        #   in a caller's function run by an Executor's worker), could the child block;
+        # - the GIL, the import lock and glibc's malloc locks are reset by CPython and glibc
+        #   at fork; no thread of ours imports anything once the threads run, so no module
+        #   import lock is held; posix_ipc holds no locks across its calls; libc for prctl()
+        #   was loaded before any thread started (proc._LIBC), so the child calls no
+        #   dlopen();
+        # - the child's first acts are to reset its signal handlers and mask and close every
+        #   descriptor it does not need; then it runs run_worker(), which uses only its two
+        #   queues and the log descriptor, and leaves by os._exit(), never returning into
+        #   this stack.
+        # PR_SET_PDEATHSIG ties a worker to the thread that forked it, which is why every
+        # worker is forked here: this thread lives until the last worker is reaped.
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(request_queue, pool)
         return pid
 
     def _become_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> NoReturn:
@@ -315,48 +342,56 @@ class Supervisor(threading.Thread):
                     stopped = self._kill_stopped(pid, status)
                 else:
                     worker = self._reaped(pid)
-                stopping = self.state.stopping
                 retired = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_RETIRED
                 killed_for = self.state.kill_reasons.get(pid)
                 preempted = killed_for is not None and killed_for.requeue
-                if worker is not None and not stopping and not retired and not preempted:
+                crash = not self.state.stopping and not retired and not preempted
+                if worker is not None and crash:
                     self.state.pools[worker.pool].crashes += 1
-            if stopped:
-                log.info("Worker PID %d %s: killed it", pid, stopped,
-                         extra=event(ev.WORKER_KILLED, worker=pid, reason=stopped))
+            if stopped is not None:
+                self._log_killed(pid, stopped)
             if worker is None:
                 continue
-            if retired:
-                log.info("Worker PID %d retired after %d jobs", pid,
-                         self.setup.policy.max_tasks_per_child or 0,
-                         extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
-                                     reason="retired", crash=False))
-            elif not stopping and not preempted:
-                how = proc.describe_wait_status(status)
-                log.info("Worker PID %d %s", pid, how,
-                         extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool, reason=how,
-                                     crash=True))
-            else:
-                how = "preempted" if preempted else proc.describe_wait_status(status)
-                log.debug("Reaped worker %d: %s", pid, how,
-                          extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
-                                      reason=how, crash=False))
+            self._log_reaped(worker, status, retired, crash, preempted)
             # Posted before any replacement is forked, so that the job is resent (to another
             # idle worker, if there is one) without waiting for the new worker to start.
             self.setup.result_queue.send(WorkerExited(pid, status).encode())
 
-    def _kill_stopped(self, pid: int, status: int) -> str | None:
+    def _log_reaped(self, worker: WorkerHandle, status: int, retired: bool, crash: bool,
+                    preempted: bool) -> None:
+        pid = worker.pid
+        if retired:
+            log.info("Worker PID %d retired after %d jobs", pid,
+                     self.setup.policy.max_tasks_per_child or 0,
+                     extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
+                                 reason="retired", crash=False))
+        elif crash:
+            how = proc.describe_wait_status(status)
+            log.info("Worker PID %d %s", pid, how,
+                     extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool, reason=how,
+                                 crash=True))
+        else:  # while stopping, or preempted: our doing
+            how = "preempted" if preempted else proc.describe_wait_status(status)
+            log.debug("Reaped worker %d: %s", pid, how,
+                      extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
+                                  reason=how, crash=False))
+
+    def _kill_stopped(self, pid: int, status: int) -> Death | None:
         """A stopped worker is hung: kill it (its death comes as another SIGCHLD) and
         return why. Called with state.lock held; the worker is not reaped, so the pid is
         still ours."""
         if pid not in self.state.workers:
             return None
-        sig = os.WSTOPSIG(status)
-        reason = f"was stopped by signal {sig} ({signal.Signals(sig).name})"
-        self.state.kill_reasons[pid] = Deadline(time.monotonic(), reason)
+        death = Death.stopped(os.WSTOPSIG(status))
+        self.state.kill_reasons[pid] = death
         self.state.forget_deadlines(pid)
         os.kill(pid, signal.SIGKILL)
-        return reason
+        return death
+
+    @staticmethod
+    def _log_killed(pid: int, death: Death) -> None:
+        log.info("Worker PID %d %s: killed it", pid, death.reason,
+                 extra=event(ev.WORKER_KILLED, worker=pid, reason=death.reason))
 
     def kill_workers(self) -> None:
         with self.state.lock:

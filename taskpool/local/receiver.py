@@ -1,0 +1,203 @@
+"""The recv thread: every message of the result queue, in order, and what follows from it.
+
+It reads what the workers send (Ack, Heartbeat, Result and its parts), what the recovery
+thread posts (WorkerExited, Terminate) and the send thread's EndOfJobs. It owns the job
+records, the all-done decision, and, through Recovery (recovery.py), what to resend after
+a death. It is the sink: it never waits for another thread of ours (its sends to workers'
+queues are non-blocking by construction), so every other blocked thread or worker is
+eventually released by it. It blocks only on the result queue's receive and on the record
+pipe's write to main.
+
+No result is doubled: a job is recorded once, by job id, here; a late duplicate is logged
+and dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import posix_ipc
+
+from taskpool.core.supervision import Death
+from taskpool.local.records import RecordWriter, Tally
+from taskpool.local.recovery import Recovery
+from taskpool.local.scheduler import Schedule, assign
+from taskpool.local.state import Deadline, PoolState, WorkerHandle
+from taskpool.local.stopping import Stopper
+from taskpool.model.policy import SupervisionPolicy
+from taskpool.model.pools import PoolLayout
+from taskpool.observe import events as ev
+from taskpool.observe.log import event, job_event
+from taskpool.wire import ProtocolError
+from taskpool.wire.queue import (
+    Ack,
+    EndOfJobs,
+    Heartbeat,
+    Message,
+    Result,
+    ResultPart,
+    Terminate,
+    WorkerExited,
+    decode,
+    is_acked,
+)
+
+log = logging.getLogger("taskpool.dealer")
+
+
+class Receiver:
+    """Owns: the job records, the all-done decision, and what to resend after a death.
+    Ends when the pool is stopping and every worker's exit has been seen."""
+
+    def __init__(self, state: PoolState, result_queue: posix_ipc.MessageQueue,
+                 writer: RecordWriter, tally: Tally, recovery: Recovery, stopper: Stopper,
+                 policy: SupervisionPolicy, layout: PoolLayout) -> None:
+        self.state = state
+        self.result_queue = result_queue
+        self.writer = writer
+        self.tally = tally
+        self.recovery = recovery
+        self.stopper = stopper
+        self.policy = policy
+        self.layout = layout
+        # A result too large for one message, so far, by (worker pid, job id). Ours alone.
+        self.result_parts: dict[tuple[int, int], list[bytes]] = {}
+
+    def run(self) -> None:
+        state = self.state
+        while True:
+            message = self._next_message()
+            if message is None:
+                continue
+            self._handle(message)
+            if not state.stopping and self.tally.all_recorded():
+                log.info("All jobs completed. Shutting down workers...",
+                         extra=event(ev.ALL_JOBS_COMPLETED, jobs=self.tally.recorded))
+                self.stopper.stop_pool(kill=False)
+            if state.stopping and self._all_workers_gone():
+                self.writer.flush()  # not under the lock: see Dealer._reader_lost
+                return
+
+    def _next_message(self) -> Message | None:
+        try:
+            data, _ = self.result_queue.receive(timeout=0)
+        except posix_ipc.BusyError:
+            self.writer.flush()  # before blocking: main gets what is recorded so far
+            data, _ = self.result_queue.receive()
+        try:
+            return decode(data)
+        except ProtocolError as e:
+            log.error("Dropped a malformed message from a worker: %s", e)
+            return None
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Result):
+            self._on_result(self._joined(message))
+        elif isinstance(message, ResultPart):
+            self.result_parts.setdefault((message.pid, message.job_id), []).append(
+                message.piece)
+        elif isinstance(message, Ack):
+            self._on_ack(message)
+        elif isinstance(message, Heartbeat):
+            self._on_heartbeat(message)
+        elif isinstance(message, WorkerExited):
+            self._on_worker_exited(message)
+        elif isinstance(message, EndOfJobs):
+            self.tally.expected_total = message.total
+        elif isinstance(message, Terminate):
+            self.stopper.terminate(message.signum)
+
+    def _all_workers_gone(self) -> bool:
+        with self.state.lock:
+            return not self.state.workers and not self.state.exited
+
+    def _on_ack(self, ack: Ack) -> None:
+        """The job has started: from now on its timeout and the heartbeat run."""
+        state = self.state
+        now = time.monotonic()
+        schedule = Schedule()  # its log() also nudges the recovery thread, if asked to
+        with state.lock:
+            job_state = state.jobs.get(ack.job_id)
+            worker = state.handle_of(ack.pid)
+            if worker is not None:
+                worker.took_a_job = True
+                worker.running = ack.job_id
+                if state.preempt and state.pools[worker.pool].backlog:
+                    assign(state, worker.pool, schedule)  # it may now be preempted
+            if ack.pid in state.workers and job_state is not None:
+                timeout = job_state.job.timeout or self.policy.timeout
+                if timeout is not None:
+                    schedule.nudge |= state.set_deadline(state.job_deadlines, ack.pid, Deadline(
+                        now + timeout, Death.timed_out(ack.job_id, timeout)))
+                schedule.nudge |= state.expect_heartbeat(ack.pid, now)
+        schedule.log(self.layout)
+        # The assignment is already known; an Ack only says the job started.
+        if log.isEnabledFor(logging.DEBUG):  # once per job: skip building a dropped event
+            log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
+                      ack.job_id, ack.pid, ack.attempt,
+                      extra=event(ev.JOB_STARTED, job=ack.job_id, worker=ack.pid,
+                                  attempt=ack.attempt))
+
+    def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
+        with self.state.lock:
+            # Only while the worker runs a job: a late beat after its Result is ignored.
+            if heartbeat.pid in self.state.heartbeat_deadlines:
+                self.state.expect_heartbeat(heartbeat.pid, time.monotonic())
+
+    def _on_result(self, result: Result) -> None:
+        state = self.state
+        schedule = Schedule()  # its log() also nudges the recovery thread, if asked to
+        with state.lock:
+            worker = self._free_worker(result, schedule)
+            job_state = state.jobs.get(result.job_id)
+            duplicate = job_state is not None and job_state.recorded
+            if job_state is not None:
+                job_state.recorded = True
+            if worker is not None and result.pid in state.workers:
+                assign(state, worker.pool, schedule)  # it lives: hand it more
+        schedule.log(self.layout)
+        if job_state is None:
+            log.error("Dropped a result for unknown job %d", result.job_id)
+            return
+        if duplicate:
+            log.info("Dropped duplicate result for job %d from worker PID [%d]",
+                     result.job_id, result.pid,
+                     extra=event(ev.DUPLICATE_DROPPED, job=result.job_id, worker=result.pid))
+            return
+        self.tally.recorded += 1
+        self.writer.done(job_state.job, result)
+        job_event(log, ev.JOB_DONE, "Received result for job %d: %s from worker PID [%d]",
+                  result.job_id, result.value, result.pid,
+                  job=result.job_id, worker=result.pid, attempt=result.attempt,
+                  result=result.value)
+
+    def _free_worker(self, result: Result, schedule: Schedule) -> WorkerHandle | None:
+        """The worker that sent `result` is done with that job: forget its deadlines, and
+        start the heartbeat clock of its next job. Called with the lock held."""
+        state = self.state
+        state.forget_deadlines(result.pid)
+        worker = state.handle_of(result.pid)
+        if worker is None:
+            return None
+        worker.running = None
+        worker.took_a_job = True
+        if result.job_id in worker.outstanding:
+            worker.outstanding.remove(result.job_id)
+        if (worker.outstanding and state.workers.get(result.pid) is worker
+                and not is_acked(state.jobs[worker.outstanding[0]].job, state.ack_every_job)):
+            # It takes its next job now (it sent this Result first); no Ack will say so.
+            schedule.nudge |= state.expect_heartbeat(result.pid, time.monotonic())
+        return worker
+
+    def _on_worker_exited(self, exited: WorkerExited) -> None:
+        for key in [key for key in self.result_parts if key[0] == exited.pid]:
+            del self.result_parts[key]  # the rest of that result will never come
+        self.recovery.on_worker_exited(exited)
+
+    def _joined(self, result: Result) -> Result:
+        parts = self.result_parts.pop((result.pid, result.job_id), None)
+        if parts is None:
+            return result
+        return dataclasses.replace(result, payload=b"".join(parts) + result.payload)

@@ -1,0 +1,123 @@
+"""Stopping the pool: when all is done, on SIGTERM (within a grace period), at once, or when
+the supervisor gives up.
+
+Every stop runs in the recv thread: main's SIGTERM reaches it as a Terminate message from
+the recovery thread (which alone takes signals), the all-done decision is its own, and so
+is a death that exhausts the restart intensity (recovery.py). `state.stopping` is set once,
+under the lock, and never cleared; from then on nothing is handed out or sent again, and
+the recv thread ends once every worker's exit has been seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import posix_ipc
+
+from taskpool.core.supervision import Death
+from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState
+from taskpool.model.jobs import PRIORITY_MAX
+from taskpool.observe import events as ev
+from taskpool.observe.log import event
+from taskpool.wire.queue import Shutdown, Stop
+
+log = logging.getLogger("taskpool.dealer")
+supervisor_log = logging.getLogger("taskpool.supervisor")
+
+
+class Stopper:
+    """Ends the pool. Its methods run in the recv thread; `terminated` and `stop_reason`
+    are written there and read by the main thread once the other threads have ended."""
+
+    def __init__(self, state: PoolState, grace: float,
+                 ready_queue: posix_ipc.MessageQueue) -> None:
+        self.state = state
+        self.grace = grace
+        self.ready_queue = ready_queue  # to tell the send thread to stop
+        self.terminated = False  # stopped before all jobs were done
+        self.stop_reason: str | None = None  # why, if not on a signal
+
+    def terminate(self, signum: int) -> None:
+        """SIGTERM (from main, on Ctrl-C or SIGTERM): take back the jobs not started, let
+        the running ones finish within the grace period, then kill what is left. A second
+        SIGTERM, or a supervisor that cannot go on (signum 0), kills at once."""
+        if signum == 0 or self.terminated:
+            self._stop_now(signum)
+        elif not self.state.stopping:  # else all jobs are done and the workers shutting down
+            self._stop_within_grace(signum)
+
+    def give_up(self, reason: str) -> None:
+        """The pool cannot work (restart intensity): stop it, killing what runs."""
+        self.stop_reason = reason
+        supervisor_log.error("Giving up: %s", reason, extra=event(ev.GAVE_UP, reason=reason))
+        self.terminated = True
+        self.stop_pool(kill=True)
+
+    def stop_pool(self, kill: bool) -> None:
+        """Set stopping, and end every worker: a Shutdown message when all jobs are done,
+        SIGKILL when terminated (a Shutdown would wait behind queued jobs)."""
+        state = self.state
+        with state.lock:
+            state.stopping = True
+            for worker in state.workers.values():
+                # Not reaped yet (reaping moves a worker out of `workers` under this lock),
+                # so the pid is still this worker's.
+                if kill:
+                    state.kill_reasons[worker.pid] = Death.stopped_with_pool()
+                    os.kill(worker.pid, signal.SIGKILL)
+                else:
+                    try:
+                        # With all jobs done, every worker's queue is empty: never blocks.
+                        worker.request_queue.send(Shutdown().encode(), timeout=0)
+                    except posix_ipc.BusyError:
+                        os.kill(worker.pid, signal.SIGKILL)
+            state.backlog_room.notify_all()
+        self._stop_send_thread()
+        # The recovery thread may be waiting with no worker left to wake it.
+        os.kill(os.getpid(), NUDGE_SIGNAL)
+
+    def _stop_now(self, signum: int) -> None:
+        self.terminated = True
+        self.stop_reason = self.stop_reason or (
+            None if signum else "the pool could not keep its workers")
+        with self.state.lock:
+            running = sum(1 for w in self.state.workers.values() if w.outstanding)
+        log.info("Stopping now: killing %d running jobs", running,
+                 extra=event(ev.STOPPING, running=running, grace=0))
+        self.stop_pool(kill=True)
+
+    def _stop_within_grace(self, signum: int) -> None:
+        self.terminated = True
+        state = self.state
+        grace = self.grace
+        with state.lock:
+            state.stopping = True
+            for worker in state.workers.values():
+                taken_back = {job.job_id for job in worker.take_back_waiting()}
+                worker.outstanding = [j for j in worker.outstanding if j not in taken_back]
+                if not worker.outstanding:
+                    state.heartbeat_deadlines.pop(worker.pid, None)  # idle: owes no beat
+                # The queue is empty now: never blocks. The worker reads it after its job.
+                worker.request_queue.send(Shutdown().encode(), timeout=0)
+            running = sum(1 for w in state.workers.values() if w.outstanding)
+            not_started = sum(1 for s in state.jobs.values() if not s.recorded) - running
+            state.grace_deadline = Deadline(time.monotonic() + grace, Death.grace_over(grace))
+            state.backlog_room.notify_all()
+        log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
+                 "%d jobs not started", signum, running, grace, not_started,
+                 extra=event(ev.STOPPING, running=running, grace=grace,
+                             not_started=not_started))
+        self._stop_send_thread()
+        os.kill(os.getpid(), NUDGE_SIGNAL)  # to set its timer for the grace deadline
+
+    def _stop_send_thread(self) -> None:
+        """Stop, to the send thread: at the top priority, so that it comes before any job.
+        If the ready queue is full, the send thread is not blocked in receive: it sees
+        `stopping` at the top of its loop, after its next message."""
+        try:
+            self.ready_queue.send(Stop().encode(), timeout=0, priority=PRIORITY_MAX)
+        except posix_ipc.BusyError:
+            pass

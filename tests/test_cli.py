@@ -4,8 +4,12 @@ never a traceback; a bad job file runs nothing; bad lines on stdin are skipped."
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +99,52 @@ def test_bad_lines_on_stdin_are_skipped_the_rest_complete_and_exit_is_2(tmp_path
     assert_done_right(records)
     assert [(r["kind"], r["arg"]) for r in sorted(records, key=lambda r: r["job"])] == [
         ("fib", 10), ("sleep", 0.0), ("fib", 20)]
+
+
+def test_a_bad_line_on_stdin_is_printed_above_the_live_view_not_run_into_it() -> None:
+    """On a terminal the progress line stays at the bottom, redrawn in place. An error
+    written to stderr past it would run on from the progress line (and leave it behind,
+    stale); printed through the view, the view first clears its line."""
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="200", LINES="30")
+    proc = subprocess.Popen([sys.executable, "-m", "taskpool", "run", "--workers", "1"],
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=slave,
+                            stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = bytearray()
+
+    def read_until(pattern: bytes | None) -> None:
+        """Read the terminal until `pattern` shows (None: until its last writer is gone)."""
+        deadline = time.monotonic() + 60
+        while pattern is None or not re.search(pattern, out):
+            ready, _, _ = select.select([master], [], [], deadline - time.monotonic())
+            assert ready, f"timed out waiting for {pattern!r}: {bytes(out)!r}"
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                chunk = b""
+            if not chunk:
+                assert pattern is None, f"ended before {pattern!r}: {bytes(out)!r}"
+                return
+            out.extend(chunk)
+
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"fib 10\n")
+        proc.stdin.flush()
+        read_until(rb"1/1\+ done")  # the view is drawn, and job 1 done
+        proc.stdin.write(b"fib ten\n")
+        proc.stdin.close()
+        read_until(None)
+    finally:
+        os.close(master)
+        code = proc.wait(timeout=60)
+    assert code == 2
+    error = b"taskpool: <stdin>:2: fib argument 'ten' is not an integer"
+    assert out.count(error) == 1, bytes(out)
+    at = out.index(error)
+    line_start = max(out.rfind(b"\r", 0, at), out.rfind(b"\n", 0, at))
+    assert b" done " not in out[line_start:at], "the error ran on from the progress line"
 
 
 def test_ctrl_c_before_mains_handlers_exits_130_without_a_traceback(

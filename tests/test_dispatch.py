@@ -58,9 +58,13 @@ def test_seed_000_example_runs_each_job_on_a_worker_of_its_type(tmp_path: Path) 
         assert record["type"] == int(job_type) and record["priority"] == 0
         assert record["kind"] == "sleep" and record["result"] == float(duration)
         assert types[record["worker"]] == job_type, "a job runs only on a worker of its type"
-        assert (f"[Dispatcher] Job {job_id} (type {job_type}, {float(duration)!r}s) -> "
+        assert (f"[Dealer] Job {job_id} (type {job_type}, {float(duration)!r}s) -> "
                 f"worker {record['worker']}") in log
         assert f"[Worker {record['worker']} type {job_type}] Done job {job_id}" in log
+    # One tag a role (observe/log.py): the Dealer sends typed jobs as itself.
+    roles = {re.sub(r"^Worker \d+ type \d+$", "Worker", tag)
+             for tag in re.findall(r"^\[([^\]]+)\]", log, re.M)}
+    assert roles <= {"Main", "TaskGenerator", "Dealer", "Supervisor", "Recovery", "Worker"}
 
 
 def test_streamed_lines_start_at_once_and_the_run_ends_when_input_closes(
@@ -278,4 +282,4 @@ def test_kind_named_pools_take_the_core_job_file(tmp_path: Path) -> None:
     assert_done_right(list(records.values()))
     assert [records[j]["type"] for j in (1, 2, 3, 4)] == [1, 2, 1, 2]
     assert {types[records[j]["worker"]] for j in (1, 3)} == {"fib"}
-    assert "[Dispatcher] Job 1 (type fib, fib(20)) -> worker" in run.log_text()
+    assert "[Dealer] Job 1 (type fib, fib(20)) -> worker" in run.log_text()

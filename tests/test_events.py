@@ -186,7 +186,7 @@ def test_per_job_lines_read_the_same_with_the_text_log_alone_as_through_logging(
         events_fd = os.open(jsonl, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if events else None
         try:
             tplog.setup(fd, level, events_fd)
-            for role in ("dealer", "dispatcher", "worker"):
+            for role in ("dealer", "recovery", "worker"):
                 tplog.job_event(logging.getLogger(f"taskpool.{role}"), "job_done",
                                 "Received result for job %d: %s from worker PID [%d]%s", 7,
                                 0.25, 4242, " (attempt 2)", job=7, worker=4242, at=1.5)
@@ -201,7 +201,7 @@ def test_per_job_lines_read_the_same_with_the_text_log_alone_as_through_logging(
     assert alone == through_logging
     assert alone.splitlines() == [
         "[Dealer] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
-        "[Dispatcher] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
+        "[Recovery] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
         f"[Worker {os.getpid()}] Received result for job 7: 0.25 from worker PID [4242] "
         "(attempt 2)"]
     assert [(e["event"], e["job"], e["worker"], e["t"]) for e in events] == \

@@ -20,7 +20,9 @@ from taskpool.wire.queue import (
     Heartbeat,
     JobBatch,
     JobMessage,
+    MessageType,
     Result,
+    ResultPart,
     Shutdown,
     Stop,
     Terminate,
@@ -50,6 +52,8 @@ MESSAGES = [
     Result(4, 1, 4243, JobKind.SLEEP, 1.5),
     WorkerExited(4242, 11),
     Terminate(15),
+    JobBatch((Job(7, JobKind.FIB, 20, priority=3), Job(8, JobKind.SLEEP, 0.5, priority=3))),
+    ResultPart(3, 2, 4242, b"the head of a payload"),
 ]
 
 
@@ -58,6 +62,10 @@ def test_every_message_round_trips_within_the_queue_message_size(message: object
     data = message.encode()  # type: ignore[attr-defined]
     assert len(data) <= MAX_MESSAGE_SIZE
     assert decode(data) == message
+
+
+def test_every_message_type_has_a_row_above() -> None:
+    assert {type(message).TYPE for message in MESSAGES} == set(MessageType)
 
 
 def test_fib_values_and_sleep_values_keep_their_types() -> None:
@@ -94,9 +102,13 @@ def test_a_job_file_goes_out_in_full_batches_of_one_priority_highest_first() -> 
         (b"\x01", "shorter than its header"),
         (b"\x02\x01" + bytes(19), "version 2"),
         (b"\x01\x63", "unknown message type 99"),
+        (b"\x01\x03", "unknown message type 3"),  # WAKE, retired
         (JobMessage(Job(1, JobKind.FIB, 3), 1).encode()[:-1], "JOB message"),
         (Ack(1, 1, 1).encode() + b"x", "ACK message"),
         (Stop().encode() + b"x", "unexpected bytes"),
+        (Shutdown().encode() + b"xy", "SHUTDOWN message has 2 unexpected bytes"),
+        (ResultPart(1, 1, 1, b"").encode()[:-1], "RESULT_PART message"),
+        (Result(1, 1, 1, JobKind.FIB, 3).encode() + b"x", "RESULT message has 1 unexpected"),
         (JobBatch((Job(1, JobKind.FIB, 3),) * 2).encode()[:-1], "JOB_BATCH message of 2"),
         (b"\x01\x0c\x00\x01" + JobMessage(Job(1, JobKind.CALL, 1), 1).encode()[2:],
          "with a CALL job"),

@@ -167,9 +167,13 @@ class Journal:
     def all_jobs(self) -> dict[int, Job]:
         rows = self.db.execute(
             "SELECT job, kind, arg, timeout, line, pool, priority FROM jobs ORDER BY job")
-        return {job: Job(job, JobKind[kind.upper()], _arg(kind, arg), timeout, pool, priority,
-                         line=line)
-                for job, kind, arg, timeout, line, pool, priority in rows}
+        try:
+            return {job: Job(job, JobKind[kind.upper()], _arg(kind, arg), timeout, pool,
+                             priority, line=line)
+                    for job, kind, arg, timeout, line, pool, priority in rows}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise JournalError(f"{self.path}: not a usable taskpool journal (a job cannot be "
+                               f"read: {e!r})") from None
 
     def outcomes(self) -> dict[int, JobRecord]:
         """Every recorded outcome; JournalError if one cannot be read back (a journal

@@ -41,7 +41,6 @@ from taskpool.observe.log import event, job_event
 from taskpool.wire.queue import JobMessage, is_acked
 
 dealer_log = logging.getLogger("taskpool.dealer")
-dispatcher_log = logging.getLogger("taskpool.dispatcher")
 supervisor_log = logging.getLogger("taskpool.supervisor")
 
 
@@ -90,7 +89,7 @@ class Schedule:
                       "priority": job.priority}
             if layout.typed:
                 priority = f", priority {job.priority}" if job.priority else ""
-                job_event(dispatcher_log, ev.JOB_SENT, "Job %d (%s, %s%s) -> worker %d%s",
+                job_event(dealer_log, ev.JOB_SENT, "Job %d (%s, %s%s) -> worker %d%s",
                           job.job_id, layout.pool(job.pool).label, job.describe_typed(),
                           priority, s.pid, retry, **fields)
             else:

@@ -1,10 +1,14 @@
 """The worker: a forked process that runs one job at a time.
 
-Protocol, per job: receive it from its own request queue, send an Ack to the shared result
-queue (if the Dealer needs one: protocol.is_acked), run it, send the Result. Each step
-boundary is a `Step`; simulated crashes (--crash-rate) and injected kills (--inject-fault,
-a test hook) happen exactly there, so that a test can kill a worker at every point of the
-protocol.
+Protocol, per job (`JobLoop`): receive it from its own request queue, send an Ack to the
+shared result queue (if the Dealer needs one: wire.queue.is_acked), run it, send the Result.
+Each step boundary is a `Step`; simulated crashes (--crash-rate) and injected kills
+(--inject-fault, a test hook) happen exactly there, so that a test can kill a worker at
+every point of the protocol.
+
+A worker is a child forked by the Dealer's supervisor thread (supervisor.py argues there why
+that fork is safe). It ends only through os._exit(), whatever ends it: a Shutdown, its
+retirement, a fault of its own.
 
 "Let it crash": a worker never tries to survive its own faults. Any unexpected error ends
 the process; the Dealer notices the death and restores the pool.
@@ -27,16 +31,13 @@ from taskpool.core.calls import run_calls
 from taskpool.core.loads import execute
 from taskpool.model.exits import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT, EXIT_RETIRED
 from taskpool.model.faults import CrashPlan, Step
-from taskpool.model.jobs import JobKind
+from taskpool.model.jobs import Job, JobKind
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
 from taskpool.wire import ProtocolError
 from taskpool.wire.queue import Ack, Heartbeat, JobMessage, Result, Shutdown, decode, is_acked
 
 log = logging.getLogger("taskpool.worker")
-
-
-# Exit statuses that say why a worker left on its own.
 
 
 def _simulate_crash() -> NoReturn:
@@ -128,29 +129,101 @@ def run_worker(
     log_each_job: bool = False,
     initializer: bytes | None = None,
 ) -> NoReturn:
-    """The worker loop. Returns only through os._exit()."""
-    pid = os.getpid()
+    """The worker, in the child the supervisor thread forked (supervisor.py argues why that
+    fork cannot deadlock). It uses its two queues and the log's descriptors, nothing else
+    of the Dealer's, and returns only through os._exit(): never into the parent's stack,
+    never by sys.exit(), which would run the Dealer's finally blocks and atexit handlers."""
     log.info("Starting up", extra=event(ev.WORKER_STARTED))
     if initializer is not None:
         _run_initializer(initializer)
     if plan.is_injected(0, Step.AT_START, 1):
-        os.kill(pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
     heartbeat = None
     if limits.heartbeat is not None:
         heartbeat = HeartbeatThread(result_queue, limits.heartbeat / 3)
         heartbeat.start()  # before the memory cap: a thread's stack is address space too
     if limits.max_memory_mb is not None:
-        # On top of what the worker already maps (inherited from the Dealer: 150-250 MB of
-        # address space, mostly per-thread malloc arenas), so MB is what a job may use.
-        cap = _address_space_bytes() + limits.max_memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    jobs_done = 0
-    result_message_size = result_queue.max_message_size  # read once: mq_getattr each time
+        _cap_address_space(limits.max_memory_mb)
+    JobLoop(request_queue, result_queue, plan, limits, log_each_job, heartbeat).serve()
 
-    def checkpoint(job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:
-        if plan.is_injected(job_id, step, attempt):
-            os.kill(pid, signal.SIGKILL)
-        if step is Step.DURING_COMPUTE and plan.is_injected(job_id, Step.HANG, attempt):
+
+def _cap_address_space(megabytes: int) -> None:
+    # On top of what the worker already maps (inherited from the Dealer: 150-250 MB of
+    # address space, mostly per-thread malloc arenas), so MB is what a job may use.
+    cap = _address_space_bytes() + megabytes * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+class JobLoop:
+    """A worker's jobs, one at a time: receive, ack, compute, answer, with the crash plan's
+    steps between them, until a Shutdown, its retirement (--max-tasks-per-child) or a fault
+    ends the process. The worker's main thread is its only user; it tells the heartbeat
+    thread when a job starts and ends.
+
+    This runs once a job, so it stays as cheap as the single loop it replaced: what a job
+    needs is in attributes set once, and a job allocates only its messages and its value."""
+
+    def __init__(
+        self,
+        request_queue: posix_ipc.MessageQueue,
+        result_queue: posix_ipc.MessageQueue,
+        plan: CrashPlan,
+        limits: WorkerLimits,
+        log_each_job: bool,
+        heartbeat: HeartbeatThread | None,
+    ) -> None:
+        self.request_queue = request_queue
+        self.result_queue = result_queue
+        self.result_message_size = result_queue.max_message_size  # read once: mq_getattr
+        self.plan = plan
+        self.limits = limits
+        self.log_each_job = log_each_job
+        self.heartbeat = heartbeat
+        self.pid = os.getpid()
+        self.jobs_done = 0
+
+    def serve(self) -> NoReturn:
+        while True:
+            message = self.receive()
+            self.run(message.job, message.attempt)
+            self.retire_if_due()
+
+    def receive(self) -> JobMessage:
+        """The next job from the request queue; a Shutdown ends the worker here, and
+        anything else is logged and dropped."""
+        while True:
+            data, _priority = self.request_queue.receive()
+            try:
+                message = decode(data)
+            except ProtocolError as e:
+                log.error("Dropped a malformed message: %s", e)
+                continue
+            if isinstance(message, JobMessage):
+                return message
+            if isinstance(message, Shutdown):
+                log.info("Received shutdown signal", extra=event(ev.WORKER_SHUTDOWN))
+                os._exit(0)
+            log.error("Dropped an unexpected %s message", type(message).__name__)
+
+    def run(self, job: Job, attempt: int) -> None:
+        """One job's protocol, a `Step` at each of its boundaries."""
+        job_id = job.job_id
+        crash_at = self.plan.simulated_step(job_id, attempt)
+        self.checkpoint(job_id, attempt, Step.BEFORE_ACK, crash_at)
+        if is_acked(job, self.limits.ack_every_job):
+            self.result_queue.send(Ack(job_id, attempt, self.pid).encode())
+        self.checkpoint(job_id, attempt, Step.DURING_COMPUTE, crash_at)
+        result = self.compute(job, attempt)
+        self.checkpoint(job_id, attempt, Step.BEFORE_RESULT, crash_at)
+        self.answer(result)
+        self.checkpoint(job_id, attempt, Step.AFTER_RESULT, None)
+
+    def checkpoint(self, job_id: int, attempt: int, step: Step, crash_at: Step | None) -> None:
+        """Where the crash plan may end the worker: an injected kill, a hang or a
+        simulated crash at `step` of this attempt."""
+        if self.plan.is_injected(job_id, step, attempt):
+            os.kill(self.pid, signal.SIGKILL)
+        if step is Step.DURING_COMPUTE and self.plan.is_injected(job_id, Step.HANG, attempt):
             # A worker wedged where waitpid() cannot see it (not stopped, not dead), as
             # one stuck in C code holding the GIL would be: only the heartbeat tells.
             log.info("Hanging (test hook)")
@@ -158,25 +231,10 @@ def run_worker(
         if crash_at is step:
             _simulate_crash()
 
-    while True:
-        data, _priority = request_queue.receive()
-        try:
-            message = decode(data)
-        except ProtocolError as e:
-            log.error("Dropped a malformed message: %s", e)
-            continue
-        if isinstance(message, Shutdown):
-            log.info("Received shutdown signal", extra=event(ev.WORKER_SHUTDOWN))
-            os._exit(0)
-        if not isinstance(message, JobMessage):
-            log.error("Dropped an unexpected %s message", type(message).__name__)
-            continue
-        job, attempt = message.job, message.attempt
-        crash_at = plan.simulated_step(job.job_id, attempt)
-        checkpoint(job.job_id, attempt, Step.BEFORE_ACK, crash_at)
-        if is_acked(job, limits.ack_every_job):
-            result_queue.send(Ack(job.job_id, attempt, pid).encode())
-        checkpoint(job.job_id, attempt, Step.DURING_COMPUTE, crash_at)
+    def compute(self, job: Job, attempt: int) -> Result:
+        """Runs the job, the heartbeat beating meanwhile; running out of memory under
+        --max-memory ends the worker (the Dealer fails the attempt: 'memory limit')."""
+        heartbeat = self.heartbeat
         if heartbeat is not None:
             heartbeat.job_started()
         payload = b""
@@ -187,18 +245,22 @@ def run_worker(
                 value = execute(job.kind, job.arg)
         except MemoryError:
             log.info("Job %d ran out of memory (--max-memory %s MB)", job.job_id,
-                     limits.max_memory_mb)
+                     self.limits.max_memory_mb)
             os._exit(EXIT_MEMORY_LIMIT)
         if heartbeat is not None:
             heartbeat.job_finished()
-        checkpoint(job.job_id, attempt, Step.BEFORE_RESULT, crash_at)
-        result = Result(job.job_id, attempt, pid, job.kind, value, payload)
-        for encoded in result.encode_in_parts(result_message_size):
-            result_queue.send(encoded)
-        if log_each_job:
-            log.info("Done job %d", job.job_id, extra=event(ev.JOB_FINISHED, job=job.job_id))
-        checkpoint(job.job_id, attempt, Step.AFTER_RESULT, None)
-        jobs_done += 1
-        if limits.max_tasks is not None and jobs_done >= limits.max_tasks:
-            log.info("Retiring after %d jobs", jobs_done)
+        return Result(job.job_id, attempt, self.pid, job.kind, value, payload)
+
+    def answer(self, result: Result) -> None:
+        """The result to the Dealer, in parts if it is larger than a message."""
+        for encoded in result.encode_in_parts(self.result_message_size):
+            self.result_queue.send(encoded)
+        if self.log_each_job:
+            log.info("Done job %d", result.job_id,
+                     extra=event(ev.JOB_FINISHED, job=result.job_id))
+
+    def retire_if_due(self) -> None:
+        self.jobs_done += 1
+        if self.limits.max_tasks is not None and self.jobs_done >= self.limits.max_tasks:
+            log.info("Retiring after %d jobs", self.jobs_done)
             os._exit(EXIT_RETIRED)

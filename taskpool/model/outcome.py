@@ -39,12 +39,12 @@ class JobRecord:
                    type=job.pool, priority=job.priority)
 
     def to_json(self) -> dict[str, Any]:
-        return _record_fields({}, self.job, self.kind, self.arg, self.type, self.priority,
+        return record_fields({}, self.job, self.kind, self.arg, self.type, self.priority,
                               self.status, self.result, self.worker, self.attempts,
                               self.reason)
 
 
-def _record_fields(fields: dict[str, Any], job: int, kind: str, arg: Arg, pool: int,
+def record_fields(fields: dict[str, Any], job: int, kind: str, arg: Arg, pool: int,
                    priority: int, status: str, result: Arg | None, worker: int | None,
                    attempts: int, reason: str | None) -> dict[str, Any]:
     """A JobRecord's fields, in the results file's order, added to `fields`. Built by hand:

@@ -13,7 +13,7 @@ tests read them back by the same names. An event's fields are its JSON object's 
     worker_shutdown      worker
     simulated_crash      worker                        (job, step: with --crash-rate)
     initializer_failed   worker (Executor)             reason
-    job_sent             Dealer, Dispatcher            job, worker, attempt, ...
+    job_sent             Dealer                        job, worker, attempt, ...
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job
     job_done             Dealer, Dask engine           job, worker, attempt, result

@@ -57,6 +57,13 @@ class LiveView:
         self.redraw()
         self.live.stop()
 
+    def report_error(self, message: str) -> None:
+        """An error for the user, `taskpool: <message>`: printed above the progress line,
+        as the log's lines are. Written to stderr past the view, it would run on from the
+        end of the progress line, and leave that line behind, stale, above the next
+        drawing."""
+        self.console.print(Text(f"taskpool: {message}"))
+
     # --- events ------------------------------------------------------------------------
 
     def on_line(self, line: bytes) -> None:

@@ -18,6 +18,22 @@ view's pipe). There is no buffered stream in the way, which matters twice: lines
 different processes never interleave mid-line, and a child forked while another thread is
 logging cannot inherit a held stdio buffer lock (CPython gh-84579). The handlers' own
 locks are re-initialised in the child by `logging`'s at-fork hook.
+
+Who speaks: one tag a role, from the logger's name (`taskpool.<role>`), the same in the text
+line's `[...]` and in the event's "role".
+
+    Main           the `taskpool run` process: start-up, lost roles, the exit table, summary
+    TaskGenerator  the process that reads the jobs and queues them
+    Dealer         the Dealer process: jobs to workers (and, in typed pools, which worker of
+                   the job's type), results, shutdown; and two duties of its own, logged
+                   under their names:
+      Supervisor     its workers' deaths and what they cost: the policy, failed jobs,
+                     kills for a timeout or a missed heartbeat, giving up
+      Recovery       the jobs a dead worker held: resent, requeued, split
+    Worker         a worker process, with its PID (and its pool's type in typed pools):
+                   `[Worker 1471 type 2]`
+    Dask           the Dask engine's client side (it logs as Main, Supervisor and Recovery
+                   too, for the same duties as the local engine's)
 """
 
 from __future__ import annotations
@@ -35,11 +51,10 @@ _ROLE_TAGS = {
     "taskpool.main": "Main",
     "taskpool.generator": "TaskGenerator",
     "taskpool.dealer": "Dealer",
-    "taskpool.dispatcher": "Dispatcher",
     "taskpool.supervisor": "Supervisor",
     "taskpool.recovery": "Recovery",
     "taskpool.worker": "Worker",
-    "taskpool.dask": "Dask",  # the Dask engine's client side (dask_engine.py)
+    "taskpool.dask": "Dask",
 }
 
 # In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].
@@ -169,29 +184,12 @@ def setup(
     """Route every taskpool logger: the text log to `fd` at `level`, every event (debug
     included) to `events_fd`; or, with the live view, everything to `live`, which renders
     both. Called once in main, before any fork; children inherit the configuration."""
-    # What no handler of ours renders, and `logging` would work out for every record (the
-    # Logging HOWTO's "Optimization"): the caller's file and line (a walk up the stack),
-    # the thread's name, the multiprocessing process's name. The Dealer writes two lines
-    # per job; these were about a sixth of its cost per line. The processes are our own
-    # (the CLI's, the Executor's host): no caller's logging is touched.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
+    _skip_what_no_handler_renders()
     root = logging.getLogger("taskpool")
     for handler in list(root.handlers):
         root.removeHandler(handler)
     _descriptors.clear()
-    handlers: list[logging.Handler] = []
-    if live is not None:
-        handlers.append(live)
-    else:
-        if fd is not None:
-            text = FdHandler(fd)
-            text.setLevel(level)
-            handlers.append(text)
-        if events_fd is not None:
-            handlers.append(JsonlHandler(events_fd))
-    for handler in handlers:
+    for handler in _handlers(fd, level, events_fd, live):
         root.addHandler(handler)
         if isinstance(handler, FdHandler):
             _descriptors.add(handler.fd)
@@ -203,6 +201,32 @@ def setup(
     if not detailed:
         _text_only_fd = fd if fd is not None and level <= logging.INFO else -1
     logging.raiseExceptions = False
+
+
+def _skip_what_no_handler_renders() -> None:
+    # What no handler of ours renders, and `logging` would work out for every record (the
+    # Logging HOWTO's "Optimization"): the caller's file and line (a walk up the stack),
+    # the thread's name, the multiprocessing process's name. The Dealer writes two lines
+    # per job; these were about a sixth of its cost per line. The processes are our own
+    # (the CLI's, the Executor's host): no caller's logging is touched.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+
+
+def _handlers(
+    fd: int | None, level: int, events_fd: int | None, live: LiveHandler | None
+) -> list[logging.Handler]:
+    if live is not None:
+        return [live]
+    handlers: list[logging.Handler] = []
+    if fd is not None:
+        text = FdHandler(fd)
+        text.setLevel(level)
+        handlers.append(text)
+    if events_fd is not None:
+        handlers.append(JsonlHandler(events_fd))
+    return handlers
 
 
 def descriptors() -> set[int]:

@@ -11,7 +11,7 @@ Who sends what, on which channel::
     TaskGenerator --JobAccepted, LineRejected---> intake pipe  ---> main   (stdin input only)
     Dealer recv thread --JobRecord, DealerStats-> record pipe  ---> main
 
-and, when the caller is a taskpool.Executor (the Dealer runs in executor_host.py)::
+and, when the caller is a taskpool.Executor (the Dealer runs in executor/host.py)::
 
     Executor feeder thread --Settings, Batch, End--> submit pipe ---> host's intake thread
     host intake thread --Job (kind CALL), EndOfJobs--> ready queue ---> Dealer send thread
@@ -26,10 +26,13 @@ into single calls.
 Queue messages are small fixed-layout structs (network byte order) behind a two-byte header
 (version, type), so that every message of a CLI run fits the smallest queue we create
 (`MAX_MESSAGE_SIZE`); but for the JobBatch, which fits the ready queue's
-(`READY_MESSAGE_SIZE`). Pipe messages are JSON lines, one object each, shorter than
-PIPE_BUF; each pipe has one writer, which may write several lines at once (the Dealer's
-records up to PIPE_BUF, the generator's a read of standard input's) and the reader splits
-them. Anything malformed raises `ProtocolError`; receivers log it and go on.
+(`READY_MESSAGE_SIZE`). A message is one class, in one place: its type (the `mtype=` of
+its class line), its payload layout (`LAYOUT`), `encode()`, and the `decode` classmethod
+that the module's `decode()` finds by the header's type. Pipe messages are JSON lines,
+one object each, shorter than PIPE_BUF; each pipe has one writer, which may write several
+lines at once (the Dealer's records up to PIPE_BUF, the generator's a read of standard
+input's) and the reader splits them. Anything malformed raises `ProtocolError`; receivers
+log it and go on.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Callable, ClassVar, Union
 
 from taskpool.model.jobs import Arg, Job, JobKind
 from taskpool.wire import ProtocolError
@@ -64,27 +67,7 @@ class MessageType(enum.IntEnum):
     JOB_BATCH = 12
 
 
-# Payload layouts. An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
-# job id, attempt, kind, arg, timeout (0: none), pool (job type), priority
-_JOB = struct.Struct("!QHB8sdHH")
-_END = struct.Struct("!Q")  # number of jobs accepted
-_ACK = struct.Struct("!QHI")  # job id, attempt, worker pid
-_RESULT = struct.Struct("!QHIB8s")  # job id, attempt, worker pid, kind, value
-_EXITED = struct.Struct("!Ii")  # pid, raw wait status
-_TERMINATE = struct.Struct("!B")  # signal number that asked for it
-_HEARTBEAT = struct.Struct("!I")  # worker pid
-_PART = struct.Struct("!QHI")  # job id, attempt, worker pid; then a piece of the payload
-_BATCH_COUNT = struct.Struct("!H")  # number of jobs; then that many _JOB
-
-
-def jobs_per_message(message_size: int) -> int:
-    """A JobBatch's jobs at most: as many as fit one message of the ready queue."""
-    return (message_size - _HEADER.size - _BATCH_COUNT.size) // _JOB.size
-
-
-JOBS_PER_MESSAGE = jobs_per_message(READY_MESSAGE_SIZE)
-
-
+# An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
 def _pack_value(kind: JobKind, value: Arg) -> bytes:
     if kind is JobKind.SLEEP or kind is JobKind.CALL and isinstance(value, float):
         return struct.pack("!d", float(value))
@@ -105,33 +88,51 @@ def _kind(code: int) -> JobKind:
         raise ProtocolError(f"unknown job kind {code}") from None
 
 
-@dataclass(frozen=True)
-class JobMessage:
-    """A job on its way to be run. `attempt` is 1 + the number of workers that took it and
-    died; a crash decision is a function of (seed, job id, attempt)."""
+def _payload_of(kind: JobKind, body: bytes, fixed: int, mtype: MessageType) -> bytes:
+    payload = body[fixed:]
+    if payload and kind is not JobKind.CALL:
+        raise ProtocolError(f"{mtype.name} message has {len(payload)} unexpected bytes")
+    return payload
 
-    job: Job
-    attempt: int
+
+def _no_body(body: bytes, mtype: MessageType) -> None:
+    if body:
+        raise ProtocolError(f"{mtype.name} message has {len(body)} unexpected bytes")
+
+
+# Each message class's decoder, by its type: filled in as the classes are defined.
+_DECODERS: dict[int, Callable[[bytes], Message]] = {}
+
+
+class QueueMessage:
+    """What every queue message has: its type, the two header bytes its encoding starts
+    with, and a decoder of what follows them, which `decode` finds by the type. A message
+    names its type where it is defined: `class Ack(QueueMessage, mtype=MessageType.ACK)`;
+    its payload layout, `encode` and `decode` follow it there."""
+
+    TYPE: ClassVar[MessageType]
+    HEADER: ClassVar[bytes]  # version, type
+
+    def __init_subclass__(cls, mtype: MessageType, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.TYPE = mtype
+        cls.HEADER = _HEADER.pack(VERSION, mtype)
+        _DECODERS[mtype] = cls.decode
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.JOB) + _pack_job(self.job, self.attempt) \
-            + self.job.payload
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, body: bytes) -> Message:
+        """The message whose encoding, after the header, is `body`; struct.error or
+        ProtocolError if it is none."""
+        raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class JobBatch:
-    """Jobs on their way from the generator to the Dealer, up to `jobs_per_message` a message,
-    where one message a job cost the generator and the Dealer's send thread a system call,
-    and the send thread a wake-up, each. All of one priority (the message's), at their first
-    attempt, and without payload (no CALL job). Only the ready queue carries it: each job
-    still goes to its worker, and is accounted for there, alone."""
+# --- Jobs -------------------------------------------------------------------------------
 
-    jobs: tuple[Job, ...]
-
-    def encode(self) -> bytes:
-        return b"".join([_HEADER.pack(VERSION, MessageType.JOB_BATCH),
-                         _BATCH_COUNT.pack(len(self.jobs)),
-                         *(_pack_job(job, 1) for job in self.jobs)])
+# job id, attempt, kind, arg, timeout (0: none), pool (job type), priority
+_JOB = struct.Struct("!QHB8sdHH")
 
 
 def _pack_job(job: Job, attempt: int) -> bytes:
@@ -149,42 +150,138 @@ def _unpack_job(body: bytes, offset: int, mtype: MessageType) -> tuple[Job, int]
 
 
 @dataclass(frozen=True)
-class EndOfJobs:
+class JobMessage(QueueMessage, mtype=MessageType.JOB):
+    """A job on its way to be run. `attempt` is 1 + the number of workers that took it and
+    died; a crash decision is a function of (seed, job id, attempt)."""
+
+    job: Job
+    attempt: int
+
+    def encode(self) -> bytes:
+        return self.HEADER + _pack_job(self.job, self.attempt) + self.job.payload
+
+    @classmethod
+    def decode(cls, body: bytes) -> JobMessage:
+        return cls(*_unpack_job(body, 0, cls.TYPE))
+
+
+_BATCH_COUNT = struct.Struct("!H")  # number of jobs; then that many _JOB
+
+
+def jobs_per_message(message_size: int) -> int:
+    """A JobBatch's jobs at most: as many as fit one message of the ready queue."""
+    return (message_size - _HEADER.size - _BATCH_COUNT.size) // _JOB.size
+
+
+JOBS_PER_MESSAGE = jobs_per_message(READY_MESSAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class JobBatch(QueueMessage, mtype=MessageType.JOB_BATCH):
+    """Jobs on their way from the generator to the Dealer, up to `jobs_per_message` a message,
+    where one message a job cost the generator and the Dealer's send thread a system call,
+    and the send thread a wake-up, each. All of one priority (the message's), at their first
+    attempt, and without payload (no CALL job). Only the ready queue carries it: each job
+    still goes to its worker, and is accounted for there, alone."""
+
+    jobs: tuple[Job, ...]
+
+    def encode(self) -> bytes:
+        return b"".join([self.HEADER, _BATCH_COUNT.pack(len(self.jobs)),
+                         *(_pack_job(job, 1) for job in self.jobs)])
+
+    @classmethod
+    def decode(cls, body: bytes) -> JobBatch:
+        (count,) = _BATCH_COUNT.unpack_from(body)
+        size = _BATCH_COUNT.size + count * _JOB.size
+        if len(body) != size:
+            raise ProtocolError(f"JOB_BATCH message of {count} jobs has {len(body)} "
+                                f"bytes, expected {size}")
+        jobs = tuple(_unpack_job(body, offset, cls.TYPE)[0]
+                     for offset in range(_BATCH_COUNT.size, size, _JOB.size))
+        if any(job.kind is JobKind.CALL for job in jobs):
+            raise ProtocolError("JOB_BATCH message with a CALL job")
+        return cls(jobs)
+
+
+@dataclass(frozen=True)
+class EndOfJobs(QueueMessage, mtype=MessageType.END_OF_JOBS):
     """No more jobs will come; `total` were accepted."""
+
+    LAYOUT: ClassVar = struct.Struct("!Q")  # total
 
     total: int
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.END_OF_JOBS) + _END.pack(self.total)
+        return self.HEADER + self.LAYOUT.pack(self.total)
 
+    @classmethod
+    def decode(cls, body: bytes) -> EndOfJobs:
+        return cls(*cls.LAYOUT.unpack(body))
+
+
+# --- Stopping -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Stop:
+class Stop(QueueMessage, mtype=MessageType.STOP):
     """Ends the send thread."""
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.STOP)
+        return self.HEADER
+
+    @classmethod
+    def decode(cls, body: bytes) -> Stop:
+        _no_body(body, cls.TYPE)
+        return cls()
 
 
 @dataclass(frozen=True)
-class Shutdown:
+class Shutdown(QueueMessage, mtype=MessageType.SHUTDOWN):
     """Tells a worker to exit. A message kind of its own, so that no job value means 'stop'."""
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.SHUTDOWN)
+        return self.HEADER
+
+    @classmethod
+    def decode(cls, body: bytes) -> Shutdown:
+        _no_body(body, cls.TYPE)
+        return cls()
 
 
 @dataclass(frozen=True)
-class Ack:
+class Terminate(QueueMessage, mtype=MessageType.TERMINATE):
+    """The Dealer was asked to stop (SIGTERM from main) before the jobs were done."""
+
+    LAYOUT: ClassVar = struct.Struct("!B")  # signal number that asked for it
+
+    signum: int
+
+    def encode(self) -> bytes:
+        return self.HEADER + self.LAYOUT.pack(self.signum)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Terminate:
+        return cls(*cls.LAYOUT.unpack(body))
+
+
+# --- From the workers, and about them -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Ack(QueueMessage, mtype=MessageType.ACK):
     """A worker has taken the job and is about to run it (sent only if `is_acked`)."""
+
+    LAYOUT: ClassVar = struct.Struct("!QHI")  # job id, attempt, worker pid
 
     job_id: int
     attempt: int
     pid: int
 
     def encode(self) -> bytes:
-        payload = _ACK.pack(self.job_id, self.attempt, self.pid)
-        return _HEADER.pack(VERSION, MessageType.ACK) + payload
+        return self.HEADER + self.LAYOUT.pack(self.job_id, self.attempt, self.pid)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Ack:
+        return cls(*cls.LAYOUT.unpack(body))
 
 
 def is_acked(job: Job, every_job: bool) -> bool:
@@ -199,17 +296,28 @@ def is_acked(job: Job, every_job: bool) -> bool:
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(QueueMessage, mtype=MessageType.HEARTBEAT):
     """A worker running a job is alive and not stopped (sent every heartbeat/3 s)."""
+
+    LAYOUT: ClassVar = struct.Struct("!I")  # worker pid
 
     pid: int
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.HEARTBEAT) + _HEARTBEAT.pack(self.pid)
+        return self.HEADER + self.LAYOUT.pack(self.pid)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Heartbeat:
+        return cls(*cls.LAYOUT.unpack(body))
 
 
 @dataclass(frozen=True)
-class Result:
+class Result(QueueMessage, mtype=MessageType.RESULT):
+    """A job's value, from the worker that ran it; a CALL job's outcomes in its payload."""
+
+    # job id, attempt, worker pid, kind, value; then a CALL job's payload
+    LAYOUT: ClassVar = struct.Struct("!QHIB8s")
+
     job_id: int
     attempt: int
     pid: int
@@ -218,10 +326,17 @@ class Result:
     payload: bytes = field(default=b"", repr=False)  # a CALL job's outcomes
 
     def encode(self) -> bytes:
-        fields = _RESULT.pack(
+        fields = self.LAYOUT.pack(
             self.job_id, self.attempt, self.pid, self.kind, _pack_value(self.kind, self.value)
         )
-        return _HEADER.pack(VERSION, MessageType.RESULT) + fields + self.payload
+        return self.HEADER + fields + self.payload
+
+    @classmethod
+    def decode(cls, body: bytes) -> Result:
+        job_id, attempt, pid, kind_code, raw = cls.LAYOUT.unpack_from(body)
+        kind = _kind(kind_code)
+        payload = _payload_of(kind, body, cls.LAYOUT.size, cls.TYPE)
+        return cls(job_id, attempt, pid, kind, _unpack_value(kind, raw, True), payload)
 
     def encode_in_parts(self, max_size: int) -> list[bytes]:
         """The result as queue messages of at most `max_size` bytes: ResultParts carrying
@@ -230,12 +345,11 @@ class Result:
         whole = self.encode()
         if len(whole) <= max_size:
             return [whole]
-        part_header = _HEADER.pack(VERSION, MessageType.RESULT_PART) + _PART.pack(
-            self.job_id, self.attempt, self.pid)
-        piece = max_size - len(part_header)
+        piece = max_size - ResultPart.FIXED_SIZE
         tail_room = max_size - (len(whole) - len(self.payload))
         head = len(self.payload) - tail_room
-        parts = [part_header + self.payload[i:min(i + piece, head)]
+        parts = [ResultPart(self.job_id, self.attempt, self.pid,
+                            self.payload[i:min(i + piece, head)]).encode()
                  for i in range(0, head, piece)]
         last = Result(self.job_id, self.attempt, self.pid, self.kind, self.value,
                       self.payload[head:])
@@ -243,37 +357,43 @@ class Result:
 
 
 @dataclass(frozen=True)
-class ResultPart:
+class ResultPart(QueueMessage, mtype=MessageType.RESULT_PART):
     """A piece of a Result's payload too large for one message (see encode_in_parts)."""
+
+    # job id, attempt, worker pid; then a piece of the payload
+    LAYOUT: ClassVar = struct.Struct("!QHI")
+    FIXED_SIZE: ClassVar = _HEADER.size + LAYOUT.size  # the bytes before the piece
 
     job_id: int
     attempt: int
     pid: int
     piece: bytes = field(repr=False)
 
+    def encode(self) -> bytes:
+        return self.HEADER + self.LAYOUT.pack(self.job_id, self.attempt, self.pid) + self.piece
+
+    @classmethod
+    def decode(cls, body: bytes) -> ResultPart:
+        job_id, attempt, pid = cls.LAYOUT.unpack_from(body)
+        return cls(job_id, attempt, pid, body[cls.LAYOUT.size:])
+
 
 @dataclass(frozen=True)
-class WorkerExited:
+class WorkerExited(QueueMessage, mtype=MessageType.WORKER_EXITED):
     """Sent by the recovery thread after it reaped `pid`. The worker is dead, so every message
     it sent is already in the result queue ahead of this one."""
+
+    LAYOUT: ClassVar = struct.Struct("!Ii")  # pid, raw wait status
 
     pid: int
     wait_status: int
 
     def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.WORKER_EXITED) + _EXITED.pack(
-            self.pid, self.wait_status
-        )
+        return self.HEADER + self.LAYOUT.pack(self.pid, self.wait_status)
 
-
-@dataclass(frozen=True)
-class Terminate:
-    """The Dealer was asked to stop (SIGTERM from main) before the jobs were done."""
-
-    signum: int
-
-    def encode(self) -> bytes:
-        return _HEADER.pack(VERSION, MessageType.TERMINATE) + _TERMINATE.pack(self.signum)
+    @classmethod
+    def decode(cls, body: bytes) -> WorkerExited:
+        return cls(*cls.LAYOUT.unpack(body))
 
 
 Message = Union[
@@ -283,70 +403,17 @@ Message = Union[
 
 
 def decode(data: bytes) -> Message:
+    """The message `data` encodes, by its type's decoder; ProtocolError if it is none."""
     if len(data) < _HEADER.size:
         raise ProtocolError(f"message of {len(data)} bytes is shorter than its header")
     version, code = _HEADER.unpack_from(data)
     if version != VERSION:
         raise ProtocolError(f"message version {version}, expected {VERSION}")
-    body = data[_HEADER.size :]
+    decoder = _DECODERS.get(code)
+    if decoder is None:
+        raise ProtocolError(f"unknown message type {code}")
     try:
-        mtype = MessageType(code)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {code}") from None
-    try:
-        if mtype is MessageType.JOB:
-            return JobMessage(*_unpack_job(body, 0, mtype))
-        if mtype is MessageType.JOB_BATCH:
-            (count,) = _BATCH_COUNT.unpack_from(body)
-            size = _BATCH_COUNT.size + count * _JOB.size
-            if len(body) != size:
-                raise ProtocolError(f"JOB_BATCH message of {count} jobs has {len(body)} "
-                                    f"bytes, expected {size}")
-            jobs = tuple(_unpack_job(body, offset, mtype)[0]
-                         for offset in range(_BATCH_COUNT.size, size, _JOB.size))
-            if any(job.kind is JobKind.CALL for job in jobs):
-                raise ProtocolError("JOB_BATCH message with a CALL job")
-            return JobBatch(jobs)
-        if mtype is MessageType.ACK:
-            return Ack(*_ACK.unpack(body))
-        if mtype is MessageType.RESULT:
-            job_id, attempt, pid, kind_code, raw = _RESULT.unpack_from(body)
-            kind = _kind(kind_code)
-            payload = _payload_of(kind, body, _RESULT.size, mtype)
-            return Result(job_id, attempt, pid, kind, _unpack_value(kind, raw, True), payload)
-        if mtype is MessageType.RESULT_PART:
-            job_id, attempt, pid = _PART.unpack_from(body)
-            return ResultPart(job_id, attempt, pid, body[_PART.size:])
-        if mtype is MessageType.END_OF_JOBS:
-            return EndOfJobs(*_END.unpack(body))
-        if mtype is MessageType.WORKER_EXITED:
-            return WorkerExited(*_EXITED.unpack(body))
-        if mtype is MessageType.TERMINATE:
-            return Terminate(*_TERMINATE.unpack(body))
-        if mtype is MessageType.HEARTBEAT:
-            return Heartbeat(*_HEARTBEAT.unpack(body))
+        return decoder(data[_HEADER.size:])
     except struct.error as e:
-        raise ProtocolError(f"{mtype.name} message of {len(data)} bytes: {e}") from None
-    if body:
-        raise ProtocolError(f"{mtype.name} message has {len(body)} unexpected bytes")
-    if mtype is MessageType.STOP:
-        return Stop()
-    return Shutdown()
-
-
-def _payload_of(kind: JobKind, body: bytes, fixed: int, mtype: MessageType) -> bytes:
-    payload = body[fixed:]
-    if payload and kind is not JobKind.CALL:
-        raise ProtocolError(f"{mtype.name} message has {len(payload)} unexpected bytes")
-    return payload
-
-
-# --- A CALL job's payload: a batch of calls, and their outcomes ---------------------------
-
-
-# --- The Executor's pipes: length-prefixed frames -------------------------------------------
-
-
-# --- Pipe records: JSON lines -------------------------------------------------------------
-
-
+        raise ProtocolError(f"{MessageType(code).name} message of {len(data)} bytes: "
+                            f"{e}") from None

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Union
 
 from taskpool.model.jobs import Job, JobKind
-from taskpool.model.outcome import DealerStats, JobRecord, _record_fields
+from taskpool.model.outcome import DealerStats, JobRecord, record_fields
 from taskpool.wire import ProtocolError
 from taskpool.wire.queue import Result
 
@@ -53,7 +53,7 @@ def results_line(record: JobRecord) -> str:
 def encode_done(job: Job, result: Result) -> bytes:
     """encode_record(JobRecord.of(job, Status.DONE, ...)) for a job's Result, without the
     JobRecord: the Dealer's recv thread writes one a job (7.6 us a record with it)."""
-    return _COMPACT_JSON(_record_fields(
+    return _COMPACT_JSON(record_fields(
         {"t": "record"}, job.job_id, job.kind.label, job.arg, job.pool, job.priority, "done",
         result.value, result.pid, result.attempt, None)).encode() + b"\n"
 

@@ -1,0 +1,69 @@
+"""`taskpool report` and `taskpool results`: the commands that run nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import IO, Any
+
+from taskpool.cli.errors import error
+from taskpool.core.journal import Journal, JournalError
+from taskpool.model.exits import EXIT_BAD_INPUT
+from taskpool.model.outcome import JobRecord, Status
+
+CSV_FIELDS = ["job", "kind", "arg", "type", "priority", "status", "result", "worker",
+              "attempts", "reason"]
+
+
+def make_report(events: str, output: str) -> int:
+    """`taskpool report FILE.jsonl -o run.html`; returns the exit status."""
+    from taskpool.observe.report import ReportError, write_report
+
+    try:
+        timeline = write_report(events, output)
+    except ReportError as e:
+        error(str(e))
+        return EXIT_BAD_INPUT
+    print(f"{output}: {len(timeline.workers)} workers, {len(timeline.attempts)} attempts, "
+          f"{len(timeline.links)} resends")
+    return 0
+
+
+def print_results(path: str, form: str) -> int:
+    """`taskpool results RUN.db --format FORM`: every job of the journal, with its outcome
+    or not_done; returns the exit status."""
+    try:
+        journal = Journal.open(path, resume=True, for_run=False)
+        try:
+            outcomes = journal.outcomes()
+            jobs = journal.all_jobs()
+        finally:
+            journal.close()
+    except JournalError as e:
+        error(str(e))
+        return EXIT_BAD_INPUT
+    rows = [(outcomes.get(job_id) or JobRecord.of(job, Status.NOT_DONE)).to_json()
+            for job_id, job in jobs.items()]
+    if form == "jsonl":
+        sys.stdout.write("".join(json.dumps(row) + "\n" for row in rows))
+    elif form == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _write_table(sys.stdout, rows)
+    return 0
+
+
+def _write_table(out: IO[str], rows: list[dict[str, Any]]) -> None:
+    out.write(f"{'job':>6}  {'job spec':<18} {'status':<9} {'result':>14}  attempts\n")
+    for row in rows:
+        spec = f"{row['kind']} {row['arg']}"
+        result = "" if row["result"] is None else str(row["result"])
+        out.write(f"{row['job']:>6}  {spec:<18} {row['status']:<9} {result:>14}  "
+                  f"{row['attempts']}\n")
+    counts = {s: sum(1 for r in rows if r["status"] == s)
+              for s in ("done", "failed", "not_done")}
+    out.write(f"{len(rows)} jobs: {counts['done']} done, {counts['failed']} failed, "
+              f"{counts['not_done']} not done\n")

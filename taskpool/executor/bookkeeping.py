@@ -45,7 +45,7 @@ class Bookkeeping:
     def __init__(self) -> None:
         # submit() and shutdown() serialise on it alone, so that no submit can slip in after
         # shutdown has let the feeder go; the collector takes it to break the pool, so that
-        # none slips in after that either. Never held while waiting for anything.
+        # none slips in after that either.
         self.submit_lock = threading.Lock()
         # The feeder sleeps on it, and only there; submit, shutdown and the collector notify
         # it (see Feeder._wait_for_work for why no wake-up is lost).
@@ -72,10 +72,13 @@ class Bookkeeping:
         self.feeder_wants_work = False
         self.feeder_wants_room = False
         # shutdown() was called, or the collector found the Dealer gone: no new submits.
-        # Set under submit_lock; read by submit (under it) and by the feeder (without).
+        # Set by either under submit_lock, then the feeder is woken; read by submit (under
+        # the lock) and by the feeder (without: it looks again under `work` before it
+        # sleeps, and the setter's wake-up comes after the set).
         self.closing = False
         # Why the pool cannot go on; None while it can. Set once, by the collector, under
-        # submit_lock; read by submit (under it) and by the feeder (without).
+        # submit_lock; read by submit (under it) and by the feeder (without: as `closing`,
+        # and a batch it builds meanwhile is failed by Feeder._encode).
         self.broken: str | None = None
         # A worker's time per call, a moving average of what the workers report: written
         # by the collector, read by the feeder to size batches (a stale value only sizes

@@ -5,16 +5,18 @@ and whether the pool is closing or broken. See client.py's module doc for the th
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any
+from typing import Any, TypeVar
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # fn, args, kwargs
 # (future, fn, args, kwargs): one tuple a call, as it may wait long enough to count toward
 # the caller's cyclic GC.
 Waiting = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+T = TypeVar("T")
 
 
 class SentBatch:
@@ -34,10 +36,7 @@ class SentBatch:
 class Bookkeeping:
     """Shared by the caller's threads (in submit and shutdown), the feeder and the collector.
 
-    A call's future is resolved by whoever replaces it with None in its batch's list of
-    futures, so it is resolved once; where two threads may look at once (the collector, and
-    the feeder that finds the pool broken), the second's set raises InvalidStateError,
-    caught: the first outcome stands."""
+    A call's future is resolved once: see resolve_each."""
 
     __slots__ = ("submit_lock", "work", "waiting", "again", "sent", "feeder_wants_work",
                  "feeder_wants_room", "closing", "broken", "seconds_per_call")
@@ -95,18 +94,9 @@ class Bookkeeping:
         sent = self.sent.get(batch_id)
         if sent is None:
             return
-        futures = sent.futures
-        end = len(futures) if count is None else first + count
-        resolved = 0
-        for i in range(first, end):
-            future = futures[i]
-            if future is not None:
-                futures[i] = None
-                resolved += 1
-                try:
-                    future.set_exception(error)
-                except InvalidStateError:
-                    pass
+        end = len(sent.futures) if count is None else first + count
+        errors = itertools.repeat(error, end - first)
+        resolved = resolve_each(sent.futures, first, errors, Future.set_exception)
         if count is None:  # the pool is broken: nothing of this batch is to come
             self.forget(batch_id)
         self.resolved(batch_id, sent, resolved)
@@ -121,3 +111,25 @@ class Bookkeeping:
         sent = self.sent.pop(batch_id, None)  # one caller wins the pop, and closes
         if sent is not None and sent.memfd is not None:
             os.close(sent.memfd)
+
+
+def resolve_each(futures: list[Future[Any] | None], first: int, outcomes: Iterable[T],
+                 resolve: Callable[[Future[Any], T], object]) -> int:
+    """The calls first, first + 1, ... of a batch, each with its outcome: each one not
+    resolved yet is, by resolve(its future, its outcome); how many were.
+
+    A call's future is resolved by whoever replaces it with None in its batch's list, so it
+    is resolved once; where two threads may look at once (the collector, and the feeder that
+    finds the pool broken), the second's set raises InvalidStateError, caught: the first
+    outcome stands."""
+    resolved = 0
+    for i, outcome in enumerate(outcomes, first):
+        future = futures[i]
+        if future is not None:
+            futures[i] = None
+            resolved += 1
+            try:
+                resolve(future, outcome)
+            except InvalidStateError:
+                pass
+    return resolved

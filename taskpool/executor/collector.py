@@ -10,7 +10,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from taskpool.core.calls import raised
-from taskpool.executor.bookkeeping import Bookkeeping, SentBatch
+from taskpool.executor.bookkeeping import Bookkeeping, SentBatch, resolve_each
 from taskpool.executor.dealer_process import DealerProcess
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.wire import ProtocolError
@@ -76,9 +76,9 @@ class Collector(threading.Thread):
                 return
             returned, values = b"\x00", [values]  # this call's own pickle: it fails
         if returned is None:  # every call returned a plain value: here they are
-            resolved = _set_results(sent.futures, first, values)
-        else:  # each value (or exception) pickled alone
-            resolved = _set_outcomes(sent.futures, first, returned, values)
+            resolved = resolve_each(sent.futures, first, values, Future.set_result)
+        else:  # each value (or exception) pickled alone, returned[i] says which
+            resolved = resolve_each(sent.futures, first, zip(returned, values), _set_pickled)
         books.resolved(batch_id, sent, resolved)
         if resolved:
             self._learn_time_per_call(seconds / resolved)
@@ -161,40 +161,15 @@ def _unpickled(outcomes: bytes) -> tuple[Any, Any]:
     return returned, values
 
 
-def _set_results(futures: list[Future[Any] | None], first: int, values: list[Any]) -> int:
-    """Calls [first, ...) returned these plain values: set them; how many were resolved."""
-    resolved = 0
-    for i, value in enumerate(values, first):
-        future = futures[i]
-        if future is not None:
-            futures[i] = None
-            resolved += 1
-            try:
-                future.set_result(value)
-            except InvalidStateError:
-                pass  # resolved by a racing path: the first one stands
-    return resolved
-
-
-def _set_outcomes(futures: list[Future[Any] | None], first: int, returned: bytes,
-                  values: list[bytes]) -> int:
-    """Calls [first, ...) each returned (returned[i] true) or raised a pickled value: set
-    it; how many were resolved."""
-    loads = pickle.loads
-    resolved = 0
-    for i, data in enumerate(values):
-        future = futures[first + i]
-        if future is None:
-            continue
-        futures[first + i] = None
-        resolved += 1
-        try:
-            if returned[i]:
-                future.set_result(loads(data))
-            else:
-                future.set_exception(raised(data))
-        except InvalidStateError:
-            pass  # resolved by a racing path: the first one stands
-        except BaseException as e:  # noqa: BLE001 - a value that does not unpickle
-            future.set_exception(e)
-    return resolved
+def _set_pickled(future: Future[Any], outcome: tuple[int, bytes]) -> None:
+    """A call's pickled outcome: its value if it returned, else its exception."""
+    returned, data = outcome
+    try:
+        value = pickle.loads(data) if returned else raised(data)
+    except BaseException as e:  # noqa: BLE001 - a value that does not unpickle
+        future.set_exception(e)
+        return
+    if returned:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

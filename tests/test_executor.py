@@ -13,6 +13,7 @@ import collections
 import contextlib
 import hashlib
 import itertools
+import json
 import linecache
 import logging
 import os
@@ -382,7 +383,7 @@ def test_threads_submitting_at_once_lose_nothing() -> None:
         assert all(f.result() == x * x for x, f in pairs)
 
 
-def _count_calls(pool: taskpool.Executor, method: str) -> list[tuple[Any, ...]]:
+def _count_calls(pool: object, method: str) -> list[tuple[Any, ...]]:
     """The arguments of each call of one of the pool's methods from now on (to check that
     a test took the path it means to test)."""
     seen: list[tuple[Any, ...]] = []
@@ -648,6 +649,84 @@ def test_no_signal_handler_installed_and_no_foreign_child_reaped() -> None:
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
 
 
+# What a caller's process looks like, globally: each item compared before and after.
+_GLOBAL_STATE = r"""
+import atexit, gc, json, logging, signal, sys, threading, warnings
+
+def global_state():
+    signals = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
+    loggers = [logging.root] + [logger for logger in logging.root.manager.loggerDict.values()
+                                if isinstance(logger, logging.Logger)]
+    return {
+        "warnings filters": repr(warnings.filters),
+        "signal handlers": repr([(s.name, signal.getsignal(s)) for s in signals]),
+        "signal mask": repr(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "logging": repr([(logger.name, logger.level, logger.handlers, logger.propagate,
+                          logger.disabled) for logger in loggers
+                         if logger.handlers or logger.level or logger is logging.root]),
+        "logging.disable": logging.root.manager.disable,
+        "threads": repr(threading.enumerate()),
+        "atexit hooks": atexit._ncallbacks(),
+        "threading's exit hooks": len(getattr(threading, "_threading_atexits", [])),
+        "hooks": repr((sys.excepthook, sys.unraisablehook, threading.excepthook,
+                       sys.displayhook, sys.breakpointhook)),
+        "interpreter": repr((sys.getswitchinterval(), sys.getrecursionlimit(),
+                             gc.isenabled(), gc.get_threshold(), sys.flags)),
+    }
+"""
+
+
+def test_importing_taskpool_changes_nothing_global_in_the_callers_process() -> None:
+    """Importing taskpool (and its Executor) sets no warnings filter, signal handler or mask,
+    logging handler or level, exit hook, and starts no thread: a library's import must not
+    change its caller's program. An Executor registers one atexit hook (to finish its calls
+    at exit, as PPE's), when the first one is created, and one only. The standard library
+    modules that ours import are imported first: some register exit hooks of their own
+    (multiprocessing's, and concurrent.futures.process's, which WorkerCrashed derives from)."""
+    script = _GLOBAL_STATE + textwrap.dedent(f"""
+        import importlib, subprocess
+        sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]
+        theirs = subprocess.run(
+            [sys.executable, "-c", "import sys; before = set(sys.modules); "
+             "from taskpool import Executor, WorkerCrashed; "
+             "print(*(set(sys.modules) - before))"],
+            check=True, capture_output=True, text=True).stdout.split()
+        for name in theirs:
+            if not name.startswith(("taskpool", "_", "typing.")):
+                importlib.import_module(name)
+        steps = [global_state()]
+        import taskpool
+        from taskpool import Executor, WorkerCrashed
+        import taskpool.executor.client
+        steps.append(global_state())
+        import executor_jobs as jobs
+        pools = [Executor(1), Executor(1)]
+        assert [pool.submit(jobs.square, 3).result(timeout=60) for pool in pools] == [9, 9]
+        for pool in pools:
+            pool.shutdown(wait=True)
+        steps.append(global_state())
+        print(json.dumps(steps))
+        """)
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout
+    before, imported, used = json.loads(out)
+    assert imported == before
+    assert used.pop("atexit hooks") == before.pop("atexit hooks") + 1
+    assert used == before
+
+
+def test_the_dealer_imports_taskpool_from_where_the_caller_did() -> None:
+    """The Dealer process is started with the directory that holds the caller's taskpool
+    first on its PYTHONPATH, whatever the caller's own path and working directory: that
+    directory, and not the package itself, whose sub-packages (taskpool/dask, ...) would
+    then shadow libraries of the same name in the Dealer, where the caller's main module is
+    imported again."""
+    with executor(1) as pool:
+        environ = Path(f"/proc/{pool._dealer.pid}/environ").read_bytes().split(b"\0")
+        [path] = [v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PYTHONPATH=")]
+        assert path.split(os.pathsep)[0] == str(Path(taskpool.__file__).parent.parent)
+
+
 def test_starts_safely_while_the_callers_threads_hold_locks() -> None:
     held, release = threading.Event(), threading.Event()
     lock = threading.Lock()
@@ -823,7 +902,7 @@ def test_an_argument_that_does_not_unpickle_in_the_worker_fails_its_own_call_alo
     load of the whole. Its calls are then sent again one by one, and only that call fails,
     as with PPE; the batch's other calls return."""
     with executor(2) as pool:
-        sent_again = _count_calls(pool, "_send_again")
+        sent_again = _count_calls(pool._collector, "_send_again")
         # Warm up, so that the feeder knows calls are short and batches the burst.
         assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
         for _round in range(3):
@@ -849,7 +928,7 @@ def test_a_batch_that_does_not_load_and_whose_worker_dies_still_fails_one_call(
     in a pickle of its own: only the call at fault fails (it did fail every call)."""
     marker = tmp_path / "fail-the-load"
     with executor(2) as pool:
-        sent_again = _count_calls(pool, "_send_again")
+        sent_again = _count_calls(pool._collector, "_send_again")
         # Warm up, so that the feeder knows calls are short and batches the burst.
         assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
         burst = [pool.submit(jobs.square, x) for x in range(10)]
@@ -874,7 +953,7 @@ def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load(tmp_path: Pat
     calls"). Fails if the feeder sends END as soon as nothing waits."""
     marker = tmp_path / "fail-the-load"
     pool = taskpool.Executor(2)
-    sent_again = _count_calls(pool, "_send_again")
+    sent_again = _count_calls(pool._collector, "_send_again")
     try:
         # Warm up, so that the feeder knows calls are short and batches the burst.
         assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
@@ -886,8 +965,8 @@ def test_shutdown_waits_for_the_calls_of_a_batch_that_did_not_load(tmp_path: Pat
         # The bad batch's load fails only once shutdown runs and nothing waits: then the
         # feeder is waiting for its outcomes (or, wrongly, has ended the Dealer's input).
         deadline = time.monotonic() + WAIT
-        while not (pool._closing and not pool._waiting
-                   and (pool._feeder_wants_room or not pool._feeder.is_alive())):
+        while not (pool._books.closing and not pool._books.waiting
+                   and (pool._books.feeder_wants_room or not pool._feeder.is_alive())):
             assert time.monotonic() < deadline, "shutdown never got to the drain"
             time.sleep(0.005)
         marker.touch()
@@ -938,8 +1017,8 @@ def test_the_feeder_survives_the_sweep_taking_a_call_it_was_about_to_send_again(
         def __bool__(self) -> bool:
             frame = sys._getframe(1)
             line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-            if (len(self) and frame.f_code.co_name == "_feed"
-                    and line.startswith("if self._again:")):
+            if (len(self) and frame.f_code.co_name == "_take_next"
+                    and line.startswith("if again:")):
                 while len(self):  # seen, then swept
                     self.popleft()[0].set_exception(taskpool.WorkerCrashed("swept"))
                 return True
@@ -948,9 +1027,9 @@ def test_the_feeder_survives_the_sweep_taking_a_call_it_was_about_to_send_again(
     with executor(1) as pool:
         future: Future[Any] = Future()
         assert future.set_running_or_notify_cancel()
-        pool._again = SweptAsLooked([(future, (jobs.square, (2,), {}))])
-        with pool._work:
-            pool._work.notify()
+        pool._books.again = SweptAsLooked([(future, (jobs.square, (2,), {}))])
+        with pool._books.work:
+            pool._books.work.notify()
         with pytest.raises(taskpool.WorkerCrashed, match="swept"):
             future.result(timeout=WAIT)
         assert pool.submit(jobs.square, 3).result(timeout=10) == 9
@@ -965,7 +1044,7 @@ def test_the_dealer_killed_while_calls_wait_for_room_lets_shutdown_return() -> N
     try:
         futures = [pool.submit(jobs.sleep_then, 30, b"x" * 5000) for _ in range(20)]
         deadline = time.monotonic() + WAIT
-        while not pool._feeder_wants_room:  # the window (2 calls) is full, 18 wait
+        while not pool._books.feeder_wants_room:  # the window (2 calls) is full, 18 wait
             assert time.monotonic() < deadline, "the feeder never waited for room"
             time.sleep(0.005)
         closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True}, daemon=True)

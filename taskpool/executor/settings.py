@@ -1,8 +1,14 @@
-"""What the Executor tells its host process, and the sizes both sides agree on."""
+"""What the Executor tells its host process (its constructor's arguments, checked, become
+ExecutorSettings), and the sizes both sides agree on."""
 
 from __future__ import annotations
 
 import logging
+import math
+import multiprocessing.spawn
+import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,3 +40,40 @@ class ExecutorSettings:
     max_restarts: int = 10
     restart_window: float = 5.0
     max_tasks_per_child: int | None = None  # the Executor then sends one call per batch
+
+    @classmethod
+    def from_arguments(
+        cls,
+        max_workers: int | None,
+        *,
+        max_attempts: int,
+        timeout: float | None,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[Any, ...],
+        max_tasks_per_child: int | None,
+        verbose: bool,
+    ) -> ExecutorSettings:
+        """The Executor's constructor arguments (see taskpool.Executor), checked as PPE
+        checks its own (ValueError), in the form its host process takes them."""
+        workers = (os.cpu_count() or 1) if max_workers is None else max_workers
+        if workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if max_attempts < 0:
+            raise ValueError("max_attempts must be 0 (no limit) or more")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError("timeout must be a finite number of seconds > 0")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        init = None if initializer is None else pickle.dumps((initializer, tuple(initargs)))
+        preparation = multiprocessing.spawn.get_preparation_data("taskpool-executor")
+        preparation.pop("authkey", None)  # multiprocessing's, not ours; it refuses to pickle
+        return cls(
+            workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
+            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING,
+            max_tasks_per_child=max_tasks_per_child)
+
+    @property
+    def unbatched(self) -> bool:
+        """Calls go one a batch: a timeout is per call, and so is a worker's count of
+        tasks."""
+        return self.timeout is not None or self.max_tasks_per_child is not None

@@ -77,7 +77,7 @@ class Engine(ABC):
         started = time.monotonic()
         self.execute()
         self.recorder.finish(self.config.pool.layout, self.end_reason,
-                             time.monotonic() - started)
+                             time.monotonic() - started, self.cut_short)
         return self.recorder.exit_status(self.interrupted, self.cut_short, self.bad_setup)
 
     @abstractmethod

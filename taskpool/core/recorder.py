@@ -154,15 +154,19 @@ class Recorder:
 
     # --- the end ---------------------------------------------------------------------
 
-    def finish(self, layout: PoolLayout, end_reason: str | None, wall_time: float) -> None:
+    def finish(self, layout: PoolLayout, end_reason: str | None, wall_time: float,
+               cut_short: bool = False) -> None:
         """Report every job without an outcome as not done, then log the exit table and the
-        summary line."""
+        summary line. `cut_short`: the run ended early (a role lost, input left unread), so
+        even with every job it knows done it is not "All done"."""
         reason = (end_reason or self.stats.stop_reason
                   or "the pool stopped before the job completed")
         self.record_not_done(reason)
         not_done = self.count(Status.NOT_DONE)
         if not_done:
             log.info("%d jobs not done: %s", not_done, reason)
+        elif cut_short:
+            log.info("Every job read is done, but the run stopped early: %s", reason)
         else:
             log.info("All done.")
         self._log_table(layout)

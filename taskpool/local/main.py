@@ -83,6 +83,8 @@ class LineReader:
 class Main(EngineLoop):
     """The local engine: a forked TaskGenerator and Dealer, and the Dealer's workers."""
 
+    last_line_read = 0  # of standard input, as the generator reports its lines
+
     def execute(self) -> None:
         # A shell may exec us with children of its own (a process substitution): those are
         # not ours to wait for.
@@ -247,6 +249,8 @@ class Main(EngineLoop):
                 return
             # Nobody reads the ready queue any more: a generator blocked on it would wait
             # forever.
+            if self.generator.running and self.intake is not None:
+                self._left_input_unread()
             self._stop(self.generator)
             if os.WIFEXITED(child.status) and os.WEXITSTATUS(child.status) == EXIT_STOPPED_EARLY:
                 return  # the Dealer stopped the pool itself: its stats say why
@@ -260,6 +264,13 @@ class Main(EngineLoop):
                      extra=event(ev.ROLE_LOST, lost=child.role, lost_pid=child.pid, how=how))
         self._stop(self.dealer)
         self._stop(self.generator)
+
+    def _left_input_unread(self) -> None:
+        """The pool stopped while standard input was still being read: the lines not read
+        are neither run nor reported, so the run cannot end as if all were done."""
+        self.cut_short = True
+        log.warning("Standard input was left unread: the pool stopped after line %d was "
+                    "read; the lines after it were not run", self.last_line_read)
 
     @staticmethod
     def _stop(child: Child) -> None:
@@ -277,8 +288,10 @@ class Main(EngineLoop):
                 outcomes.append(record)
             elif isinstance(record, JobAccepted):
                 self.recorder.accept(record.job)
+                self.last_line_read = max(self.last_line_read, record.job.line)
             elif isinstance(record, LineRejected):
                 self.recorder.rejected_lines += 1
+                self.last_line_read = max(self.last_line_read, _line_of(record.where))
                 self.config.report_error(f"{record.where}: {record.reason}")
             else:
                 self.recorder.stats = record
@@ -301,6 +314,12 @@ def _signal(child: Child, sig: int) -> None:
             os.kill(child.pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _line_of(where: str) -> int:
+    """The line number of a place such as ``<stdin>:7``."""
+    number = where.rpartition(":")[2]
+    return int(number) if number.isdigit() else 0
 
 
 def _children_of_self() -> set[int]:

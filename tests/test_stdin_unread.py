@@ -1,0 +1,27 @@
+"""A run on standard input that stops early says that input was left unread, and exits 1."""
+
+from __future__ import annotations
+
+import signal
+
+from harness import PoolRun, kill_quietly
+
+
+def test_a_pool_that_gives_up_mid_input_exits_1_and_says_input_was_left_unread() -> None:
+    """Idle workers killed from outside until restart intensity gives up, while standard
+    input is still open: the three jobs read are done, the rest was never read."""
+    run = PoolRun(["--workers", "2", "--max-restarts", "1"], pipe_stdin=True)
+    for n in range(3):
+        run.send_line(f"fib {n + 10}")
+    run.wait_for(r"Received result for job \d+:", count=3)
+    for pid in run.worker_pids()[:2]:  # they took jobs: their deaths are not counted
+        kill_quietly(pid, signal.SIGKILL)
+    run.wait_until(lambda lines: len(run.worker_pids()) >= 4)
+    for pid in run.worker_pids()[2:4]:  # replacements that never took a job: counted
+        kill_quietly(pid, signal.SIGKILL)
+    assert run.finish() == 1
+    log = run.log_text()
+    assert "Giving up" in log
+    assert "Standard input was left unread: the pool stopped after line 3" in log
+    assert "All done." not in log
+    run.close_stdin()

@@ -6,6 +6,7 @@ a second) is then caught by `entry_point` like any other before main's handlers 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:
     try:
+        _reopen_closed_outputs()
         code = main()
     except KeyboardInterrupt:
         # Ctrl-C before main's handlers are in place (they turn it into a graceful stop,
@@ -28,3 +30,22 @@ def entry_point() -> None:
         # without a traceback.
         code = EXIT_INTERRUPTED
     sys.exit(code)
+
+
+def _reopen_closed_outputs() -> None:
+    """Standard output or error closed by the caller (`2>&-`): /dev/null in its place. Else
+    the first descriptor we open (the results file, a pipe, a queue) would take number 2,
+    and the log would be written into it. What the log says is lost, as the caller asked;
+    the run is not."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:  # Python found fd 2 closed at start
+        sys.stderr = open(2, "w", closefd=False)  # the process's own
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)

@@ -26,9 +26,10 @@ line and the reason, so that the caller can list every bad line.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from taskpool.model.jobs import (
     ALLOC_MAX_MB,
@@ -43,6 +44,11 @@ from taskpool.model.jobs import (
 
 if TYPE_CHECKING:
     from taskpool.model.pools import PoolLayout
+
+
+# A job line's length at most, in bytes, its end included: a longer one is refused, so
+# that memory stays bounded whatever the input (an endless line from /dev/zero).
+LINE_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def _parse_options(words: list[str]) -> tuple[list[str], _Options] | str:
         seen.add(key)
         if key == "timeout":
             try:
-                timeout = float(value)
+                timeout = decimal(value)
             except ValueError:
                 return f"timeout {value!r} is not a number"
             if not math.isfinite(timeout) or timeout <= 0:
@@ -119,7 +125,23 @@ def _priority(text: str) -> int | str:
     return priority
 
 
+# A number as README documents it: ASCII digits, an optional '-', a decimal point and an
+# exponent. float() alone also takes '+1', '1_0' (ten) and non-ASCII digits ('٣'): a typo
+# in a job line must be an error, not a job. inf and nan pass, to be refused by name.
+_DECIMAL = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-?(inf|infinity|nan)",
+                      re.ASCII | re.IGNORECASE)
+
+
+def decimal(text: str) -> float:
+    """`text` as a number of the job file's form; ValueError if it is not one."""
+    if _DECIMAL.fullmatch(text) is None:
+        raise ValueError(text)
+    return float(text)
+
+
 def _is_number(word: str) -> bool:
+    """Whether a line reads as a typed one (its first word a number, however written: its
+    fields are then checked strictly, and '+2 1' is told its type is no whole number)."""
     try:
         float(word)
     except ValueError:
@@ -127,8 +149,15 @@ def _is_number(word: str) -> bool:
     return True
 
 
+def too_long(text: str) -> bool:
+    """Whether a line is over LINE_MAX bytes (cheap for the usual short line)."""
+    return len(text) > LINE_MAX // 4 and len(text.encode("utf-8", "replace")) > LINE_MAX
+
+
 def parse_job_text(text: str, layout: PoolLayout) -> ParsedLine | str | None:
     """Parse one line's text; None for a blank or comment line, or the reason it is bad."""
+    if too_long(text):
+        return f"the line is longer than {LINE_MAX} bytes"
     body = text.split("#", 1)[0].strip()
     if not body:
         return None
@@ -186,7 +215,7 @@ def _parse_typed(words: list[str], layout: PoolLayout) -> ParsedLine | str:
 
 def _duration(text: str, name: str) -> float | str:
     try:
-        seconds = float(text)
+        seconds = decimal(text)
     except ValueError:
         return f"{name} {text!r} is not a number"
     if not math.isfinite(seconds) or seconds < 0:
@@ -253,10 +282,23 @@ def read_job_file(path: str, layout: PoolLayout) -> tuple[list[Job], list[LineEr
     """Validate a whole job file. The caller runs nothing if any error comes back."""
     jobs: list[Job] = []
     errors: list[LineError] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for item in parse_lines(f, path, layout):
+    # utf-8-sig: a byte-order mark (some editors write one) is no part of line 1.
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for item in parse_lines(_bounded_lines(f), path, layout):
             if isinstance(item, LineError):
                 errors.append(item)
             else:
                 jobs.append(item)
     return jobs, errors
+
+
+def _bounded_lines(file: TextIO) -> Iterator[str]:
+    """A file's lines, none held longer than LINE_MAX characters: a line that is longer
+    (`--jobs /dev/zero`) is given cut there, to be refused, and the reading ends with it."""
+    while True:
+        line = file.readline(LINE_MAX + 1)
+        if not line:
+            return
+        yield line
+        if len(line) > LINE_MAX:
+            return

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from taskpool.core.jobfile import LineError, parse_lines
+from taskpool.core.jobfile import LINE_MAX, LineError, parse_lines
 from taskpool.model.jobs import Job, job_digest
 from taskpool.model.pools import PoolLayout
 from taskpool.wire.records import LineRejected
@@ -39,30 +40,81 @@ def stdin_lines(before_read: Callable[[], None] = _no_op) -> Iterable[str]:
     Lines end as in a job file, which Python opens with universal newlines: at "\n", "\r\n"
     or a lone "\r", each given as "\n"; so a line has the same number on both inputs. A
     read that ends in "\r" ends its line at once, and a "\n" at the start of the next read
-    is then the rest of that "\r\n", not an empty line."""
-    partial: list[bytes] = []  # a line's pieces so far: joined once it ends, not per read
-    after_cr = False  # the last read ended in "\r"
+    is then the rest of that "\r\n", not an empty line. A byte-order mark at the very start
+    is dropped, as a job file's is. A line longer than LINE_MAX is given, cut, as soon as it
+    is that long (the parser refuses it), and the rest of it is read and dropped: memory
+    stays bounded whatever comes."""
+    lines = _LineSplitter()
+    first = True
     while True:
         before_read()
-        chunk = os.read(0, 65536)
+        chunk = _read_stdin()
+        if first and chunk.startswith(_BOM):
+            chunk = chunk[len(_BOM):]
+        first = False
         if not chunk:
-            if partial:
-                yield b"".join(partial).decode("utf-8", "replace")
+            yield from lines.end()
             return
-        if after_cr and chunk[:1] == b"\n":
+        yield from lines.split(chunk)
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _read_stdin() -> bytes:
+    """One read of standard input. A producer may have made it non-blocking (the flag is
+    shared with it, so it is not ours to change): then wait for it to be readable."""
+    while True:
+        try:
+            return os.read(0, 65536)
+        except BlockingIOError:
+            select.select([0], [], [])
+
+
+class _LineSplitter:
+    """Reads' bytes to lines (see stdin_lines), holding at most LINE_MAX bytes of one."""
+
+    def __init__(self) -> None:
+        self.partial: list[bytes] = []  # a line's pieces so far: joined once it ends
+        self.size = 0  # their bytes
+        self.after_cr = False  # the last read ended in "\r"
+        self.dropping = False  # the rest of a line too long, given already
+
+    def split(self, chunk: bytes) -> Iterator[str]:
+        if self.after_cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
-        after_cr = chunk[-1:] == b"\r"
+        self.after_cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n" not in chunk:
-            if chunk:
-                partial.append(chunk)
-            continue
-        *lines, rest = chunk.split(b"\n")
-        lines[0] = b"".join([*partial, lines[0]])
-        partial = [rest] if rest else []
-        for line in lines:
-            yield line.decode("utf-8", "replace") + "\n"
+            yield from self._hold(chunk)
+            return
+        *ended, rest = chunk.split(b"\n")
+        if self.dropping:
+            self.dropping = False  # the end of the line too long: given already
+        else:
+            yield _text(b"".join([*self.partial, ended[0]])) + "\n"
+        self.partial, self.size = [], 0
+        for line in ended[1:]:
+            yield _text(line) + "\n"
+        yield from self._hold(rest)
+
+    def _hold(self, piece: bytes) -> Iterator[str]:
+        if self.dropping or not piece:
+            return
+        self.partial.append(piece)
+        self.size += len(piece)
+        if self.size > LINE_MAX:
+            yield _text(b"".join(self.partial))  # refused by the parser: too long
+            self.partial, self.size, self.dropping = [], 0, True
+
+    def end(self) -> Iterator[str]:
+        if self.partial:
+            yield _text(b"".join(self.partial))
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace")
 
 
 def streamed_jobs(

@@ -127,7 +127,14 @@ def job_event(logger: logging.Logger, name: str, msg: str, *args: Any, **data: A
 
 class RoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"[{role_tag(record)}] {record.getMessage()}"
+        """``[Role] message``, and the traceback below it when the record has one
+        (`log.exception`: a bug, whose traceback must reach the log)."""
+        line = f"[{role_tag(record)}] {record.getMessage()}"
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        return line
 
 
 class FdHandler(logging.Handler):
@@ -141,6 +148,8 @@ class FdHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             write_all(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass  # its reader went away (a closed pipe): the log is lost, never the process
         except Exception:  # a log line must never take a process down
             self.handleError(record)
 

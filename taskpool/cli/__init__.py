@@ -7,6 +7,7 @@ a second) is then caught by `entry_point` like any other before main's handlers 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +30,23 @@ def entry_point() -> None:
         # and no pool runs before they are): the status a run interrupted later gives,
         # without a traceback.
         code = EXIT_INTERRUPTED
-    sys.exit(code)
+    except BrokenPipeError:
+        # Our output's reader went away (`taskpool results ... | head -1`): end quietly,
+        # with the status of a Unix tool killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more to flush at exit
+        code = 128 + signal.SIGPIPE
+    sys.exit(_unless_interrupted_late(code))
+
+
+def _unless_interrupted_late(code: int) -> int:
+    """From here to the exit, SIGINT and SIGTERM wait (the interpreter's shutdown would
+    otherwise meet them with their default action, and the process die by the signal):
+    one that came after the run's summary makes the status an interrupted run's."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    late = signal.sigpending() & {signal.SIGINT, signal.SIGTERM}
+    if late and code < 128:
+        return 128 + int(min(late))
+    return code
 
 
 def _reopen_closed_outputs() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Any, Callable
 
 from taskpool.core.engine import DEFAULT_CONNECT_TIMEOUT, ENGINES
@@ -58,6 +59,13 @@ def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+# Every duration flag's ceiling: 30 days. Longer is surely a unit mistake, and a deadline
+# that far would not fit the clocks the pool waits on (sigtimedwait's time_t).
+SECONDS_MAX = 30 * 24 * 3600
+# A job's attempt travels in 16 bits.
+ATTEMPTS_MAX = 65535
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -65,7 +73,21 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    if value > SECONDS_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} seconds is over the limit of {SECONDS_MAX} (30 days)")
     return value
+
+
+def _megabytes(text: str) -> int:
+    """--max-memory: at most this machine's memory (more would be no cap at all, and
+    overflows the address-space limit it sets)."""
+    mb = _count(1)(text)
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+    if mb > machine:
+        raise argparse.ArgumentTypeError(
+            f"{mb} MB is more than this machine's memory ({machine} MB)")
+    return mb
 
 
 def _seconds_or_off(text: str) -> float:
@@ -188,7 +210,7 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
 def _add_supervision_options(run_cmd: argparse.ArgumentParser) -> None:
     policy = run_cmd.add_argument_group(
         "supervision", "what the Dealer does when workers die, hang or take too long")
-    policy.add_argument("--max-attempts", type=_count(0), metavar="N",
+    policy.add_argument("--max-attempts", type=_count(0, ATTEMPTS_MAX), metavar="N",
                         help="a job whose worker died N times is recorded as failed; 0: "
                              f"unlimited (default {DEFAULT_MAX_ATTEMPTS}; --demo: unlimited)")
     policy.add_argument("--max-restarts", type=_count(1), metavar="R",
@@ -213,7 +235,7 @@ def _add_supervision_options(run_cmd: argparse.ArgumentParser) -> None:
                         help="let a queued job stop a running job of lower priority in its "
                              "pool; the stopped job is requeued, not charged an attempt "
                              "(turns off prefetch)")
-    policy.add_argument("--max-memory", type=_count(1), metavar="MB",
+    policy.add_argument("--max-memory", type=_megabytes, metavar="MB",
                         help="cap each worker's address space; a job that exceeds it fails "
                              "the attempt with reason 'memory limit' (default: none)")
 

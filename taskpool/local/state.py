@@ -142,6 +142,9 @@ class PoolState:
     job_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid: --timeout
     heartbeat_deadlines: dict[int, Deadline] = field(default_factory=dict)  # pid
     grace_deadline: Deadline | None = None
+    # When the recovery thread tries again to fork the workers a refused fork() (EAGAIN,
+    # ENOMEM) left the pool short of; set and read by that thread alone.
+    fork_retry_at: float | None = None
     wake_at: float = float("inf")
     # Why we killed a worker (timeout, no heartbeat, stopped, grace over, stopped with the
     # pool, preempted), for the recv thread to give as the death of the attempt. Set by
@@ -190,6 +193,8 @@ class PoolState:
         deadlines += [d.at for d in self.heartbeat_deadlines.values()]
         if self.grace_deadline is not None:
             deadlines.append(self.grace_deadline.at)
+        if self.fork_retry_at is not None:
+            deadlines.append(self.fork_retry_at)
         return min(deadlines, default=float("inf"))
 
     def set_deadline(self, table: dict[int, Deadline], pid: int, deadline: Deadline) -> bool:

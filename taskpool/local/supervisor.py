@@ -23,8 +23,10 @@ sees the death, and resends exactly the jobs that have no result.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -56,6 +58,25 @@ MAIN_LOST_SIGNAL = signal.SIGUSR2
 # Signals this thread takes with sigwait(); blocked in every thread of the Dealer.
 SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, NUDGE_SIGNAL, MAIN_LOST_SIGNAL})
 HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messages to read
+# A refused fork() (RLIMIT_NPROC reached by the user's other processes, or no memory) is
+# tried again after 0.1 s, then twice as long each time up to 5 s; a pool left with no
+# worker at all gives up after 30 s of refusals (its jobs could never run).
+FORK_RETRY_FIRST = 0.1
+FORK_RETRY_MAX = 5.0
+FORK_GIVE_UP = 30.0
+
+
+class ForkRefused(RuntimeError):
+    """The kernel kept refusing to fork a worker for a pool that has none left."""
+
+
+def _why_fork_failed(error: OSError) -> str:
+    if error.errno == errno.EAGAIN:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+        return (f"fork() refused: this user's processes reached `ulimit -u` ({limit}), or "
+                "the system's; raise it with `ulimit -u`")
+    return "fork() refused: not enough memory"
 
 
 
@@ -100,6 +121,10 @@ class Supervisor(threading.Thread):
         self.layout = setup.layout
         self.dealer_pid = os.getpid()
         self.failure: BaseException | None = None
+        # After a refused fork: the next try's delay, and since when forks fail (this
+        # thread's alone).
+        self.fork_delay = 0.0
+        self.fork_failing_since: float | None = None
         # Set once the first `size` workers are forked, or the attempt failed (`failure`).
         self.pool_started = threading.Event()
 
@@ -124,7 +149,7 @@ class Supervisor(threading.Thread):
                 with self.state.lock:
                     if self.state.stopping and not self.state.workers:
                         return
-        except mqueue.QueueLimitError as e:
+        except (mqueue.QueueLimitError, ForkRefused) as e:
             log.error("Cannot start a worker: %s", e)
             self.failure = e
         except BaseException as e:  # a bug: say so, and let the Dealer end the run
@@ -189,6 +214,7 @@ class Supervisor(threading.Thread):
         be drained, wait for the recv thread to hand them over (it nudges us); if not, the
         pool runs smaller and says so, and tries again at the next death. Only a pool that
         cannot start, or has no worker left, is a failure."""
+        self.state.fork_retry_at = None  # this is the try
         while True:
             with self.state.lock:
                 pool = self._pool_short_of_workers()
@@ -214,8 +240,44 @@ class Supervisor(threading.Thread):
                 log.warning("Running with %d of %d workers until a queue frees up: %s",
                             live, self.layout.total_workers, e)
                 return
-            if self.spawn_worker(queue, pool) is None:
+            try:
+                pid = self.spawn_worker(queue, pool)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.ENOMEM):
+                    raise
+                self._fork_refused(queue, e)
+                return
+            if pid is None:
                 queue.close()
+            else:
+                self._fork_accepted()
+
+    def _fork_refused(self, queue: posix_ipc.MessageQueue, error: OSError) -> None:
+        """The kernel refused a fork (EAGAIN: this user's process limit; ENOMEM): the pool
+        runs smaller, says so once, and tries again after a backoff that doubles up to
+        FORK_RETRY_MAX. It gives up only when a pool has no worker left and none could be
+        started for FORK_GIVE_UP seconds."""
+        now = time.monotonic()
+        with self.state.lock:
+            self.state.spare_queues.append(queue)  # empty, and kept for the next try
+            live = len(self.state.workers)
+            stranded = self._a_pool_has_no_worker()
+        first = self.fork_delay == 0.0
+        self.fork_delay = min(max(2 * self.fork_delay, FORK_RETRY_FIRST), FORK_RETRY_MAX)
+        self.fork_failing_since = self.fork_failing_since or now
+        if stranded and now - self.fork_failing_since >= FORK_GIVE_UP:
+            raise ForkRefused(f"{_why_fork_failed(error)}; a pool has had no worker for "
+                              f"{now - self.fork_failing_since:.0f} s")
+        self.state.fork_retry_at = now + self.fork_delay
+        if first:
+            log.warning("Cannot fork a worker (%s): running with %d of %d workers, trying "
+                        "again in %g s, then less and less often", _why_fork_failed(error),
+                        live, self.layout.total_workers, self.fork_delay)
+
+    def _fork_accepted(self) -> None:
+        if self.fork_delay:
+            log.info("Forked a worker again: the pool grows back to its size")
+        self.fork_delay, self.fork_failing_since = 0.0, None
 
     def _a_pool_has_no_worker(self) -> bool:
         """Called with the lock."""

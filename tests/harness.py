@@ -187,19 +187,6 @@ class PoolRun:
                 self._events_ended = True
                 self._changed.notify_all()
 
-    def wait_until(self, predicate: Callable[[list[str]], bool], timeout: float = WAIT) -> bool:
-        """Block until predicate(log lines) holds (True) or the log ends (False)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not predicate(self.lines):
-                remaining = deadline - time.monotonic()
-                if self._closed:
-                    return False
-                if remaining <= 0:
-                    raise AssertionError("timed out waiting; log:\n" + self.log_text())
-                self._changed.wait(remaining)
-            return True
-
     # --- events ---------------------------------------------------------------------------
 
     def _await(self, take: Callable[[list[Event]], Any], what: str,
@@ -262,10 +249,6 @@ class PoolRun:
         found = self.events_named(name, **fields)
         assert len(found) == 1, f"{len(found)} x {name} {fields or ''}: {found}"
         return found[0]
-
-    def event_names(self) -> list[str]:
-        with self._changed:
-            return [e["event"] for e in self._events]
 
     # --- input and end --------------------------------------------------------------------
 

@@ -23,12 +23,8 @@ import pytest
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, kill_quietly, read_events, write_job_file
+from harness import Event, PoolRun, kill_quietly, read_events, write_job_file
 
-Event = dict[str, Any]
-
-
-# --- the plain text log --------------------------------------------------------------------
 
 def test_the_demo_log_reads_in_the_seed_s_tone() -> None:
     """The demo as a user first runs it: the text log alone, no events file."""

@@ -79,7 +79,10 @@ def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
     code = run.finish()
     log = run.log_text()
     assert "Traceback" not in log
-    assert "[Supervisor] Cannot start a worker: the kernel refused another message queue" in log
+    # The reason, as the kernel's refusal is explained everywhere (see the test above), in
+    # the Supervisor's error: a line that is no event of its own kind.
+    [error] = run.events_named(ev.LOG, role="Supervisor", level="error")
+    assert "the kernel refused another message queue" in error["text"]
     assert code == 1
     records = read_results(results)
     assert_exactly_once(records, range(1, 31))

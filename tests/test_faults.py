@@ -193,7 +193,7 @@ def test_main_killed_takes_the_whole_pool_with_it(tmp_path: Path) -> None:
     assert run.finish() == -signal.SIGKILL
     # The leftovers check (conftest) awaits every process of the run and fails on any left.
     # main wrote what it had recorded when it died (the Dealer logs a result as it sends
-    # it to main, so the file may lag the log by a line or two).
+    # it to main, so the file may lag its job_done events by a line or two).
     records = read_results(results)
     ids = [r["job"] for r in records]
     assert len(ids) == len(set(ids))

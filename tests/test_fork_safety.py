@@ -32,5 +32,5 @@ def test_hundreds_of_replacements_forked_while_threads_are_busy_and_logging(tmp_
     assert_done_right(records)
     crashes = run.one_event(ev.SUMMARY)["crashes"]
     assert crashes >= 300
-    # Every forked replacement got as far as its first log line.
+    # Every forked replacement got as far as its first event (worker_started).
     assert len(run.worker_pids()) >= 4 + crashes - 1

@@ -1,5 +1,5 @@
 """The supervision policy: poison jobs, restart intensity, timeouts, hung workers, worker
-recycling and the memory cap, the policy line, and graceful shutdown."""
+recycling and the memory cap, and graceful shutdown. (The policy line: test_log_format.py.)"""
 
 from __future__ import annotations
 

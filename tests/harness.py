@@ -1,16 +1,20 @@
-"""Run taskpool as a user would, and watch it through its log.
+"""Run taskpool as a user would, and watch it through its events.
 
 A `PoolRun` starts `python -m taskpool run ...` in a session of its own (so that a test can
-send SIGINT to its whole process group, as a terminal does), reads its log line by line in a
-thread, and lets a test wait for a log line (an event), never for a fixed time.
+send SIGINT to its whole process group, as a terminal does) and reads its log line by line in
+a thread. Given `events=PATH`, the run writes its events there too (`--events`, JSON Lines: see
+taskpool/observe/events.py), a second thread reads each one as it is written (woken by
+inotify, never by a timer), and a test waits for an event and reads its fields
+(`wait_for_event`, `events_named`): never for a fixed time, never on a log line's wording,
+which tests/test_log_format.py alone checks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
-import re
 import select
 import signal
 import subprocess
@@ -22,11 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+from taskpool.observe import events as ev
+
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 60.0  # generous: a loaded 2-core CI machine must never fail a correct run
 
-WORKER_START = re.compile(r"^\[Worker (\d+)(?: type (\S+))?\] Starting up$")
-ROLE_START = re.compile(r"^\[(Dealer|TaskGenerator)\] Starting \(PID (\d+)\)")
+Event = dict[str, Any]  # one line of an --events file
 
 
 def fib(n: int) -> int:
@@ -40,8 +45,49 @@ def expected_result(kind: str, arg: float) -> float | int:
     return fib(int(arg)) if kind == "fib" else float(arg)
 
 
+class FileWatch:
+    """Wakes a reader when a file (or any file of a directory) is written: inotify, so that
+    the reader blocks in the kernel between writes instead of polling."""
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    IN_MODIFY, IN_CREATE, IN_MOVED_TO = 0x2, 0x100, 0x80
+    IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+
+    def __init__(self, path: Path) -> None:
+        self.fd = self._libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        mask = self.IN_MODIFY | self.IN_CREATE | self.IN_MOVED_TO
+        if self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask) < 0:
+            errno = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(errno, f"inotify_add_watch {path}")
+
+    def wait(self, also: int | None = None, timeout: float | None = None) -> list[int]:
+        """Block until the file is written or `also` is readable, or `timeout` passes;
+        return the descriptors that are ready. A write made since the last wait counts:
+        none is missed."""
+        ready, _, _ = select.select([self.fd] + ([also] if also is not None else []), [], [],
+                                    timeout)
+        while True:
+            try:
+                if not os.read(self.fd, 65536):
+                    break
+            except BlockingIOError:
+                break
+        return ready
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class PoolRun:
-    """One taskpool process tree, started in its own session."""
+    """One taskpool process tree, started in its own session.
+
+    With `events=PATH` the run is given `--events PATH`: its events are read as they are
+    written, and `wait_for_event`, `events_named` and the pid helpers read them. (That run
+    logs at DEBUG level to the file, so its workers Ack every job, as with --verbose: see
+    protocol.is_acked. A test of the Ack-less path runs without events.)"""
 
     def __init__(
         self,
@@ -52,14 +98,26 @@ class PoolRun:
         preexec_fn: Callable[[], None] | None = None,
         user: int | None = None,
         command_name: str = "run",
+        events: Path | None = None,
     ) -> None:
         command = [sys.executable, "-m", "taskpool", command_name, *args]
+        if events is not None:
+            command += ["--events", str(events)]
+            events.write_bytes(b"")  # to watch it before the run writes a line
+            if user is not None:
+                events.chmod(0o666)
         if user is not None:
             command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
                        *command]
         self.lines: list[str] = []
+        self.events_path = events
+        self._events: list[Event] = []
+        # Guards lines, _events, _closed and _events_ended; notified as each arrives.
         self._changed = threading.Condition()
         self._stdin_data = stdin
+        watch = FileWatch(events) if events is not None else None
+        # Written once by the log reader when the log ends, to wake the events reader.
+        self._log_ended_r, self._log_ended_w = os.pipe() if events is not None else (-1, -1)
         self.proc = subprocess.Popen(
             command,
             cwd=ROOT,
@@ -72,6 +130,13 @@ class PoolRun:
         RUNS.append(self)
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
+        self._events_reader: threading.Thread | None = None
+        if events is not None and watch is not None:
+            self._events_reader = threading.Thread(target=self._read_events,
+                                                   args=(events, watch), daemon=True)
+            self._events_reader.start()
+        else:
+            self._events_ended = True
         if stdin is not None:
             assert self.proc.stdin is not None
             self.proc.stdin.write(stdin)
@@ -90,36 +155,102 @@ class PoolRun:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+        if self._log_ended_w >= 0:
+            # Every process of the run has closed stderr: each has exited, and written its
+            # last event. The events reader reads to the end once more, and stops.
+            os.write(self._log_ended_w, b"x")
+            os.close(self._log_ended_w)
 
     _closed = False
+    _events_ended = False
 
-    def wait_until(self, predicate: Callable[[list[str]], bool], timeout: float = WAIT) -> bool:
-        """Block until predicate(log lines) holds (True) or the log ends (False)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not predicate(self.lines):
-                remaining = deadline - time.monotonic()
-                if self._closed:
-                    return False
-                if remaining <= 0:
-                    raise AssertionError("timed out waiting; log:\n" + self.log_text())
-                self._changed.wait(remaining)
-            return True
+    def _read_events(self, path: Path, watch: FileWatch) -> None:
+        """Append each whole line of the events file as it is written; stop at the end of
+        the run (see _read_log)."""
+        pending, ended = b"", False
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    pending += f.read()
+                    *whole, pending = pending.split(b"\n")
+                    if whole:
+                        with self._changed:
+                            self._events.extend(json.loads(line) for line in whole)
+                            self._changed.notify_all()
+                    if ended:
+                        return
+                    ended = self._log_ended_r in watch.wait(also=self._log_ended_r)
+        finally:
+            watch.close()
+            os.close(self._log_ended_r)
+            with self._changed:
+                self._events_ended = True
+                self._changed.notify_all()
 
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = WAIT) -> list[re.Match[str]]:
-        """Block until `count` log lines match `pattern`; return the matches."""
-        regex = re.compile(pattern)
+    # --- events ---------------------------------------------------------------------------
+
+    def _await(self, take: Callable[[list[Event]], Any], what: str,
+               timeout: float = WAIT) -> Any:
+        """Hand each batch of new events to `take` until it returns something but None;
+        return that. Fails if the run ends (its last event read) or `timeout` passes
+        first: the timeout only bounds a failure."""
+        assert self.events_path is not None, "this run was started without events=PATH"
         deadline = time.monotonic() + timeout
+        seen = 0
         with self._changed:
             while True:
-                found = [m for m in map(regex.search, self.lines) if m]
-                if len(found) >= count:
-                    return found[:count]
+                new, seen = self._events[seen:], len(self._events)
+                found = take(new)
+                if found is not None:
+                    return found
                 remaining = deadline - time.monotonic()
-                if self._closed or remaining <= 0:
+                if self._events_ended or remaining <= 0:
                     raise AssertionError(
-                        f"log never showed {count} x {pattern!r}; log:\n" + self.log_text())
+                        f"the run's events never showed {what}"
+                        f"{'' if self._events_ended else f' within {timeout:g} s'}; log:\n"
+                        + "\n".join(self.lines))
                 self._changed.wait(remaining)
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = WAIT,
+                       **fields: Any) -> list[Event]:
+        """Block until `count` events `name` with these field values have been written;
+        return the first `count` of them."""
+        assert name in ev.NAMES, f"{name!r} is not an event name of observe/events.py"
+        found: list[Event] = []
+
+        def take(new: list[Event]) -> list[Event] | None:
+            found.extend(e for e in new if _matches(e, name, fields))
+            return found[:count] if len(found) >= count else None
+
+        return self._await(take, f"{count} x {name} {fields or ''}", timeout)  # type: ignore[no-any-return]
+
+    def wait_until_events(self, predicate: Callable[[list[Event]], bool],
+                          timeout: float = WAIT) -> bool:
+        """Block until predicate(every event so far) holds (True) or the run has ended
+        without it holding (False)."""
+        try:
+            return bool(self._await(lambda new: True if predicate(self._events) else None,
+                                    "the awaited state", timeout))
+        except AssertionError:
+            if self._events_ended:
+                return False
+            raise
+
+    def events_named(self, name: str, **fields: Any) -> list[Event]:
+        """The events `name` with these field values written so far (all of them once
+        `finish` has returned)."""
+        assert name in ev.NAMES, f"{name!r} is not an event name of observe/events.py"
+        assert self.events_path is not None, "this run was started without events=PATH"
+        with self._changed:
+            return [e for e in self._events if _matches(e, name, fields)]
+
+    def one_event(self, name: str, **fields: Any) -> Event:
+        """The one event `name` (with these field values) of the run."""
+        found = self.events_named(name, **fields)
+        assert len(found) == 1, f"{len(found)} x {name} {fields or ''}: {found}"
+        return found[0]
+
+    # --- input and end --------------------------------------------------------------------
 
     def send_line(self, text: str) -> None:
         assert self.proc.stdin is not None
@@ -131,30 +262,40 @@ class PoolRun:
         self.proc.stdin.close()
 
     def finish(self, timeout: float = WAIT * 2) -> int:
+        """Wait for main's exit; then for the rest of the run's processes to close the log
+        (as `leftovers_of` would) and for the last event to be read."""
         code = self.proc.wait(timeout)
         self._reader.join(timeout)
+        if self._events_reader is not None:
+            self._events_reader.join(timeout)
         return code
 
     def log_text(self) -> str:
         with self._changed:
             return "\n".join(self.lines)
 
+    # --- who is who: from the events ------------------------------------------------------
+
     def worker_pids(self) -> list[int]:
-        return [int(m.group(1)) for m in map(WORKER_START.match, self.lines) if m]
+        """Every worker started so far, in the order they started."""
+        return [e["pid"] for e in self.events_named(ev.WORKER_STARTED)]
 
     def worker_types(self) -> dict[int, str]:
         """pid: type label (``2``, ``fib``), for the workers of typed pools."""
-        return {int(m.group(1)): m.group(2) for m in map(WORKER_START.match, self.lines)
-                if m and m.group(2)}
+        return {e["pid"]: e["type"] for e in self.events_named(ev.WORKER_STARTED)
+                if "type" in e}
 
     def role_pid(self, role: str) -> int:
-        match = self.wait_for(rf"^\[{role}\] Starting \(PID (\d+)\)")[0]
-        return int(match.group(1))
+        """The pid of the process that writes the events of `role` (Dealer, TaskGenerator),
+        once it has written one."""
+        first = self._await(lambda new: next((e for e in new if e["role"] == role), None),
+                            f"an event of the {role}")
+        return int(first["pid"])
 
-    def seen_pids(self) -> set[int]:
-        pids = set(self.worker_pids())
-        pids.update(int(m.group(2)) for m in map(ROLE_START.match, self.lines) if m)
-        return pids
+
+def _matches(event: Event, name: str, fields: dict[str, Any]) -> bool:
+    return event["event"] == name and all(
+        key in event and event[key] == value for key, value in fields.items())
 
 
 RUNS: list[PoolRun] = []
@@ -168,6 +309,44 @@ def write_job_file(directory: Path, lines: list[str]) -> Path:
 
 def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_events(path: Path) -> list[Event]:
+    """The events of an --events file written by a run that has ended."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_for_files(directory: Path, check: Callable[[], Any], what: str,
+                   timeout: float = WAIT) -> Any:
+    """Call `check` now and each time a file of `directory` is written (inotify), until it
+    returns something but None; return that. The timeout only bounds a failure."""
+    watch = FileWatch(directory)  # before the first check: no write between is missed
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            found = check()
+            if found is not None:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{directory} never showed {what} within {timeout:g} s")
+            watch.wait(timeout=remaining)
+    finally:
+        watch.close()
+
+
+def wait_for_results(path: Path, count: int, timeout: float = WAIT) -> list[dict[str, Any]]:
+    """Block until main has written `count` outcomes to the results file `path`."""
+
+    def written() -> list[dict[str, Any]] | None:
+        try:
+            whole = path.read_bytes().split(b"\n")[:-1]  # a line being written is not yet one
+        except FileNotFoundError:
+            return None
+        return [json.loads(line) for line in whole] if len(whole) >= count else None
+
+    return wait_for_files(path.parent, written, f"{count} outcomes in {path.name}",  # type: ignore[no-any-return]
+                          timeout)
 
 
 def assert_exactly_once(records: list[dict[str, Any]], job_ids: range | Sequence[int]) -> None:
@@ -187,20 +366,22 @@ def assert_done_right(records: list[dict[str, Any]]) -> None:
 
 def kill_workers_at_random(run: PoolRun, rng: random.Random, kills: int, pool_size: int) -> int:
     """Kill a random live worker at a random instant, wait for its replacement to start,
-    repeat; stop early when the run is finishing. Returns how many were killed."""
+    repeat; stop early when the run is finishing. Returns how many were killed. The run
+    must have been started with events=PATH."""
     killed: list[int] = []
     for _ in range(kills):
-        def pool_full_or_finishing(lines: list[str]) -> bool:
-            if any("All jobs completed" in line for line in lines):
-                return True
-            return len(run.worker_pids()) >= pool_size + len(killed)
+        def pool_full_or_finishing(events: list[Event]) -> bool:
+            started = sum(e["event"] == ev.WORKER_STARTED for e in events)
+            return started >= pool_size + len(killed) or any(
+                e["event"] == ev.ALL_JOBS_COMPLETED for e in events)
 
-        if not run.wait_until(pool_full_or_finishing):
+        if not run.wait_until_events(pool_full_or_finishing):
             break
-        if "All jobs completed" in run.log_text():
+        if run.events_named(ev.ALL_JOBS_COMPLETED):
             break
-        dead = {int(pid) for pid in re.findall(r"^\[Supervisor\] Worker PID (\d+) ",
-                                               run.log_text(), re.M)}
+        # Reaped (worker_exited), or being killed by the Supervisor (worker_killed).
+        dead = {e["worker"] for e in run.events_named(ev.WORKER_EXITED)}
+        dead |= {e["worker"] for e in run.events_named(ev.WORKER_KILLED)}
         live = [pid for pid in run.worker_pids() if pid not in killed and pid not in dead]
         if not live:
             continue

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from taskpool.model.pools import PoolSpec
+from taskpool.observe import events as ev
 
 from harness import (
     ROOT,
@@ -40,7 +41,6 @@ from harness import (
 pytest.importorskip("distributed")
 
 DASK = ["--engine", "dask"]
-STARTED = r"^\[Dask\] Job (\d+) started by worker PID \[(\d+)\] at (\S+) \(attempt (\d+)\)$"
 
 
 def _descendants(pid: int) -> set[int]:
@@ -70,6 +70,13 @@ def _by_job(records: list[dict[str, Any]]) -> dict[int, tuple[str, Any]]:
 
 def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _dask_engine_events(run: PoolRun) -> list[dict[str, Any]]:
+    """What the Dask engine's client side said (its cluster, its jobs): nothing, when the
+    run ended before it started."""
+    return [e for e in _events(run.events_path) if e["role"] == "Dask"] \
+        if run.events_path is not None else []
 
 
 @pytest.fixture(autouse=True)
@@ -108,21 +115,22 @@ def test_without_the_dask_extra_it_says_how_to_install_it_and_exits_2(tmp_path: 
 
 def test_bad_input_is_reported_by_line_before_any_cluster_starts(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["fib 10", "fib x", "sleep -1"])
-    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs)])
+    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs)], events=tmp_path / "e.jsonl")
     assert run.finish() == 2
     log = run.log_text()
     assert f"taskpool: {jobs}:2: fib argument 'x' is not an integer" in log
     assert f"taskpool: {jobs}:3: sleep argument -1 must be a finite number >= 0" in log
-    assert "[Dask]" not in log and "Traceback" not in log
+    assert not _dask_engine_events(run) and "Traceback" not in log
 
 
 @pytest.mark.parametrize("flag", [["--preempt"], ["--max-memory", "100"], ["--heartbeat", "5"],
                                   ["--inject-fault", "1:hang"]])
 def test_local_engine_options_are_usage_errors_with_dask(tmp_path: Path, flag: list[str]) -> None:
     jobs = write_job_file(tmp_path, ["fib 10"])
-    run = PoolRun([*DASK, "--workers", "1", "--jobs", str(jobs), *flag])
+    run = PoolRun([*DASK, "--workers", "1", "--jobs", str(jobs), *flag],
+                  events=tmp_path / "e.jsonl")
     assert run.finish() == 2
-    assert "--engine dask" in run.log_text() and "[Dask]" not in run.log_text()
+    assert "--engine dask" in run.log_text() and not _dask_engine_events(run)
 
 
 # --- same results as the local pool ----------------------------------------------------------
@@ -131,7 +139,8 @@ def test_the_demo_gives_the_same_results_on_both_engines(tmp_path: Path) -> None
     local_results, dask_results = tmp_path / "local.jsonl", tmp_path / "dask.jsonl"
     local = PoolRun(["--demo", "--results", str(local_results)])
     assert local.finish() == 0
-    run = PoolRun([*DASK, "--demo", "--results", str(dask_results)])
+    run = PoolRun([*DASK, "--demo", "--results", str(dask_results)],
+                  events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     records = read_results(dask_results)
     assert_exactly_once(records, range(1, 13))
@@ -141,20 +150,18 @@ def test_the_demo_gives_the_same_results_on_both_engines(tmp_path: Path) -> None
     # (a job waiting in a dead worker's queue is not charged): the same attempts per job.
     assert {r["job"]: r["attempts"] for r in records} == \
         {r["job"]: r["attempts"] for r in read_results(local_results)}
-    log = run.log_text()
     # The demo's simulated crashes happen in Dask workers too, and are recovered.
-    crashes = re.findall(r"^\[Supervisor\] Worker PID (\d+) killed by signal 11 \(SIGSEGV\)$",
-                         log, re.M)
-    assert crashes, log
+    crashes = run.events_named(ev.WORKER_EXITED, reason="killed by signal 11 (SIGSEGV)")
+    assert crashes, run.log_text()
     assert any(r["attempts"] > 1 for r in records)
-    assert all(r["worker"] in _pids_seen(log) for r in records)
-    summary = log.splitlines()[-1]
-    assert re.fullmatch(r"\[Main\] Summary: 12 jobs, 12 done, 0 failed, 0 not done, \d+ "
-                        r"crashes, \d+ resends, wall time [\d.]+ s", summary), summary
+    assert all(r["worker"] in _pids_seen(run) for r in records)
+    summary = run.one_event(ev.SUMMARY)
+    assert {k: summary[k] for k in ("jobs", "done", "failed", "not_done")} == {
+        "jobs": 12, "done": 12, "failed": 0, "not_done": 0}, summary
 
 
-def _pids_seen(log: str) -> set[int]:
-    return {int(pid) for pid in re.findall(r"done by worker PID \[(\d+)\]", log)}
+def _pids_seen(run: PoolRun) -> set[int]:
+    return {e["worker"] for e in run.events_named(ev.JOB_DONE)}
 
 
 def test_seed_000_typed_example_runs_each_job_on_a_worker_of_its_type(tmp_path: Path) -> None:
@@ -166,8 +173,8 @@ def test_seed_000_typed_example_runs_each_job_on_a_worker_of_its_type(tmp_path: 
                     command_name="dispatch")
     assert local.finish() == 0
     events = tmp_path / "events.jsonl"
-    run = PoolRun(["1", "3", "1", "1", "1", *DASK, "--results", str(dask_results),
-                   "--events", str(events)], stdin=stdin, command_name="dispatch")
+    run = PoolRun(["1", "3", "1", "1", "1", *DASK, "--results", str(dask_results)],
+                  stdin=stdin, command_name="dispatch", events=events)
     assert run.finish() == 0
     records = read_results(dask_results)
     assert_exactly_once(records, range(1, 16))
@@ -182,20 +189,22 @@ def test_seed_000_typed_example_runs_each_job_on_a_worker_of_its_type(tmp_path: 
         assert e["worker_resources"] == {f"type{job_type[e['job']]}": 1}, e
     # Type 2 has three workers: its jobs spread over more than one.
     assert len({e["worker"] for e in started if job_type[e["job"]] == 2}) > 1
-    assert "[Dask] Job 3 (type 3, 0.7s) -> resource type3" in run.log_text()
+    [sent] = run.events_named(ev.JOB_SENT, job=3)
+    assert (sent["role"], sent["type"], sent["arg"]) == ("Dask", 3, 0.7)
 
 
 def test_priorities_order_the_jobs_waiting_for_a_worker(tmp_path: Path) -> None:
-    run = PoolRun([*DASK, "--workers", "1", "--verbose"], pipe_stdin=True)
+    run = PoolRun([*DASK, "--workers", "1", "--verbose"], pipe_stdin=True,
+                  events=tmp_path / "e.jsonl")
     run.send_line("sleep 1.0")
-    run.wait_for(r"^\[Dask\] Job 1 started by worker")
+    run.wait_for_event(ev.JOB_STARTED, job=1)
     # Queued behind job 1, in this order: priorities 0, 3, 9, 5.
     for line in ["sleep 0", "sleep 0 priority=3", "sleep 0 priority=9", "sleep 0 priority=5"]:
         run.send_line(line)
-    run.wait_for(r"^\[Dask\] Sent job 5 ")
+    run.wait_for_event(ev.JOB_SENT, job=5)
     run.close_stdin()
     assert run.finish() == 0
-    order = [int(m.group(1)) for m in map(re.compile(STARTED).match, run.lines) if m]
+    order = [e["job"] for e in run.events_named(ev.JOB_STARTED)]
     assert order == [1, 4, 5, 3, 2], run.log_text()
 
 
@@ -205,9 +214,9 @@ def test_a_cluster_worker_killed_mid_job_reruns_it_and_records_it_once(tmp_path:
     jobs = write_job_file(tmp_path, ["fib 32"] * 8)
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                   "--verbose"])
-    match = run.wait_for(STARTED)[0]
-    job, victim = int(match.group(1)), int(match.group(2))
+                   "--verbose"], events=tmp_path / "e.jsonl")
+    [started] = run.wait_for_event(ev.JOB_STARTED)
+    job, victim = started["job"], started["worker"]
     workers = _descendants(run.pid)
     assert victim in workers, "the job runs in a worker process of the LocalCluster"
     kill_quietly(victim)
@@ -219,11 +228,12 @@ def test_a_cluster_worker_killed_mid_job_reruns_it_and_records_it_once(tmp_path:
     assert attempts[job] == 2
     # Jobs that only waited in the dead worker's queue are sent again, not charged.
     assert all(n == 1 for j, n in attempts.items() if j != job), attempts
-    log = run.log_text()
-    assert f"[Supervisor] Worker PID {victim} killed by signal 9 (SIGKILL)" in log
-    assert re.search(rf"^\[Recovery\] Resent job {job} after crash of {victim} ", log, re.M)
+    assert run.events_named(ev.WORKER_EXITED, worker=victim,
+                            reason="killed by signal 9 (SIGKILL)")
+    assert run.events_named(ev.JOB_RESENT, job=job, worker=victim)
     assert victim not in {r["worker"] for r in records if r["job"] == job}
-    assert "1 crashes, 1 resends" in log.splitlines()[-1]
+    summary = run.one_event(ev.SUMMARY)
+    assert (summary["crashes"], summary["resends"]) == (1, 1)
 
 
 # --- a worker's death, judged: the main loop's own methods on a stand-in cluster --------------
@@ -385,28 +395,28 @@ def test_a_job_that_kills_its_workers_fails_after_max_attempts(tmp_path: Path) -
     jobs = write_job_file(tmp_path, ["crash", "fib 20"])
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--workers", "1", "--jobs", str(jobs), "--results", str(results),
-                   "--max-attempts", "2"])
+                   "--max-attempts", "2"], events=tmp_path / "e.jsonl")
     assert run.finish() == 1
     by_job = {r["job"]: r for r in read_results(results)}
     assert by_job[1]["status"] == "failed" and by_job[1]["attempts"] == 2
     assert by_job[1]["reason"] == "killed by signal 11 (SIGSEGV) on 2 attempts"
     assert by_job[2]["status"] == "done" and by_job[2]["result"] == 6765
-    assert "[Supervisor] Job 1 failed after 2 attempts: killed by signal 11 (SIGSEGV)" \
-        in run.log_text()
+    failed = run.one_event(ev.JOB_FAILED)
+    assert (failed["job"], failed["attempts"], failed["reason"]) == (
+        1, 2, "killed by signal 11 (SIGSEGV)")
 
 
 def test_a_job_past_its_timeout_has_its_worker_killed_and_is_charged(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["sleep 30 timeout=0.5", "sleep 0.1"])
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                   "--max-attempts", "2"])
+                   "--max-attempts", "2"], events=tmp_path / "e.jsonl")
     assert run.finish() == 1
     by_job = {r["job"]: r for r in read_results(results)}
     assert by_job[1]["status"] == "failed" and by_job[1]["attempts"] == 2
     assert by_job[1]["reason"] == "ran job 1 past its timeout of 0.5 s on 2 attempts"
     assert by_job[2]["status"] == "done"
-    assert len(re.findall(r"^\[Supervisor\] Worker PID \d+ ran job 1 past its timeout of "
-                          r"0.5 s: killed it$", run.log_text(), re.M)) == 2
+    assert len(run.events_named(ev.WORKER_KILLED, job=1, reason="timeout")) == 2
 
 
 def test_resume_runs_only_what_the_journal_has_no_outcome_for(tmp_path: Path) -> None:
@@ -417,9 +427,9 @@ def test_resume_runs_only_what_the_journal_has_no_outcome_for(tmp_path: Path) ->
     assert first.finish() == 0
     before = read_results(results)
     again = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--journal", str(journal),
-                     "--results", str(results), "--resume"])
+                     "--results", str(results), "--resume"], events=tmp_path / "e.jsonl")
     assert again.finish() == 0
-    assert "Sent job" not in again.log_text()
+    assert not again.events_named(ev.JOB_SENT)
     assert sorted(read_results(results), key=lambda r: r["job"]) == \
         sorted(before, key=lambda r: r["job"])
 
@@ -434,16 +444,16 @@ def test_chaos_with_crashing_and_killed_cluster_workers_loses_and_doubles_nothin
     chaos = ["--jobs", str(jobs), "--crash-rate", "0.03", "--seed", "5", "--max-attempts", "0"]
     local = PoolRun(["--workers", "2", "--results", str(local_results), *chaos])
     assert local.finish() == 0
-    run = PoolRun([*DASK, "--workers", "2", "--results", str(dask_results), "--verbose", *chaos])
-    starts = re.compile(STARTED)
+    run = PoolRun([*DASK, "--workers", "2", "--results", str(dask_results), "--verbose", *chaos],
+                  events=tmp_path / "e.jsonl")
     killed = []
     for step in range(1, 9):
-        def enough(log: list[str], wanted: int = 30 * step) -> bool:
-            return sum(1 for line in log if starts.match(line)) >= wanted or \
-                any(line.startswith("[Main] Summary") for line in log)
-        if not run.wait_until(enough) or "[Main] Summary" in run.log_text():
+        def enough(events: list[dict[str, Any]], wanted: int = 30 * step) -> bool:
+            return sum(e["event"] == ev.JOB_STARTED for e in events) >= wanted or \
+                any(e["event"] == ev.SUMMARY for e in events)
+        if not run.wait_until_events(enough) or run.events_named(ev.SUMMARY):
             break
-        victim = int([m for m in map(starts.match, run.lines) if m][-1].group(2))
+        victim = run.events_named(ev.JOB_STARTED)[-1]["worker"]
         kill_quietly(victim)  # mid-job, or just after: either way a worker dies
         killed.append(victim)
     assert run.finish() == 0
@@ -452,8 +462,8 @@ def test_chaos_with_crashing_and_killed_cluster_workers_loses_and_doubles_nothin
     assert_exactly_once(records, range(1, len(lines) + 1))
     assert_done_right(records)
     assert _by_job(records) == _by_job(read_results(local_results))
-    assert len(re.findall(r"^\[Supervisor\] Worker PID \d+ killed by signal",
-                          run.log_text(), re.M)) >= len(killed)
+    assert len([e for e in run.events_named(ev.WORKER_EXITED, crash=True)
+                if e["worker"] is not None]) >= len(killed)
 
 
 # --- nothing left behind ------------------------------------------------------------------------
@@ -462,8 +472,9 @@ def test_chaos_with_crashing_and_killed_cluster_workers_loses_and_doubles_nothin
 def test_an_interrupted_run_closes_its_cluster(tmp_path: Path, how: str) -> None:
     jobs = write_job_file(tmp_path, ["sleep 0.3"] * 20)
     results = tmp_path / "r.jsonl"
-    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results)])
-    run.wait_for(r"^\[Dask\] Job \d+ \(sleep 0.3\) done by", count=2)
+    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results)],
+                  events=tmp_path / "e.jsonl")
+    run.wait_for_event(ev.JOB_DONE, count=2)
     workers = _descendants(run.pid)
     if how == "ctrl_c_to_the_group":
         os.killpg(run.pid, signal.SIGINT)  # what a terminal does: the workers get it too
@@ -473,8 +484,10 @@ def test_an_interrupted_run_closes_its_cluster(tmp_path: Path, how: str) -> None
         expected, name = 143, "SIGTERM"
     assert run.finish() == expected
     log = run.log_text()
-    assert f"[Main] Interrupted by {name}: stopping the pool" in log
-    assert "Traceback" not in log and "[Supervisor] Worker PID" not in log, log
+    assert run.one_event(ev.INTERRUPTED)["signal"] == name
+    assert "Traceback" not in log, log
+    assert not run.events_named(ev.WORKER_EXITED) and not run.events_named(ev.WORKER_KILLED), \
+        "a worker stopped with the run is not a crash"
     records = read_results(results)
     assert_exactly_once(records, range(1, 21))
     done = [r for r in records if r["status"] == "done"]
@@ -488,8 +501,9 @@ def test_an_interrupted_run_closes_its_cluster(tmp_path: Path, how: str) -> None
 def test_main_killed_takes_its_cluster_workers_with_it(
         tmp_path: Path, temporary_directory: Path) -> None:
     jobs = write_job_file(tmp_path, ["fib 34"] * 4)
-    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--verbose"])
-    run.wait_for(STARTED, count=2)
+    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--verbose"],
+                  events=tmp_path / "e.jsonl")
+    run.wait_for_event(ev.JOB_STARTED, count=2)
     workers = _descendants(run.pid)
     assert len(workers) >= 2
     os.kill(run.pid, signal.SIGKILL)
@@ -528,11 +542,12 @@ def test_a_failure_after_the_cluster_started_still_closes_it(tmp_path: Path) -> 
 def test_a_scheduler_address_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["fib 10"])
     for address in ("nonsense", "tcp://127.0.0.1", "http://127.0.0.1:8786"):
-        run = PoolRun([*DASK, "--scheduler", address, "--jobs", str(jobs)])
+        run = PoolRun([*DASK, "--scheduler", address, "--jobs", str(jobs)],
+                      events=tmp_path / "e.jsonl")
         assert run.finish() == 2
         log = run.log_text()
         assert f"--scheduler {address!r} is not a scheduler address" in log, log
-        assert "[Dask]" not in log and "Traceback" not in log, log
+        assert not _dask_engine_events(run) and "Traceback" not in log, log
 
 
 @pytest.fixture
@@ -570,13 +585,12 @@ def test_ctrl_c_while_connecting_to_a_scheduler_ends_the_run_as_interrupted(
     jobs = write_job_file(tmp_path, ["fib 10"])
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--scheduler", address, "--connect-timeout", "3", "--jobs",
-                   str(jobs), "--results", str(results)])
-    run.wait_for(rf"^\[Dask\] Connecting to the Dask scheduler at {re.escape(address)} "
-                 r"\(for up to 3 s\)$")
+                   str(jobs), "--results", str(results)], events=tmp_path / "e.jsonl")
+    run.wait_for_event(ev.DASK_CONNECTING, scheduler=address, timeout=3)
     os.killpg(run.pid, signal.SIGINT)
     assert run.finish() == 130
     log = run.log_text()
-    assert "[Main] Interrupted by SIGINT: stopping the pool" in log, log
+    assert run.one_event(ev.INTERRUPTED)["signal"] == "SIGINT", log
     assert "Traceback" not in log, log
     assert [(r["status"], r["reason"]) for r in read_results(results)] == \
         [("not_done", "interrupted by SIGINT")]
@@ -642,12 +656,12 @@ def test_runs_on_an_existing_scheduler(tmp_path: Path, existing_cluster: str) ->
     jobs = write_job_file(tmp_path, ["fib 20", "sleep 0.1", "fib 25"])
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--scheduler", existing_cluster, "--jobs", str(jobs), "--results",
-                   str(results)])
+                   str(results)], events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, 4))
     assert_done_right(records)
-    assert f"[Dask] Connected to the Dask scheduler at {existing_cluster}" in run.log_text()
+    assert run.one_event(ev.DASK_STARTED, scheduler=existing_cluster)["own_cluster"] is False
 
 
 def test_on_an_existing_cluster_a_job_past_its_timeout_is_abandoned_and_charged(
@@ -657,7 +671,7 @@ def test_on_an_existing_cluster_a_job_past_its_timeout_is_abandoned_and_charged(
     jobs = write_job_file(tmp_path, ["sleep 5 timeout=0.5", "fib 20"])
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--scheduler", existing_cluster, "--jobs", str(jobs), "--results",
-                   str(results), "--max-attempts", "2"])
+                   str(results), "--max-attempts", "2"], events=tmp_path / "e.jsonl")
     assert run.finish() == 1
     records = read_results(results)
     assert_exactly_once(records, range(1, 3))
@@ -665,7 +679,6 @@ def test_on_an_existing_cluster_a_job_past_its_timeout_is_abandoned_and_charged(
     assert by_job[1]["status"] == "failed" and by_job[1]["attempts"] == 2
     assert by_job[1]["reason"] == "ran job 1 past its timeout of 0.5 s on 2 attempts"
     assert by_job[2]["status"] == "done" and by_job[2]["result"] == 6765
-    log = run.log_text()
-    assert len(re.findall(r"^\[Supervisor\] Job 1 ran past its timeout of 0.5 s on tcp://\S+: "
-                          r"abandoned it \(Dask cannot stop one task\)$", log, re.M)) == 2, log
-    assert "[Supervisor] Job 1 failed after 2 attempts" in log
+    abandoned = run.events_named(ev.JOB_ABANDONED, job=1, reason="timeout")
+    assert len(abandoned) == 2, run.log_text()
+    assert run.events_named(ev.JOB_FAILED, job=1, attempts=2)

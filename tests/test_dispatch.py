@@ -8,12 +8,13 @@ milliseconds), with margins a loaded 2-core CI machine keeps.
 from __future__ import annotations
 
 import random
-import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from taskpool.observe import events as ev
 
 from harness import (
     ROOT,
@@ -37,46 +38,47 @@ def by_job(results: Path) -> dict[int, dict[str, Any]]:
 
 
 def done_order(run: PoolRun) -> list[int]:
-    return [int(n) for n in re.findall(r"^\[Worker \d+ type \S+\] Done job (\d+)$",
-                                       run.log_text(), re.M)]
+    """The jobs in the order their workers finished them (each worker's job_finished)."""
+    return [e["job"] for e in run.events_named(ev.JOB_FINISHED)]
 
 
 def test_seed_000_example_runs_each_job_on_a_worker_of_its_type(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
     run = dispatch(["1", "3", "1", "1", "1", "--results", str(results)],
-                   stdin="\n".join(SEED_EXAMPLE).encode() + b"\n")
+                   stdin="\n".join(SEED_EXAMPLE).encode() + b"\n", events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     types = run.worker_types()
     assert Counter(types.values()) == {"1": 1, "2": 3, "3": 1, "4": 1, "5": 1}
     records = by_job(results)
     assert_exactly_once(list(records.values()), range(1, 6))
     assert_done_right(list(records.values()))
-    log = run.log_text()
     for job_id, line in enumerate(SEED_EXAMPLE, start=1):
         job_type, duration = line.split()
         record = records[job_id]
         assert record["type"] == int(job_type) and record["priority"] == 0
         assert record["kind"] == "sleep" and record["result"] == float(duration)
         assert types[record["worker"]] == job_type, "a job runs only on a worker of its type"
-        assert (f"[Dealer] Job {job_id} (type {job_type}, {float(duration)!r}s) -> "
-                f"worker {record['worker']}") in log
-        assert f"[Worker {record['worker']} type {job_type}] Done job {job_id}" in log
-    # One tag a role (observe/log.py): the Dealer sends typed jobs as itself.
-    roles = {re.sub(r"^Worker \d+ type \d+$", "Worker", tag)
-             for tag in re.findall(r"^\[([^\]]+)\]", log, re.M)}
-    assert roles <= {"Main", "TaskGenerator", "Dealer", "Supervisor", "Recovery", "Worker"}
+        [sent] = run.events_named(ev.JOB_SENT, job=job_id)
+        assert (sent["role"], sent["type"], sent["arg"], sent["worker"]) == (
+            "Dealer", int(job_type), float(duration), record["worker"])
+        [finished] = run.events_named(ev.JOB_FINISHED, job=job_id)
+        assert (finished["pid"], finished["type"]) == (record["worker"], job_type)
+    # One name a role (observe/log.py): the Dealer sends typed jobs as itself.
+    assert {e["role"] for e in run.events} <= {
+        "Main", "TaskGenerator", "Dealer", "Supervisor", "Recovery", "Worker"}
 
 
 def test_streamed_lines_start_at_once_and_the_run_ends_when_input_closes(
     tmp_path: Path,
 ) -> None:
     results = tmp_path / "r.jsonl"
-    run = dispatch(["1", "2", "--results", str(results)], pipe_stdin=True)
+    run = dispatch(["1", "2", "--results", str(results)], pipe_stdin=True,
+                   events=tmp_path / "e.jsonl")
     for job_id, line in enumerate(["2 0", "1 0.1", "2 0 3", "1 0"], start=1):
         run.send_line(line)
         # The next line is written only once this one's result is in: nothing waits for
         # the input to end.
-        run.wait_for(rf"^\[Dealer\] Received result for job {job_id}:")
+        run.wait_for_event(ev.JOB_DONE, job=job_id)
     run.close_stdin()
     assert run.finish() == 0
     records = by_job(results)
@@ -90,12 +92,13 @@ def test_lines_that_come_together_start_together_and_none_waits_for_more_input(
     """The lines of one read go in one batch, sent before the next read blocks: the job of
     a write that ends in a comment and a blank line is not held for input to come."""
     results = tmp_path / "r.jsonl"
-    run = dispatch(["2", "--results", str(results)], pipe_stdin=True)
+    run = dispatch(["2", "--results", str(results)], pipe_stdin=True,
+                   events=tmp_path / "e.jsonl")
     run.send_line("1 0\n1 0.05 7\n1 0\n# more to come\n")
     for job_id in (1, 2, 3):
-        run.wait_for(rf"^\[Dealer\] Received result for job {job_id}:")
+        run.wait_for_event(ev.JOB_DONE, job=job_id)
     run.send_line("1 0")
-    run.wait_for(r"^\[Dealer\] Received result for job 4:")
+    run.wait_for_event(ev.JOB_DONE, job=4)
     run.close_stdin()
     assert run.finish() == 0
     records = by_job(results)
@@ -115,7 +118,8 @@ def test_six_jobs_on_three_workers_run_two_each(tmp_path: Path) -> None:
     # With three type-2 workers, six equal type-2 jobs take two rounds (about 1 s), not six.
     results = tmp_path / "r.jsonl"
     jobs = write_job_file(tmp_path, ["2 0.5"] * 6)
-    run = dispatch(["1", "3", "--jobs", str(jobs), "--results", str(results)])
+    run = dispatch(["1", "3", "--jobs", str(jobs), "--results", str(results)],
+                   events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     per_worker = Counter(r["worker"] for r in by_job(results).values())
     assert sorted(per_worker.values()) == [2, 2, 2]
@@ -138,7 +142,8 @@ def test_an_idle_worker_takes_over_a_job_queued_behind_a_long_one(tmp_path: Path
     # takes job 3 back from A's queue rather than idle while job 3 waits.
     results = tmp_path / "r.jsonl"
     jobs = write_job_file(tmp_path, ["1 3", "1 0.1", "1 0.1", "1 0.1"])
-    run = dispatch(["2", "--jobs", str(jobs), "--results", str(results), "--verbose"])
+    run = dispatch(["2", "--jobs", str(jobs), "--results", str(results), "--verbose"],
+                   events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     records = by_job(results)
     long_worker = records[1]["worker"]
@@ -150,7 +155,8 @@ def test_an_idle_worker_takes_over_a_job_queued_behind_a_long_one(tmp_path: Path
 def test_a_job_file_runs_highest_priority_first(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
     jobs = write_job_file(tmp_path, ["1 0", "1 0 3", "1 0 7", "1 0 3"])
-    run = dispatch(["1", "--jobs", str(jobs), "--results", str(results)])
+    run = dispatch(["1", "--jobs", str(jobs), "--results", str(results)],
+                   events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     assert done_order(run) == [3, 2, 4, 1]
     assert [r["job"] for r in read_results(results)] == [3, 2, 4, 1]
@@ -158,9 +164,10 @@ def test_a_job_file_runs_highest_priority_first(tmp_path: Path) -> None:
 
 def test_a_queued_high_priority_job_starts_before_queued_lower_ones(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
-    run = dispatch(["1", "--results", str(results), "--verbose"], pipe_stdin=True)
+    run = dispatch(["1", "--results", str(results), "--verbose"], pipe_stdin=True,
+                   events=tmp_path / "e.jsonl")
     run.send_line("1 1.5")
-    run.wait_for(r"Job 1 started by worker PID")
+    run.wait_for_event(ev.JOB_STARTED, job=1)
     # Queued while job 1 runs: job 2 is prefetched by the worker at once, and must be
     # taken back for jobs 4 and 5.
     for line in ["1 0", "1 0", "1 0 5", "1 0 9"]:
@@ -174,33 +181,34 @@ def test_a_queued_high_priority_job_starts_before_queued_lower_ones(tmp_path: Pa
 def test_preempt_stops_a_running_low_priority_job_for_an_urgent_one(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
     run = dispatch(["1", "--preempt", "--results", str(results), "--verbose"],
-                   pipe_stdin=True)
+                   pipe_stdin=True, events=tmp_path / "e.jsonl")
     run.send_line("1 2")
-    [started] = run.wait_for(r"Job 1 started by worker PID \[(\d+)\]")
-    victim = int(started.group(1))
+    [started] = run.wait_for_event(ev.JOB_STARTED, job=1)
+    victim = started["worker"]
     run.send_line("1 0 9")
     run.close_stdin()
     assert run.finish() == 0
-    log = run.log_text()
-    assert (f"[Supervisor] Preempting job 1 (priority 0) on worker PID {victim} for job 2 "
-            "(priority 9)") in log
-    assert f"[Recovery] Requeued job 1: preempted on {victim}" in log
+    assert run.events_named(ev.JOB_PREEMPTED, job=1, worker=victim, for_job=2)
+    assert run.events_named(ev.JOB_REQUEUED, job=1, worker=victim, reason="preempted")
     records = by_job(results)
     assert [r["job"] for r in read_results(results)] == [2, 1]
     assert records[1]["attempts"] == 1, "a preempted run is not a failed attempt"
     assert records[1]["worker"] != victim and records[1]["status"] == "done"
-    assert re.search(r"Summary: 2 jobs, 2 done, 0 failed, 0 not done, 0 crashes", log)
+    summary = run.one_event(ev.SUMMARY)
+    assert {k: summary[k] for k in ("jobs", "done", "failed", "not_done", "crashes")} == {
+        "jobs": 2, "done": 2, "failed": 0, "not_done": 0, "crashes": 0}
 
 
 def test_without_preempt_a_running_job_is_never_stopped(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
-    run = dispatch(["1", "--results", str(results), "--verbose"], pipe_stdin=True)
+    run = dispatch(["1", "--results", str(results), "--verbose"], pipe_stdin=True,
+                   events=tmp_path / "e.jsonl")
     run.send_line("1 0.5")
-    run.wait_for(r"Job 1 started by worker PID")
+    run.wait_for_event(ev.JOB_STARTED, job=1)
     run.send_line("1 0 9")
     run.close_stdin()
     assert run.finish() == 0
-    assert "Preempting" not in run.log_text()
+    assert not run.events_named(ev.JOB_PREEMPTED)
     assert [r["job"] for r in read_results(results)] == [1, 2]
 
 
@@ -210,7 +218,7 @@ def test_typed_pools_survive_random_kills_with_exactly_once_results(tmp_path: Pa
     jobs = write_job_file(tmp_path, lines)
     results = tmp_path / "r.jsonl"
     run = dispatch(["2", "2", "1", "--jobs", str(jobs), "--results", str(results),
-                    "--max-attempts", "0"])
+                    "--max-attempts", "0"], events=tmp_path / "e.jsonl")
     kills = kill_workers_at_random(run, rng, kills=25, pool_size=5)
     assert run.finish() == 0
     records = read_results(results)
@@ -274,7 +282,7 @@ def test_kind_named_pools_take_the_core_job_file(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
     jobs = write_job_file(tmp_path, ["fib 20", "sleep 0.1", "fib 15", "2 0"])
     run = PoolRun(["--pools", "fib=1,sleep=2", "--jobs", str(jobs), "--results",
-                   str(results)])
+                   str(results)], events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     types = run.worker_types()
     assert Counter(types.values()) == {"fib": 1, "sleep": 2}
@@ -282,4 +290,5 @@ def test_kind_named_pools_take_the_core_job_file(tmp_path: Path) -> None:
     assert_done_right(list(records.values()))
     assert [records[j]["type"] for j in (1, 2, 3, 4)] == [1, 2, 1, 2]
     assert {types[records[j]["worker"]] for j in (1, 3)} == {"fib"}
-    assert "[Dealer] Job 1 (type fib, fib(20)) -> worker" in run.log_text()
+    [sent] = run.events_named(ev.JOB_SENT, job=1)
+    assert (sent["role"], sent["type"], sent["kind"], sent["arg"]) == ("Dealer", 1, "fib", 20)

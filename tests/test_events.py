@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pty
@@ -14,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from taskpool.observe import events as ev
+
 from harness import ROOT, PoolRun
 
 
@@ -22,7 +25,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]
     """The demo (12 jobs, 5 crashes), with its events file and its text log."""
     tmp = tmp_path_factory.mktemp("demo")
     events = tmp / "run.jsonl"
-    run = PoolRun(["--demo", "--events", str(events)])
+    run = PoolRun(["--demo"], events=events)
     assert run.finish() == 0
     return events, run.log_text().splitlines()
 
@@ -149,20 +152,25 @@ def test_the_live_view_draws_on_a_terminal_and_the_log_scrolls_above(tmp_path: P
     assert "\x1b[" in text, "drawn with terminal control codes"
     final = re.findall(r"(\d+)/(\d+) done · (\d+) running · (\d+) queued · (\d+) crashes", text)
     assert final and final[-1][:2] == ("20", "20") and final[-1][2:4] == ("0", "0")
-    assert re.search(r"\[Main\] Summary: 20 jobs, 20 done", text)
-    assert "[Dealer] Received result for job 1:" in text
+    # The log scrolls above the view: its lines are the events' (one source).
+    found = read_events(events)
+    summary = next(e for e in found if e["event"] == "summary")
+    assert summary["text"] in text and summary["jobs"] == summary["done"] == 20
+    assert next(e for e in found if e["event"] == "job_done" and e["job"] == 1)["text"] in text
     crashes = int(final[-1][4])
-    summary = next(e for e in read_events(events) if e["event"] == "summary")
     assert crashes == summary["crashes"] > 0
 
 
 def test_quiet_or_a_pipe_gets_the_plain_log(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("fib 10\n")
-    code, out = run_on_a_terminal(["run", "--workers", "2", "--quiet", "--jobs", str(jobs)])
+    events = tmp_path / "e.jsonl"
+    code, out = run_on_a_terminal(["run", "--workers", "2", "--quiet", "--jobs", str(jobs),
+                                   "--events", str(events)])
     assert code == 0
     text = out.decode()
-    assert "[Main] Summary: 1 jobs, 1 done" in text
+    summary = next(e for e in read_events(events) if e["event"] == "summary")
+    assert summary["text"] in text and summary["done"] == 1, "the plain log: its summary line"
     assert " done · " not in text and "\x1b[" not in text
     proc = subprocess.run([sys.executable, "-m", "taskpool", "run", "--workers", "2"],
                           cwd=ROOT, input="fib 10\n", capture_output=True, text=True,
@@ -171,39 +179,42 @@ def test_quiet_or_a_pipe_gets_the_plain_log(tmp_path: Path) -> None:
     assert "\x1b[" not in proc.stderr and " done · " not in proc.stderr
 
 
-def test_per_job_lines_read_the_same_with_the_text_log_alone_as_through_logging(
-    tmp_path: Path,
+def _event_names_the_tests_use() -> set[str]:
+    """Every event name a test file names: `ev.X`, a name given to wait_for_event,
+    events_named or one_event, and a string compared with an event's "event" field."""
+    names: set[str] = set()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "ev" and node.attr != "NAMES":
+                value = getattr(ev, node.attr, None)
+                assert isinstance(value, str), f"{path.name}:{node.lineno}: ev.{node.attr}"
+                names.add(value)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("wait_for_event", "events_named", "one_event") \
+                    and node.args and isinstance(node.args[0], ast.Constant):
+                names.add(str(node.args[0].value))
+            elif isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(side, ast.Subscript) and isinstance(side.slice, ast.Constant)
+                       and side.slice.value == "event" for side in sides):
+                    for side in sides:
+                        for item in (side.elts if isinstance(side, (ast.Tuple, ast.Set,
+                                                                    ast.List)) else [side]):
+                            if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                                names.add(item.value)
+    return names
+
+
+def test_every_event_name_a_test_waits_on_or_a_run_writes_is_in_the_vocabulary(
+    demo_run: tuple[Path, list[str]],
 ) -> None:
-    # With the text log alone, a per-job line is written without `logging` (log.job_event);
-    # with an events file, through it. The two must give the same line.
-    import logging
-
-    from taskpool.observe import log as tplog
-
-    def lines(events: bool, level: int = logging.INFO) -> tuple[str, list[dict[str, Any]]]:
-        text, jsonl = tmp_path / f"text-{events}-{level}", tmp_path / f"events-{events}-{level}"
-        fd = os.open(text, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        events_fd = os.open(jsonl, os.O_WRONLY | os.O_CREAT | os.O_APPEND) if events else None
-        try:
-            tplog.setup(fd, level, events_fd)
-            for role in ("dealer", "recovery", "worker"):
-                tplog.job_event(logging.getLogger(f"taskpool.{role}"), "job_done",
-                                "Received result for job %d: %s from worker PID [%d]%s", 7,
-                                0.25, 4242, " (attempt 2)", job=7, worker=4242, at=1.5)
-        finally:
-            tplog.setup(None)
-            for descriptor in filter(None, (fd, events_fd)):
-                os.close(descriptor)
-        return text.read_text(), read_events(jsonl) if events else []
-
-    alone, _ = lines(events=False)
-    through_logging, events = lines(events=True)
-    assert alone == through_logging
-    assert alone.splitlines() == [
-        "[Dealer] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
-        "[Recovery] Received result for job 7: 0.25 from worker PID [4242] (attempt 2)",
-        f"[Worker {os.getpid()}] Received result for job 7: 0.25 from worker PID [4242] "
-        "(attempt 2)"]
-    assert [(e["event"], e["job"], e["worker"], e["t"]) for e in events] == \
-        [("job_done", 7, 4242, 1.5)] * 3
-    assert lines(events=False, level=logging.WARNING)[0] == ""  # below the log's level
+    """A test waiting on a name no role emits would only time out; a role emitting a name
+    of its own would be missed by the live view, the report and the tests. The demo: a
+    crashing run (--crash-rate 0.3, a seed)."""
+    used = _event_names_the_tests_use()
+    assert len(used) >= 20, sorted(used)  # the scan sees the tests' names
+    assert used - ev.NAMES == set()
+    written = {e["event"] for e in read_events(demo_run[0])}
+    assert written - ev.NAMES == set()
+    assert {ev.JOB_DONE, ev.JOB_RESENT, ev.WORKER_EXITED, ev.SUMMARY} <= written

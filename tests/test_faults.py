@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import posix_ipc
 import pytest
 
 from taskpool.model.exits import EXIT_MAIN_LOST
+from taskpool.observe import events as ev
 
 from harness import (
     PoolRun,
@@ -23,6 +23,7 @@ from harness import (
     kill_workers_at_random,
     queues_left,
     read_results,
+    wait_for_results,
     write_job_file,
 )
 
@@ -39,17 +40,18 @@ def test_worker_killed_at_a_protocol_step_loses_no_job(tmp_path: Path, step: str
     jobs = write_job_file(tmp_path, [f"fib {n}" for n in range(15, 21)])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                   "--inject-fault", f"3:{step}"])
+                   "--inject-fault", f"3:{step}"], events=tmp_path / "events.jsonl")
     assert run.finish() == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, 7))
     assert_done_right(records)
     by_job = {r["job"]: r for r in records}
     assert by_job[3]["attempts"] == 2, "the killed attempt counts, the retry completes"
-    [killed] = re.findall(r"^\[Supervisor\] Worker PID (\d+) killed by signal 9 \(SIGKILL\)$",
-                          run.log_text(), re.M)
-    assert f"[Recovery] Resent job 3 after crash of {killed}" in run.log_text()
-    assert by_job[3]["worker"] != int(killed)
+    [killed] = run.events_named(ev.WORKER_EXITED, crash=True)
+    assert killed["reason"] == "killed by signal 9 (SIGKILL)"
+    [resent] = run.events_named(ev.JOB_RESENT)
+    assert (resent["job"], resent["worker"]) == (3, killed["worker"])
+    assert by_job[3]["worker"] != killed["worker"]
 
 
 def test_worker_killed_after_sending_its_result_doubles_nothing(tmp_path: Path) -> None:
@@ -58,14 +60,15 @@ def test_worker_killed_after_sending_its_result_doubles_nothing(tmp_path: Path) 
     jobs = write_job_file(tmp_path, ["fib 15", "fib 16", "fib 17", "sleep 0.1", "fib 18"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
-                   "--inject-fault", "3:after_result"])
+                   "--inject-fault", "3:after_result"], events=tmp_path / "events.jsonl")
     assert run.finish() == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, 6))
     assert_done_right(records)
     assert {r["job"]: r for r in records}[3]["attempts"] == 1
-    assert "killed by signal 9 (SIGKILL)" in run.log_text()
-    assert "Resent job 3" not in run.log_text(), "its result had arrived: nothing to resend"
+    [killed] = run.events_named(ev.WORKER_EXITED, crash=True)
+    assert killed["reason"] == "killed by signal 9 (SIGKILL)"
+    assert not run.events_named(ev.JOB_RESENT), "its result had arrived: nothing to resend"
 
 
 def test_jobs_queued_behind_a_killed_job_are_requeued_without_counting_an_attempt(
@@ -75,10 +78,10 @@ def test_jobs_queued_behind_a_killed_job_are_requeued_without_counting_an_attemp
     jobs = write_job_file(tmp_path, ["sleep 1", "fib 10", "fib 11", "fib 12"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
-                   "--verbose"])
-    started = run.wait_for(r"^\[Dealer\] Job 1 started by worker PID \[(\d+)\]")[0]
-    run.wait_for(r"^\[Dealer\] Sent job 2 -> fib\(10\)$")
-    worker = int(started.group(1))
+                   "--verbose"], events=tmp_path / "events.jsonl")
+    [started] = run.wait_for_event(ev.JOB_STARTED, job=1)
+    worker = started["worker"]
+    run.wait_for_event(ev.JOB_SENT, job=2, worker=worker)
     kill_quietly(worker)
     assert run.finish() == 0
     records = read_results(results)
@@ -86,8 +89,8 @@ def test_jobs_queued_behind_a_killed_job_are_requeued_without_counting_an_attemp
     assert_done_right(records)
     attempts = {r["job"]: r["attempts"] for r in records}
     assert attempts == {1: 2, 2: 1, 3: 1, 4: 1}
-    assert f"[Recovery] Resent job 1 after crash of {worker}" in run.log_text()
-    assert f"[Recovery] Requeued job 2: it was waiting, unstarted, for {worker}" in run.log_text()
+    assert [(e["job"], e["worker"]) for e in run.events_named(ev.JOB_RESENT)] == [(1, worker)]
+    assert run.events_named(ev.JOB_REQUEUED, job=2, worker=worker, reason="unstarted")
     [_, replacement] = run.worker_pids()
     assert {r["worker"] for r in records} == {replacement}, "the replacement ran every job"
 
@@ -102,14 +105,15 @@ def test_workers_killed_at_random_instants_lose_no_job_and_double_no_result(
     # Killing fresh workers before they take a job is what a crash loop looks like: raise
     # the bound that stops one, since this test does it on purpose.
     run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results),
-                   "--max-attempts", "0", "--max-restarts", "1000"])
+                   "--max-attempts", "0", "--max-restarts", "1000"],
+                  events=tmp_path / "events.jsonl")
     kills = kill_workers_at_random(run, rng, kills=40, pool_size=3)
     assert run.finish() == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, 401))
     assert_done_right(records)
     assert kills >= 10, "the test must actually kill workers mid-run"
-    crashes = int(re.findall(r"(\d+) crashes", run.log_text().splitlines()[-1])[0])
+    crashes = run.one_event(ev.SUMMARY)["crashes"]
     assert kills - 1 <= crashes <= kills, "a last kill may hit a worker already shutting down"
 
 
@@ -127,30 +131,36 @@ def _assert_ended_run_accounts_for_every_job(results: Path, total: int) -> list[
 def test_dealer_killed_mid_run_keeps_recorded_results_and_reports_the_rest(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["sleep 0.05"] * 40)
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
-    run.wait_for(r"Received result for job 5:")
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)],
+                  events=tmp_path / "events.jsonl")
+    # The Dealer writes a job_done event before main has the outcome: wait for main's.
+    wait_for_results(results, 5)
     dealer = run.role_pid("Dealer")
     kill_quietly(dealer)
     assert run.finish() == 1
     records = _assert_ended_run_accounts_for_every_job(results, 40)
     assert 5 <= sum(r["status"] == "done" for r in records) < 40
-    assert re.search(rf"^\[Main\] Dealer \(PID {dealer}\) killed by signal 9 \(SIGKILL\): "
-                     "ending the run$", run.log_text(), re.M)
+    lost = run.one_event(ev.ROLE_LOST)
+    assert (lost["lost"], lost["lost_pid"], lost["how"]) == (
+        "Dealer", dealer, "killed by signal 9 (SIGKILL)")
     assert all("Dealer was lost" in r["reason"] for r in records if r["status"] == "not_done")
 
 
 def test_generator_killed_while_reading_stdin_ends_the_run(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--results", str(results)], pipe_stdin=True)
+    run = PoolRun(["--workers", "2", "--results", str(results)], pipe_stdin=True,
+                  events=tmp_path / "events.jsonl")
     for n in range(3):
         run.send_line(f"fib {n + 10}")
-        run.wait_for(rf"Received result for job {n + 1}:")
+        run.wait_for_event(ev.JOB_DONE, job=n + 1)
     generator = run.role_pid("TaskGenerator")
     kill_quietly(generator)
     assert run.finish() == 1
     records = _assert_ended_run_accounts_for_every_job(results, 3)
     assert all(r["status"] == "done" for r in records)
-    assert f"[Main] TaskGenerator (PID {generator}) killed by signal 9 (SIGKILL)" in run.log_text()
+    lost = run.one_event(ev.ROLE_LOST)
+    assert (lost["lost"], lost["lost_pid"], lost["how"]) == (
+        "TaskGenerator", generator, "killed by signal 9 (SIGKILL)")
     run.close_stdin()
 
 
@@ -161,7 +171,8 @@ def test_generator_killed_with_jobs_still_to_queue_reports_them_not_done(tmp_pat
     total = 100_000
     jobs = write_job_file(tmp_path, ["sleep 0"] * total)
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)],
+                  events=tmp_path / "events.jsonl")
     dealer = run.role_pid("Dealer")
     os.kill(dealer, signal.SIGSTOP)
     kill_quietly(run.role_pid("TaskGenerator"))
@@ -174,14 +185,15 @@ def test_generator_killed_with_jobs_still_to_queue_reports_them_not_done(tmp_pat
 def test_main_killed_takes_the_whole_pool_with_it(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["sleep 0.05"] * 100)
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results)])
-    run.wait_for(r"Received result for job 3:")
-    run.wait_for(r"^\[Worker \d+\] Starting up$", count=3)
+    run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results)],
+                  events=tmp_path / "events.jsonl")
+    run.wait_for_event(ev.JOB_DONE, job=3)
+    run.wait_for_event(ev.WORKER_STARTED, count=3)
     kill_quietly(run.pid, signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
     # The leftovers check (conftest) awaits every process of the run and fails on any left.
     # main wrote what it had recorded when it died (the Dealer logs a result as it sends
-    # it to main, so the file may lag the log by a line or two).
+    # it to main, so the file may lag its job_done events by a line or two).
     records = read_results(results)
     ids = [r["job"] for r in records]
     assert len(ids) == len(set(ids))
@@ -199,9 +211,10 @@ def test_main_killed_while_results_flow_the_dealer_reaps_its_workers_itself(
     jobs = write_job_file(tmp_path, ["sleep 0"] * 20_000)
     for attempt in range(3):
         run = PoolRun(["--workers", "2", "--jobs", str(jobs),
-                       "--results", str(tmp_path / f"r{attempt}.jsonl")])
+                       "--results", str(tmp_path / f"r{attempt}.jsonl")],
+                      events=tmp_path / f"events{attempt}.jsonl")
         dealer = run.role_pid("Dealer")
-        run.wait_for(r"Received result for job 300:")  # the recv thread writes to main
+        run.wait_for_event(ev.JOB_DONE, job=300)  # the recv thread writes to main
         workers = run.worker_pids()
         kill_quietly(run.pid)
         assert run.finish() == -signal.SIGKILL
@@ -218,9 +231,10 @@ def test_every_kill_of_the_dealer_at_a_random_instant_ends_cleanly(tmp_path: Pat
     for attempt in range(5):
         results = tmp_path / f"r{attempt}.jsonl"
         run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                       "--crash-rate", "0.2", "--seed", str(attempt), "--max-attempts", "0"])
+                       "--crash-rate", "0.2", "--seed", str(attempt), "--max-attempts", "0"],
+                      events=tmp_path / f"events{attempt}.jsonl")
         dealer = run.role_pid("Dealer")
-        run.wait_for(rf"Received result for job {rng.randint(1, 40)}:")
+        run.wait_for_event(ev.JOB_DONE, job=rng.randint(1, 40))
         kill_quietly(dealer)
         code = run.finish()
         assert code in (0, 1)
@@ -238,7 +252,7 @@ def _plant_queue_name(pid: int) -> str:
 
 def test_a_dealer_killed_inside_a_queue_creation_leaves_no_name(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["sleep 0.05"] * 40)
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs)])
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs)], events=tmp_path / "events.jsonl")
     dealer = run.role_pid("Dealer")
     planted = _plant_queue_name(dealer)
     kill_quietly(dealer)

@@ -3,13 +3,15 @@
 While one worker sleeps in a long job and no input arrives, every thread of every process of
 the run must stay blocked in the kernel. A polling loop, however slow, would show up as
 voluntary context switches; a blocked thread makes none. The 2.5-second window is the
-measurement, not a synchronisation: the test waits on log lines for everything else.
+measurement, not a synchronisation: the test waits on events for everything else.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from taskpool.observe import events as ev
 
 from harness import PoolRun, _group_members
 
@@ -33,14 +35,14 @@ def _context_switches(pgid: int) -> dict[tuple[int, int], int]:
     return counts
 
 
-def test_an_idle_pool_blocks_every_thread_in_the_kernel() -> None:
-    run = PoolRun(["--workers", "3"], pipe_stdin=True)
+def test_an_idle_pool_blocks_every_thread_in_the_kernel(tmp_path: Path) -> None:
+    run = PoolRun(["--workers", "3"], pipe_stdin=True, events=tmp_path / "events.jsonl")
     run.send_line("fib 5")
-    run.wait_for(r"Received result for job 1:")
+    run.wait_for_event(ev.JOB_DONE, job=1)
     run.send_line("sleep 2.5")
-    run.wait_for(r"^\[Dealer\] Sent job 2 -> sleep\(2.5\)$")
+    run.wait_for_event(ev.JOB_SENT, job=2, kind="sleep", arg=2.5)
     before = _context_switches(run.pid)
-    run.wait_for(r"Received result for job 2:")  # the window: ~2.5 s with nothing to do
+    run.wait_for_event(ev.JOB_DONE, job=2)  # the window: ~2.5 s with nothing to do
     after = _context_switches(run.pid)
     run.close_stdin()
     assert run.finish() == 0

@@ -4,6 +4,7 @@ torn, foreign or mismatched journal is refused with a clear error."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -15,13 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from taskpool.observe import events as ev
+
 from harness import (
     ROOT,
     PoolRun,
     assert_done_right,
     assert_exactly_once,
     kill_quietly,
+    read_events,
     read_results,
+    wait_for_files,
 )
 
 
@@ -45,17 +50,18 @@ def kill_main_and_resume(tmp_path: Path, total: int, kills: int, seed: int) -> N
             "--results", str(results)]
     for round_number in range(kills + 1):
         done_before = journal_outcomes(journal) if round_number else {}
-        run = PoolRun(base + (["--resume"] if round_number else []))
+        run = PoolRun(base + (["--resume"] if round_number else []),
+                      events=tmp_path / f"events{round_number}.jsonl")
         if round_number < kills:
             after = rng.randint(1, 25)
-            run.wait_until(lambda lines, after=after: (
-                sum("Received result" in x for x in lines) >= after
-                or any("[Main] Summary" in x for x in lines)))
+            run.wait_until_events(lambda events, after=after: (
+                sum(e["event"] == ev.JOB_DONE for e in events) >= after
+                or any(e["event"] == ev.SUMMARY for e in events)))
             kill_quietly(run.pid, signal.SIGKILL)
             run.finish()
         else:
             assert run.finish() == 0, run.log_text()
-        rerun = {int(n) for n in re.findall(r"^\[Dealer\] Sent job (\d+) ", run.log_text(), re.M)}
+        rerun = {e["job"] for e in run.events_named(ev.JOB_SENT)}
         assert not rerun & set(done_before), "a resumed run re-ran a job the journal had done"
         now = journal_outcomes(journal)
         assert set(done_before) <= set(now), "the journal lost an outcome"
@@ -81,17 +87,16 @@ def test_streamed_stdin_resumes_too_and_a_changed_line_is_refused(tmp_path: Path
     journal, results = tmp_path / "run.db", tmp_path / "r.jsonl"
     lines = b"".join(b"fib %d\n" % (n % 20) for n in range(40))
     first = PoolRun(["--workers", "2", "--journal", str(journal), "--results", str(results),
-                     "--verbose"], pipe_stdin=True)
+                     "--verbose"], pipe_stdin=True, events=tmp_path / "events.jsonl")
     assert first.proc.stdin is not None
     first.proc.stdin.write(lines[: lines.index(b"\n", 100) + 1])  # some of the jobs
     first.proc.stdin.flush()
-    first.wait_for(r"Received result for job \d+:", count=5)
-    first.wait_for(r"^\[Main\] Journal: committed \d+ outcomes$")
+    first.wait_for_event(ev.JOB_DONE, count=5)
+    wait_for_files(tmp_path, lambda: _journaled(journal, at_least=5), "5 committed outcomes")
     kill_quietly(first.pid, signal.SIGKILL)
     first.finish()
-    with sqlite3.connect(journal) as db:
-        journaled = {row[0] for row in db.execute("SELECT job FROM jobs")}
-    assert len(journaled) >= 5
+    journaled = _journaled(journal)
+    assert journaled is not None and len(journaled) >= 5
     changed = lines.replace(b"fib 1\n", b"fib 2\n", 1)  # job 2 differs from the journal
     second = PoolRun(["--workers", "2", "--journal", str(journal), "--results", str(results),
                       "--resume"], stdin=changed)
@@ -106,6 +111,16 @@ def test_streamed_stdin_resumes_too_and_a_changed_line_is_refused(tmp_path: Path
     assert len(ids) == len(set(ids))
     assert_done_right([r for r in records if r["status"] == "done"])
     assert set(range(1, 41)) - {2} <= set(ids)
+
+
+def _journaled(journal: Path, at_least: int = 0) -> set[int] | None:
+    """The jobs the journal holds an outcome for, if at least `at_least` (else None)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+            jobs = {row[0] for row in db.execute("SELECT job FROM jobs")}
+    except sqlite3.OperationalError:  # not created yet, or its table not yet
+        return None
+    return jobs if len(jobs) >= at_least else None
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -155,10 +170,12 @@ def test_a_journal_of_another_job_file_is_refused_naming_the_first_difference(
     assert proc.returncode == 2
     assert (f"taskpool: {jobs}:4: job 3 is 'fib 13' here but 'fib 12' in the journal (line 3)"
             in proc.stderr)
+    events = tmp_path / "events.jsonl"
     forced = _run("run", "--jobs", str(jobs), "--journal", str(journal), "--resume",
-                  "--force-resume")
+                  "--force-resume", "--events", str(events))
     assert forced.returncode == 0, forced.stderr
-    assert "Sent job" not in forced.stderr, "every job had an outcome: nothing runs again"
+    assert ev.JOB_SENT not in {e["event"] for e in read_events(events)}, \
+        "every job had an outcome: nothing runs again"
 
 
 def test_a_journal_is_neither_overwritten_nor_resumed_by_mistake(tmp_path: Path) -> None:
@@ -176,10 +193,11 @@ def test_the_results_command_shows_done_failed_and_not_done(tmp_path: Path) -> N
     jobs.write_text("fib 10\ncrash\nsleep 60\n")
     journal = tmp_path / "run.db"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--journal", str(journal),
-                   "--max-attempts", "1", "--grace", "0.1", "--verbose"])
-    run.wait_for(r"Job 2 failed after 1 attempts")
-    run.wait_for(r"Received result for job 1:")
-    run.wait_for(r"Job 3 started by")
+                   "--max-attempts", "1", "--grace", "0.1", "--verbose"],
+                  events=tmp_path / "events.jsonl")
+    run.wait_for_event(ev.JOB_FAILED, job=2, attempts=1)
+    run.wait_for_event(ev.JOB_DONE, job=1)
+    run.wait_for_event(ev.JOB_STARTED, job=3)
     kill_quietly(run.pid, signal.SIGINT)
     assert run.finish() == 130
     table = _run("results", str(journal)).stdout.splitlines()

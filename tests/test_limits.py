@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from taskpool.observe import events as ev
+
 from harness import PoolRun, assert_done_right, assert_exactly_once, read_results
 
 DEFAULT_MSGQUEUE_BYTES = 819200  # the kernel's default RLIMIT_MSGQUEUE, soft and hard
@@ -42,7 +44,8 @@ def test_64_workers_run_as_a_normal_user_under_default_mq_limits(shared_dir: Pat
     results = shared_dir / "r.jsonl"
     run = PoolRun(["--workers", "64", "--results", str(results)],
                   stdin=b"fib 12\nsleep 0\n" * 100,
-                  preexec_fn=_default_queue_budget, user=_as_normal_user())
+                  preexec_fn=_default_queue_budget, user=_as_normal_user(),
+                  events=shared_dir / "events.jsonl")
     assert run.finish() == 0, run.log_text()
     assert len(run.worker_pids()) == 64
     records = read_results(results)
@@ -71,16 +74,20 @@ def test_a_pool_larger_than_the_budget_stops_with_the_reason_and_reports_jobs(
     jobs = shared_dir / "jobs.txt"
     jobs.write_text("fib 5\n" * 30)
     run = PoolRun(["--workers", "64", "--jobs", str(jobs), "--results", str(results)],
-                  preexec_fn=lambda: _default_queue_budget(8000), user=_as_normal_user())
+                  preexec_fn=lambda: _default_queue_budget(8000), user=_as_normal_user(),
+                  events=shared_dir / "events.jsonl")
     code = run.finish()
     log = run.log_text()
     assert "Traceback" not in log
-    assert "[Supervisor] Cannot start a worker: the kernel refused another message queue" in log
+    # The reason, as the kernel's refusal is explained everywhere (see the test above), in
+    # the Supervisor's error: a line that is no event of its own kind.
+    [error] = run.events_named(ev.LOG, role="Supervisor", level="error")
+    assert "the kernel refused another message queue" in error["text"]
     assert code == 1
     records = read_results(results)
     assert_exactly_once(records, range(1, 31))
     assert all(r["status"] == "not_done" for r in records), "a pool that cannot start runs nothing"
-    assert "Sent job" not in log
+    assert not run.events_named(ev.JOB_SENT)
 
 
 def test_a_tight_queue_budget_goes_to_workers_before_a_roomy_ready_queue(
@@ -109,9 +116,10 @@ def test_a_pool_that_fits_its_queue_budget_exactly_still_replaces_crashed_worker
     results = shared_dir / "r.jsonl"
     faults = [arg for job in (1, 7, 13) for arg in ("--inject-fault", f"{job}:during_compute")]
     run = PoolRun(["--workers", "5", "--jobs", str(jobs), "--results", str(results), *faults],
-                  preexec_fn=lambda: _default_queue_budget(7000), user=_as_normal_user())
+                  preexec_fn=lambda: _default_queue_budget(7000), user=_as_normal_user(),
+                  events=shared_dir / "events.jsonl")
     assert run.finish() == 0, run.log_text()
     records = read_results(results)
     assert_exactly_once(records, range(1, 31))
     assert_done_right(records)
-    assert "3 crashes" in run.log_text().splitlines()[-1]
+    assert run.one_event(ev.SUMMARY)["crashes"] == 3

@@ -1,51 +1,51 @@
-"""End-to-end runs: right values, the results file's contract, the log's tone."""
+"""End-to-end runs: right values, the results file's contract. (The log's tone:
+test_log_format.py.)"""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from taskpool.observe import events as ev
 
 from harness import PoolRun, assert_done_right, assert_exactly_once, read_results
 
 
 def test_the_demo_recovers_from_crashes_with_every_value_right(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--demo", "--results", str(results)])
+    run = PoolRun(["--demo", "--results", str(results)], events=tmp_path / "events.jsonl")
     assert run.finish() == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, 13))
     assert_done_right(records)
-    log = run.log_text()
-    crashes = re.findall(r"^\[Supervisor\] Worker PID (\d+) killed by signal 11 \(SIGSEGV\)$",
-                         log, re.M)
-    assert len(crashes) >= 3, log
+    crashes = [e["worker"] for e in run.events_named(ev.WORKER_EXITED, crash=True)]
+    assert len(crashes) >= 3, run.log_text()
+    assert {e["reason"] for e in run.events_named(ev.WORKER_EXITED, crash=True)} == {
+        "killed by signal 11 (SIGSEGV)"}
     for pid in crashes:
-        assert f"[Worker {pid}] Simulated crash!" in log
-    assert re.search(r"^\[Recovery\] Resent job \d+ after crash of \d+$", log, re.M)
+        assert [e["role"] for e in run.events_named(ev.SIMULATED_CRASH, pid=pid)] == ["Worker"]
+    assert run.events_named(ev.JOB_RESENT)
     # Each crash forks a replacement, except one that comes when the pool is stopping.
     assert len(run.worker_pids()) >= 4 + len(crashes) - 1
     assert any(r["attempts"] > 1 for r in records)
-    assert "[Dealer] Sent job 6 -> fib(35)" in log
-    assert "[Dealer] All jobs completed. Shutting down workers..." in log
-    lines = log.splitlines()
-    assert lines[-5] == "[Main] All done."
+    assert run.events_named(ev.JOB_SENT, job=6, kind="fib", arg=35, attempt=1)
+    assert run.one_event(ev.ALL_JOBS_COMPLETED)["jobs"] == 12
     # The exit table: per pool, then the attempts the done jobs took.
-    assert lines[-4].split()[1:] == ["pool", "workers", "done", "failed", "not", "done",
-                                     "crashes", "restarts"]
-    row = lines[-3].split()
-    assert row[1:7] == ["type", "1", "4", "12", "0", "0"] and int(row[7]) == len(crashes)
-    histogram = re.fullmatch(r"\[Main\] Attempts per done job: (.*)", lines[-2])
-    assert histogram is not None
-    counts = dict(pair.split(": ") for pair in histogram.group(1).split(", "))
-    assert sum(map(int, counts.values())) == 12 and "2" in counts
-    assert re.fullmatch(
-        r"\[Main\] Summary: 12 jobs, 12 done, 0 failed, 0 not done, (\d+) crashes, \d+ "
-        r"resends, wall time [\d.]+ s", log.splitlines()[-1])
+    pool = run.one_event(ev.POOL_SUMMARY)
+    assert {k: pool[k] for k in ("type", "workers", "done", "failed", "not_done", "crashes")} \
+        == {"type": 1, "workers": 4, "done": 12, "failed": 0, "not_done": 0,
+            "crashes": len(crashes)}
+    histogram = run.one_event(ev.ATTEMPTS_HISTOGRAM)["attempts"]
+    assert sum(histogram.values()) == 12 and "2" in histogram
+    summary = run.one_event(ev.SUMMARY)
+    assert {k: summary[k] for k in ("jobs", "done", "failed", "not_done")} == {
+        "jobs": 12, "done": 12, "failed": 0, "not_done": 0}
+    assert summary["crashes"] == len(crashes)
 
 
 def test_results_lines_carry_the_contract_fields(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--results", str(results)], stdin=b"fib 30\nsleep 0.01\n")
+    run = PoolRun(["--workers", "2", "--results", str(results)], stdin=b"fib 30\nsleep 0.01\n",
+                  events=tmp_path / "events.jsonl")
     assert run.finish() == 0
     by_job = {r["job"]: r for r in read_results(results)}
     assert set(by_job[1]) == {"job", "kind", "arg", "type", "priority", "status", "result",
@@ -60,10 +60,11 @@ def test_results_lines_carry_the_contract_fields(tmp_path: Path) -> None:
 
 def test_no_input_is_an_empty_successful_run(tmp_path: Path) -> None:
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--results", str(results)], stdin=b"# nothing\n")
+    run = PoolRun(["--workers", "2", "--results", str(results)], stdin=b"# nothing\n",
+                  events=tmp_path / "events.jsonl")
     assert run.finish() == 0
     assert results.read_text() == ""
-    assert "[Main] Summary: 0 jobs" in run.log_text()
+    assert run.one_event(ev.SUMMARY)["jobs"] == 0
 
 
 def test_a_seeded_crash_run_crashes_the_same_jobs_at_the_same_steps(tmp_path: Path) -> None:
@@ -81,13 +82,3 @@ def test_a_seeded_crash_run_crashes_the_same_jobs_at_the_same_steps(tmp_path: Pa
         outcomes.append({r["job"]: r["attempts"] for r in records})
     assert outcomes[0] == outcomes[1], "same seed, same attempts per job, whatever the pool"
     assert sum(outcomes[0].values()) > 70, "a 0.4 crash rate must crash some attempts"
-
-
-def test_the_log_can_go_to_a_file(tmp_path: Path) -> None:
-    log_file = tmp_path / "run.log"
-    run = PoolRun(["--workers", "1", "--log", str(log_file)], stdin=b"fib 5\n")
-    assert run.finish() == 0
-    assert run.log_text() == ""
-    text = log_file.read_text()
-    assert "[Dealer] Received result for job 1: 5 from worker PID [" in text
-    assert text.splitlines()[-1].startswith("[Main] Summary: 1 jobs, 1 done")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from taskpool.observe import events as ev
+
 from harness import PoolRun, assert_done_right, assert_exactly_once, read_results
 
 JOBS = 30
@@ -18,17 +20,19 @@ def _start(tmp_path: Path) -> tuple[PoolRun, Path]:
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("sleep 0.1\n" * JOBS)
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)])
-    run.wait_for(r"Received result for job \d+:", count=2)
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)],
+                  events=tmp_path / "events.jsonl")
+    run.wait_for_event(ev.JOB_DONE, count=2)
     return run, results
 
 
 def _assert_interrupted_cleanly(run: PoolRun, results: Path, signame: str) -> None:
-    log = run.log_text()
-    assert "Simulated crash" not in log
-    assert "[Supervisor] Worker PID" not in log, "a stopped worker is not a crash"
-    assert f"[Main] Interrupted by {signame}: stopping the pool" in log
-    assert "Traceback" not in log
+    assert not run.events_named(ev.SIMULATED_CRASH)
+    assert not [e for e in run.events_named(ev.WORKER_EXITED) if e["crash"]], \
+        "a stopped worker is not a crash"
+    assert not run.events_named(ev.WORKER_KILLED)
+    assert run.one_event(ev.INTERRUPTED, role="Main")["signal"] == signame
+    assert "Traceback" not in run.log_text()
     records = read_results(results)
     assert_exactly_once(records, range(1, JOBS + 1))
     done = [r for r in records if r["status"] == "done"]

@@ -8,11 +8,12 @@ right values, and (by the conftest fixture) for leftovers.
 from __future__ import annotations
 
 import random
-import re
 import signal
 from pathlib import Path
 
 import pytest
+
+from taskpool.observe import events as ev
 
 from harness import (
     PoolRun,
@@ -35,14 +36,14 @@ def test_thousands_of_jobs_with_hundreds_of_crashes_and_kills(tmp_path: Path) ->
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "4", "--jobs", str(jobs), "--results", str(results),
                    "--crash-rate", "0.08", "--seed", "5", "--max-attempts", "0",
-                   "--max-restarts", "100000"])
+                   "--max-restarts", "100000"], events=tmp_path / "events.jsonl")
     kills = kill_workers_at_random(run, rng, kills=300, pool_size=4)
     assert run.finish(timeout=600) == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, total + 1))
     assert_done_right(records)
-    summary = run.log_text().splitlines()[-1]
-    crashes = int(re.findall(r"(\d+) crashes", summary)[0])
+    summary = run.one_event(ev.SUMMARY)
+    crashes = summary["crashes"]
     assert kills >= 100 and crashes >= 300, summary
     print(f"\nsoak: {total} jobs, {kills} external kills, {crashes} crashes in all: {summary}")
 
@@ -59,7 +60,8 @@ def test_typed_pools_with_priorities_under_crashes_and_kills(tmp_path: Path,
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--pools", "2,2,1", "--jobs", str(jobs), "--results", str(results),
                    "--crash-rate", "0.05", "--seed", "3", "--max-attempts", "0",
-                   "--max-restarts", "100000", *(["--preempt"] if preempt else [])])
+                   "--max-restarts", "100000", *(["--preempt"] if preempt else [])],
+                  events=tmp_path / "events.jsonl")
     kills = kill_workers_at_random(run, rng, kills=150, pool_size=5)
     assert run.finish(timeout=600) == 0
     records = read_results(results)
@@ -72,7 +74,7 @@ def test_typed_pools_with_priorities_under_crashes_and_kills(tmp_path: Path,
         assert types[record["worker"]] == expected_type, record
     assert kills >= 50
     print(f"\nsoak typed (preempt={preempt}): {total} jobs, {kills} kills: "
-          f"{run.log_text().splitlines()[-1]}")
+          f"{run.one_event(ev.SUMMARY)}")
 
 
 @pytest.mark.parametrize("role", ["Dealer", "TaskGenerator", "main", "worker"])
@@ -84,8 +86,8 @@ def test_each_role_killed_at_random_instants(tmp_path: Path, role: str) -> None:
         results = tmp_path / f"r{round_number}.jsonl"
         run = PoolRun(["--workers", "3", "--jobs", str(jobs), "--results", str(results),
                        "--crash-rate", "0.05", "--seed", str(round_number),
-                       "--max-attempts", "0"])
-        run.wait_for(rf"Received result for job {rng.randint(1, 250)}:")
+                       "--max-attempts", "0"], events=tmp_path / f"events{round_number}.jsonl")
+        run.wait_for_event(ev.JOB_DONE, job=rng.randint(1, 250))
         if role == "main":
             victim = run.pid
         elif role == "worker":

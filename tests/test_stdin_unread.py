@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
+
+from taskpool.observe import events as ev
 
 from harness import PoolRun, kill_quietly
 
 
-def test_a_pool_that_gives_up_mid_input_exits_1_and_says_input_was_left_unread() -> None:
+def test_a_pool_that_gives_up_mid_input_exits_1_and_says_input_was_left_unread(
+        tmp_path: Path) -> None:
     """Idle workers killed from outside until restart intensity gives up, while standard
     input is still open: the three jobs read are done, the rest was never read."""
-    run = PoolRun(["--workers", "2", "--max-restarts", "1"], pipe_stdin=True)
+    run = PoolRun(["--workers", "2", "--max-restarts", "1"], pipe_stdin=True,
+                  events=tmp_path / "events.jsonl")
     for n in range(3):
         run.send_line(f"fib {n + 10}")
-    run.wait_for(r"Received result for job \d+:", count=3)
+    run.wait_for_event(ev.JOB_DONE, count=3)
     for pid in run.worker_pids()[:2]:  # they took jobs: their deaths are not counted
         kill_quietly(pid, signal.SIGKILL)
-    run.wait_until(lambda lines: len(run.worker_pids()) >= 4)
+    run.wait_for_event(ev.WORKER_STARTED, count=4)
     for pid in run.worker_pids()[2:4]:  # replacements that never took a job: counted
         kill_quietly(pid, signal.SIGKILL)
     assert run.finish() == 1
-    log = run.log_text()
-    assert "Giving up" in log
-    assert "Standard input was left unread: the pool stopped after line 3" in log
-    assert "All done." not in log
+    run.one_event(ev.GAVE_UP)
+    assert run.one_event(ev.INPUT_UNREAD)["last_line"] == 3
+    summary = run.one_event(ev.SUMMARY)
+    assert (summary["jobs"], summary["done"]) == (3, 3)
     run.close_stdin()

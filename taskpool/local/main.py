@@ -270,7 +270,8 @@ class Main(EngineLoop):
         are neither run nor reported, so the run cannot end as if all were done."""
         self.cut_short = True
         log.warning("Standard input was left unread: the pool stopped after line %d was "
-                    "read; the lines after it were not run", self.last_line_read)
+                    "read; the lines after it were not run", self.last_line_read,
+                    extra=event(ev.INPUT_UNREAD, last_line=self.last_line_read))
 
     @staticmethod
     def _stop(child: Child) -> None:

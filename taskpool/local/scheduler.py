@@ -89,9 +89,10 @@ class Schedule:
                       "priority": job.priority}
             if layout.typed:
                 priority = f", priority {job.priority}" if job.priority else ""
+                label = layout.pool(job.pool).label  # typed pools: the event names it
                 job_event(dealer_log, ev.JOB_SENT, "Job %d (%s, %s%s) -> worker %d%s",
-                          job.job_id, layout.pool(job.pool).label, job.describe_typed(),
-                          priority, s.pid, retry, **fields)
+                          job.job_id, label, job.describe_typed(), priority, s.pid, retry,
+                          pool=label, **fields)
             else:
                 job_event(dealer_log, ev.JOB_SENT, "Sent job %d -> %s%s", job.job_id,
                           job.describe(), retry, **fields)

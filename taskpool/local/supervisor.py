@@ -270,9 +270,12 @@ class Supervisor(threading.Thread):
                               f"{now - self.fork_failing_since:.0f} s")
         self.state.fork_retry_at = now + self.fork_delay
         if first:
+            why = _why_fork_failed(error)
             log.warning("Cannot fork a worker (%s): running with %d of %d workers, trying "
-                        "again in %g s, then less and less often", _why_fork_failed(error),
-                        live, self.layout.total_workers, self.fork_delay)
+                        "again in %g s, then less and less often", why, live,
+                        self.layout.total_workers, self.fork_delay,
+                        extra=event(ev.FORK_REFUSED, live=live,
+                                    size=self.layout.total_workers, reason=why))
 
     def _fork_accepted(self) -> None:
         if self.fork_delay:

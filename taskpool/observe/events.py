@@ -13,7 +13,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     worker_shutdown      worker
     simulated_crash      worker                        (job, step: with --crash-rate)
     initializer_failed   worker (Executor)             reason
-    job_sent             Dealer                        job, worker, attempt, ...
+    job_sent             Dealer                        job, worker, attempt, kind, arg, type,
+                                                       priority[, pool: a typed pool's label]
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job
     job_done             Dealer, Dask engine           job, worker, attempt, result
@@ -34,6 +35,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     stopping             Dealer, Dask engine           running, grace[, not_started]
     grace_over           Dask engine                   running
     role_lost            Main                          lost, lost_pid, how
+    input_unread         Main                          last_line
+    fork_refused         Supervisor                    live, size, reason
     table_header         Main
     pool_summary         Main                          type, workers, done, failed, ...
     attempts_histogram   Main                          attempts
@@ -71,6 +74,8 @@ INTERRUPTED = "interrupted"
 STOPPING = "stopping"
 GRACE_OVER = "grace_over"
 ROLE_LOST = "role_lost"
+INPUT_UNREAD = "input_unread"
+FORK_REFUSED = "fork_refused"
 TABLE_HEADER = "table_header"
 POOL_SUMMARY = "pool_summary"
 ATTEMPTS_HISTOGRAM = "attempts_histogram"

@@ -244,6 +244,11 @@ class PoolRun:
         with self._changed:
             return [e for e in self._events if _matches(e, name, fields)]
 
+    def all_events(self) -> list[Event]:
+        """Every event written so far (all of them once `finish` has returned)."""
+        with self._changed:
+            return list(self._events)
+
     def one_event(self, name: str, **fields: Any) -> Event:
         """The one event `name` (with these field values) of the run."""
         found = self.events_named(name, **fields)

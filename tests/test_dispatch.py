@@ -64,7 +64,7 @@ def test_seed_000_example_runs_each_job_on_a_worker_of_its_type(tmp_path: Path) 
         [finished] = run.events_named(ev.JOB_FINISHED, job=job_id)
         assert (finished["pid"], finished["type"]) == (record["worker"], job_type)
     # One name a role (observe/log.py): the Dealer sends typed jobs as itself.
-    assert {e["role"] for e in run.events} <= {
+    assert {e["role"] for e in run.all_events()} <= {
         "Main", "TaskGenerator", "Dealer", "Supervisor", "Recovery", "Worker"}
 
 

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import pytest
 
-from taskpool.core.supervision import Death, Verdict, after_death
+from taskpool.core.supervision import Cause, Death, Verdict, after_death
 from taskpool.executor.host import FrameWriter
 from taskpool.local.dealer import Dealer
 from taskpool.local.records import RecordWriter
@@ -62,7 +62,8 @@ def test_a_failed_send_thread_first_hands_main_the_outcomes_the_recv_thread_hold
 
 
 @pytest.mark.parametrize(("death", "failed_before", "reason"), [
-    (Death.timed_out(7, 1.5), 2, "ran job 7 past its timeout of 1.5 s on 3 attempts"),
+    (Death.of(Cause.TIMED_OUT, job=7, seconds=1.5), 2,
+     "ran job 7 past its timeout of 1.5 s on 3 attempts"),
     (Death.crashed(signal.SIGSEGV), 0, "killed by signal 11 (SIGSEGV) on 1 attempts"),
 ])
 def test_a_failed_job_is_recorded_with_its_last_death_and_its_attempts(
@@ -81,7 +82,7 @@ def test_a_failed_job_is_recorded_with_its_last_death_and_its_attempts(
 
 @pytest.mark.parametrize(("death", "failed_before", "reason"), [
     # The caller knows calls, not the job ids the Dealer gave its batches.
-    (Death.timed_out(7, 1.5), 2,
+    (Death.of(Cause.TIMED_OUT, job=7, seconds=1.5), 2,
      "3 attempts of this call ended its worker; the last: ran the call past its timeout of 1.5 s"),
     (Death.crashed(signal.SIGSEGV), 0,
      "1 attempt of this call ended its worker; the last: killed by signal 11 (SIGSEGV)"),

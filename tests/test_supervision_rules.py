@@ -20,16 +20,16 @@ KILLED = signal.SIGKILL  # a raw wait status of a death by SIGKILL is the signal
 DEATHS = {
     "crashed": Death.crashed(signal.SIGSEGV),
     "exited": Death.crashed(3 << 8),
-    "timed_out": Death.timed_out(7, 1.5),
-    "no_heartbeat": Death.no_heartbeat(10),
-    "stopped": Death.stopped(signal.SIGSTOP),
-    "memory_limit": Death.memory_limit(200),
-    "initializer_failed": Death.initializer_failed(),
-    "raised": Death.raised(ValueError("bad")),
-    "worker_lost": Death.worker_lost("tcp://127.0.0.1:4001"),
-    "preempted": Death.preempted(9),
-    "grace_over": Death.grace_over(10),
-    "stopped_with_pool": Death.stopped_with_pool(),
+    "timed_out": Death.of(Cause.TIMED_OUT, job=7, seconds=1.5),
+    "no_heartbeat": Death.of(Cause.NO_HEARTBEAT, seconds=10),
+    "stopped": Death.of(Cause.STOPPED, signal=signal.SIGSTOP, name="SIGSTOP"),
+    "memory_limit": Death.of(Cause.MEMORY_LIMIT, megabytes=200),
+    "initializer_failed": Death.of(Cause.INITIALIZER_FAILED),
+    "raised": Death.of(Cause.RAISED, error_type="ValueError", error=ValueError("bad")),
+    "worker_lost": Death.of(Cause.WORKER_LOST, address="tcp://127.0.0.1:4001"),
+    "preempted": Death.of(Cause.PREEMPTED, for_job=9),
+    "grace_over": Death.of(Cause.GRACE_OVER, grace=10),
+    "stopped_with_pool": Death.of(Cause.STOPPED_WITH_POOL),
 }
 
 

@@ -159,10 +159,23 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
     _add_journal_options(run_cmd)
     run_cmd.add_argument("--verbose", "-v", action="store_true",
                          help="also log each job's ACK (the worker has started it)")
+    _add_simulation_options(run_cmd, dispatch)
+
+
+def _add_simulation_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
+    """Crashes on purpose: the demo's, and the tests' hook."""
+    crashes = run_cmd.add_argument_group(
+        "simulated crashes", "workers that die on purpose, to watch or test recovery")
     if not dispatch:
-        run_cmd.add_argument("--demo", action="store_true",
+        crashes.add_argument("--demo", action="store_true",
                              help="run the demo: the seed's 12 fib jobs, 4 workers, crashes")
-    run_cmd.add_argument("--inject-fault", type=_fault, action="append", default=[],
+    crashes.add_argument("--crash-rate", type=_crash_rate, metavar="P",
+                         help="simulate crashes: each attempt of a job crashes its worker "
+                              f"with SIGSEGV with probability P (default 0; --demo: "
+                              f"{DEMO_CRASH_RATE})")
+    crashes.add_argument("--seed", type=int, metavar="S",
+                         help="seed of the crash simulation (default: random, printed)")
+    crashes.add_argument("--inject-fault", type=_fault, action="append", default=[],
                          metavar="JOB:STEP[:ATTEMPT]",
                          help="testing hook: SIGKILL the worker that reaches STEP "
                               "(before_ack, during_compute, before_result, after_result; "
@@ -191,12 +204,6 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
                          help="job file ('fib N', 'sleep SECONDS' or '<job_type> <duration> "
                               "[priority]' a line); '-' or omitted with piped input: standard "
                               "input, read as the pool runs")
-    run_cmd.add_argument("--crash-rate", type=_crash_rate, metavar="P",
-                         help="simulate crashes: each attempt of a job crashes its worker "
-                              "with SIGSEGV with probability P (default 0; --demo: "
-                              f"{DEMO_CRASH_RATE})")
-    run_cmd.add_argument("--seed", type=int, metavar="S",
-                         help="seed of the crash simulation (default: random, printed)")
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded")
     run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
@@ -254,10 +261,9 @@ def _add_journal_options(run_cmd: argparse.ArgumentParser) -> None:
 
 
 def _add_results_command(commands: Any) -> None:
-    results_cmd = commands.add_parser(
-        "results", help="print what a journal holds",
-        description="Print every job of a journal with its outcome (done, failed) or "
-                    "not_done, without running anything.")
+    results_cmd = commands.add_parser("results", help="print what a journal holds", description=(
+        "Print every job of a journal with its outcome (done, failed) or not_done, without "
+        "running anything."))
     results_cmd.add_argument("journal", metavar="RUN.db")
     results_cmd.add_argument("--format", choices=("jsonl", "csv", "table"), default="table")
 

@@ -45,6 +45,7 @@ from taskpool.model.policy import (
 )
 from taskpool.model.pools import PoolLayout, PoolSpec, PoolSpecError
 from taskpool.observe import log as tplog
+from taskpool.observe.log import main_log
 from taskpool.posix import mqueue
 
 if TYPE_CHECKING:
@@ -322,7 +323,7 @@ def _crash_plan(args: argparse.Namespace) -> CrashPlan:
     if seed is None:
         seed = DEMO_SEED if args.demo else secrets.randbits(32)
     if crash_rate > 0:
-        logging.getLogger("taskpool.main").info(
+        main_log.info(
             "Simulating crashes: rate %g, seed %d (repeat with --seed %d)",
             crash_rate, seed, seed)
     return CrashPlan(crash_rate, seed, frozenset(args.inject_fault))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import fcntl
-import logging
 import os
 import select
 import signal
@@ -40,8 +39,7 @@ from contextlib import contextmanager
 from taskpool.core.engine import Engine, RunConfig
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
-
-log = logging.getLogger("taskpool.main")
+from taskpool.observe.log import main_log as log
 
 __all__ = ["INTERRUPTS", "EngineLoop", "Rung", "set_nonblocking"]
 

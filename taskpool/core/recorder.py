@@ -12,7 +12,6 @@ the results file, which is what --resume relies on.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sqlite3
 import time
 from collections import Counter
@@ -26,10 +25,8 @@ from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
+from taskpool.observe.log import main_log as log
 from taskpool.wire.records import results_line
-
-log = logging.getLogger("taskpool.main")
-
 
 # A journal batch is committed when it holds this many outcomes, or when its oldest outcome
 # has waited this long: the cost of a commit is spread over many jobs, and no result waits

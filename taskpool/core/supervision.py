@@ -17,7 +17,6 @@ call these, and their tests are tables (tests/test_supervision_rules.py).
 from __future__ import annotations
 
 import enum
-import signal
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,27 +26,34 @@ from taskpool.posix.proc import describe_wait_status
 
 @dataclass(frozen=True)
 class Rule:
-    """What a cause of death does to the job the worker held."""
+    """What a cause of death does to the job the worker held, and how it is said."""
 
     charges_attempt: bool  # the job may be to blame: counted against --max-attempts
+    says: str  # the reason's words, str.format()ted with the Death's fields
     requeue: bool = False  # back to its backlog, uncharged (a preemption)
+    # The words for an Executor's caller, where they differ: it knows its calls, not the
+    # job ids the Dealer gave them.
+    says_of_a_call: str = ""
 
 
 class Cause(enum.Enum):
     """Why an attempt ended without a result. The rule of each is the policy, as data:
     a death the job may have caused charges it; one that is our doing does not."""
 
-    CRASHED = Rule(charges_attempt=True)  # exited or killed by a signal, on its own
-    TIMED_OUT = Rule(charges_attempt=True)  # --timeout / timeout=
-    NO_HEARTBEAT = Rule(charges_attempt=True)  # hung: no heartbeat for --heartbeat s
-    STOPPED = Rule(charges_attempt=True)  # SIGSTOPped (a hung worker): killed
-    MEMORY_LIMIT = Rule(charges_attempt=True)  # --max-memory
-    INITIALIZER_FAILED = Rule(charges_attempt=True)  # the Executor's initializer raised
-    RAISED = Rule(charges_attempt=True)  # Dask: the task raised instead of returning
-    WORKER_LOST = Rule(charges_attempt=True)  # Dask: the worker left the cluster
-    PREEMPTED = Rule(charges_attempt=False, requeue=True)  # made room for a higher job
-    GRACE_OVER = Rule(charges_attempt=False)  # still running when --grace ended
-    STOPPED_WITH_POOL = Rule(charges_attempt=False)  # a second Ctrl-C, a pool that gave up
+    # exited or killed by a signal, on its own: `how` is describe_wait_status()'s
+    CRASHED = Rule(True, "{how}")
+    TIMED_OUT = Rule(True, "ran job {job} past its timeout of {seconds:g} s",
+                     says_of_a_call="ran the call past its timeout of {seconds:g} s")
+    NO_HEARTBEAT = Rule(True, "sent no heartbeat for {seconds:g} s")  # hung
+    STOPPED = Rule(True, "was stopped by signal {signal} ({name})")  # SIGSTOPped: hung
+    MEMORY_LIMIT = Rule(True, "memory limit ({megabytes} MB)")  # --max-memory
+    INITIALIZER_FAILED = Rule(True, "exited: its initializer raised (the traceback is in "
+                                    "the log)")  # the Executor's initializer
+    RAISED = Rule(True, "raised {error_type}: {error}")  # Dask: the task raised
+    WORKER_LOST = Rule(True, "its worker {address} was lost")  # Dask: left the cluster
+    PREEMPTED = Rule(False, "was preempted for job {for_job}", requeue=True)
+    GRACE_OVER = Rule(False, "was still running when the {grace:g} s grace period ended")
+    STOPPED_WITH_POOL = Rule(False, "was stopped with the pool")  # 2nd Ctrl-C, gave up
 
     @property
     def rule(self) -> Rule:
@@ -59,14 +65,23 @@ class Cause(enum.Enum):
 class Death:
     """One attempt's end without a result: its cause, and the text that says why.
 
-    Made by the constructors below, which own every reason's wording: an engine never
-    builds or edits a reason string."""
+    Made by `Death.of(cause, **fields)`, which words the reason from the cause's rule: an
+    engine never builds or edits a reason string."""
 
     cause: Cause
     reason: str
-    # The reason as an Executor's caller reads it, where it differs: the caller knows its
-    # calls, not the job ids the Dealer gave them. Empty: the same as `reason`.
-    call_wording: str = ""
+    call_wording: str = ""  # the reason for an Executor's caller; empty: `reason`
+
+    @classmethod
+    def of(cls, cause: Cause, **fields: object) -> Death:
+        rule = cause.rule
+        return cls(cause, rule.says.format(**fields),
+                   rule.says_of_a_call.format(**fields) if rule.says_of_a_call else "")
+
+    @classmethod
+    def crashed(cls, wait_status: int) -> Death:
+        """A worker that died on its own, from its raw wait status."""
+        return cls.of(Cause.CRASHED, how=describe_wait_status(wait_status))
 
     @property
     def call_reason(self) -> str:
@@ -79,58 +94,6 @@ class Death:
     @property
     def requeue(self) -> bool:
         return self.cause.rule.requeue
-
-    @classmethod
-    def crashed(cls, wait_status: int) -> Death:
-        return cls(Cause.CRASHED, describe_wait_status(wait_status))
-
-    @classmethod
-    def exited(cls, how: str) -> Death:
-        """A crash told in words already (`exited with status 3`, from Dask's nanny)."""
-        return cls(Cause.CRASHED, how)
-
-    @classmethod
-    def timed_out(cls, job_id: int, seconds: float) -> Death:
-        return cls(Cause.TIMED_OUT, f"ran job {job_id} past its timeout of {seconds:g} s",
-                   f"ran the call past its timeout of {seconds:g} s")
-
-    @classmethod
-    def no_heartbeat(cls, seconds: float) -> Death:
-        return cls(Cause.NO_HEARTBEAT, f"sent no heartbeat for {seconds:g} s")
-
-    @classmethod
-    def stopped(cls, sig: int) -> Death:
-        return cls(Cause.STOPPED, f"was stopped by signal {sig} ({signal.Signals(sig).name})")
-
-    @classmethod
-    def memory_limit(cls, megabytes: int | None) -> Death:
-        return cls(Cause.MEMORY_LIMIT, f"memory limit ({megabytes} MB)")
-
-    @classmethod
-    def initializer_failed(cls) -> Death:
-        return cls(Cause.INITIALIZER_FAILED,
-                   "exited: its initializer raised (the traceback is in the log)")
-
-    @classmethod
-    def raised(cls, error: BaseException) -> Death:
-        return cls(Cause.RAISED, f"raised {type(error).__name__}: {error}")
-
-    @classmethod
-    def worker_lost(cls, address: str) -> Death:
-        return cls(Cause.WORKER_LOST, f"its worker {address} was lost")
-
-    @classmethod
-    def preempted(cls, for_job: int) -> Death:
-        return cls(Cause.PREEMPTED, f"was preempted for job {for_job}")
-
-    @classmethod
-    def grace_over(cls, grace: float) -> Death:
-        return cls(Cause.GRACE_OVER,
-                   f"was still running when the {grace:g} s grace period ended")
-
-    @classmethod
-    def stopped_with_pool(cls) -> Death:
-        return cls(Cause.STOPPED_WITH_POOL, "was stopped with the pool")
 
 
 class Verdict(enum.Enum):

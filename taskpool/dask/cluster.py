@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
+from taskpool.observe.log import dask_log as log
 from taskpool.observe.log import event
 from taskpool.posix import proc
 
 if TYPE_CHECKING:
     from distributed import Client, Future, SpecCluster
 
-log = logging.getLogger("taskpool.dask")
 
 INSTALL_HINT = "--engine dask needs the dask extra: pip install 'taskpool[dask]'"
 # Seconds for our cluster to close; distributed's Nanny kills a worker process that has not

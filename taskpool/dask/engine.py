@@ -87,7 +87,8 @@ from taskpool.dask.worker import TOPIC, run_job
 from taskpool.model.jobs import Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.observe import events as ev
-from taskpool.observe.log import event
+from taskpool.observe.log import dask_log as log
+from taskpool.observe.log import event, main_log
 from taskpool.wire.records import LineRejected
 
 if TYPE_CHECKING:
@@ -96,8 +97,6 @@ if TYPE_CHECKING:
 # The CLI asks these of the engine's module before it starts one.
 __all__ = ["DaskEngine", "DaskMissing", "require_distributed", "scheduler_address_error"]
 
-log = logging.getLogger("taskpool.dask")
-main_log = logging.getLogger("taskpool.main")
 
 # Job ids below this keep their order within a priority (dask_priority); the largest
 # encoded value, 32767 * 2**40, fits the 64-bit integers Dask's messages carry.

@@ -13,7 +13,6 @@ state, it belongs to the engine's main thread (engine.py), which calls it from i
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -21,16 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from taskpool.core.recorder import Recorder
-from taskpool.core.supervision import Death, Decision, Verdict, after_death
+from taskpool.core.supervision import Cause, Death, Decision, Verdict, after_death
 from taskpool.dask.state import Counts, Tries, Try
 from taskpool.model.jobs import Job
 from taskpool.model.outcome import JobRecord, Status
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.observe import events as ev
-from taskpool.observe.log import event
-
-supervisor_log = logging.getLogger("taskpool.supervisor")
-recovery_log = logging.getLogger("taskpool.recovery")
+from taskpool.observe.log import event, recovery_log, supervisor_log
 
 DEATH_REPORT_WAIT = 2.0  # seconds a worker's death waits for its exit status (the nanny's)
 
@@ -116,7 +112,7 @@ class Supervisor:
             self._judge_worker_death(failed, error.last_worker.address, error.last_worker.pid)
             return
         self.tries.forget(failed)
-        death = Death.raised(error)
+        death = Death.of(Cause.RAISED, error_type=type(error).__name__, error=error)
         self._carry_out(self._decide(failed, death), failed, death, failed.pid,
                         failed.address or "an unknown worker")
 
@@ -127,9 +123,9 @@ class Supervisor:
         if failed.timed_out:
             death = self._timed_out(failed)
         elif pid in self.deaths:
-            death = Death.exited(self.deaths[pid])
+            death = Death.of(Cause.CRASHED, how=self.deaths[pid])
         else:
-            death = Death.worker_lost(address)
+            death = Death.of(Cause.WORKER_LOST, address=address)
         decision = self._decide(failed, death, started=self.tries.ran_on(failed, address, pid))
         self._carry_out(decision, failed, death, pid, address)
 
@@ -220,7 +216,7 @@ class Supervisor:
     def _timed_out(self, overdue: Try) -> Death:
         timeout = self.timeout_of(overdue.job)
         assert timeout is not None  # it had a deadline
-        return Death.timed_out(overdue.job.job_id, timeout)
+        return Death.of(Cause.TIMED_OUT, job=overdue.job.job_id, seconds=timeout)
 
     def on_timeout(self, overdue: Try) -> None:
         """Dask cannot stop one task: on our own cluster its worker process is killed (the

@@ -24,7 +24,6 @@ and in a caller's program that may be any short-lived thread. The lifeline does 
 
 from __future__ import annotations
 
-import logging
 import multiprocessing.spawn
 import os
 import pickle
@@ -45,6 +44,7 @@ from taskpool.model.outcome import DealerStats
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import log as tplog
+from taskpool.observe.log import dealer_log as log
 from taskpool.posix import mqueue, proc
 from taskpool.wire import ProtocolError
 from taskpool.wire.calls import CallBatch
@@ -58,8 +58,6 @@ from taskpool.wire.frames import (
     read_frame,
 )
 from taskpool.wire.queue import EndOfJobs, JobMessage, Result
-
-log = logging.getLogger("taskpool.dealer")
 
 
 class FrameWriter(RecordWriter):

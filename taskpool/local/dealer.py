@@ -58,12 +58,10 @@ from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe import log as tplog
-from taskpool.observe.log import event
+from taskpool.observe.log import dealer_log as log
+from taskpool.observe.log import event, supervisor_log
 from taskpool.posix import mqueue, proc
 from taskpool.wire.queue import MAX_MESSAGE_SIZE
-
-log = logging.getLogger("taskpool.dealer")
-supervisor_log = logging.getLogger("taskpool.supervisor")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ priority 0 and is sent last, so it is received last.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Iterator
 from typing import NoReturn
@@ -27,11 +26,10 @@ import posix_ipc
 from taskpool.core.stdin import GeneratorInput, streamed_jobs
 from taskpool.model.jobs import Job
 from taskpool.observe import log as tplog
+from taskpool.observe.log import generator_log as log
 from taskpool.posix import proc
 from taskpool.wire.queue import EndOfJobs, JobBatch, jobs_per_message
 from taskpool.wire.records import JobAccepted, LineRejected, encode_record
-
-log = logging.getLogger("taskpool.generator")
 
 
 def job_batches(jobs: list[Job], done: frozenset[int], size: int) -> Iterator[JobBatch]:

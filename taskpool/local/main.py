@@ -17,7 +17,6 @@ killed Dealer (which PR_SET_PDEATHSIG kills at once) are reaped here too, not le
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import signal
 from dataclasses import dataclass
@@ -31,12 +30,11 @@ from taskpool.model.exits import EXIT_ALL_DONE, EXIT_STOPPED_EARLY
 from taskpool.model.outcome import JobRecord
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
+from taskpool.observe.log import main_log as log
 from taskpool.posix import mqueue, proc
-from taskpool.wire import ProtocolError
+from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import MAX_MESSAGE_SIZE, READY_MESSAGE_SIZE
 from taskpool.wire.records import JobAccepted, LineRejected, decode_record
-
-log = logging.getLogger("taskpool.main")
 
 __all__ = ["Main"]
 
@@ -280,10 +278,8 @@ class Main(EngineLoop):
     def _on_pipe_lines(self, lines: list[bytes]) -> None:
         outcomes = []  # recorded together: their results lines go out in one write
         for line in lines:
-            try:
-                record = decode_record(line)
-            except ProtocolError as e:
-                log.error("Dropped a malformed record: %s", e)
+            record = decoded_or_dropped(decode_record, line, log, "record")
+            if record is None:
                 continue
             if isinstance(record, JobRecord):
                 outcomes.append(record)

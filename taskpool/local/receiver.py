@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 
 import posix_ipc
 
-from taskpool.core.supervision import Death
+from taskpool.core.supervision import Cause, Death
 from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.recovery import Recovery
 from taskpool.local.scheduler import Schedule, assign
@@ -29,8 +30,9 @@ from taskpool.local.stopping import Stopper
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
+from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, job_event
-from taskpool.wire import ProtocolError
+from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import (
     Ack,
     EndOfJobs,
@@ -44,26 +46,22 @@ from taskpool.wire.queue import (
     is_acked,
 )
 
-log = logging.getLogger("taskpool.dealer")
 
-
+@dataclass
 class Receiver:
     """Owns: the job records, the all-done decision, and what to resend after a death.
     Ends when the pool is stopping and every worker's exit has been seen."""
 
-    def __init__(self, state: PoolState, result_queue: posix_ipc.MessageQueue,
-                 writer: RecordWriter, tally: Tally, recovery: Recovery, stopper: Stopper,
-                 policy: SupervisionPolicy, layout: PoolLayout) -> None:
-        self.state = state
-        self.result_queue = result_queue
-        self.writer = writer
-        self.tally = tally
-        self.recovery = recovery
-        self.stopper = stopper
-        self.policy = policy
-        self.layout = layout
-        # A result too large for one message, so far, by (worker pid, job id). Ours alone.
-        self.result_parts: dict[tuple[int, int], list[bytes]] = {}
+    state: PoolState
+    result_queue: posix_ipc.MessageQueue
+    writer: RecordWriter
+    tally: Tally
+    recovery: Recovery
+    stopper: Stopper
+    policy: SupervisionPolicy
+    layout: PoolLayout
+    # A result too large for one message, so far, by (worker pid, job id). Ours alone.
+    result_parts: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
 
     def run(self) -> None:
         state = self.state
@@ -86,11 +84,7 @@ class Receiver:
         except posix_ipc.BusyError:
             self.writer.flush()  # before blocking: main gets what is recorded so far
             data, _ = self.result_queue.receive()
-        try:
-            return decode(data)
-        except ProtocolError as e:
-            log.error("Dropped a malformed message from a worker: %s", e)
-            return None
+        return decoded_or_dropped(decode, data, log, "message from a worker")
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Result):
@@ -130,7 +124,7 @@ class Receiver:
                 timeout = job_state.job.timeout or self.policy.timeout
                 if timeout is not None:
                     schedule.nudge |= state.set_deadline(state.job_deadlines, ack.pid, Deadline(
-                        now + timeout, Death.timed_out(ack.job_id, timeout)))
+                        now + timeout, Death.of(Cause.TIMED_OUT, job=ack.job_id, seconds=timeout)))
                 schedule.nudge |= state.expect_heartbeat(ack.pid, now)
         schedule.log(self.layout)
         # The assignment is already known; an Ack only says the job started.

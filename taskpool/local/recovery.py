@@ -25,13 +25,13 @@ No job is lost, whenever a worker dies:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 
 from taskpool.core.supervision import (
+    Cause,
     Death,
     Decision,
     RestartIntensity,
@@ -47,12 +47,9 @@ from taskpool.model.jobs import Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
-from taskpool.observe.log import event
+from taskpool.observe.log import event, recovery_log, supervisor_log
 from taskpool.wire.calls import CallBatch
 from taskpool.wire.queue import WorkerExited
-
-recovery_log = logging.getLogger("taskpool.recovery")
-supervisor_log = logging.getLogger("taskpool.supervisor")
 
 # Ids of the jobs made by splitting a batch of calls: above any id a caller gives.
 SPLIT_ID_BASE = 1 << 62
@@ -69,9 +66,9 @@ def death_of(exited: WorkerExited, killed_for: Death | None,
         by_us = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         return Death.crashed(status) if killed_for.requeue and not by_us else killed_for
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_INITIALIZER_FAILED:
-        return Death.initializer_failed()
+        return Death.of(Cause.INITIALIZER_FAILED)
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
-        return Death.memory_limit(policy.max_memory_mb)
+        return Death.of(Cause.MEMORY_LIMIT, megabytes=policy.max_memory_mb)
     return Death.crashed(status)
 
 
@@ -123,21 +120,23 @@ class Aftermath:
         return any(h.charged for h in self.held)
 
 
+@dataclass
 class Recovery:
     """The recv thread's part in a worker's death: what to resend, fail or report not done.
     Owned by the recv thread (no lock of its own); what it shares is PoolState, under its
     lock, and the Tally and the writer, which are the recv thread's too."""
 
-    def __init__(self, state: PoolState, policy: SupervisionPolicy, layout: PoolLayout,
-                 writer: RecordWriter, tally: Tally, stopper: Stopper) -> None:
-        self.state = state
-        self.policy = policy
-        self.layout = layout
-        self.writer = writer
-        self.tally = tally
-        self.stopper = stopper
-        self.intensity = RestartIntensity.of(policy)
-        self.next_split_id = SPLIT_ID_BASE
+    state: PoolState
+    policy: SupervisionPolicy
+    layout: PoolLayout
+    writer: RecordWriter
+    tally: Tally
+    stopper: Stopper
+    intensity: RestartIntensity = field(init=False)
+    next_split_id: int = SPLIT_ID_BASE  # the id of the next call split from a batch
+
+    def __post_init__(self) -> None:
+        self.intensity = RestartIntensity.of(self.policy)
 
     def on_worker_exited(self, exited: WorkerExited) -> None:
         """The worker is dead and all its messages were handled: resend what it held, fail

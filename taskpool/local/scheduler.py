@@ -26,22 +26,18 @@ The rules, each of which a user would call right:
 from __future__ import annotations
 
 import heapq
-import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 
-from taskpool.core.supervision import Death
+from taskpool.core.supervision import Cause, Death
 from taskpool.local.state import NUDGE_SIGNAL, PoolSlots, PoolState, WorkerHandle
 from taskpool.model.jobs import Job
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
-from taskpool.observe.log import event, job_event
+from taskpool.observe.log import dealer_log, event, job_event, supervisor_log
 from taskpool.wire.queue import JobMessage, is_acked
-
-dealer_log = logging.getLogger("taskpool.dealer")
-supervisor_log = logging.getLogger("taskpool.supervisor")
 
 
 @dataclass(frozen=True)
@@ -214,7 +210,7 @@ def _preempt(state: PoolState, pool: PoolSlots, urgent: Job, schedule: Schedule)
         return
     victim = min(victims, key=lambda w: state.jobs[w.running or 0].job.priority)
     assert victim.running is not None
-    state.kill_reasons[victim.pid] = Death.preempted(urgent.job_id)
+    state.kill_reasons[victim.pid] = Death.of(Cause.PREEMPTED, for_job=urgent.job_id)
     state.forget_deadlines(victim.pid)
     os.kill(victim.pid, signal.SIGKILL)  # in `workers`: not reaped, so the pid is ours
     pool.preempting = victim.pid

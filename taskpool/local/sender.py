@@ -8,18 +8,15 @@ hands out what it can under the lock (scheduler.assign), so it always reads on.
 
 from __future__ import annotations
 
-import logging
-
 import posix_ipc
 
 from taskpool.local.scheduler import Schedule, assign, enqueue
 from taskpool.local.state import JobState, PoolState
 from taskpool.model.jobs import Job
 from taskpool.model.pools import PoolLayout
-from taskpool.wire import ProtocolError
+from taskpool.observe.log import dealer_log as log
+from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import EndOfJobs, JobBatch, JobMessage, Message, Stop, decode
-
-log = logging.getLogger("taskpool.dealer")
 
 
 class Sender:
@@ -50,11 +47,7 @@ class Sender:
 
     def _next_message(self) -> Message | None:
         data, _ = self.ready_queue.receive()
-        try:
-            return decode(data)
-        except ProtocolError as e:
-            log.error("Dropped a malformed message from the generator: %s", e)
-            return None
+        return decoded_or_dropped(decode, data, log, "message from the generator")
 
     def _admit(self, jobs: tuple[Job, ...]) -> bool:
         """Put `jobs` in their backlogs and hand out what can be; True if the backlogs are

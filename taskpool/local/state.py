@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from taskpool.core.supervision import Death
+from taskpool.core.supervision import Cause, Death
 from taskpool.model.jobs import Job
 from taskpool.wire import ProtocolError
 from taskpool.wire.queue import JobMessage, decode
@@ -208,7 +208,7 @@ class PoolState:
         if self.heartbeat is None:
             return False
         return self.set_deadline(self.heartbeat_deadlines, pid, Deadline(
-            now + self.heartbeat, Death.no_heartbeat(self.heartbeat)))
+            now + self.heartbeat, Death.of(Cause.NO_HEARTBEAT, seconds=self.heartbeat)))
 
     def forget_deadlines(self, pid: int) -> None:
         self.job_deadlines.pop(pid, None)

@@ -10,22 +10,19 @@ the recv thread ends once every worker's exit has been seen.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
 
 import posix_ipc
 
-from taskpool.core.supervision import Death
+from taskpool.core.supervision import Cause, Death
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState
 from taskpool.model.jobs import PRIORITY_MAX
 from taskpool.observe import events as ev
-from taskpool.observe.log import event
+from taskpool.observe.log import dealer_log as log
+from taskpool.observe.log import event, supervisor_log
 from taskpool.wire.queue import Shutdown, Stop
-
-log = logging.getLogger("taskpool.dealer")
-supervisor_log = logging.getLogger("taskpool.supervisor")
 
 
 class Stopper:
@@ -66,7 +63,7 @@ class Stopper:
                 # Not reaped yet (reaping moves a worker out of `workers` under this lock),
                 # so the pid is still this worker's.
                 if kill:
-                    state.kill_reasons[worker.pid] = Death.stopped_with_pool()
+                    state.kill_reasons[worker.pid] = Death.of(Cause.STOPPED_WITH_POOL)
                     os.kill(worker.pid, signal.SIGKILL)
                 else:
                     try:
@@ -104,7 +101,8 @@ class Stopper:
                 worker.request_queue.send(Shutdown().encode(), timeout=0)
             running = sum(1 for w in state.workers.values() if w.outstanding)
             not_started = sum(1 for s in state.jobs.values() if not s.recorded) - running
-            state.grace_deadline = Deadline(time.monotonic() + grace, Death.grace_over(grace))
+            state.grace_deadline = Deadline(time.monotonic() + grace,
+                                            Death.of(Cause.GRACE_OVER, grace=grace))
             state.backlog_room.notify_all()
         log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
                  "%d jobs not started", signum, running, grace, not_started,

@@ -24,7 +24,6 @@ sees the death, and resends exactly the jobs that have no result.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import resource
 import signal
@@ -36,7 +35,7 @@ from typing import NoReturn
 
 import posix_ipc
 
-from taskpool.core.supervision import Death
+from taskpool.core.supervision import Cause, Death
 from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
@@ -47,10 +46,9 @@ from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe import log as tplog
 from taskpool.observe.log import event
+from taskpool.observe.log import supervisor_log as log
 from taskpool.posix import mqueue, proc
 from taskpool.wire.queue import MAX_MESSAGE_SIZE, Terminate, WorkerExited
-
-log = logging.getLogger("taskpool.supervisor")
 
 # The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
 # and mq_unlink and leave its name behind with nobody alive to sweep it (ipc's module doc).
@@ -447,7 +445,8 @@ class Supervisor(threading.Thread):
         still ours."""
         if pid not in self.state.workers:
             return None
-        death = Death.stopped(os.WSTOPSIG(status))
+        sig = os.WSTOPSIG(status)
+        death = Death.of(Cause.STOPPED, signal=sig, name=signal.Signals(sig).name)
         self.state.kill_reasons[pid] = death
         self.state.forget_deadlines(pid)
         os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,6 @@ the process; the Dealer notices the death and restores the pool.
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import resource
@@ -34,10 +33,9 @@ from taskpool.model.faults import CrashPlan, Step
 from taskpool.model.jobs import Job, JobKind
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
-from taskpool.wire import ProtocolError
+from taskpool.observe.log import worker_log as log
+from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import Ack, Heartbeat, JobMessage, Result, Shutdown, decode, is_acked
-
-log = logging.getLogger("taskpool.worker")
 
 
 def _simulate_crash() -> NoReturn:
@@ -193,10 +191,8 @@ class JobLoop:
         anything else is logged and dropped."""
         while True:
             data, _priority = self.request_queue.receive()
-            try:
-                message = decode(data)
-            except ProtocolError as e:
-                log.error("Dropped a malformed message: %s", e)
+            message = decoded_or_dropped(decode, data, log, "message")
+            if message is None:
                 continue
             if isinstance(message, JobMessage):
                 return message

@@ -57,6 +57,17 @@ _ROLE_TAGS = {
     "taskpool.dask": "Dask",
 }
 
+# The roles' loggers, one a role (tagged by _ROLE_TAGS): a module logs a line as the role
+# whose duty it tells, as seed 004's log does (the Dealer's recv thread resends a job as
+# [Recovery]; its recovery thread reports a death as [Supervisor]).
+main_log = logging.getLogger("taskpool.main")
+generator_log = logging.getLogger("taskpool.generator")
+dealer_log = logging.getLogger("taskpool.dealer")
+supervisor_log = logging.getLogger("taskpool.supervisor")
+recovery_log = logging.getLogger("taskpool.recovery")
+worker_log = logging.getLogger("taskpool.worker")
+dask_log = logging.getLogger("taskpool.dask")
+
 # In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].
 _worker_pool = ""
 _descriptors: set[int] = set()

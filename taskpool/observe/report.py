@@ -286,15 +286,13 @@ class _Plot:
                 *self.resends(), "</svg>"]
 
     def lane_rows(self) -> list[str]:
-        rows = []
-        for i, (pool, slot) in enumerate(self.lanes):
-            top = TOP + i * LANE_HEIGHT
-            rows.append(f'<rect class="lane" x="0" y="{top}" '
-                        f'width="{LABEL_WIDTH + PLOT_WIDTH}" height="{LANE_HEIGHT}" '
-                        f'fill="{"#f4f4f4" if i % 2 else "#ffffff"}"/>')
-            rows.append(f'<text x="6" y="{top + 16}">type {html.escape(pool)}, '
-                        f'slot {slot + 1}</text>')
-        return rows
+        """A band a lane, shaded every other one, named by its pool and slot."""
+        width = LABEL_WIDTH + PLOT_WIDTH
+        return [row for i, (pool, slot) in enumerate(self.lanes) for row in (
+            f'<rect class="lane" x="0" y="{TOP + i * LANE_HEIGHT}" width="{width}" '
+            f'height="{LANE_HEIGHT}" fill="{"#f4f4f4" if i % 2 else "#ffffff"}"/>',
+            f'<text x="6" y="{TOP + i * LANE_HEIGHT + 16}">type {html.escape(pool)}, '
+            f'slot {slot + 1}</text>')]
 
     def time_axis(self) -> list[str]:
         ticks = []

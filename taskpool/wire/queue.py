@@ -1,38 +1,12 @@
-"""The wire format: the only module that knows how messages are laid out in bytes.
-
-Who sends what, on which channel::
-
-    TaskGenerator --JobBatch, Job, EndOfJobs----> ready queue ----> Dealer send thread
-    Dealer (own threads) --Stop-----------------> ready queue ----> Dealer send thread
-    Dealer send thread --Job, Shutdown----------> request queue (one per worker) --> Worker
-    Worker --Ack, Result, Heartbeat-------------> result queue ---> Dealer recv thread
-    Dealer recovery thread --WorkerExited, Terminate--> result queue
-    Dealer send thread --EndOfJobs--------------> result queue
-    TaskGenerator --JobAccepted, LineRejected---> intake pipe  ---> main   (stdin input only)
-    Dealer recv thread --JobRecord, DealerStats-> record pipe  ---> main
-
-and, when the caller is a taskpool.Executor (the Dealer runs in executor/host.py)::
-
-    Executor feeder thread --Settings, Batch, End--> submit pipe ---> host's intake thread
-    host intake thread --Job (kind CALL), EndOfJobs--> ready queue ---> Dealer send thread
-    Worker --ResultPart..., Result--------------> result queue (a result over one message)
-    Dealer recv thread --Outcomes, Failed, Stopped--> outcome pipe --> Executor collector
-
-A CALL job carries a CallBatch as a payload after the fixed fields, and its Result carries
-the calls' outcomes. Calls and outcomes are pickles made and read only by the Executor and
-the workers; the Dealer reads the CallBatch header alone, to split a batch whose worker died
-into single calls.
+"""Queue messages: the only module that knows how a POSIX queue message is laid out.
 
 Queue messages are small fixed-layout structs (network byte order) behind a two-byte header
 (version, type), so that every message of a CLI run fits the smallest queue we create
 (`MAX_MESSAGE_SIZE`); but for the JobBatch, which fits the ready queue's
 (`READY_MESSAGE_SIZE`). A message is one class, in one place: its type (the `mtype=` of
-its class line), its payload layout (`LAYOUT`), `encode()`, and the `decode` classmethod
-that the module's `decode()` finds by the header's type. Pipe messages are JSON lines,
-one object each, shorter than PIPE_BUF; each pipe has one writer, which may write several
-lines at once (the Dealer's records up to PIPE_BUF, the generator's a read of standard
-input's) and the reader splits them. Anything malformed raises `ProtocolError`; receivers
-log it and go on.
+its class line), its fields and their `LAYOUT` (or, for a message with a payload, its own
+`encode()` and `decode`), and the module's `decode()` finds its decoder by the header's
+type. Which role sends which message on which queue: the package's docstring.
 """
 
 from __future__ import annotations
@@ -108,10 +82,15 @@ class QueueMessage:
     """What every queue message has: its type, the two header bytes its encoding starts
     with, and a decoder of what follows them, which `decode` finds by the type. A message
     names its type where it is defined: `class Ack(QueueMessage, mtype=MessageType.ACK)`;
-    its payload layout, `encode` and `decode` follow it there."""
+    its LAYOUT follows it there, or, for a message with a payload, its own `encode` and
+    `decode`."""
 
     TYPE: ClassVar[MessageType]
     HEADER: ClassVar[bytes]  # version, type
+    # A message of fixed fields: their layout after the header, in the order the fields
+    # are declared (none: a message that is its type alone). A message with a payload
+    # (a job, a result) has its own encode and decode instead.
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("!")
 
     def __init_subclass__(cls, mtype: MessageType, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -120,13 +99,16 @@ class QueueMessage:
         _DECODERS[mtype] = cls.decode
 
     def encode(self) -> bytes:
-        raise NotImplementedError
+        # A frozen dataclass's __dict__ holds its fields in declaration order.
+        return self.HEADER + self.LAYOUT.pack(*self.__dict__.values())
 
     @classmethod
     def decode(cls, body: bytes) -> Message:
         """The message whose encoding, after the header, is `body`; struct.error or
         ProtocolError if it is none."""
-        raise NotImplementedError
+        if not cls.LAYOUT.size:
+            _no_body(body, cls.TYPE)
+        return cls(*cls.LAYOUT.unpack(body))  # type: ignore[return-value]
 
 
 # --- Jobs -------------------------------------------------------------------------------
@@ -212,13 +194,6 @@ class EndOfJobs(QueueMessage, mtype=MessageType.END_OF_JOBS):
 
     total: int
 
-    def encode(self) -> bytes:
-        return self.HEADER + self.LAYOUT.pack(self.total)
-
-    @classmethod
-    def decode(cls, body: bytes) -> EndOfJobs:
-        return cls(*cls.LAYOUT.unpack(body))
-
 
 # --- Stopping -----------------------------------------------------------------------------
 
@@ -226,26 +201,10 @@ class EndOfJobs(QueueMessage, mtype=MessageType.END_OF_JOBS):
 class Stop(QueueMessage, mtype=MessageType.STOP):
     """Ends the send thread."""
 
-    def encode(self) -> bytes:
-        return self.HEADER
-
-    @classmethod
-    def decode(cls, body: bytes) -> Stop:
-        _no_body(body, cls.TYPE)
-        return cls()
-
 
 @dataclass(frozen=True)
 class Shutdown(QueueMessage, mtype=MessageType.SHUTDOWN):
     """Tells a worker to exit. A message kind of its own, so that no job value means 'stop'."""
-
-    def encode(self) -> bytes:
-        return self.HEADER
-
-    @classmethod
-    def decode(cls, body: bytes) -> Shutdown:
-        _no_body(body, cls.TYPE)
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -255,13 +214,6 @@ class Terminate(QueueMessage, mtype=MessageType.TERMINATE):
     LAYOUT: ClassVar = struct.Struct("!B")  # signal number that asked for it
 
     signum: int
-
-    def encode(self) -> bytes:
-        return self.HEADER + self.LAYOUT.pack(self.signum)
-
-    @classmethod
-    def decode(cls, body: bytes) -> Terminate:
-        return cls(*cls.LAYOUT.unpack(body))
 
 
 # --- From the workers, and about them -----------------------------------------------------
@@ -275,13 +227,6 @@ class Ack(QueueMessage, mtype=MessageType.ACK):
     job_id: int
     attempt: int
     pid: int
-
-    def encode(self) -> bytes:
-        return self.HEADER + self.LAYOUT.pack(self.job_id, self.attempt, self.pid)
-
-    @classmethod
-    def decode(cls, body: bytes) -> Ack:
-        return cls(*cls.LAYOUT.unpack(body))
 
 
 def is_acked(job: Job, every_job: bool) -> bool:
@@ -302,13 +247,6 @@ class Heartbeat(QueueMessage, mtype=MessageType.HEARTBEAT):
     LAYOUT: ClassVar = struct.Struct("!I")  # worker pid
 
     pid: int
-
-    def encode(self) -> bytes:
-        return self.HEADER + self.LAYOUT.pack(self.pid)
-
-    @classmethod
-    def decode(cls, body: bytes) -> Heartbeat:
-        return cls(*cls.LAYOUT.unpack(body))
 
 
 @dataclass(frozen=True)
@@ -387,13 +325,6 @@ class WorkerExited(QueueMessage, mtype=MessageType.WORKER_EXITED):
 
     pid: int
     wait_status: int
-
-    def encode(self) -> bytes:
-        return self.HEADER + self.LAYOUT.pack(self.pid, self.wait_status)
-
-    @classmethod
-    def decode(cls, body: bytes) -> WorkerExited:
-        return cls(*cls.LAYOUT.unpack(body))
 
 
 Message = Union[

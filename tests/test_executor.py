@@ -573,8 +573,8 @@ def test_a_failing_initializer_breaks_the_pool_without_hanging() -> None:
 
 
 def test_a_failing_initializer_error_names_the_initializer() -> None:
-    """BUG (taskpool/dealer.py, Dealer._count_idle_death; worker.py _run_initializer): the
-    README promises that pending futures fail 'with WorkerCrashed naming the cause'. The
+    """BUG (local/recovery.py, Recovery._count_idle_death; local/worker.py, _run_initializer):
+    the README promises that pending futures fail 'with WorkerCrashed naming the cause'. The
     message is only the restart-intensity verdict, '11 workers died without taking a job
     within 5 s (max_restarts=10)': neither the initializer nor its RuntimeError('no
     database here') appears, though every worker exited with EXIT_INITIALIZER_FAILED and

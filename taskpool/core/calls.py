@@ -8,7 +8,7 @@ functions pickled by reference resolve here too.
 Every call of a batch that loads has an outcome, and nothing a call does (short of killing
 the process) stops the batch: a raised exception is returned with its traceback text, as is
 a return value that cannot be pickled. A batch whose pickle does not load here is answered
-as such, and the caller sends its calls again one by one (protocol.py).
+as such, and the caller sends its calls again one by one (wire/calls.py).
 A batch's pickle too large for one message waits in a memfd of the caller's process; we read
 it through /proc/PID/fd/FD (same user), so it never has a name that could be left behind.
 """
@@ -37,7 +37,7 @@ class RemoteTraceback(Exception):
 
 def run_calls(payload: bytes) -> tuple[float, bytes]:
     """Run the calls of a batch that this job holds; the seconds they took, and their
-    outcomes (see protocol.py for the layout)."""
+    outcomes (see wire/calls.py for the layout)."""
     started = time.perf_counter()
     batch = CallBatch.decode(payload)
     returned = bytearray(batch.count)  # 1: the call returned; 0: it raised
@@ -45,7 +45,7 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
         data = _read_memfd(batch.calls) if batch.where == CallWhere.MEMFD else batch.calls
         calls = pickle.loads(data)[batch.first:batch.first + batch.count]
     except BaseException as e:  # noqa: BLE001 - one call's argument may be at fault
-        # The caller knows which calls the pickle holds, and decides: see protocol.py.
+        # The caller knows which calls the pickle holds, and decides: see wire/calls.py.
         return time.perf_counter() - started, pickle.dumps((None, _pickle_exception(e)),
                                                            pickle.HIGHEST_PROTOCOL)
     # A plain value (immutable) is kept as it is, and pickled with the batch's others at the

@@ -1,6 +1,6 @@
 """What runs the jobs: the engine behind `taskpool run`.
 
-    cli.py ──RunConfig──> Engine.run()
+    cli/run.py ──RunConfig──> Engine.run()
                            ├─ execute()  the engine's own: run every job, hand each
                            │             outcome to the Recorder, note why it stopped
                            └─ Recorder   (recorder.py) results file, journal, once per job,

@@ -46,8 +46,8 @@ Invariants:
   is set, so the collector never sees an outcome it cannot place; a call's future is
   resolved by whoever replaces it with None in its batch's list, so it is resolved once;
 - a batch is one job to the Dealer: a worker that dies in one gets its calls resent one by
-  one without an attempt charged (dealer.Dealer._split), so a call fails with WorkerCrashed
-  only after killing max_attempts workers on its own.
+  one without an attempt charged (local/recovery.py, Recovery._split), so a call fails
+  with WorkerCrashed only after killing max_attempts workers on its own.
 
 Batching (feeder.py): a batch takes about BATCH_SECONDS of a worker's time, from the run
 time the workers report: one call a batch for slow calls, more for short ones.

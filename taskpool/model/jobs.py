@@ -30,7 +30,7 @@ class JobKind(enum.IntEnum):
     SLEEP = 2
     ALLOC = 3
     CRASH = 4
-    CALL = 5  # a batch of Python calls from taskpool.Executor; arg is how many (calls.py)
+    CALL = 5  # a batch of Python calls from taskpool.Executor; arg is how many (core/calls.py)
 
     @property
     def label(self) -> str:

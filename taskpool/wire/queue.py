@@ -231,7 +231,7 @@ class Ack(QueueMessage, mtype=MessageType.ACK):
 
 def is_acked(job: Job, every_job: bool) -> bool:
     """Whether a worker sends an Ack when it takes `job`. The Dealer needs none to know which
-    jobs a worker holds, nor which one it died in (dealer.py's doc says how): only to start
+    jobs a worker holds, nor which one it died in (local/recovery.py's doc says how): only to start
     the clock of a job's timeout, to know which job runs (--preempt), to report when each
     job started (a DEBUG event: --events, the live view) and for the Executor's calls (the
     first can wait behind a long initializer). `every_job`: one of these holds for the whole

@@ -1,4 +1,5 @@
-"""POSIX message queues and process plumbing shared by every role.
+"""POSIX message queues: created private and unlinked at once, swept after a crash, and
+the queue budget (which limit refused a queue, and why).
 
 Queue lifetime: every queue is created with O_EXCL, mode 0600, under an unguessable name, and
 its name is unlinked at once. The processes that use it get the descriptor through fork(), so

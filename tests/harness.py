@@ -287,8 +287,8 @@ class PoolRun:
 
     def worker_types(self) -> dict[int, str]:
         """pid: type label (``2``, ``fib``), for the workers of typed pools."""
-        return {e["pid"]: e["type"] for e in self.events_named(ev.WORKER_STARTED)
-                if "type" in e}
+        return {e["pid"]: e["pool"].split()[-1] for e in self.events_named(ev.WORKER_STARTED)
+                if "pool" in e}
 
     def role_pid(self, role: str) -> int:
         """The pid of the process that writes the events of `role` (Dealer, TaskGenerator),

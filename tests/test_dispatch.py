@@ -62,7 +62,7 @@ def test_seed_000_example_runs_each_job_on_a_worker_of_its_type(tmp_path: Path) 
         assert (sent["role"], sent["type"], sent["arg"], sent["worker"]) == (
             "Dealer", int(job_type), float(duration), record["worker"])
         [finished] = run.events_named(ev.JOB_FINISHED, job=job_id)
-        assert (finished["pid"], finished["type"]) == (record["worker"], job_type)
+        assert (finished["pid"], finished["type"]) == (record["worker"], int(job_type))
     # One name a role (observe/log.py): the Dealer sends typed jobs as itself.
     assert {e["role"] for e in run.all_events()} <= {
         "Main", "TaskGenerator", "Dealer", "Supervisor", "Recovery", "Worker"}

@@ -135,7 +135,7 @@ def _sent(e: Event) -> str:
 
 
 def _worker(e: Event) -> str:
-    return f"[Worker {e['pid']}{' type ' + e['type'] if 'type' in e else ''}]"
+    return f"[Worker {e['pid']}{' ' + e['pool'] if 'pool' in e else ''}]"
 
 
 def _exited(e: Event) -> str | re.Pattern[str]:

@@ -205,7 +205,7 @@ class Supervisor:
         if pool is not None:
             self.counts.per_pool[pool] += 1
         supervisor_log.info("Worker PID %d %s", pid, how,
-                            extra=event(ev.WORKER_EXITED, worker=pid, pool=pool, reason=how,
+                            extra=event(ev.WORKER_EXITED, worker=pid, type=pool, reason=how,
                                         crash=True))
 
     # --- timeouts --------------------------------------------------------------------------

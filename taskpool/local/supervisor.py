@@ -365,7 +365,7 @@ class Supervisor(threading.Thread):
     def _become_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> NoReturn:
         try:
             if self.layout.typed:
-                tplog.set_worker_pool(self.layout.pool(pool).label)
+                tplog.set_worker_pool(pool, self.layout.pool(pool).label)
             proc.set_parent_death_signal(self.dealer_pid)
             # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
             # mid-way: the Dealer decides, and lets running jobs finish within --grace.
@@ -426,17 +426,17 @@ class Supervisor(threading.Thread):
         if retired:
             log.info("Worker PID %d retired after %d jobs", pid,
                      self.setup.policy.max_tasks_per_child or 0,
-                     extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
+                     extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
                                  reason="retired", crash=False))
         elif crash:
             how = proc.describe_wait_status(status)
             log.info("Worker PID %d %s", pid, how,
-                     extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool, reason=how,
+                     extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool, reason=how,
                                  crash=True))
         else:  # while stopping, or preempted: our doing
             how = "preempted" if preempted else proc.describe_wait_status(status)
             log.debug("Reaped worker %d: %s", pid, how,
-                      extra=event(ev.WORKER_EXITED, worker=pid, pool=worker.pool,
+                      extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
                                   reason=how, crash=False))
 
     def _kill_stopped(self, pid: int, status: int) -> Death | None:

@@ -27,7 +27,7 @@ tests read them back by the same names. An event's fields are its JSON object's 
     job_abandoned        Supervisor (Dask)             job, worker, reason
     jobs_not_done        Supervisor                    jobs, worker, reason
     duplicate_dropped    Dealer                        job, worker
-    worker_exited        Supervisor                    worker, pool, reason, crash
+    worker_exited        Supervisor                    worker, type, reason, crash
     worker_killed        Supervisor                    worker, reason
     gave_up              Supervisor                    reason
     all_jobs_completed   Dealer                        jobs

@@ -68,8 +68,11 @@ recovery_log = logging.getLogger("taskpool.recovery")
 worker_log = logging.getLogger("taskpool.worker")
 dask_log = logging.getLogger("taskpool.dask")
 
-# In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2].
+# In a worker of a typed pool: " type 2", so that its lines read [Worker 1471 type 2]; and
+# the fields its events carry: the job type it takes (`type`, a number, as a job's) and its
+# pool's label (`pool`, as the log names it: "type 2", "type fib").
 _worker_pool = ""
+_worker_fields: dict[str, Any] = {}
 _descriptors: set[int] = set()
 # With the text log as the only output (no events file, no live view): where per-job lines
 # go, written by `job_event` without `logging`; -1 when they are below the log's level.
@@ -77,10 +80,11 @@ _descriptors: set[int] = set()
 _text_only_fd: int | None = None
 
 
-def set_worker_pool(label: str) -> None:
+def set_worker_pool(number: int, label: str) -> None:
     """Called once in a newly forked worker of a typed pool."""
     global _worker_pool
     _worker_pool = f" {label}"
+    _worker_fields.update(type=number, pool=label)
 
 
 def event(name: str, at: float | None = None, **data: Any) -> dict[str, Any]:
@@ -109,8 +113,8 @@ def as_event(record: logging.LogRecord, text: str) -> dict[str, Any]:
         "role": _ROLE_TAGS.get(record.name, record.name),
         "pid": record.process,
     }
-    if _worker_pool and record.name == "taskpool.worker":
-        body["type"] = _worker_pool.split()[-1]
+    if record.name == "taskpool.worker":
+        body.update(_worker_fields)
     body.update(getattr(record, "data", {}))
     body["level"] = record.levelname.lower()
     body["text"] = text

@@ -99,7 +99,8 @@ class _TimelineBuilder:
         self.pending_resend: dict[int, tuple[int, float]] = {}  # job: (dead pid, when)
 
     def worker_started(self, e: dict[str, Any]) -> None:
-        self.timeline.workers[e["pid"]] = Worker(e["pid"], str(e.get("type", "1")), e["t"])
+        label = e.get("pool", "type 1").split()[-1]  # "type fib": fib
+        self.timeline.workers[e["pid"]] = Worker(e["pid"], label, e["t"])
 
     def job_sent(self, e: dict[str, Any]) -> None:
         attempt = Attempt(e["job"], e.get("attempt", 1), e["worker"], e["t"],

@@ -10,6 +10,7 @@ from taskpool.core.supervision import (
     Cause,
     Death,
     RestartIntensity,
+    StartBackoff,
     Verdict,
     after_death,
 )
@@ -146,3 +147,23 @@ def test_restart_intensity_forgets_deaths_older_than_the_window() -> None:
 
 def test_every_cause_has_a_rule() -> None:
     assert all(isinstance(cause.rule.charges_attempt, bool) for cause in Cause)
+
+
+def test_a_refused_start_is_tried_again_later_and_later_until_it_works() -> None:
+    backoff = StartBackoff(first=0.1, longest=0.5, give_up_after=30)
+    assert [backoff.refused(now) for now in (0, 1, 2, 3, 4)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert backoff.worked() and (backoff.delay, backoff.failing_since) == (0.0, None)
+    assert not backoff.worked()  # no run of refusals to end
+    assert backoff.refused(10) == 0.1  # a new run of them starts from the first delay
+
+
+@pytest.mark.parametrize(("stranded", "since", "now", "gives_up"), [
+    (False, 0.0, 100.0, False),  # the pool runs smaller: never gives up
+    (True, 0.0, 29.9, False),
+    (True, 0.0, 30.0, True),  # no worker for 30 s: its jobs could never run
+])
+def test_a_pool_gives_up_only_with_no_worker_for_a_while(
+        stranded: bool, since: float, now: float, gives_up: bool) -> None:
+    backoff = StartBackoff(give_up_after=30)
+    backoff.refused(since)
+    assert backoff.gives_up(now, stranded) == gives_up

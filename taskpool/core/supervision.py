@@ -168,3 +168,36 @@ class RestartIntensity:
         return (f"{len(self.deaths)} workers died without taking a job within "
                 f"{self.window:g} s (max_restarts={self.max_restarts}); the last "
                 f"{last.reason}")
+
+
+@dataclass
+class StartBackoff:
+    """When to try again to start a worker the system refused (a fork() refused: the
+    user's process limit, no memory): after `first` seconds, then twice as long each time up
+    to `longest`; reset by a start that works. A pool left with no worker at all gives up
+    once starts have failed for `give_up_after` seconds: its jobs could never run."""
+
+    first: float = 0.1
+    longest: float = 5.0
+    give_up_after: float = 30.0
+    delay: float = 0.0  # before the next try; 0: the last start worked
+    failing_since: float | None = None  # when the first refusal of this run of them came
+
+    def refused(self, now: float) -> float:
+        """A start refused at `now`: the seconds to wait before the next try."""
+        self.delay = min(max(2 * self.delay, self.first), self.longest)
+        if self.failing_since is None:
+            self.failing_since = now
+        return self.delay
+
+    def gives_up(self, now: float, stranded: bool) -> bool:
+        """Whether to stop trying: a pool has no worker (`stranded`) and has had none
+        started for give_up_after seconds."""
+        return (stranded and self.failing_since is not None
+                and now - self.failing_since >= self.give_up_after)
+
+    def worked(self) -> bool:
+        """A start worked; True if it ends a run of refusals."""
+        ended = self.delay > 0.0
+        self.delay, self.failing_since = 0.0, None
+        return ended

@@ -35,7 +35,7 @@ from typing import NoReturn
 
 import posix_ipc
 
-from taskpool.core.supervision import Cause, Death
+from taskpool.core.supervision import Cause, Death, StartBackoff
 from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
@@ -56,12 +56,6 @@ MAIN_LOST_SIGNAL = signal.SIGUSR2
 # Signals this thread takes with sigwait(); blocked in every thread of the Dealer.
 SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, NUDGE_SIGNAL, MAIN_LOST_SIGNAL})
 HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messages to read
-# A refused fork() (RLIMIT_NPROC reached by the user's other processes, or no memory) is
-# tried again after 0.1 s, then twice as long each time up to 5 s; a pool left with no
-# worker at all gives up after 30 s of refusals (its jobs could never run).
-FORK_RETRY_FIRST = 0.1
-FORK_RETRY_MAX = 5.0
-FORK_GIVE_UP = 30.0
 
 
 class ForkRefused(RuntimeError):
@@ -119,10 +113,8 @@ class Supervisor(threading.Thread):
         self.layout = setup.layout
         self.dealer_pid = os.getpid()
         self.failure: BaseException | None = None
-        # After a refused fork: the next try's delay, and since when forks fail (this
-        # thread's alone).
-        self.fork_delay = 0.0
-        self.fork_failing_since: float | None = None
+        # When to fork again after the kernel refused one (this thread's alone).
+        self.backoff = StartBackoff()
         # Set once the first `size` workers are forked, or the attempt failed (`failure`).
         self.pool_started = threading.Event()
 
@@ -251,34 +243,30 @@ class Supervisor(threading.Thread):
                 self._fork_accepted()
 
     def _fork_refused(self, queue: posix_ipc.MessageQueue, error: OSError) -> None:
-        """The kernel refused a fork (EAGAIN: this user's process limit; ENOMEM): the pool
-        runs smaller, says so once, and tries again after a backoff that doubles up to
-        FORK_RETRY_MAX. It gives up only when a pool has no worker left and none could be
-        started for FORK_GIVE_UP seconds."""
+        """The kernel refused a fork: the pool runs smaller, says so once, and tries again
+        after the backoff (a timed wait of this thread: fork_retry_at); it gives up only
+        when a pool has no worker left and none could be started for a while."""
         now = time.monotonic()
         with self.state.lock:
             self.state.spare_queues.append(queue)  # empty, and kept for the next try
             live = len(self.state.workers)
             stranded = self._a_pool_has_no_worker()
-        first = self.fork_delay == 0.0
-        self.fork_delay = min(max(2 * self.fork_delay, FORK_RETRY_FIRST), FORK_RETRY_MAX)
-        self.fork_failing_since = self.fork_failing_since or now
-        if stranded and now - self.fork_failing_since >= FORK_GIVE_UP:
-            raise ForkRefused(f"{_why_fork_failed(error)}; a pool has had no worker for "
-                              f"{now - self.fork_failing_since:.0f} s")
-        self.state.fork_retry_at = now + self.fork_delay
+        first = self.backoff.failing_since is None
+        self.state.fork_retry_at = now + self.backoff.refused(now)
+        why = _why_fork_failed(error)
+        if self.backoff.gives_up(now, stranded):
+            raise ForkRefused(f"{why}; a pool has had no worker for "
+                              f"{self.backoff.give_up_after:g} s")
         if first:
-            why = _why_fork_failed(error)
             log.warning("Cannot fork a worker (%s): running with %d of %d workers, trying "
                         "again in %g s, then less and less often", why, live,
-                        self.layout.total_workers, self.fork_delay,
+                        self.layout.total_workers, self.backoff.delay,
                         extra=event(ev.FORK_REFUSED, live=live,
                                     size=self.layout.total_workers, reason=why))
 
     def _fork_accepted(self) -> None:
-        if self.fork_delay:
+        if self.backoff.worked():
             log.info("Forked a worker again: the pool grows back to its size")
-        self.fork_delay, self.fork_failing_since = 0.0, None
 
     def _a_pool_has_no_worker(self) -> bool:
         """Called with the lock."""

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, write_job_file
+from taskpool.observe import events as ev
+
+from harness import ROOT, PoolRun, kill_quietly, write_job_file
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,3 +48,28 @@ def test_results_piped_into_a_reader_that_leaves_ends_quietly(tmp_path: Path) ->
     reader.stdout.close()  # ...and gone
     assert reader.wait(timeout=60) == 128 + signal.SIGPIPE
     assert b"Traceback" not in reader.stderr.read()
+
+
+def test_a_sigterm_after_the_summary_gives_143_not_a_death_by_the_signal(
+        tmp_path: Path) -> None:
+    """The signal comes while the run writes its summary or ends: it changes nothing of the
+    run, and the command exits 143, as an interrupted run, never killed by it (-15). (A
+    SIGTERM that comes after the process has exited finds nothing: 0.)"""
+    jobs = write_job_file(tmp_path, [f"fib {n}" for n in range(10)])
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs)], events=tmp_path / "events.jsonl")
+    run.wait_for_event(ev.SUMMARY)
+    kill_quietly(run.pid, signal.SIGTERM)
+    assert run.finish() in (0, 128 + signal.SIGTERM)
+
+
+def test_an_interrupt_held_at_the_exit_makes_the_status_an_interrupted_runs() -> None:
+    from taskpool.cli import _unless_interrupted_late
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        signal.raise_signal(signal.SIGTERM)  # held: blocked in this thread
+        assert _unless_interrupted_late(0) == 128 + signal.SIGTERM
+        assert _unless_interrupted_late(2) == 128 + signal.SIGTERM
+        signal.sigwait({signal.SIGTERM})  # taken, so that it never reaches pytest
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -43,7 +43,10 @@ def _unless_interrupted_late(code: int) -> int:
     otherwise meet them with their default action, and the process die by the signal):
     one that came after the run's summary makes the status an interrupted run's."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    late = signal.sigpending() & {signal.SIGINT, signal.SIGTERM}
+    late = set(signal.sigpending() & {signal.SIGINT, signal.SIGTERM})
+    loop = sys.modules.get("taskpool.core.loop")  # imported if a run's loop ran
+    if loop is not None:
+        late.update(loop.late_interrupts)
     if late and code < 128:
         return 128 + int(min(late))
     return code

@@ -85,9 +85,12 @@ class EngineLoop(Engine):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
 
     def stop_waking(self) -> None:
-        """The loop is over: signals no longer reach the wake-up pipe. The handlers stay
-        note-only, so that a late Ctrl-C is ignored while the run writes its results."""
+        """The loop is over: signals no longer reach the wake-up pipe. A SIGINT or SIGTERM
+        from now on changes nothing of the run, which writes its results; it is noted, so
+        that the command exits as an interrupted run (cli.entry_point), not by the signal."""
         signal.set_wakeup_fd(-1)
+        for signum in INTERRUPTS:
+            signal.signal(signum, _note_late_interrupt)
 
     def close_wake_pipe(self) -> None:
         for fd in (self.wake_r, self.wake_w):
@@ -211,3 +214,12 @@ def _nonblocking_pipe() -> tuple[int, int]:
 
 def _note_signal(signum: int, frame: object) -> None:
     pass  # the wake-up fd carries the signal number to the loop
+
+
+# SIGINTs and SIGTERMs that came after an engine's loop ended: written by the handler below,
+# read by cli.entry_point for the exit status. Only the CLI's process runs an engine.
+late_interrupts: list[int] = []
+
+
+def _note_late_interrupt(signum: int, frame: object) -> None:
+    late_interrupts.append(signum)

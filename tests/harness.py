@@ -373,28 +373,63 @@ def kill_workers_at_random(run: PoolRun, rng: random.Random, kills: int, pool_si
     """Kill a random live worker at a random instant, wait for its replacement to start,
     repeat; stop early when the run is finishing. Returns how many were killed. The run
     must have been started with events=PATH."""
-    killed: list[int] = []
+    killer = WorkerKiller(run, rng, pool_size)
     for _ in range(kills):
-        def pool_full_or_finishing(events: list[Event]) -> bool:
-            started = sum(e["event"] == ev.WORKER_STARTED for e in events)
-            return started >= pool_size + len(killed) or any(
-                e["event"] == ev.ALL_JOBS_COMPLETED for e in events)
+        if not killer.kill_one():
+            break
+    return len(killer.killed)
 
-        if not run.wait_until_events(pool_full_or_finishing):
-            break
-        if run.events_named(ev.ALL_JOBS_COMPLETED):
-            break
-        # Reaped (worker_exited), or being killed by the Supervisor (worker_killed).
-        dead = {e["worker"] for e in run.events_named(ev.WORKER_EXITED)}
-        dead |= {e["worker"] for e in run.events_named(ev.WORKER_KILLED)}
-        live = [pid for pid in run.worker_pids() if pid not in killed and pid not in dead]
-        if not live:
-            continue
-        victim = rng.choice(live)
-        time.sleep(rng.uniform(0, 0.01))  # the random instant; not a synchronisation
+
+class WorkerKiller:
+    """Kills a run's workers one at a time, at random instants, each once the pool is full
+    again after the last kill."""
+
+    def __init__(self, run: PoolRun, rng: random.Random, pool_size: int) -> None:
+        self.run, self.rng, self.pool_size = run, rng, pool_size
+        self.pool = _PoolWatch()
+        self.killed: list[int] = []
+
+    def kill_one(self) -> bool:
+        """Once the pool is full again (as many live workers as its size: the last kill's
+        replacement, and any crash's, started), kill one of them; False, killing none, once
+        the run is finishing."""
+        def pool_full_or_finishing(events: list[Event]) -> bool:
+            self.pool.read(events)
+            return self.pool.finishing or len(self._live()) >= self.pool_size
+
+        if not self.run.wait_until_events(pool_full_or_finishing) or self.pool.finishing:
+            return False
+        victim = self.rng.choice(self._live())
+        time.sleep(self.rng.uniform(0, 0.01))  # the random instant; not a synchronisation
         kill_quietly(victim)
-        killed.append(victim)
-    return len(killed)
+        self.killed.append(victim)
+        return True
+
+    def _live(self) -> list[int]:
+        return [pid for pid in self.pool.started
+                if pid not in self.killed and pid not in self.pool.dead]
+
+
+class _PoolWatch:
+    """The workers of a run as its events tell them, read once each: a wait that looked
+    at every event at each wake-up would cost the test the time of a long run."""
+
+    def __init__(self) -> None:
+        self.read_up_to = 0
+        self.started: list[int] = []
+        # Reaped (worker_exited), or being killed by the Supervisor (worker_killed).
+        self.dead: set[int] = set()
+        self.finishing = False
+
+    def read(self, events: list[Event]) -> None:
+        for e in events[self.read_up_to:]:
+            if e["event"] == ev.WORKER_STARTED:
+                self.started.append(e["pid"])
+            elif e["event"] in (ev.WORKER_EXITED, ev.WORKER_KILLED):
+                self.dead.add(e["worker"])
+            elif e["event"] == ev.ALL_JOBS_COMPLETED:
+                self.finishing = True
+        self.read_up_to = len(events)
 
 
 # --- leftovers ------------------------------------------------------------------------------

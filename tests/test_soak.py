@@ -17,6 +17,7 @@ from taskpool.observe import events as ev
 
 from harness import (
     PoolRun,
+    WorkerKiller,
     assert_done_right,
     assert_exactly_once,
     kill_quietly,
@@ -28,22 +29,26 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 
 
 def test_thousands_of_jobs_with_hundreds_of_crashes_and_kills(tmp_path: Path) -> None:
+    """The jobs come on standard input, a few between two kills, so that the run lasts as
+    long as the kills take, however loaded the machine."""
     rng = random.Random(11)
-    total = 4000
-    jobs = tmp_path / "jobs.txt"
-    jobs.write_text("".join(rng.choice(["sleep 0.003\n", "fib 15\n", "sleep 0\n", "fib 18\n"])
-                            for _ in range(total)))
+    total, between_kills = 4000, 25
+    lines = [rng.choice(["sleep 0.003", "fib 15", "sleep 0", "fib 18"]) for _ in range(total)]
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "4", "--jobs", str(jobs), "--results", str(results),
+    run = PoolRun(["--workers", "4", "--results", str(results),
                    "--crash-rate", "0.08", "--seed", "5", "--max-attempts", "0",
-                   "--max-restarts", "100000"], events=tmp_path / "events.jsonl")
-    kills = kill_workers_at_random(run, rng, kills=300, pool_size=4)
+                   "--max-restarts", "100000"], pipe_stdin=True, events=tmp_path / "events.jsonl")
+    killer = WorkerKiller(run, rng, pool_size=4)
+    for first in range(0, total, between_kills):
+        run.send_line("\n".join(lines[first:first + between_kills]))
+        killer.kill_one()
+    run.close_stdin()
     assert run.finish(timeout=600) == 0
     records = read_results(results)
     assert_exactly_once(records, range(1, total + 1))
     assert_done_right(records)
     summary = run.one_event(ev.SUMMARY)
-    crashes = summary["crashes"]
+    kills, crashes = len(killer.killed), summary["crashes"]
     assert kills >= 100 and crashes >= 300, summary
     print(f"\nsoak: {total} jobs, {kills} external kills, {crashes} crashes in all: {summary}")
 

@@ -266,7 +266,8 @@ def main() -> None:
 
 
 # results.md's hand-measured figures follow this line; a run of the bench keeps them.
-KEEP_MARKER = "<!-- make bench rewrites everything above this line and keeps everything below it -->"
+KEEP_MARKER = ("<!-- make bench rewrites everything above this line "
+               "and keeps everything below it -->")
 
 
 def write_results(path: Path, table: str) -> None:

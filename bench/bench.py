@@ -262,7 +262,18 @@ def main() -> None:
         "Command: `make bench` (the engines' table alone: `python bench/engines.py`).",
     ])
     print(table)
-    (ROOT / "bench" / "results.md").write_text(table + "\n")
+    write_results(ROOT / "bench" / "results.md", table)
+
+
+# results.md's hand-measured figures follow this line; a run of the bench keeps them.
+KEEP_MARKER = ("<!-- make bench rewrites everything above this line "
+               "and keeps everything below it -->")
+
+
+def write_results(path: Path, table: str) -> None:
+    kept = path.read_text() if path.exists() else ""
+    kept = kept[kept.index(KEEP_MARKER):] if KEEP_MARKER in kept else ""
+    path.write_text(table + "\n" + ("\n" + kept if kept else ""))
 
 
 if __name__ == "__main__":

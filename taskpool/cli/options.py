@@ -139,7 +139,8 @@ def _add_run_command(commands: Any) -> None:
 
 def _add_dispatch_command(commands: Any) -> None:
     dispatch_cmd = commands.add_parser(
-        "dispatch", help="run jobs on typed pools, one per job type (the original design's typed dispatcher)",
+        "dispatch",
+        help="run jobs on typed pools, one per job type (the original design's dispatcher)",
         description="Start COUNT workers for each job type (1 3 1: one of type 1, three of "
                     "type 2, one of type 3) and run the jobs of standard input (or --jobs "
                     "FILE), '<job_type> <duration> [priority]' a line, each on a worker of "

@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taskpool-installed
 
-.PHONY: install run test soak bench timeline lint container-test clean
+.PHONY: install run test test-pythons soak bench timeline lint container-test clean
 
 install: $(STAMP)
 
@@ -20,6 +20,47 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The suite (without soak, as `make test`) on every CPython that pyproject.toml claims
+# (requires-python >=3.9: keep PYTHONS in step with it), each from pyenv in a venv of its
+# own (.venv-3.X, made again when pyproject.toml changes). A version this machine lacks is
+# skipped with a message; the target fails if the suite fails on any version it has.
+# `make test-pythons PYTHONS="3.9 3.13" PYTEST_ARGS="tests/test_executor.py"` narrows it;
+# SKIP_PYTHONS leaves out versions tested already (.ci/run: make test's).
+PYTHONS ?= 3.9 3.10 3.11 3.12 3.13
+SKIP_PYTHONS ?=
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYTEST_ARGS ?=
+
+test-pythons:
+	@failed=""; \
+	for v in $(filter-out $(SKIP_PYTHONS),$(PYTHONS)); do \
+	  base=$$(ls -d $(PYENV_ROOT)/versions/$$v.* 2>/dev/null | grep -E "/$$v\.[0-9]+$$" \
+	          | sort -V | tail -n 1); \
+	  if [ -z "$$base" ] || [ ! -x "$$base/bin/python" ]; then \
+	    echo "test-pythons: Python $$v is not under $(PYENV_ROOT)/versions: skipped"; \
+	    continue; \
+	  fi; \
+	  venv=.venv-$$v; \
+	  if [ ! "$$venv/.taskpool-installed" -nt pyproject.toml ] \
+	     || [ "$$(readlink -f $$venv/bin/python)" != "$$(readlink -f $$base/bin/python)" ]; then \
+	    echo "test-pythons: $$venv from $$base"; \
+	    rm -rf $$venv && $$base/bin/python -m venv $$venv \
+	      && $$venv/bin/python -m pip install -q --upgrade pip \
+	      && $$venv/bin/python -m pip install -q -e '.[test,dask]' \
+	      && touch $$venv/.taskpool-installed \
+	      || { failed="$$failed $$v(install)"; continue; }; \
+	  fi; \
+	  echo "test-pythons: Python $$v ($$base)"; \
+	  start=$$(date +%s); \
+	  if $$venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); then \
+	    echo "test-pythons: Python $$v passed in $$(( $$(date +%s) - start )) s"; \
+	  else \
+	    echo "test-pythons: Python $$v FAILED in $$(( $$(date +%s) - start )) s"; \
+	    failed="$$failed $$v"; \
+	  fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-pythons: failed on:$$failed"; exit 1; fi
 
 soak: $(STAMP)
 	$(PY) -m pytest -q -m soak -p no:cacheprovider

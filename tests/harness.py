@@ -23,8 +23,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable
+
+import pytest
 
 from taskpool.observe import events as ev
 
@@ -81,6 +84,26 @@ class FileWatch:
         os.close(self.fd)
 
 
+def as_user(user: int, command: Sequence[str]) -> list[str]:
+    """`command` run as `user` (from root), or the test skipped when that user cannot start
+    this interpreter: a pyenv Python other than the system's version finds its libpython
+    only under /root, which only root may enter (make test-pythons runs such Pythons)."""
+    if not _runs_as(user):
+        pytest.skip(f"user {user} cannot run {sys.executable} (its libpython is out of reach)")
+    return [*_setpriv(user), *command]
+
+
+def _setpriv(user: int) -> list[str]:
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+
+
+@cache
+def _runs_as(user: int) -> bool:
+    probe = [*_setpriv(user), sys.executable, "-c", "import taskpool"]
+    return subprocess.run(probe, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          timeout=WAIT).returncode == 0
+
+
 class PoolRun:
     """One taskpool process tree, started in its own session.
 
@@ -107,8 +130,7 @@ class PoolRun:
             if user is not None:
                 events.chmod(0o666)
         if user is not None:
-            command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-                       *command]
+            command = as_user(user, command)
         self.lines: list[str] = []
         self.events_path = events
         self._events: list[Event] = []

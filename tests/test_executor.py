@@ -715,6 +715,28 @@ def test_importing_taskpool_changes_nothing_global_in_the_callers_process() -> N
     assert used == before
 
 
+def test_a_caller_that_shows_every_deprecation_warning_sees_none_from_the_pool() -> None:
+    """Python 3.12+ warns (a DeprecationWarning) at each fork() from a threaded process, as
+    the Executor's Dealer does when it replaces a worker: the Dealer silences that warning
+    in itself alone (supervisor.silence_fork_warning), so a caller that shows every such
+    warning, in itself and in its children (PYTHONWARNINGS; -X dev does the same), sees
+    none. (A warning made an error is dropped by os.fork() itself: it would not show.) Each
+    worker here retires after one call: every call after the first two runs in a
+    replacement."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(TESTS)!r}, {str(ROOT)!r}]
+        import executor_jobs as jobs
+        from taskpool import Executor
+        with Executor(2, max_tasks_per_child=1) as pool:
+            print(sum(pool.map(jobs.square, range(20))))
+        """)
+    done = subprocess.run([sys.executable, "-c", script],
+                          env={**os.environ, "PYTHONWARNINGS": "always::DeprecationWarning"},
+                          capture_output=True, text=True, cwd=ROOT, timeout=WAIT)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "2470\n", "")
+
+
 def test_the_dealer_imports_taskpool_from_where_the_caller_did() -> None:
     """The Dealer process is started with the directory that holds the caller's taskpool
     first on its PYTHONPATH, whatever the caller's own path and working directory: that

@@ -16,7 +16,14 @@ import pytest
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, assert_done_right, kill_quietly, read_results, write_job_file
+from harness import (
+    PoolRun,
+    as_user,
+    assert_done_right,
+    kill_quietly,
+    read_results,
+    write_job_file,
+)
 
 NOBODY = 65534  # root is exempt from RLIMIT_NPROC: the pool runs as a normal user
 
@@ -38,8 +45,7 @@ def _limit_processes(pid: int, soft: int | None) -> None:
             "(hard if soft == 'max' else int(soft), hard))")
     command = [sys.executable, "-c", code, str(pid), "max" if soft is None else str(soft)]
     if os.geteuid() == 0:
-        command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                   *command]
+        command = as_user(NOBODY, command)
     subprocess.run(command, check=True, timeout=30)
 
 

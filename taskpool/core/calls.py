@@ -93,7 +93,9 @@ def _name_of(fn: Any) -> str:
 
 
 def _pickle_exception(e: BaseException, cause: BaseException | None = None) -> bytes:
-    tb = "".join(traceback.format_exception(cause or e))
+    shown = cause or e
+    # The three-argument form: format_exception(exc) alone exists only from Python 3.10.
+    tb = "".join(traceback.format_exception(type(shown), shown, shown.__traceback__))
     try:
         return pickle.dumps((e, tb), pickle.HIGHEST_PROTOCOL)
     except BaseException as why:  # noqa: BLE001 - an exception that does not pickle

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +50,12 @@ def nothing_left_behind() -> Iterator[None]:
     problems += [f"queue /dev/mqueue/{q}" for q in set(queues_left()) - before]
     del RUNS[:]
     assert not problems, "left behind:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory a normal user can write (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="taskpool-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)

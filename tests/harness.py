@@ -22,7 +22,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable
@@ -452,6 +453,29 @@ class _PoolWatch:
             elif e["event"] == ev.ALL_JOBS_COMPLETED:
                 self.finishing = True
         self.read_up_to = len(events)
+
+
+@contextmanager
+def stdin_in_pieces(pieces: list[bytes]) -> Iterator[Callable[[], None]]:
+    """fd 0 as the read end of a pipe; each call of the yielded function (stdin_lines'
+    before_read) writes the next piece, and closes the pipe after the last: each read gets
+    exactly one piece."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+
+    def write_next() -> None:
+        if pieces:
+            os.write(write_end, pieces.pop(0))
+        else:
+            os.close(write_end)
+
+    try:
+        yield write_next
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
 
 
 # --- leftovers ------------------------------------------------------------------------------

@@ -4,15 +4,10 @@ by their other processes) leaves the run going smaller, not stopped."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from taskpool.observe import events as ev
 
@@ -26,14 +21,6 @@ from harness import (
 )
 
 NOBODY = 65534  # root is exempt from RLIMIT_NPROC: the pool runs as a normal user
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="taskpool-test-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 def _limit_processes(pid: int, soft: int | None) -> None:

@@ -7,8 +7,6 @@ import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from taskpool.core.stdin import stdin_lines
 from taskpool.model.jobs import Job, JobKind
 from taskpool.model.pools import PoolLayout
 
-from harness import ROOT, read_results
+from harness import ROOT, read_results, stdin_in_pieces
 
 ONE = PoolLayout.single(2)
 
@@ -58,32 +56,9 @@ def test_an_endless_line_in_a_job_file_is_refused_with_bounded_memory(tmp_path: 
     assert "Traceback" not in proc.stderr
 
 
-@contextmanager
-def _stdin_in_pieces(pieces: list[bytes]) -> Iterator[Callable[[], None]]:
-    """fd 0 as the read end of a pipe; each call of the yielded function (stdin_lines'
-    before_read) writes the next piece, and closes the pipe after the last: each read gets
-    exactly one piece."""
-    read_end, write_end = os.pipe()
-    saved = os.dup(0)
-    os.dup2(read_end, 0)
-    os.close(read_end)
-
-    def write_next() -> None:
-        if pieces:
-            os.write(write_end, pieces.pop(0))
-        else:
-            os.close(write_end)
-
-    try:
-        yield write_next
-    finally:
-        os.dup2(saved, 0)
-        os.close(saved)
-
-
 def test_a_line_too_long_on_stdin_is_refused_and_the_next_ones_go_on() -> None:
     pieces = [b"fib 1\n", b"x" * 60000] + [b"y" * 60000] * 20 + [b"z\nfib 2\n"]
-    with _stdin_in_pieces(pieces) as before_read:
+    with stdin_in_pieces(pieces) as before_read:
         items = list(parse_lines(stdin_lines(before_read), "<stdin>", ONE))
     assert items[0] == Job(1, JobKind.FIB, 1)
     assert str(items[1]) == f"<stdin>:2: the line is longer than {LINE_MAX} bytes"
@@ -92,7 +67,7 @@ def test_a_line_too_long_on_stdin_is_refused_and_the_next_ones_go_on() -> None:
 
 
 def test_a_byte_order_mark_at_the_start_of_stdin_is_skipped() -> None:
-    with _stdin_in_pieces([b"\xef\xbb\xbffib 3\n"]) as before_read:
+    with stdin_in_pieces([b"\xef\xbb\xbffib 3\n"]) as before_read:
         assert list(stdin_lines(before_read)) == ["fib 3\n"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,8 @@ from taskpool.core.jobfile import LineError, parse_lines, read_job_file
 from taskpool.core.stdin import stdin_lines
 from taskpool.model.jobs import FIB_MAX, PRIORITY_MAX, SLEEP_MAX, Job, JobKind
 from taskpool.model.pools import PoolLayout, PoolSpecError
+
+from harness import stdin_in_pieces
 
 ONE = PoolLayout.single(2)  # a plain run: one pool, type 1
 SEED_000 = PoolLayout.parse(["1", "3", "1", "1", "1"])
@@ -157,21 +158,7 @@ def test_stdin_lines_are_whole_lines_however_the_reads_cut_them() -> None:
     pieces = [b"fib 1\nfi", b"b", b" 2\r", b"\nsleep 0\n\n\xff x\n" + b"y" * 30000,
               b"y" * 30000, b"z", b"\nsleep 1\rsleep 2\r\n\r", b"\r", b"\n",
               b"last"]  # each under a pipe's 64 KB: written whole
-    read_end, write_end = os.pipe()
-    saved_stdin = os.dup(0)
-    os.dup2(read_end, 0)
-    os.close(read_end)
-
-    def write_next_piece() -> None:
-        if pieces:
-            os.write(write_end, pieces.pop(0))
-        else:
-            os.close(write_end)
-
-    try:
-        lines = list(stdin_lines(before_read=write_next_piece))
-    finally:
-        os.dup2(saved_stdin, 0)
-        os.close(saved_stdin)
+    with stdin_in_pieces(pieces) as before_read:
+        lines = list(stdin_lines(before_read=before_read))
     assert lines == ["fib 1\n", "fib 2\n", "sleep 0\n", "\n", "\ufffd x\n",
                      "y" * 60000 + "z\n", "sleep 1\n", "sleep 2\n", "\n", "\n", "last"]

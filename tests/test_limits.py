@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from taskpool.observe import events as ev
 
@@ -21,15 +16,6 @@ NOBODY = 65534
 
 def _default_queue_budget(limit: int = DEFAULT_MSGQUEUE_BYTES) -> None:
     resource.setrlimit(resource.RLIMIT_MSGQUEUE, (limit, limit))
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory a normal user can write (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="taskpool-test-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path)
 
 
 def _as_normal_user() -> int | None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
-import tempfile
 from pathlib import Path
 
 from harness import PoolRun, read_results, write_job_file
@@ -27,22 +25,17 @@ def _tiny_queue_budget() -> None:
     resource.setrlimit(resource.RLIMIT_MSGQUEUE, (1000, 1000))
 
 
-def test_a_pool_that_cannot_start_reports_every_job_not_done(tmp_path: Path) -> None:
+def test_a_pool_that_cannot_start_reports_every_job_not_done(shared_dir: Path) -> None:
     """main's own queue refused (a budget too small for the first queue): the run still
     writes a record for every job of its file, with the reason."""
-    shared = Path(tempfile.mkdtemp(prefix="taskpool-test-"))
-    try:
-        shared.chmod(0o777)
-        jobs = write_job_file(shared, ["fib 1", "sleep 0", "fib 2"])
-        results = shared / "r.jsonl"
-        run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)],
-                      preexec_fn=_tiny_queue_budget,
-                      user=65534 if os.geteuid() == 0 else None)  # root passes queue limits
-        assert run.finish() == 1
-        assert "Traceback" not in run.log_text()
-        records = read_results(results)
-        assert [(r["job"], r["status"]) for r in records] == [
-            (1, "not_done"), (2, "not_done"), (3, "not_done")]
-        assert all("the pool could not start" in r["reason"] for r in records)
-    finally:
-        shutil.rmtree(shared)
+    jobs = write_job_file(shared_dir, ["fib 1", "sleep 0", "fib 2"])
+    results = shared_dir / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)],
+                  preexec_fn=_tiny_queue_budget,
+                  user=65534 if os.geteuid() == 0 else None)  # root passes queue limits
+    assert run.finish() == 1
+    assert "Traceback" not in run.log_text()
+    records = read_results(results)
+    assert [(r["job"], r["status"]) for r in records] == [
+        (1, "not_done"), (2, "not_done"), (3, "not_done")]
+    assert all("the pool could not start" in r["reason"] for r in records)

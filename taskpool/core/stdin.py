@@ -125,11 +125,12 @@ def streamed_jobs(
     Both engines read standard input through this; `before_read` as in stdin_lines."""
     for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout):
         if isinstance(item, LineError):
-            yield LineRejected(f"{item.source}:{item.line}", item.reason)
+            yield LineRejected(f"{item.source}:{item.line}", item.reason, item.line)
             continue
         journaled = source.journal_digests.get(item.job_id)
         if journaled is not None and journaled != job_digest(item):
             yield LineRejected(f"{STDIN_NAME}:{item.line}",
-                               f"job {item.job_id} differs from the journal's; not run")
+                               f"job {item.job_id} differs from the journal's; not run",
+                               item.line)
             continue
         yield item

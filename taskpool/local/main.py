@@ -288,7 +288,7 @@ class Main(EngineLoop):
                 self.last_line_read = max(self.last_line_read, record.job.line)
             elif isinstance(record, LineRejected):
                 self.recorder.rejected_lines += 1
-                self.last_line_read = max(self.last_line_read, _line_of(record.where))
+                self.last_line_read = max(self.last_line_read, record.line)
                 self.config.report_error(f"{record.where}: {record.reason}")
             else:
                 self.recorder.stats = record
@@ -311,12 +311,6 @@ def _signal(child: Child, sig: int) -> None:
             os.kill(child.pid, sig)
         except ProcessLookupError:
             pass
-
-
-def _line_of(where: str) -> int:
-    """The line number of a place such as ``<stdin>:7``."""
-    number = where.rpartition(":")[2]
-    return int(number) if number.isdigit() else 0
 
 
 def _children_of_self() -> set[int]:

@@ -21,6 +21,7 @@ class JobAccepted:
 class LineRejected:
     where: str  # "<stdin>:7"
     reason: str
+    line: int = 0  # 7: the line's number, as data
 
 
 PipeRecord = Union[JobRecord, DealerStats, JobAccepted, LineRejected]

@@ -42,7 +42,7 @@ class Attempt:
 @dataclass
 class Worker:
     pid: int
-    pool: str
+    pool: str  # its pool's label: "type 1", "type fib"
     start: float
     end: float | None = None
     crashed: bool = False
@@ -99,8 +99,8 @@ class _TimelineBuilder:
         self.pending_resend: dict[int, tuple[int, float]] = {}  # job: (dead pid, when)
 
     def worker_started(self, e: dict[str, Any]) -> None:
-        label = e.get("pool", "type 1").split()[-1]  # "type fib": fib
-        self.timeline.workers[e["pid"]] = Worker(e["pid"], label, e["t"])
+        # Its pool's label as the log shows it ("type 2", "type fib"); a plain run's one pool.
+        self.timeline.workers[e["pid"]] = Worker(e["pid"], e.get("pool", "type 1"), e["t"])
 
     def job_sent(self, e: dict[str, Any]) -> None:
         attempt = Attempt(e["job"], e.get("attempt", 1), e["worker"], e["t"],
@@ -292,7 +292,7 @@ class _Plot:
         return [row for i, (pool, slot) in enumerate(self.lanes) for row in (
             f'<rect class="lane" x="0" y="{TOP + i * LANE_HEIGHT}" width="{width}" '
             f'height="{LANE_HEIGHT}" fill="{"#f4f4f4" if i % 2 else "#ffffff"}"/>',
-            f'<text x="6" y="{TOP + i * LANE_HEIGHT + 16}">type {html.escape(pool)}, '
+            f'<text x="6" y="{TOP + i * LANE_HEIGHT + 16}">{html.escape(pool)}, '
             f'slot {slot + 1}</text>')]
 
     def time_axis(self) -> list[str]:

@@ -682,3 +682,24 @@ def test_on_an_existing_cluster_a_job_past_its_timeout_is_abandoned_and_charged(
     abandoned = run.events_named(ev.JOB_ABANDONED, job=1, reason="timeout")
     assert len(abandoned) == 2, run.log_text()
     assert run.events_named(ev.JOB_FAILED, job=1, attempts=2)
+
+
+def test_a_cluster_that_does_not_close_has_its_worker_processes_killed() -> None:
+    # distributed falls back to SIGTERM, which our workers hold blocked; a close that times
+    # out (a nanny waiting for a worker that is starting again) must not leave them behind.
+    from types import SimpleNamespace
+
+    from taskpool.dask.cluster import _close_or_kill
+
+    worker = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.pthread_sigmask("
+                               "signal.SIG_BLOCK, {signal.SIGTERM}); time.sleep(60)"])
+
+    class Unclosable:
+        workers = {0: SimpleNamespace(process=SimpleNamespace(
+            process=SimpleNamespace(pid=worker.pid)))}
+
+        def close(self, timeout: float) -> None:
+            raise TimeoutError(f"timed out after {timeout} s.")
+
+    _close_or_kill(Unclosable())  # type: ignore[arg-type]
+    assert worker.wait(timeout=10) == -signal.SIGKILL

@@ -188,10 +188,39 @@ def close_cluster(client: Client | None, cluster: SpecCluster | None, scratch: s
         client.close(timeout=CLOSE_TIMEOUT)
     try:
         if cluster is not None:
-            cluster.close(timeout=CLOSE_TIMEOUT)
+            _close_or_kill(cluster)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _close_or_kill(cluster: SpecCluster) -> None:
+    """Close our cluster; if it does not close within CLOSE_TIMEOUT, SIGKILL its worker
+    processes. distributed's own fallback is SIGTERM, which our workers hold blocked (see
+    DaskEngine.execute); and a nanny whose worker is starting again after a death waits for
+    it to connect before asking it to stop, which a closing scheduler may never allow."""
+    try:
+        cluster.close(timeout=CLOSE_TIMEOUT)
+        return
+    except Exception as e:  # noqa: BLE001 - distributed's TimeoutError or a broken close
+        why = str(e) or type(e).__name__
+    for pid in _our_worker_pids(cluster):
+        if proc.kill_child(pid):
+            log.warning("Worker PID %d did not stop as the cluster closed (%s): killed it",
+                        pid, why, extra=event(ev.WORKER_KILLED, worker=pid,
+                                              reason="close_timeout"))
+
+
+def _our_worker_pids(cluster: SpecCluster) -> list[int]:
+    """The pids of our cluster's worker processes, each started by its nanny in our
+    process (distributed's Nanny.process.process is the multiprocessing child)."""
+    pids = []
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        child = getattr(getattr(nanny, "process", None), "process", None)
+        pid = getattr(child, "pid", None)
+        if isinstance(pid, int):
+            pids.append(pid)
+    return pids
 
 
 # --- distributed's logging ----------------------------------------------------------------

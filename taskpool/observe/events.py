@@ -28,7 +28,7 @@ tests read them back by the same names. An event's fields are its JSON object's 
     jobs_not_done        Supervisor                    jobs, worker, reason
     duplicate_dropped    Dealer                        job, worker
     worker_exited        Supervisor                    worker, type, reason, crash
-    worker_killed        Supervisor                    worker, reason
+    worker_killed        Supervisor; Dask (at close)   worker, reason
     gave_up              Supervisor                    reason
     all_jobs_completed   Dealer                        jobs
     interrupted          Main                          signal

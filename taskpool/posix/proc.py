@@ -79,6 +79,25 @@ def reset_signals_in_child(
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def kill_child(pid: int) -> bool:
+    """SIGKILL `pid` if it is still a child of this process (so never a reused pid); whether
+    it was. Its parent, which waits for it, reaps it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The command name, in parentheses, may hold spaces: the fields follow its last ')'.
+    ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+    if ppid != os.getpid():
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def describe_wait_status(status: int) -> str:
     """'exited with status 3' or 'killed by signal 11 (SIGSEGV)'."""
     if os.WIFSIGNALED(status):

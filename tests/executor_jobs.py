@@ -128,14 +128,15 @@ def count_call(x: int, directory: str) -> int:
 
 
 class FlakyPickle:
-    """Pickles on every other attempt only: stands in for an argument that another thread
-    mutates while it is pickled ('dictionary changed size during iteration')."""
+    """Pickles on every third attempt only: stands in for an argument that another thread
+    mutates while it is pickled ('dictionary changed size during iteration'). Third: a
+    batch is tried with pickle, then cloudpickle, before its calls are tried one by one."""
 
     attempts = 0
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         FlakyPickle.attempts += 1
-        if FlakyPickle.attempts % 2:
+        if FlakyPickle.attempts % 3:
             raise RuntimeError("dictionary changed size during iteration")
         return (FlakyPickle, ())
 

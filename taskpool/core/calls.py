@@ -1,9 +1,12 @@
 """Python calls in a worker: what a CALL job runs, for taskpool.Executor.
 
 A call crosses as PPE's do, pickled as (fn, args, kwargs) in the caller's process and read
-here; a batch of calls is one pickle. The worker was forked from the Executor's Dealer
-process, which imported the caller's main module the way multiprocessing's spawn does, so
-functions pickled by reference resolve here too.
+here; a batch of calls is one pickle (see `dumps`). What plain pickle would send by
+reference to a module the worker cannot import the same way (the caller's `__main__`: a
+`python -c`, a script on stdin, the REPL, a notebook) or cannot send at all (a lambda, a
+closure, a class defined in a function) goes by value, through cloudpickle, as loky and
+Dask send it. So the Dealer never imports the caller's main module, and a worker needs
+only what the caller's functions import.
 
 Every call of a batch that loads has an outcome, and nothing a call does (short of killing
 the process) stops the batch: a raised exception is returned with its traceback text, as is
@@ -33,6 +36,24 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def dumps(obj: Any) -> bytes:
+    """obj's pickle: plain pickle's (C, fast, by reference) when it refers to no object of
+    `__main__`; else cloudpickle's, which sends `__main__`'s functions and classes, lambdas
+    and closures by value, with the globals they use. Raises what cloudpickle raises when
+    neither can pickle obj."""
+    try:
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - by reference failed (a lambda, say): by value
+        data = b"__main__"
+    # A reference to `__main__` is the name as a string in the pickle: a cheap scan. A
+    # string "__main__" among the arguments costs only the slower pickle.
+    if b"__main__" in data:
+        import cloudpickle  # only when needed: the common call never loads it
+
+        data = cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 def run_calls(payload: bytes) -> tuple[float, bytes]:
@@ -66,8 +87,8 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     if all(plain):
         return time.perf_counter() - started, pickle.dumps((None, outcomes),
                                                            pickle.HIGHEST_PROTOCOL)
-    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
-    values = [dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
+    plain_dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    values = [plain_dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
     return time.perf_counter() - started, _outcomes(returned, values)
 
 
@@ -75,7 +96,7 @@ def _pickle_value(fn: Any, value: Any, returned: bytearray, i: int) -> bytes:
     """The pickle of call i's return value, and returned[i] set; or, if it does not pickle,
     that of a PicklingError that says so."""
     try:
-        data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        data = dumps(value)
     except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
         error = pickle.PicklingError(
             f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
@@ -97,7 +118,7 @@ def _pickle_exception(e: BaseException, cause: BaseException | None = None) -> b
     # The three-argument form: format_exception(exc) alone exists only from Python 3.10.
     tb = "".join(traceback.format_exception(type(shown), shown, shown.__traceback__))
     try:
-        return pickle.dumps((e, tb), pickle.HIGHEST_PROTOCOL)
+        return dumps((e, tb))
     except BaseException as why:  # noqa: BLE001 - an exception that does not pickle
         stand_in = RuntimeError(f"{type(e).__name__}: {e} (the exception itself could not be "
                                 f"pickled: {why!r})")

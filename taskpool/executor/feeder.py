@@ -9,14 +9,15 @@ slow calls (a CPU-bound batch is shared evenly between workers), and grows for s
 from __future__ import annotations
 
 import contextlib
-import pickle
 import threading
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+from taskpool.core.calls import dumps
 from taskpool.executor.bookkeeping import Bookkeeping, Call, SentBatch
 from taskpool.executor.dealer_process import DealerProcess, calls_in_memfd
 from taskpool.executor.errors import WorkerCrashed
+from taskpool.executor.pickling import call_not_sent
 from taskpool.executor.settings import INLINE_CALLS_LIMIT, ExecutorSettings
 from taskpool.wire.calls import CallBatch, CallWhere
 
@@ -172,12 +173,12 @@ class Feeder(threading.Thread):
         """The calls that pickle as one batch, in `books.sent` before it is returned; None
         if none does. A call that does not pickle fails its future."""
         try:
-            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+            data = dumps(calls)
         except BaseException:  # noqa: BLE001 - find the calls that do not pickle
             futures, calls = _picklable(futures, calls)
             if not calls:
                 return None
-            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+            data = dumps(calls)
         sent = SentBatch(futures, calls)
         where = CallWhere.INLINE
         if len(data) > INLINE_CALLS_LIMIT:
@@ -195,14 +196,14 @@ class Feeder(threading.Thread):
 def _picklable(futures: list[Future[Any] | None], calls: list[Any]) -> tuple[list[Any],
                                                                               list[Any]]:
     """The calls that pickle, and their futures; each other future gets its error (as
-    PPE's, the future carries it)."""
+    PPE's, the future carries it), which names the function and the argument at fault."""
     kept_futures, kept_calls = [], []
     for future, call in zip(futures, calls):
         try:
-            pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+            dumps(call)
         except BaseException as e:  # noqa: BLE001
             assert future is not None
-            future.set_exception(e)
+            future.set_exception(call_not_sent(call, e))
             continue
         kept_futures.append(future)
         kept_calls.append(call)

@@ -7,10 +7,11 @@ import logging
 import math
 import multiprocessing.spawn
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from taskpool.executor.pickling import dumps_initializer
 
 # Message sizes of an Executor's queues. A worker's queue holds `credit` batches of calls
 # (2 x 4,192 bytes of queue memory); the result queue takes the kernel's default largest
@@ -34,6 +35,9 @@ class ExecutorSettings:
     timeout: float | None
     initializer: bytes | None  # pickled (initializer, initargs)
     preparation: dict[str, Any] = field(default_factory=dict)  # multiprocessing.spawn's
+    # The caller's multiprocessing authkey, for the workers: a Manager() proxy passed as
+    # an argument connects back to its manager with it, as in a process PPE started.
+    authkey: bytes = b""
     # The whole log (INFO) with verbose=True; else what needs a reader (WARNING): an
     # Executor is a library in someone's program, and says nothing when all goes well.
     log_level: int = logging.WARNING
@@ -64,12 +68,17 @@ class ExecutorSettings:
             raise ValueError("timeout must be a finite number of seconds > 0")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError("max_tasks_per_child must be >= 1")
-        init = None if initializer is None else pickle.dumps((initializer, tuple(initargs)))
+        init = None if initializer is None else dumps_initializer(initializer, tuple(initargs))
         preparation = multiprocessing.spawn.get_preparation_data("taskpool-executor")
-        preparation.pop("authkey", None)  # multiprocessing's, not ours; it refuses to pickle
+        # Not the caller's main module: what of it the calls use goes by value (see
+        # core/calls.py), so that a `python -c`, a script on stdin or the REPL works, and
+        # the caller's script is never run again in the Dealer.
+        for key in ("init_main_from_path", "init_main_from_name", "authkey"):
+            preparation.pop(key, None)  # the authkey refuses to pickle: see `authkey`
         return cls(
             workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
-            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING,
+            preparation=preparation, authkey=bytes(multiprocessing.current_process().authkey),
+            log_level=logging.INFO if verbose else logging.WARNING,
             max_tasks_per_child=max_tasks_per_child)
 
     @property

@@ -1,0 +1,100 @@
+"""taskpool.Executor as a drop-in for ProcessPoolExecutor: the functions users write (in
+`python -c`, a script on stdin, the REPL; lambdas, closures), no stale references, a pool
+dropped without shutdown(), multiprocessing objects, cancel_futures, a failing initializer,
+PPE's constructor, calls that fork, a caller's SIGPIPE, typing, logging and stats.
+
+Interactive cases run a real interpreter. Processes are awaited through pidfds and events
+(a file, a weakref callback), never a sleep; deadlines only turn a hang into a failure."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import executor_jobs as jobs
+import pytest
+
+import taskpool
+from test_executor import WAIT, executor, nothing_left_behind  # noqa: F401 - the fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(args: list[str], stdin: str | None = None, cwd: Path | None = None,
+            timeout: float = WAIT) -> subprocess.CompletedProcess[str]:
+    """A real interpreter (this one), run to its end."""
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+# --- 1. the functions users write ------------------------------------------------------------
+
+_MAIN_SNIPPET = textwrap.dedent("""\
+    import taskpool
+    OFFSET = 10
+    def square(x):
+        return x * x
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    def point(x):
+        return Point(x)
+
+    with taskpool.Executor(2) as ex:
+        got = [ex.submit(square, 3).result(), list(ex.map(lambda x: x + OFFSET, range(3)))]
+        got.append(type(ex.submit(point, 1).result()) is Point)
+        print("GOT", got)
+
+""")  # blank lines end each block, as the REPL needs
+
+@pytest.mark.parametrize("how", ["python -c", "script on stdin", "REPL"])
+def test_functions_lambdas_and_classes_of_an_interactive_main_run(how: str,
+                                                                  tmp_path: Path) -> None:
+    """PPE (fork) runs them; a worker cannot import such a `__main__`: they go by value."""
+    if how == "python -c":
+        done = _python(["-c", _MAIN_SNIPPET], cwd=tmp_path)
+    elif how == "script on stdin":
+        done = _python(["-"], stdin=_MAIN_SNIPPET, cwd=tmp_path)
+    else:
+        done = _python(["-i", "-q"], stdin=_MAIN_SNIPPET, cwd=tmp_path)
+    assert "GOT [9, [10, 11, 12], True]" in done.stdout, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def _adder(n: int) -> Any:
+    def add(x: int) -> int:
+        return x + n
+    return add
+
+
+def test_closures_and_local_classes_run() -> None:
+    class Local:
+        def __init__(self, v: int) -> None:
+            self.v = v
+
+    with executor(2) as pool:
+        assert pool.submit(_adder(5), 1).result(timeout=WAIT) == 6
+        assert pool.submit(lambda: Local(7)).result(timeout=WAIT).v == 7
+        assert list(pool.map(_adder(1), range(3), chunksize=2)) == [1, 2, 3]
+
+
+def test_what_cannot_be_sent_fails_its_future_naming_the_callers_object() -> None:
+    with executor(1) as pool:
+        future = pool.submit(jobs.power, 2, y=threading.Lock())
+        with pytest.raises(TypeError) as caught:  # the pickler's type, as PPE's
+            future.result(timeout=WAIT)
+        message = str(caught.value)
+        assert "executor_jobs.power" in message
+        assert "keyword argument 'y'" in message and "lock" in message
+        assert "taskpool" not in message  # none of our internal names
+        assert pool.submit(jobs.square, 3).result(timeout=WAIT) == 9

@@ -181,3 +181,17 @@ class LoadsOnlyInCaller:
 
     def __reduce__(self) -> tuple[Any, tuple[int, str | None, str | None]]:
         return (_load_in, (os.getpid(), self.marker, self.started))
+
+
+class Box:
+    """A value whose lifetime a test watches through a weakref."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def get(self) -> int:
+        return self.value
+
+
+def box_value(box: Box) -> Box:
+    return Box(box.value)

@@ -98,3 +98,39 @@ def test_what_cannot_be_sent_fails_its_future_naming_the_callers_object() -> Non
         assert "keyword argument 'y'" in message and "lock" in message
         assert "taskpool" not in message  # none of our internal names
         assert pool.submit(jobs.square, 3).result(timeout=WAIT) == 9
+
+
+# --- 2. no stale references ------------------------------------------------------------------
+
+def _watch(objects: list[Any]) -> tuple[list[weakref.ref[Any]], threading.Semaphore]:
+    """Weakrefs to `objects`, and a semaphore released as each dies."""
+    gone = threading.Semaphore(0)
+    return [weakref.ref(o, lambda _: gone.release()) for o in objects], gone
+
+
+def _await_deaths(gone: threading.Semaphore, count: int) -> None:
+    gc.collect()
+    for i in range(count):
+        assert gone.acquire(timeout=WAIT), f"only {i} of {count} objects were collected"
+
+
+def test_no_stale_references_once_a_future_is_resolved() -> None:
+    """CPython's test_no_stale_references: the Executor keeps nothing of a resolved call,
+    neither its function (a bound method, its future dropped at once), nor its arguments,
+    nor its result; whichever batch it travelled in."""
+    with executor(2) as pool:
+        list(pool.map(jobs.square, range(3000)))  # warm: calls travel in batches
+        boxes = [jobs.Box(i) for i in range(300)]
+        args, args_gone = _watch(boxes)
+        futures = [pool.submit(jobs.box_value, box) for box in boxes]
+        results = [f.result(timeout=WAIT) for f in futures]
+        assert [r.value for r in results] == list(range(300))
+        _, results_gone = _watch(results)
+        del boxes, futures, results
+        _await_deaths(args_gone, len(args))
+        _await_deaths(results_gone, len(args))
+        owner = jobs.Box(7)
+        _, owner_gone = _watch([owner])
+        pool.submit(owner.get)  # the future dropped: its call still runs, then is let go
+        del owner
+        _await_deaths(owner_gone, 1)

@@ -29,7 +29,9 @@ class SentBatch:
     def __init__(self, futures: list[Future[Any] | None], calls: list[Call]) -> None:
         self.futures = futures
         self.left = len(futures)
-        self.calls = calls
+        # A resolved call's entry is None too: once its future is resolved, we hold
+        # nothing of it (its function, arguments or result), as PPE.
+        self.calls: list[Call | None] = list(calls)
         self.memfd: int | None = None
 
 
@@ -96,7 +98,7 @@ class Bookkeeping:
             return
         end = len(sent.futures) if count is None else first + count
         errors = itertools.repeat(error, end - first)
-        resolved = resolve_each(sent.futures, first, errors, Future.set_exception)
+        resolved = resolve_each(sent, first, errors, Future.set_exception)
         if count is None:  # the pool is broken: nothing of this batch is to come
             self.forget(batch_id)
         self.resolved(batch_id, sent, resolved)
@@ -113,7 +115,7 @@ class Bookkeeping:
             os.close(sent.memfd)
 
 
-def resolve_each(futures: list[Future[Any] | None], first: int, outcomes: Iterable[T],
+def resolve_each(sent: SentBatch, first: int, outcomes: Iterable[T],
                  resolve: Callable[[Future[Any], T], object]) -> int:
     """The calls first, first + 1, ... of a batch, each with its outcome: each one not
     resolved yet is, by resolve(its future, its outcome); how many were.
@@ -123,10 +125,11 @@ def resolve_each(futures: list[Future[Any] | None], first: int, outcomes: Iterab
     finds the pool broken), the second's set raises InvalidStateError, caught: the first
     outcome stands."""
     resolved = 0
+    futures, calls = sent.futures, sent.calls
     for i, outcome in enumerate(outcomes, first):
         future = futures[i]
         if future is not None:
-            futures[i] = None
+            futures[i] = calls[i] = None
             resolved += 1
             try:
                 resolve(future, outcome)

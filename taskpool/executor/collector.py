@@ -76,9 +76,9 @@ class Collector(threading.Thread):
                 return
             returned, values = b"\x00", [values]  # this call's own pickle: it fails
         if returned is None:  # every call returned a plain value: here they are
-            resolved = resolve_each(sent.futures, first, values, Future.set_result)
+            resolved = resolve_each(sent, first, values, Future.set_result)
         else:  # each value (or exception) pickled alone, returned[i] says which
-            resolved = resolve_each(sent.futures, first, zip(returned, values), _set_pickled)
+            resolved = resolve_each(sent, first, zip(returned, values), _set_pickled)
         books.resolved(batch_id, sent, resolved)
         if resolved:
             self._learn_time_per_call(seconds / resolved)
@@ -102,9 +102,10 @@ class Collector(threading.Thread):
         again = []
         for i in range(first, first + count):
             future = sent.futures[i]
-            if future is not None:
-                sent.futures[i] = None
-                again.append((future, sent.calls[i]))
+            call = sent.calls[i]
+            if future is not None and call is not None:
+                sent.futures[i] = sent.calls[i] = None
+                again.append((future, call))
         # Queued before their batch leaves `sent`, so that the feeder never sees them nowhere
         # (neither in flight nor in `again`) and ends too soon (see Feeder._all_sent).
         books.again.extend(again)

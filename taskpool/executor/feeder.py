@@ -59,14 +59,21 @@ class Feeder(threading.Thread):
         """Send batches until done (see _wait_for_work); how many were sent."""
         batches = 0
         while self._wait_for_work():
-            futures, calls = self._take_next()
-            if not calls:
-                continue  # all cancelled while they waited, or swept (the pool broke)
-            batch = self._encode_or_fail(batches + 1, futures, calls)
-            if batch is not None:
-                batches += 1
-                self._dealer.send_batch(batch)
+            batches += self._send_next(batches + 1)
         return batches
+
+    def _send_next(self, batch_id: int) -> int:
+        """Send the next batch as `batch_id`: 1; or 0 if none was sent. Its calls are this
+        frame's only, gone when it returns: the feeder holds nothing of a call while it
+        waits (once a future is resolved, nothing of its call is left in the Executor)."""
+        futures, calls = self._take_next()
+        if not calls:
+            return 0  # all cancelled while they waited, or swept (the pool broke)
+        batch = self._encode_or_fail(batch_id, futures, calls)
+        if batch is None:
+            return 0
+        self._dealer.send_batch(batch)
+        return 1
 
     # --- when to send ---------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ Interactive cases run a real interpreter. Processes are awaited through pidfds a
 from __future__ import annotations
 
 import gc
-import os
+import json
 import subprocess
 import sys
 import textwrap
@@ -20,9 +20,9 @@ from typing import Any
 
 import executor_jobs as jobs
 import pytest
-
-import taskpool
 from test_executor import WAIT, executor, nothing_left_behind  # noqa: F401 - the fixture
+
+from harness import queues_left
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,3 +134,59 @@ def test_no_stale_references_once_a_future_is_resolved() -> None:
         pool.submit(owner.get)  # the future dropped: its call still runs, then is let go
         del owner
         _await_deaths(owner_gone, 1)
+
+
+# --- 3. an Executor dropped without shutdown() ------------------------------------------------
+
+_DROPPED = textwrap.dedent("""\
+    import gc, json, os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import executor_jobs as jobs
+    import taskpool
+    ex = taskpool.Executor(2)
+    future = ex.submit(jobs.square, 3)
+    assert future.result() == 9
+    dealer = ex._dealer.pid
+    workers = [int(p) for t in os.listdir(f"/proc/{dealer}/task")
+               for p in open(f"/proc/{dealer}/task/{t}/children").read().split()]
+    threads = [ex._feeder, ex._collector]
+    started = time.monotonic()
+    del ex
+    gc.collect()
+    for thread in threads:
+        thread.join(60)
+    print(json.dumps({"alive": [t.is_alive() for t in threads], "dealer": dealer,
+                      "workers": workers, "seconds": time.monotonic() - started}))
+""")
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_an_executor_dropped_without_shutdown_releases_everything(tmp_path: Path) -> None:
+    """As PPE's: once collected, its threads end, its Dealer and workers exit, its queues
+    go; the caller's process goes on."""
+    done = _python(["-c", _DROPPED, str(Path(jobs.__file__).parent)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["alive"] == [False, False]
+    assert len(report["workers"]) == 2
+    for pid in [report["dealer"], *report["workers"]]:
+        assert _gone(pid), f"PID {pid} is still there"
+    assert not [n for n in queues_left() if f"-{report['dealer']}-" in n]
+
+
+def test_an_executor_dropped_at_once_finishes_its_calls_at_interpreter_exit(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = textwrap.dedent(f"""\
+        import sys
+        sys.path.insert(0, {str(Path(jobs.__file__).parent)!r})
+        import executor_jobs as jobs
+        import taskpool
+        taskpool.Executor(2).submit(jobs.touch, {str(marker)!r})
+    """)
+    done = _python(["-c", script], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()

@@ -86,6 +86,19 @@ class Bookkeeping:
         # one batch a little off).
         self.seconds_per_call: float | None = None
 
+    def close(self, cancel_futures: bool = False) -> None:
+        """No more submits (shutdown(), or the Executor dropped): the feeder sends what is
+        left (cancelled first, with cancel_futures) and ends once every call is resolved."""
+        with self.submit_lock:
+            if cancel_futures:
+                while self.waiting:
+                    try:
+                        self.waiting.popleft()[0].cancel()
+                    except IndexError:
+                        break  # the feeder took the last one
+            self.closing = True
+        self.wake_feeder()
+
     def wake_feeder(self) -> None:
         with self.work:
             self.work.notify()

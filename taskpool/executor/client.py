@@ -64,7 +64,7 @@ from typing import Any
 
 from taskpool.executor.bookkeeping import Bookkeeping
 from taskpool.executor.collector import Collector
-from taskpool.executor.dealer_process import DealerProcess, finish_at_exit
+from taskpool.executor.dealer_process import DealerProcess, running_pool_started
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.executor.feeder import Feeder
 from taskpool.executor.settings import ExecutorSettings
@@ -103,11 +103,13 @@ class Executor(_FuturesExecutor):
         # writes it, and under which lock).
         self._books = Bookkeeping()
         self._dealer = DealerProcess(settings)
-        self._feeder = Feeder(self, self._books, self._dealer, settings)
-        self._collector = Collector(self, self._books, self._dealer)
+        self._feeder = Feeder(self._books, self._dealer, settings)
+        self._collector = Collector(self._books, self._dealer)
         self._feeder.start()
         self._collector.start()
-        finish_at_exit(self)
+        # Neither thread holds us: dropped without shutdown(), we are collected, and the
+        # pool closes as by shutdown(wait=False); at interpreter exit, its calls finish.
+        running_pool_started(self, self._books, (self._feeder, self._collector))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         books = self._books
@@ -135,16 +137,7 @@ class Executor(_FuturesExecutor):
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        books = self._books
-        with books.submit_lock:
-            if cancel_futures:
-                while books.waiting:
-                    try:
-                        books.waiting.popleft()[0].cancel()
-                    except IndexError:
-                        break  # the feeder took the last one
-            books.closing = True
-        books.wake_feeder()
+        self._books.close(cancel_futures)
         if wait:
             if threading.current_thread() in (self._feeder, self._collector):
                 # A done callback: it runs in one of our threads, and the wait needs both

@@ -11,7 +11,7 @@ from typing import Any
 
 from taskpool.core.calls import raised
 from taskpool.executor.bookkeeping import Bookkeeping, SentBatch, resolve_each
-from taskpool.executor.dealer_process import DealerProcess
+from taskpool.executor.dealer_process import DealerProcess, running_pool_ended
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.wire import ProtocolError
 from taskpool.wire.frames import FrameType, decode_failed, decode_outcomes_frame, read_frame
@@ -28,11 +28,8 @@ class Collector(threading.Thread):
     At EOF (the Dealer exited) or a bad frame: reaps the Dealer, breaks the pool if it
     failed or calls are left, fails them, and lets the feeder go."""
 
-    def __init__(self, owner: object, books: Bookkeeping, dealer: DealerProcess) -> None:
+    def __init__(self, books: Bookkeeping, dealer: DealerProcess) -> None:
         super().__init__(name="taskpool-collector", daemon=True)
-        # The Executor, only held: one whose threads run is never collected, so that at
-        # exit it is still found and finishes its calls (dealer_process.finish_at_exit).
-        self._owner: object | None = owner
         self._books = books
         self._dealer = dealer
 
@@ -41,7 +38,7 @@ class Collector(threading.Thread):
             reason = self._read_outcomes()
             self._end_pool(self._dealer.reap(reason))
         finally:
-            self._owner = None
+            running_pool_ended(self._books)
 
     def _read_outcomes(self) -> str | None:
         """Frames until EOF; then why the pool cannot go on, if the Dealer said it (STOPPED)

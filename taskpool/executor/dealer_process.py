@@ -21,7 +21,6 @@ a queue message is written to a memfd of ours, which a worker reads through
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import os
 import pickle
 import signal
@@ -31,6 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from taskpool.executor.bookkeeping import Bookkeeping
 from taskpool.executor.settings import ExecutorSettings
 from taskpool.posix import mqueue, proc
 from taskpool.wire.calls import CallBatch, encode_memfd_ref
@@ -120,24 +120,37 @@ def calls_in_memfd(data: bytes) -> tuple[int, bytes]:
     return fd, encode_memfd_ref(os.getpid(), fd, len(data))
 
 
-# Executors still running at interpreter exit finish their work first, as PPE's do. Weak,
-# so that an Executor shut down and dropped goes; one whose threads run is held by them
-# (see Feeder, Collector). The atexit hook is registered with the first Executor, not at
-# import: importing taskpool changes nothing in the caller's process.
-_LIVE: weakref.WeakSet[concurrent.futures.Executor] = weakref.WeakSet()
-_live_lock = threading.Lock()  # guards _hooked: two Executors created at once, one hook
+# Pools still running: until its collector ends, each is here, with the weakref that
+# closes it when its Executor is collected without shutdown() (PPE's behaviour: the calls
+# already submitted still run, then the Dealer, its workers and queues go). At interpreter
+# exit, each is closed and its threads joined: its calls finish first, as PPE's do. The
+# atexit hook is registered with the first Executor, not at import: importing taskpool
+# changes nothing in the caller's process.
+_RUNNING: dict[Bookkeeping, tuple[weakref.ref[object], tuple[threading.Thread, ...]]] = {}
+_running_lock = threading.Lock()  # guards _RUNNING and _hooked
 _hooked = False
 
 
-def finish_at_exit(executor: concurrent.futures.Executor) -> None:
+def running_pool_started(executor: object, books: Bookkeeping,
+                         threads: tuple[threading.Thread, ...]) -> None:
     global _hooked
-    with _live_lock:
+    with _running_lock:
         if not _hooked:
-            atexit.register(_finish_live_executors)
+            atexit.register(_finish_running_pools)
             _hooked = True
-        _LIVE.add(executor)
+        _RUNNING[books] = (weakref.ref(executor, lambda _: books.close()), threads)
 
 
-def _finish_live_executors() -> None:
-    for executor in list(_LIVE):
-        executor.shutdown(wait=True)
+def running_pool_ended(books: Bookkeeping) -> None:
+    """Its collector is done: the Dealer is reaped, every future resolved."""
+    with _running_lock:
+        _RUNNING.pop(books, None)
+
+
+def _finish_running_pools() -> None:
+    with _running_lock:
+        running = list(_RUNNING.items())
+    for books, (_, threads) in running:
+        books.close()
+        for thread in threads:
+            thread.join()

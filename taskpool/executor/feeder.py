@@ -35,12 +35,9 @@ class Feeder(threading.Thread):
     Dealer is behind. Ends, with END, once closing and every call is resolved; or at once
     when the pool broke or the Dealer is gone (the collector fails what is left)."""
 
-    def __init__(self, owner: object, books: Bookkeeping, dealer: DealerProcess,
+    def __init__(self, books: Bookkeeping, dealer: DealerProcess,
                  settings: ExecutorSettings) -> None:
         super().__init__(name="taskpool-feeder", daemon=True)
-        # The Executor, only held: one whose threads run is never collected, so that at
-        # exit it is still found and finishes its calls (dealer_process.finish_at_exit).
-        self._owner: object | None = owner
         self._books = books
         self._dealer = dealer
         self._workers = settings.workers
@@ -53,7 +50,6 @@ class Feeder(threading.Thread):
             pass  # the Dealer is gone: the collector fails what is left
         finally:
             self._dealer.close_submit()
-            self._owner = None
 
     def _feed(self) -> int:
         """Send batches until done (see _wait_for_work); how many were sent."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,8 @@ from typing import Any
 import executor_jobs as jobs
 import pytest
 from test_executor import WAIT, executor, nothing_left_behind  # noqa: F401 - the fixture
+
+import taskpool
 
 from harness import queues_left
 
@@ -190,3 +193,31 @@ def test_an_executor_dropped_at_once_finishes_its_calls_at_interpreter_exit(
     done = _python(["-c", script], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert marker.exists()
+
+
+# --- 5. shutdown(cancel_futures=True) --------------------------------------------------------
+
+def test_cancel_futures_after_a_burst_on_a_warm_pool_starts_what_idle_workers_take(
+        tmp_path: Path) -> None:
+    """CPython's test_cancel_futures: of a burst of 50 submits, shutdown(cancel_futures=True)
+    cancels what has not started, and the calls that started (at least one: the workers
+    were idle) finish."""
+    marker, started = tmp_path / "go", tmp_path / "started"
+    started.mkdir()
+    pool = taskpool.Executor(2)
+    try:
+        assert list(pool.map(jobs.square, range(500))) == [x * x for x in range(500)]  # warm
+        futures = [pool.submit(jobs.wait_for_file, str(marker), str(started), i)
+                   for i in range(50)]
+        pool.shutdown(wait=False, cancel_futures=True)
+        marker.touch()
+    finally:
+        marker.touch()
+        pool.shutdown(wait=True)
+    cancelled = [f for f in futures if f.cancelled()]
+    others = [f for f in futures if not f.cancelled()]
+    assert cancelled, "nothing was cancelled"
+    assert others, "the burst was cancelled whole: an idle worker should have started one"
+    assert all(f.done() and f.exception() is None for f in others)
+    ran = len([n for n in os.listdir(started) if not n.startswith(".")])
+    assert ran <= len(others)  # a cancelled call never ran (a file a worker process)

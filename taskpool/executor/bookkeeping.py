@@ -41,7 +41,7 @@ class Bookkeeping:
     A call's future is resolved once: see resolve_each."""
 
     __slots__ = ("submit_lock", "work", "waiting", "again", "sent", "feeder_wants_work",
-                 "feeder_wants_room", "closing", "broken", "seconds_per_call")
+                 "feeder_wants_room", "closing", "cancel_requested", "broken", "seconds_per_call")
 
     def __init__(self) -> None:
         # submit() and shutdown() serialise on it alone, so that no submit can slip in after
@@ -56,9 +56,11 @@ class Bookkeeping:
         # waits for the feeder; shutdown(cancel_futures) and the collector's last sweep take
         # from the left too, and tolerate an empty deque where they looked at a full one.
         self.waiting: collections.deque[Waiting] = collections.deque()
-        # Calls of a batch whose pickle did not load in a worker (one argument that cannot
-        # be unpickled there fails the load of all): sent again, each as a batch of its
-        # own, so that only the call at fault fails, as with PPE. The collector appends
+        # Calls that go one a batch, before any waiting call, their futures RUNNING: those
+        # of a batch whose pickle did not load in a worker (one argument that cannot be
+        # unpickled there fails the load of all), so that only the call at fault fails, as
+        # with PPE; and those that idle workers start as shutdown(cancel_futures) cancels
+        # the rest (the feeder appends them, Feeder._cancel_waiting). The collector appends
         # (in Collector._send_again), the feeder takes them before any waiting call, the
         # collector's last sweep empties it: no lock, as `waiting`.
         self.again: collections.deque[tuple[Future[Any], Call]] = collections.deque()
@@ -77,6 +79,10 @@ class Bookkeeping:
         # the lock) and by the feeder (without: it looks again under `work` before it
         # sleeps, and the setter's wake-up comes after the set).
         self.closing = False
+        # shutdown(cancel_futures=True) asked the feeder to cancel what waits. Set by
+        # shutdown under submit_lock (with closing), then the feeder is woken; read and
+        # cleared by the feeder alone, which does the cancelling.
+        self.cancel_requested = False
         # Why the pool cannot go on; None while it can. Set once, by the collector, under
         # submit_lock; read by submit (under it) and by the feeder (without: as `closing`,
         # and a batch it builds meanwhile is failed by Feeder._encode).
@@ -88,15 +94,12 @@ class Bookkeeping:
 
     def close(self, cancel_futures: bool = False) -> None:
         """No more submits (shutdown(), or the Executor dropped): the feeder sends what is
-        left (cancelled first, with cancel_futures) and ends once every call is resolved."""
+        left and ends once every call is resolved. With cancel_futures, the feeder first
+        starts what idle workers can take, and cancels the rest (Feeder._cancel_waiting)."""
         with self.submit_lock:
-            if cancel_futures:
-                while self.waiting:
-                    try:
-                        self.waiting.popleft()[0].cancel()
-                    except IndexError:
-                        break  # the feeder took the last one
             self.closing = True
+            if cancel_futures:
+                self.cancel_requested = True
         self.wake_feeder()
 
     def wake_feeder(self) -> None:

@@ -76,24 +76,45 @@ class Feeder(threading.Thread):
     def _wait_for_work(self) -> bool:
         """Until a batch may be sent (True), or the feeder is done (False): closing, and
         every call submitted before it is done; or broken, and the collector fails what
-        waits."""
+        waits. Does what shutdown(cancel_futures=True) asked on the way."""
         books = self._books
-        if self._can_send():
-            return True
-        # No lost wake-up: the flags are set before the state is checked again under the
-        # lock, and submit (collector) changes the state before it reads its flag; so
-        # either we see the change, or it sees the flag and notifies, under the lock that
-        # we hold until wait() releases it.
-        with books.work:
-            while True:
+        while True:
+            if books.cancel_requested:
+                self._cancel_waiting()
+            if books.broken is not None or self._all_sent():
+                return False
+            if self._can_send():
+                return True
+            # No lost wake-up: the flags are set before the state is checked again under
+            # the lock, and submit (collector, shutdown) changes the state before it reads
+            # its flag; so either we see the change, or it sees the flag and notifies,
+            # under the lock that we hold until wait() releases it.
+            with books.work:
                 books.feeder_wants_work = not (books.waiting or books.again)
                 # Room, or, once closing, the last outcomes (see _all_sent).
                 books.feeder_wants_room = not books.feeder_wants_work or books.closing
-                if self._can_send() or books.broken is not None or self._all_sent():
-                    break
-                books.work.wait()
-            books.feeder_wants_work = books.feeder_wants_room = False
-        return not (books.broken is not None or self._all_sent())
+                if not (self._can_send() or books.broken is not None or self._all_sent()
+                        or books.cancel_requested):
+                    books.work.wait()
+                books.feeder_wants_work = books.feeder_wants_room = False
+
+    def _cancel_waiting(self) -> None:
+        """shutdown(cancel_futures=True): each idle worker starts one waiting call (as PPE's
+        workers take theirs from its call queue), and every other waiting call is
+        cancelled. Run here, not in shutdown(), so that it sees which workers are idle."""
+        books = self._books
+        books.cancel_requested = False
+        idle = max(0, self._workers - len(books.sent))
+        while True:
+            try:
+                future, fn, args, kwargs = books.waiting.popleft()
+            except IndexError:
+                break
+            if idle and future.set_running_or_notify_cancel():
+                books.again.append((future, (fn, args, kwargs)))
+                idle -= 1
+            else:
+                future.cancel()
 
     def _window(self) -> int:
         """How many batches may be sent and not yet resolved: two per worker, so that each

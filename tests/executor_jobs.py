@@ -195,3 +195,17 @@ class Box:
 
 def box_value(box: Box) -> Box:
     return Box(box.value)
+
+
+def failing_initializer_that_logs_to(path: str) -> None:
+    """Attach a handler to PPE's logger, as a program that watches it would, then fail."""
+    import logging
+
+    class ToFile(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            exc = record.exc_info[1] if record.exc_info else None
+            with open(path, "a") as f:
+                f.write(f"{record.levelname}|{record.getMessage()}|{exc!r}\n")
+
+    logging.getLogger("concurrent.futures").addHandler(ToFile())
+    raise ValueError("bad config")

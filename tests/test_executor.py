@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -134,6 +135,7 @@ def nothing_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     executors: list[taskpool.Executor] = []
     original_init = taskpool.Executor.__init__
 
+    @functools.wraps(original_init)  # its signature too
     def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         executors.append(self)

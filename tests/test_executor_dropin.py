@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import weakref
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,59 @@ def test_cancel_futures_after_a_burst_on_a_warm_pool_starts_what_idle_workers_ta
     assert all(f.done() and f.exception() is None for f in others)
     ran = len([n for n in os.listdir(started) if not n.startswith(".")])
     assert ran <= len(others)  # a cancelled call never ran (a file a worker process)
+
+
+# --- 6. a failing initializer -----------------------------------------------------------------
+
+def test_a_failing_initializer_is_logged_as_ppe_logs_it_and_breaks_the_pool(
+        tmp_path: Path) -> None:
+    """In the worker, through the `concurrent.futures` logger at CRITICAL with the
+    exception, where a handler the initializer attached sees it; the pool is then broken:
+    pending futures and submit() raise BrokenProcessPool (WorkerCrashed)."""
+    seen = tmp_path / "seen"
+    pool = taskpool.Executor(1, None, jobs.failing_initializer_that_logs_to, (str(seen),))
+    try:
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(jobs.square, 2).result(timeout=WAIT)
+        pool._collector.join(timeout=WAIT)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit(jobs.square, 3)
+    finally:
+        pool.shutdown()
+    lines = seen.read_text().splitlines()
+    assert lines and all(line == "CRITICAL|Exception in initializer:|ValueError('bad config')"
+                         for line in lines), lines
+
+
+# --- 7. PPE's constructor ---------------------------------------------------------------------
+
+def test_the_constructor_takes_ppes_signature() -> None:
+    """Every parameter of ProcessPoolExecutor, with its kind and default, in its place; ours
+    come after, keyword-only."""
+    import inspect
+    from concurrent.futures import ProcessPoolExecutor
+
+    ppe = list(inspect.signature(ProcessPoolExecutor.__init__).parameters.values())
+    ours = list(inspect.signature(taskpool.Executor.__init__).parameters.values())
+    for theirs, mine in zip(ppe, ours):
+        assert (mine.name, mine.kind, mine.default) == (theirs.name, theirs.kind, theirs.default)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(ppe):])
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_mp_context_forkserver_and_spawn_are_what_the_pool_does(method: str,
+                                                                tmp_path: Path) -> None:
+    import multiprocessing
+
+    with executor(1, multiprocessing.get_context(method), jobs.init_worker,
+                  ("by initargs", str(tmp_path))) as pool:
+        assert pool.submit(jobs.initialized).result(timeout=WAIT)[1] == "by initargs"
+
+
+def test_mp_context_fork_and_non_contexts_are_refused_clearly() -> None:
+    import multiprocessing
+
+    with pytest.raises(ValueError, match="cannot use the 'fork' start method.*forkserver"):
+        taskpool.Executor(1, mp_context=multiprocessing.get_context("fork"))
+    with pytest.raises(TypeError, match="mp_context must be a multiprocessing context"):
+        taskpool.Executor(1, mp_context="forkserver")

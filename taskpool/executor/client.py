@@ -67,14 +67,19 @@ from taskpool.executor.collector import Collector
 from taskpool.executor.dealer_process import DealerProcess, running_pool_started
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.executor.feeder import Feeder
-from taskpool.executor.settings import ExecutorSettings
+from taskpool.executor.settings import ExecutorSettings, check_start_method
 
 __all__ = ["Executor", "WorkerCrashed"]
 
 
 class Executor(_FuturesExecutor):
-    """A pool of `max_workers` forked workers (default: the CPU count).
+    """A pool of `max_workers` forked workers (default: the CPU count), with
+    ProcessPoolExecutor's signature, and its own keywords after it.
 
+    mp_context: None, or a multiprocessing context of the 'forkserver' or 'spawn' start
+        method, which both mean what this pool does anyway: workers start from a fresh
+        process (its Dealer), never as copies of yours. 'fork' cannot apply (ValueError):
+        see docs/EXECUTOR.md.
     max_attempts: workers a call may kill before its future raises WorkerCrashed (0: no
         limit). timeout: seconds a call may run; its worker is killed past it, which counts
         as an attempt. max_tasks_per_child: calls a worker runs before it exits and is
@@ -88,14 +93,16 @@ class Executor(_FuturesExecutor):
     def __init__(
         self,
         max_workers: int | None = None,
-        *,
-        max_attempts: int = 3,
-        timeout: float | None = None,
+        mp_context: Any = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        *,
         max_tasks_per_child: int | None = None,
+        max_attempts: int = 3,
+        timeout: float | None = None,
         verbose: bool = False,
     ) -> None:
+        check_start_method(mp_context)
         settings = ExecutorSettings.from_arguments(
             max_workers, max_attempts=max_attempts, timeout=timeout, initializer=initializer,
             initargs=initargs, max_tasks_per_child=max_tasks_per_child, verbose=verbose)

@@ -86,3 +86,32 @@ class ExecutorSettings:
         """Calls go one a batch: a timeout is per call, and so is a worker's count of
         tasks."""
         return self.timeout is not None or self.max_tasks_per_child is not None
+
+
+# What each multiprocessing start method means for an Executor, whose workers are forked
+# from its own Dealer process, itself started with fork+exec: never a copy of the caller.
+START_METHODS = {
+    "forkserver": "what the Executor does: workers forked from a fresh server process",
+    "spawn": "as forkserver: workers start from a fresh interpreter, not from your process",
+}
+
+
+def check_start_method(mp_context: Any) -> None:
+    """PPE's mp_context: None, or a context whose start method the Executor can honour;
+    ValueError naming why not, else (TypeError) not a context."""
+    if mp_context is None:
+        return
+    get_start_method = getattr(mp_context, "get_start_method", None)
+    if get_start_method is None:
+        raise TypeError(f"mp_context must be a multiprocessing context (such as "
+                        f"multiprocessing.get_context('forkserver')), not {mp_context!r}")
+    method = get_start_method()
+    if method == "fork":
+        raise ValueError(
+            "taskpool.Executor cannot use the 'fork' start method: it never forks your "
+            "process (which may run threads); its workers are forked from a fresh Dealer "
+            "process, so they inherit nothing of yours. Pass mp_context=None, or "
+            "multiprocessing.get_context('forkserver') or ('spawn'), which mean just that")
+    if method not in START_METHODS:
+        raise ValueError(f"unknown start method {method!r} for taskpool.Executor; "
+                         f"it takes {', '.join(START_METHODS)}")

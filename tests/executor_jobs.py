@@ -209,3 +209,15 @@ def failing_initializer_that_logs_to(path: str) -> None:
 
     logging.getLogger("concurrent.futures").addHandler(ToFile())
     raise ValueError("bad config")
+
+
+def fork_in_call(raise_in_child: bool = False) -> int:
+    """Fork; the child returns (or raises) into its worker's loop, as a careless call's
+    child would; the parent returns the child's exit code."""
+    pid = os.fork()
+    if pid == 0:
+        if raise_in_child:
+            raise JobError("in the child")
+        return -1
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

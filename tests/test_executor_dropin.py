@@ -278,3 +278,14 @@ def test_mp_context_fork_and_non_contexts_are_refused_clearly() -> None:
         taskpool.Executor(1, mp_context=multiprocessing.get_context("fork"))
     with pytest.raises(TypeError, match="mp_context must be a multiprocessing context"):
         taskpool.Executor(1, mp_context="forkserver")
+
+
+# --- 8. a call that forks ---------------------------------------------------------------------
+
+def test_the_child_of_a_call_that_forks_never_acts_as_a_worker() -> None:
+    """Its child leaves when it returns into the worker (0) or raises there (1): it takes no
+    job and no Shutdown, so every call is answered and shutdown() returns."""
+    with executor(2) as pool:
+        assert pool.submit(jobs.fork_in_call).result(timeout=WAIT) == 0
+        assert pool.submit(jobs.fork_in_call, True).result(timeout=WAIT) == 1
+        assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]

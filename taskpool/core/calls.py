@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 import traceback
 from typing import Any
@@ -73,12 +74,15 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     # end; any other is pickled at once, as PPE does, before a later call can change it.
     outcomes: list[Any] = []
     plain = bytearray(batch.count)
+    worker = os.getpid()
     for i, (fn, args, kwargs) in enumerate(calls):
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is its outcome
+            _leave_if_forked(worker, 1)
             outcomes.append(_pickle_exception(e))
             continue
+        _leave_if_forked(worker, 0)
         if type(value) in PLAIN_TYPES:
             returned[i] = plain[i] = 1
             outcomes.append(value)
@@ -90,6 +94,20 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     plain_dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
     values = [plain_dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
     return time.perf_counter() - started, _outcomes(returned, values)
+
+
+def _leave_if_forked(worker: int, status: int) -> None:
+    """A call that forked and whose child returned (or raised) here: the child must not go
+    on as a worker (answer the Dealer, take jobs, take a Shutdown meant for its parent). It
+    exits: 0 if the call returned, 1 if it raised; its output flushed first."""
+    if os.getpid() == worker:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001, S110 - nothing more to do for it
+            pass
+    os._exit(status)
 
 
 def _pickle_value(fn: Any, value: Any, returned: bytearray, i: int) -> bytes:

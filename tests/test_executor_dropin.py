@@ -22,7 +22,7 @@ from typing import Any
 
 import executor_jobs as jobs
 import pytest
-from test_executor import WAIT, executor, nothing_left_behind  # noqa: F401 - the fixture
+from test_executor import WAIT, _await_gone, executor, nothing_left_behind  # noqa: F401 - the fixture
 
 import taskpool
 
@@ -289,3 +289,39 @@ def test_the_child_of_a_call_that_forks_never_acts_as_a_worker() -> None:
         assert pool.submit(jobs.fork_in_call).result(timeout=WAIT) == 0
         assert pool.submit(jobs.fork_in_call, True).result(timeout=WAIT) == 1
         assert list(pool.map(jobs.square, range(200))) == [x * x for x in range(200)]
+
+
+# --- 9. a caller that restored SIGPIPE's default action ---------------------------------------
+
+_SIGPIPE_DEFAULT = textwrap.dedent("""\
+    import json, os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import executor_jobs as jobs
+    import taskpool
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    ex = taskpool.Executor(1)
+    assert ex.submit(jobs.square, 2).result() == 4
+    dealer = ex._dealer.pid
+    workers = [int(p) for t in os.listdir(f"/proc/{dealer}/task")
+               for p in open(f"/proc/{dealer}/task/{t}/children").read().split()]
+    print(json.dumps(workers), flush=True)
+    future = ex.submit(jobs.wait_for_file, sys.argv[2])
+    os.kill(dealer, signal.SIGKILL)
+    try:
+        future.result(60)
+    except taskpool.WorkerCrashed:
+        print("CRASHED", flush=True)
+    ex.shutdown()
+    print("ALIVE")
+""")
+
+
+def test_a_caller_with_sigpipe_at_its_default_lives_when_its_dealer_dies(
+        tmp_path: Path) -> None:
+    done = _python(["-c", _SIGPIPE_DEFAULT, str(Path(jobs.__file__).parent),
+                    str(tmp_path / "never")], cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    if lines:  # the workers die of their parent-death signal, orphaned to us to reap
+        _await_gone(json.loads(lines[0]))
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert lines[1:] == ["CRASHED", "ALIVE"]

@@ -4,7 +4,7 @@ end, and the Executors still running when the caller's interpreter exits.
 The process runs `python -m taskpool.executor.host` (started by that name only: this side
 never imports it), with three pipes:
 
-    submit pipe    feeder -> Dealer: SETTINGS (written here, first), BATCH frames, END.
+    submit pipe    feeder -> Dealer: SETTINGS (first), BATCH frames, END.
                    Closed by the feeder when it is done, or when the Dealer is gone.
     outcome pipe   Dealer -> collector: OUTCOMES, FAILED, STOPPED frames; EOF when the
                    Dealer has exited.
@@ -38,7 +38,8 @@ from taskpool.wire.frames import FrameType, encode_batch, encode_end, encode_fra
 
 
 class DealerProcess:
-    """Started by its constructor, which writes it its settings; reaped by the collector.
+    """Started by its constructor; its settings written first by the feeder; reaped by the
+    collector.
 
     The feeder alone writes to the submit pipe and closes it (send_batch, send_end,
     close_submit); the collector alone reads the outcome pipe, closes it and the lifeline,
@@ -63,7 +64,7 @@ class DealerProcess:
             for fd in (submit_r, outcome_w, lifeline_r):
                 os.close(fd)
         self.pid = self._process.pid
-        proc.write_all(self._submit_w, encode_frame(FrameType.SETTINGS, pickle.dumps(settings)))
+        self._settings = encode_frame(FrameType.SETTINGS, pickle.dumps(settings))
 
     @property
     def returncode(self) -> int | None:
@@ -71,6 +72,10 @@ class DealerProcess:
         return self._process.returncode
 
     # --- the feeder's end ---------------------------------------------------------------
+
+    def send_settings(self) -> None:
+        """First, once: the settings the Dealer waits for."""
+        proc.write_all(self._submit_w, self._settings)
 
     def send_batch(self, batch: CallBatch) -> None:
         """Blocks while the pipe is full (the Dealer is behind); OSError if it is gone."""

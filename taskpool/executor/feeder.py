@@ -9,6 +9,7 @@ slow calls (a CPU-bound batch is shared evenly between workers), and grows for s
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
@@ -44,7 +45,13 @@ class Feeder(threading.Thread):
         self._unbatched = settings.unbatched
 
     def run(self) -> None:
+        # SIGPIPE blocked in this thread, which alone writes to the Dealer: a caller that
+        # restored SIGPIPE's default action is not killed when its Dealer is gone, the write
+        # fails with EPIPE instead. The signal, sent to this thread only, stays pending on
+        # it, and goes with it: the mask of no other thread changes.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
         try:
+            self._dealer.send_settings()
             self._dealer.send_end(self._feed())
         except OSError:
             pass  # the Dealer is gone: the collector fails what is left

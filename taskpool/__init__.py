@@ -37,7 +37,10 @@ docs/ARCHITECTURE.md tells the whole story: threads, invariants, and why no job 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what a type checker sees of the lazy names below (py.typed ships)
+    from taskpool.executor.client import Executor, WorkerCrashed
 
 __version__ = "0.1.0"
 __all__ = ["Executor", "WorkerCrashed"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -325,3 +326,45 @@ def test_a_caller_with_sigpipe_at_its_default_lives_when_its_dealer_dies(
         _await_gone(json.loads(lines[0]))
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert lines[1:] == ["CRASHED", "ALIVE"]
+
+
+# --- 10. typed for its users ------------------------------------------------------------------
+
+_TYPED_SNIPPET = textwrap.dedent("""\
+    import taskpool
+
+    def square(x: int) -> int:
+        return x * x
+
+    with taskpool.Executor(2) as ex:
+        fine: int = ex.submit(square, 3).result()
+        also_fine: list[int] = list(ex.map(square, [1, 2]))
+        x: str = ex.submit(square, 3).result()
+        y: list[str] = list(ex.map(square, [1, 2]))
+""")
+
+
+def test_mypy_strict_on_a_users_snippet_catches_a_wrong_result_type(tmp_path: Path) -> None:
+    """taskpool as a type checker finds it installed (a package beside the snippet's path,
+    PEP 561: py.typed ships): submit() and map() carry the function's return type."""
+    pytest.importorskip("mypy")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "taskpool").symlink_to(ROOT / "taskpool")
+    (tmp_path / "snippet.py").write_text(_TYPED_SNIPPET)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("MYPYPATH", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "snippet.py"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=300)
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 2, done.stdout
+    assert errors[0].startswith("snippet.py:9:") and '"int", variable has type "str"' in errors[0]
+    assert errors[1].startswith("snippet.py:10:")
+
+
+def test_py_typed_ships_in_the_package_data() -> None:
+    assert (ROOT / "taskpool" / "py.typed").exists()
+    assert re.search(r'\[tool\.setuptools\.package-data\]\ntaskpool = \["py\.typed"\]',
+                     (ROOT / "pyproject.toml").read_text())

@@ -60,7 +60,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _FuturesExecutor
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from taskpool.executor.bookkeeping import Bookkeeping
 from taskpool.executor.collector import Collector
@@ -70,6 +70,8 @@ from taskpool.executor.feeder import Feeder
 from taskpool.executor.settings import ExecutorSettings, check_start_method
 
 __all__ = ["Executor", "WorkerCrashed"]
+
+T = TypeVar("T")
 
 
 class Executor(_FuturesExecutor):
@@ -118,9 +120,9 @@ class Executor(_FuturesExecutor):
         # pool closes as by shutdown(wait=False); at interpreter exit, its calls finish.
         running_pool_started(self, self._books, (self._feeder, self._collector))
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         books = self._books
-        future: Future[Any] = Future()
+        future: Future[T] = Future()
         with books.submit_lock:
             if books.broken is not None:
                 raise WorkerCrashed(books.broken)
@@ -131,8 +133,8 @@ class Executor(_FuturesExecutor):
             books.wake_feeder()
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = 1) -> Iterator[T]:
         """As PPE's: results in input order; `timeout` counts from this call; `chunksize`
         calls travel and run as one (a crash resends them together)."""
         if chunksize < 1:

@@ -40,10 +40,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what a type checker sees of the lazy names below (py.typed ships)
-    from taskpool.executor.client import Executor, WorkerCrashed
+    from taskpool.executor.client import Executor, ExecutorStats, WorkerCrashed
 
 __version__ = "0.1.0"
-__all__ = ["Executor", "WorkerCrashed"]
+__all__ = ["Executor", "ExecutorStats", "WorkerCrashed"]
 
 
 def __getattr__(name: str) -> Any:

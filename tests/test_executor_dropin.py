@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 import subprocess
@@ -368,3 +369,56 @@ def test_py_typed_ships_in_the_package_data() -> None:
     assert (ROOT / "taskpool" / "py.typed").exists()
     assert re.search(r'\[tool\.setuptools\.package-data\]\ntaskpool = \["py\.typed"\]',
                      (ROOT / "pyproject.toml").read_text())
+
+
+# --- 11. crashes are not silent ---------------------------------------------------------------
+
+def test_crashes_and_resends_are_logged_and_counted_in_stats(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="taskpool.executor")
+    with executor(1, max_attempts=2) as pool:
+        assert pool.stats == taskpool.ExecutorStats(0, 0, 0, 0)
+        with pytest.raises(taskpool.WorkerCrashed):
+            pool.submit(jobs.kill_own_worker).result(timeout=WAIT)
+        assert pool.submit(jobs.square, 3).result(timeout=WAIT) == 9
+        stats = pool.stats
+        assert (stats.calls, stats.crashes, stats.resends, stats.failed) == (2, 2, 1, 1)
+        with pytest.raises(AttributeError):
+            pool.stats = stats  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            stats.crashes = 0  # type: ignore[misc]
+    lost = [r for r in caplog.records if r.name == "taskpool.executor"
+            and r.levelno == logging.WARNING and "sent again" in r.getMessage()]
+    assert [r.getMessage().endswith(f"{n} call(s) sent again") for r, n in zip(lost, (1, 0))
+            ] == [True, True]
+    assert any("failed with WorkerCrashed" in r.getMessage() for r in caplog.records)
+
+
+_QUIET_UNLESS_CONFIGURED = textwrap.dedent("""\
+    import logging, sys
+    sys.path.insert(0, sys.argv[1])
+    import executor_jobs as jobs
+    import taskpool
+    if sys.argv[2] == "configured":
+        logging.basicConfig(format="%(levelname)s %(name)s %(message)s")
+    with taskpool.Executor(1, max_attempts=1) as ex:
+        try:
+            ex.submit(jobs.kill_own_worker).result()
+        except taskpool.WorkerCrashed:
+            print("CRASHED")
+    print(len(logging.root.handlers), logging.root.level, logging.lastResort is not None)
+""")
+
+
+@pytest.mark.parametrize("logging_", ["not configured", "configured"])
+def test_the_executors_warnings_show_only_where_the_caller_configured_logging(
+        logging_: str, tmp_path: Path) -> None:
+    done = _python(["-c", _QUIET_UNLESS_CONFIGURED, str(Path(jobs.__file__).parent),
+                    logging_], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    if logging_ == "configured":
+        assert done.stdout.splitlines() == ["CRASHED", "1 30 True"]
+        assert "WARNING taskpool.executor A worker (PID" in done.stderr
+    else:
+        assert done.stdout.splitlines() == ["CRASHED", "0 30 True"]  # nothing global changed
+        assert done.stderr == ""

@@ -40,10 +40,18 @@ class Bookkeeping:
 
     A call's future is resolved once: see resolve_each."""
 
-    __slots__ = ("submit_lock", "work", "waiting", "again", "sent", "feeder_wants_work",
-                 "feeder_wants_room", "closing", "cancel_requested", "broken", "seconds_per_call")
+    __slots__ = ("calls", "crashes", "resends", "failed", "submit_lock", "work", "waiting",
+                 "again", "sent", "feeder_wants_work", "feeder_wants_room", "closing",
+                 "cancel_requested", "broken", "seconds_per_call")
 
     def __init__(self) -> None:
+        # What Executor.stats shows. `calls`: submitted, counted by submit under
+        # submit_lock; `crashes`, `resends`: workers lost at work and calls sent again,
+        # counted by the collector (LOST frames); `failed`: futures failed with
+        # WorkerCrashed, counted by whoever fails them (fail_batch, the collector's sweep),
+        # under no lock: an int += in one thread at a time but for a broken pool's feeder,
+        # where a count a little off in a broken pool is harmless.
+        self.calls = self.crashes = self.resends = self.failed = 0
         # submit() and shutdown() serialise on it alone, so that no submit can slip in after
         # shutdown has let the feeder go; the collector takes it to break the pool, so that
         # none slips in after that either.
@@ -115,6 +123,7 @@ class Bookkeeping:
         end = len(sent.futures) if count is None else first + count
         errors = itertools.repeat(error, end - first)
         resolved = resolve_each(sent, first, errors, Future.set_exception)
+        self.failed += resolved
         if count is None:  # the pool is broken: nothing of this batch is to come
             self.forget(batch_id)
         self.resolved(batch_id, sent, resolved)

@@ -60,6 +60,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _FuturesExecutor
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from taskpool.executor.bookkeeping import Bookkeeping
@@ -69,7 +70,7 @@ from taskpool.executor.errors import WorkerCrashed
 from taskpool.executor.feeder import Feeder
 from taskpool.executor.settings import ExecutorSettings, check_start_method
 
-__all__ = ["Executor", "WorkerCrashed"]
+__all__ = ["Executor", "ExecutorStats", "WorkerCrashed"]
 
 T = TypeVar("T")
 
@@ -129,9 +130,16 @@ class Executor(_FuturesExecutor):
             if books.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             books.waiting.append((future, fn, args, kwargs))
+            books.calls += 1
         if books.feeder_wants_work:
             books.wake_feeder()
         return future
+
+    @property
+    def stats(self) -> ExecutorStats:
+        """What the pool has done and survived so far: a snapshot."""
+        books = self._books
+        return ExecutorStats(books.calls, books.crashes, books.resends, books.failed)
 
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1) -> Iterator[T]:
@@ -157,6 +165,19 @@ class Executor(_FuturesExecutor):
                                    "goes on: use wait=False there")
             self._feeder.join()
             self._collector.join()
+
+
+@dataclass(frozen=True)
+class ExecutorStats:
+    """Executor.stats: calls submitted (a map chunk is one call), workers lost at work
+    (crashes: killed, crashed, timed out), calls sent again after a crash (resends), and
+    futures failed with WorkerCrashed (failed). Crashes and resends are also logged, at
+    WARNING, by the `taskpool.executor` logger."""
+
+    calls: int
+    crashes: int
+    resends: int
+    failed: int
 
 
 def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:

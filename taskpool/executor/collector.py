@@ -4,6 +4,7 @@ Dealer's exit, reaps it and fails whatever is left."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 import threading
 from concurrent.futures import Future, InvalidStateError
@@ -14,7 +15,18 @@ from taskpool.executor.bookkeeping import Bookkeeping, SentBatch, resolve_each
 from taskpool.executor.dealer_process import DealerProcess, running_pool_ended
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.wire import ProtocolError
-from taskpool.wire.frames import FrameType, decode_failed, decode_outcomes_frame, read_frame
+from taskpool.wire.frames import (
+    FrameType,
+    decode_failed,
+    decode_lost,
+    decode_outcomes_frame,
+    read_frame,
+)
+
+# The caller's view of what the pool survived (or did not), at WARNING: a library's logger,
+# silent unless the caller configures logging (a NullHandler is on "taskpool" from the
+# first Executor on: dealer_process.running_pool_started).
+log = logging.getLogger("taskpool.executor")
 
 
 class Collector(threading.Thread):
@@ -23,6 +35,7 @@ class Collector(threading.Thread):
         OUTCOMES  resolves calls of a batch in `books.sent` (or, if the batch's pickle did
                   not load in its worker, hands its calls back to the feeder: _send_again)
         FAILED    fails calls of a batch: each killed `max_attempts` workers
+    LOST      a worker died at work, and how many of its calls go again: logged, counted
         STOPPED   says why the Dealer gave up (its restart intensity was spent)
 
     At EOF (the Dealer exited) or a bad frame: reaps the Dealer, breaks the pool if it
@@ -52,6 +65,8 @@ class Collector(threading.Thread):
                     self._on_outcomes(body)
                 elif ftype is FrameType.FAILED:
                     self._on_failed(body)
+                elif ftype is FrameType.LOST:
+                    self._on_lost(body)
                 elif ftype is FrameType.STOPPED:
                     reason = body.decode()
         except Exception as e:  # noqa: BLE001 - this thread must not die and leave futures
@@ -86,8 +101,15 @@ class Collector(threading.Thread):
         old = self._books.seconds_per_call
         self._books.seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
 
+    def _on_lost(self, body: bytes) -> None:
+        pid, why, resent = decode_lost(body)
+        self._books.crashes += 1
+        self._books.resends += resent
+        log.warning("A worker (PID %d) %s; %d call(s) sent again", pid, why, resent)
+
     def _on_failed(self, body: bytes) -> None:
         batch_id, first, count, why = decode_failed(body)
+        log.warning("%d call(s) failed with WorkerCrashed: %s", count, why)
         self._books.fail_batch(batch_id, WorkerCrashed(why), first, count)
         self._make_room()
 
@@ -124,6 +146,7 @@ class Collector(threading.Thread):
         with books.submit_lock:
             if reason is not None or books.sent or books.waiting or books.again:
                 books.broken = reason or "the Executor's Dealer ended before its calls"
+                log.warning("The pool is broken: %s", books.broken)
             books.closing = True
         self._fail_what_is_left(WorkerCrashed(books.broken or ""))
         # Last: the feeder may have looked between our setting `broken` and the sweep,
@@ -141,6 +164,7 @@ class Collector(threading.Thread):
                 break
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+                books.failed += 1
         while True:  # running already, to be sent again
             try:
                 future = books.again.popleft()[0]
@@ -148,6 +172,7 @@ class Collector(threading.Thread):
                 break
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(error)
+                books.failed += 1
 
 
 def _unpickled(outcomes: bytes) -> tuple[Any, Any]:

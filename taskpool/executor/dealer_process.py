@@ -21,6 +21,7 @@ a queue message is written to a memfd of ours, which a worker reads through
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import pickle
 import signal
@@ -142,6 +143,9 @@ def running_pool_started(executor: object, books: Bookkeeping,
     with _running_lock:
         if not _hooked:
             atexit.register(_finish_running_pools)
+            # The Executor's warnings (collector.py) are a library's: shown only if the
+            # caller configures logging, never by logging's last resort.
+            logging.getLogger("taskpool").addHandler(logging.NullHandler())
             _hooked = True
         _RUNNING[books] = (weakref.ref(executor, lambda _: books.close()), threads)
 

@@ -53,6 +53,7 @@ from taskpool.wire.frames import (
     decode_batch,
     decode_end,
     encode_failed,
+    encode_lost,
     encode_outcomes_frame,
     encode_stopped,
     read_frame,
@@ -78,6 +79,9 @@ class FrameWriter(RecordWriter):
         times = "1 attempt" if attempts == 1 else f"{attempts} attempts"
         why = f"{times} of this call ended its worker; the last: {death.call_reason}"
         self.write(encode_failed(CallBatch.decode(job.payload), why))
+
+    def worker_lost(self, pid: int, death: Death, resent: int) -> None:
+        self.write(encode_lost(pid, death.call_reason, resent))
 
     def stats(self, stats: DealerStats) -> None:
         if stats.stop_reason is not None:

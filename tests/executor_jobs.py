@@ -221,3 +221,31 @@ def fork_in_call(raise_in_child: bool = False) -> int:
         return -1
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+SHARED: dict[str, Any] = {}
+
+
+def keep_shared(queue: Any, lock: Any, event: Any, semaphore: Any) -> None:
+    """An initializer: multiprocessing objects from initargs, kept for the calls."""
+    SHARED.update(queue=queue, lock=lock, event=event, semaphore=semaphore)
+
+
+def use_shared(what: str) -> object:
+    """One use of a shared object, as the caller's test drives it."""
+    if what == "try lock":
+        got = SHARED["lock"].acquire(False)
+        if got:
+            SHARED["lock"].release()
+        return got
+    if what == "wait event":
+        return SHARED["event"].wait(60)
+    if what == "put pid":
+        SHARED["queue"].put(os.getpid())
+        return os.getpid()
+    SHARED["semaphore"].release()
+    return None
+
+
+def store(mapping: Any, key: str, value: object) -> None:
+    mapping[key] = value

@@ -422,3 +422,55 @@ def test_the_executors_warnings_show_only_where_the_caller_configured_logging(
     else:
         assert done.stdout.splitlines() == ["CRASHED", "0 30 True"]  # nothing global changed
         assert done.stderr == ""
+
+
+# --- 4. multiprocessing objects ---------------------------------------------------------------
+
+_MP_OBJECTS = textwrap.dedent("""\
+    import multiprocessing, sys
+    sys.path.insert(0, sys.argv[1])
+    import executor_jobs as jobs
+    import taskpool
+    # Manager() proxies as arguments: they connect back with the caller's authkey.
+    with multiprocessing.Manager() as manager, taskpool.Executor(2) as ex:
+        shared = manager.dict()
+        ex.submit(jobs.store, shared, "k", 5).result(60)
+        print("manager", shared["k"])
+    # Queue, Lock, Event, Semaphore in initargs, of a context whose objects may cross to a
+    # new process: 'forkserver' (multiprocessing's default from Python 3.14).
+    ctx = multiprocessing.get_context("forkserver")
+    queue, lock, event, semaphore = ctx.Queue(), ctx.Lock(), ctx.Event(), ctx.Semaphore(0)
+    with taskpool.Executor(1, ctx, jobs.keep_shared, (queue, lock, event, semaphore)) as ex:
+        with lock:
+            print("lock held by us", ex.submit(jobs.use_shared, "try lock").result(60))
+        print("lock free", ex.submit(jobs.use_shared, "try lock").result(60))
+        waiting = ex.submit(jobs.use_shared, "wait event")
+        event.set()
+        print("event", waiting.result(60))
+        pid = ex.submit(jobs.use_shared, "put pid").result(60)
+        print("queue", queue.get(timeout=60) == pid)
+        ex.submit(jobs.use_shared, "release semaphore").result(60)
+        print("semaphore", semaphore.acquire(timeout=60))
+    # One of the 'fork' context cannot reach workers that are not forks of ours: refused.
+    try:
+        taskpool.Executor(1, None, jobs.keep_shared,
+                          (None, multiprocessing.get_context("fork").Lock(), None, None))
+    except ValueError as e:
+        print("fork", "initargs[1] (Lock)" in str(e) and "'fork' context" in str(e))
+    from multiprocessing import resource_tracker
+    print(resource_tracker._resource_tracker._pid)  # it outlives us, to be reaped
+""")
+
+
+def test_manager_proxies_and_multiprocessing_objects_in_initargs_reach_the_workers(
+        tmp_path: Path) -> None:
+    """In a process of its own: a Manager and the resource tracker of named semaphores
+    are that process's children, not the test's."""
+    done = _python(["-c", _MP_OBJECTS, str(Path(jobs.__file__).parent)], cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    if lines and lines[-1].isdigit():  # orphaned to us (a subreaper: see conftest)
+        _await_gone([int(lines.pop())])
+    assert done.returncode == 0, done.stderr
+    assert lines == [
+        "manager 5", "lock held by us False", "lock free True", "event True", "queue True",
+        "semaphore True", "fork True"], done.stderr

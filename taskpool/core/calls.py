@@ -18,11 +18,15 @@ it through /proc/PID/fd/FD (same user), so it never has a name that could be lef
 
 from __future__ import annotations
 
+import collections
+import copyreg
+import io
 import os
 import pickle
 import sys
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from taskpool.wire.calls import PLAIN_TYPES, CallBatch, CallWhere, decode_memfd_ref
@@ -39,13 +43,30 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
+# multiprocessing's reducers for objects that cross to another process (a Connection by
+# its descriptor, through multiprocessing's resource sharer or a spawning Popen), as its
+# ForkingPickler has them; live: a module imported later adds its own.
+_REDUCERS = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+
+
+class _Pickler(pickle.Pickler):
+    """multiprocessing's ForkingPickler, without its copy of copyreg's table per use."""
+
+    dispatch_table = collections.ChainMap(_REDUCERS, copyreg.dispatch_table)  # type: ignore[arg-type]
+
+
 def dumps(obj: Any) -> bytes:
-    """obj's pickle: plain pickle's (C, fast, by reference) when it refers to no object of
-    `__main__`; else cloudpickle's, which sends `__main__`'s functions and classes, lambdas
-    and closures by value, with the globals they use. Raises what cloudpickle raises when
-    neither can pickle obj."""
+    """obj's pickle: by reference where the workers can import it, by value where not.
+
+    First with multiprocessing's own pickler (C pickle, by reference, with the reducers
+    that let a Connection or a socket cross to another process, as PPE pickles calls);
+    then, if that failed or referred to anything of `__main__`, with cloudpickle and the
+    same reducers: it sends `__main__`'s functions and classes, lambdas and closures by
+    value, with the globals they use. Raises what cloudpickle raises when neither can."""
+    buffer = io.BytesIO()
     try:
-        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
+        data = buffer.getvalue()
     except Exception:  # noqa: BLE001 - by reference failed (a lambda, say): by value
         data = b"__main__"
     # A reference to `__main__` is the name as a string in the pickle: a cheap scan. A
@@ -53,7 +74,11 @@ def dumps(obj: Any) -> bytes:
     if b"__main__" in data:
         import cloudpickle  # only when needed: the common call never loads it
 
-        data = cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        buffer = io.BytesIO()
+        pickler = cloudpickle.Pickler(buffer, pickle.HIGHEST_PROTOCOL)
+        pickler.dispatch_table = collections.ChainMap(_REDUCERS, pickler.dispatch_table)
+        pickler.dump(obj)
+        data = buffer.getvalue()
     return data
 
 

@@ -59,8 +59,8 @@ class DealerProcess:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "taskpool.executor.host",
                  str(submit_r), str(outcome_w), str(lifeline_r)],
-                pass_fds=(submit_r, outcome_w, lifeline_r), stdin=subprocess.DEVNULL,
-                env=env)
+                pass_fds=(submit_r, outcome_w, lifeline_r, *settings.shared_fds),
+                stdin=subprocess.DEVNULL, env=env)
         finally:
             for fd in (submit_r, outcome_w, lifeline_r):
                 os.close(fd)

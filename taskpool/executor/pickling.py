@@ -10,8 +10,11 @@ not_sent), the pickler's own error as its cause.
 
 from __future__ import annotations
 
+import io
+import multiprocessing.context
 import pickle
 from collections.abc import Callable
+from multiprocessing.synchronize import SemLock
 from typing import Any
 
 from taskpool.core.calls import dumps
@@ -65,12 +68,87 @@ def call_not_sent(call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any
                     _parts(fn, args, kwargs), error)
 
 
-def dumps_initializer(initializer: Callable[..., object], initargs: tuple[Any, ...]) -> bytes:
-    """(initializer, initargs) for the workers; PicklingError naming the part at fault."""
+def dumps_initializer(initializer: Callable[..., object], initargs: tuple[Any, ...]
+                      ) -> tuple[bytes, tuple[int, ...]]:
+    """(initializer, initargs) for the workers, and the descriptors they refer to;
+    PicklingError naming the part at fault.
+
+    Pickled as multiprocessing pickles a new process's arguments under the 'spawn' and
+    'forkserver' start methods (a spawning Popen set: see _Spawning), so that what PPE
+    accepts in initargs reaches the workers: a multiprocessing Queue, Lock, Event,
+    Semaphore, Condition of those contexts (their semaphores are opened by name, a queue's
+    pipe is passed to the Dealer under its own numbers and kept open in the workers) and
+    Manager() proxies. Those of the 'fork' context live only in processes forked from the
+    caller's, which ours are not: refused, with the reason (_refuse_fork_only)."""
+    parts: list[tuple[str, object]] = [("the initializer", initializer)]
+    parts += [(f"initargs[{i}] ({type(a).__name__})", a) for i, a in enumerate(initargs)]
+    what = f"cannot send the initializer {describe(initializer)} to the workers"
+    spawning = _Spawning()
+    previous = multiprocessing.context.get_spawning_popen()
+    multiprocessing.context.set_spawning_popen(spawning)  # type: ignore[arg-type] # (thread's)
     try:
-        return dumps((initializer, initargs))
-    except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
-        parts: list[tuple[str, object]] = [("the initializer", initializer)]
-        parts += [(f"initargs[{i}] ({type(a).__name__})", a) for i, a in enumerate(initargs)]
-        raise not_sent(f"cannot send the initializer {describe(initializer)} to the workers",
-                       parts, e) from e
+        _refuse_fork_only(what, parts)
+        try:
+            data = dumps((initializer, initargs))
+        except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
+            raise not_sent(what, parts, e) from e
+    finally:
+        multiprocessing.context.set_spawning_popen(previous)
+    return data, tuple(spawning.fds)
+
+
+class InheritedFd:
+    """A descriptor that the worker has under the same number (multiprocessing's DupFd
+    for a spawned process): what a Queue's Connection is rebuilt from."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class _Spawning:
+    """Stands for multiprocessing's spawning Popen while initargs are pickled: objects that
+    may only cross to a new process (Queue, Lock, ...) allow it then, and the descriptors
+    they hand over are noted, to be passed to the Dealer."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        if fd not in self.fds:
+            self.fds.append(fd)
+        return fd
+
+    DupFd = InheritedFd
+
+
+class _ForkOnly(Exception):
+    pass
+
+
+class _ForkOnlyFinder(pickle.Pickler):
+    """Pickles into nothing, to find a semaphore of the 'fork' context: unlinked at birth,
+    it has no name to open it by, only an address valid in forks of the caller's process
+    (before Python 3.12, multiprocessing would even send that address)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, SemLock) and obj._semlock.name is None:  # type: ignore[attr-defined]
+            raise _ForkOnly()
+        return NotImplemented
+
+
+def _refuse_fork_only(what: str, parts: list[tuple[str, object]]) -> None:
+    for name, part in parts:
+        try:
+            _ForkOnlyFinder(io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(part)
+        except _ForkOnly:
+            raise ValueError(
+                f"{what}: {name} is a multiprocessing object of the 'fork' context (the "
+                f"default on Linux before Python 3.14), which lives only in processes "
+                f"forked from yours; taskpool's workers are not. Create it from "
+                f"multiprocessing.get_context('forkserver') (or 'spawn'), as for a "
+                f"ProcessPoolExecutor with that mp_context, or use a Manager()") from None
+        except Exception:  # noqa: BLE001, S110 - anything else: the real pickle says it
+            pass

@@ -38,6 +38,9 @@ class ExecutorSettings:
     # The caller's multiprocessing authkey, for the workers: a Manager() proxy passed as
     # an argument connects back to its manager with it, as in a process PPE started.
     authkey: bytes = b""
+    # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): passed to the
+    # Dealer under the same numbers, kept open in its workers (see pickling.py).
+    shared_fds: tuple[int, ...] = ()
     # The whole log (INFO) with verbose=True; else what needs a reader (WARNING): an
     # Executor is a library in someone's program, and says nothing when all goes well.
     log_level: int = logging.WARNING
@@ -68,7 +71,10 @@ class ExecutorSettings:
             raise ValueError("timeout must be a finite number of seconds > 0")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError("max_tasks_per_child must be >= 1")
-        init = None if initializer is None else dumps_initializer(initializer, tuple(initargs))
+        init: bytes | None = None
+        shared_fds: tuple[int, ...] = ()
+        if initializer is not None:
+            init, shared_fds = dumps_initializer(initializer, tuple(initargs))
         preparation = multiprocessing.spawn.get_preparation_data("taskpool-executor")
         # Not the caller's main module: what of it the calls use goes by value (see
         # core/calls.py), so that a `python -c`, a script on stdin or the REPL works, and
@@ -77,7 +83,8 @@ class ExecutorSettings:
             preparation.pop(key, None)  # the authkey refuses to pickle: see `authkey`
         return cls(
             workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
-            preparation=preparation, authkey=bytes(multiprocessing.current_process().authkey),
+            preparation=preparation, shared_fds=shared_fds,
+            authkey=bytes(multiprocessing.current_process().authkey),
             log_level=logging.INFO if verbose else logging.WARNING,
             max_tasks_per_child=max_tasks_per_child)
 

@@ -100,6 +100,7 @@ class WorkerSetup:
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
     request_message_size: int = MAX_MESSAGE_SIZE
     ack_every_job: bool = True  # see protocol.is_acked
+    shared_fds: frozenset[int] = frozenset()  # the Executor's initargs' (DealerConfig)
 
 
 class Supervisor(threading.Thread):
@@ -360,6 +361,7 @@ class Supervisor(threading.Thread):
             proc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
             proc.close_fds_except(
                 {0, 1, 2, request_queue.mqd, self.setup.result_queue.mqd} | tplog.descriptors()
+                | self.setup.shared_fds
             )
             policy = self.setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,

@@ -474,3 +474,17 @@ def test_manager_proxies_and_multiprocessing_objects_in_initargs_reach_the_worke
     assert lines == [
         "manager 5", "lock held by us False", "lock free True", "event True", "queue True",
         "semaphore True", "fork True"], done.stderr
+
+
+# --- 12. map with chunksize sends chunks --------------------------------------------------------
+
+def test_map_with_chunksize_sends_chunks_not_calls() -> None:
+    """A chunk is one call to the pool (Executor.stats counts calls submitted), for one
+    iterable as for several; results in order."""
+    with executor(2) as pool:
+        assert list(pool.map(jobs.square, range(1000), chunksize=100)) == [
+            x * x for x in range(1000)]
+        assert pool.stats.calls == 10
+        assert list(pool.map(jobs.power, range(10), [2] * 10, chunksize=4)) == [
+            x**2 for x in range(10)]
+        assert pool.stats.calls == 13

@@ -149,8 +149,12 @@ class Executor(_FuturesExecutor):
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(iterables, chunksize)
-        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
+        # One iterable (the common case): a chunk is its items, and each runs as fn(item),
+        # with no argument tuple to build, pickle and unpickle per item.
+        one = len(iterables) == 1
+        chunks = _chunks(iter(iterables[0]) if one else zip(*iterables), chunksize)
+        results = super().map(_run_chunk_of_items if one else _run_chunk, itertools.repeat(fn),
+                              chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -180,11 +184,14 @@ class ExecutorStats:
     failed: int
 
 
-def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    it = zip(*iterables)
-    while chunk := list(itertools.islice(it, size)):
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(items, size)):
         yield chunk
 
 
 def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
     return [fn(*args) for args in chunk]
+
+
+def _run_chunk_of_items(fn: Callable[..., Any], chunk: list[Any]) -> list[Any]:
+    return [fn(item) for item in chunk]

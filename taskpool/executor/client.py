@@ -17,7 +17,7 @@ submit() => | waiting           | => Feeder ===== submit pipe =====> intake thre
             |                   |                                     |
             |                   | <=> Collector <== outcome pipe =====+
             | closing, broken,  |      thread       OUTCOMES, FAILED,
-            | seconds_per_call  |        |          STOPPED
+            | seconds_per_call  |        |          LOST, STOPPED
             +-------------------+        +==> futures: set_result, set_exception
 
 DealerProcess: the lifeline pipe, held and never written ====> EOF: we are gone, the
@@ -37,7 +37,11 @@ of `sent`; a batch whose pickle did not load in its worker goes back to the feed
 `again`, one call a batch. At the Dealer's exit, reaps it and fails whatever is left.
 
 DealerProcess (dealer_process.py): the Dealer's start (fork+exec, the three pipes), its
-memfds for large batches, its end, and the atexit hook that finishes live Executors.
+memfds for large batches, its end, and the pools still running: each closes when its
+Executor is collected (neither thread holds it), and the atexit hook finishes them.
+
+Pickling (pickling.py, core/calls.py): by reference where the workers can import a
+function, by value (cloudpickle) where not (the caller's `__main__`, lambdas, closures).
 
 Invariants:
 - a future is RUNNING from the moment the feeder takes it (as PPE's are once they leave its
@@ -91,6 +95,8 @@ class Executor(_FuturesExecutor):
         and a pool whose workers keep failing to start is broken.
     verbose: write taskpool's crash-recovery log (every job sent, every worker death and
         resend) to stderr; by default only warnings and errors are written.
+    stats: what it did and survived (ExecutorStats); crashes are also logged at WARNING by
+        the `taskpool.executor` logger.
     """
 
     def __init__(

@@ -77,6 +77,28 @@ def test_functions_lambdas_and_classes_of_an_interactive_main_run(how: str,
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_a_dealer_that_cannot_start_tells_the_caller_why(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not only 'exited with status 3': the cause (here the caller's working directory,
+    gone by the time the Dealer goes there), in WorkerCrashed's message."""
+    import multiprocessing.spawn
+
+    real = multiprocessing.spawn.get_preparation_data
+
+    def gone_dir(name: str) -> dict[str, Any]:
+        data = real(name)
+        data["dir"] = str(tmp_path / "gone")
+        return data
+
+    monkeypatch.setattr(multiprocessing.spawn, "get_preparation_data", gone_dir)
+    pool = taskpool.Executor(1)
+    try:
+        with pytest.raises(taskpool.WorkerCrashed, match="FileNotFoundError.*gone"):
+            pool.submit(jobs.square, 2).result(timeout=WAIT)
+    finally:
+        pool.shutdown()
+
+
 def _adder(n: int) -> Any:
     def add(x: int) -> int:
         return x + n

@@ -147,7 +147,21 @@ def running_pool_started(executor: object, books: Bookkeeping,
             # caller configures logging, never by logging's last resort.
             logging.getLogger("taskpool").addHandler(logging.NullHandler())
             _hooked = True
-        _RUNNING[books] = (weakref.ref(executor, lambda _: books.close()), threads)
+        _RUNNING[books] = (weakref.ref(executor, lambda _: _abandoned(books, threads)),
+                           threads)
+
+
+def _abandoned(books: Bookkeeping, threads: tuple[threading.Thread, ...]) -> None:
+    """Its Executor was collected without shutdown(): close the pool. The cyclic GC may
+    collect it in any thread, our own feeder or collector included, while it holds the
+    locks close() takes: there, the close is left to a thread of its own."""
+    if threading.current_thread() not in threads:
+        books.close()
+        return
+    try:
+        threading.Thread(target=books.close, name="taskpool-close", daemon=True).start()
+    except RuntimeError:
+        pass  # the interpreter is exiting: _finish_running_pools closes it
 
 
 def running_pool_ended(books: Bookkeeping) -> None:

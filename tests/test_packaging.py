@@ -4,6 +4,7 @@ an sdist whose tests run once unpacked, and a clear error on a system other than
 from __future__ import annotations
 
 import email
+import os
 import shutil
 import subprocess
 import sys
@@ -78,3 +79,20 @@ def test_importing_taskpool_elsewhere_than_linux_is_a_clear_import_error() -> No
     assert proc.stderr.splitlines()[-1] == (
         "ImportError: taskpool runs on Linux only (this is darwin): it is built on Linux's "
         "POSIX message queues, fork() and prctl()")
+
+
+def test_the_container_check_is_the_projects_own_script() -> None:
+    """`make container-test` works from a fresh clone: it runs a script of the project (not
+    a tool beside it), which takes the base image as an argument and refuses what it does
+    not know. (CI runs the check itself: .ci/run.)"""
+    recipe = subprocess.run(["make", "-n", "container-test"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60).stdout.split()
+    assert recipe[0] == "tools/container-check"
+    script = ROOT / recipe[0]
+    assert script.is_file() and os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], timeout=60).returncode == 0
+    assert "ARG BASE_IMAGE=python:3.11-slim" in (ROOT / "Dockerfile").read_text()
+    assert "--base-image" in script.read_text()
+    wrong = subprocess.run([str(script), "--bogus"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("usage: ")

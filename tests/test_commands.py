@@ -128,3 +128,18 @@ def test_results_status_rejects_an_unknown_status(journal_of_three: Path) -> Non
     proc = _taskpool("results", str(journal_of_three), "--status", "lost")
     assert proc.returncode == 2
     assert "argument --status: invalid choice: 'lost'" in proc.stderr
+
+
+def test_results_dash_refuses_a_log_that_is_standard_output_too(tmp_path: Path) -> None:
+    """The log written into the same file as the results would mix its lines into them."""
+    jobs = write_job_file(tmp_path, ["fib 1"])
+    out = tmp_path / "out.jsonl"
+    with out.open("w") as stdout:
+        proc = subprocess.run([sys.executable, "-m", "taskpool", "run", "--jobs", str(jobs),
+                               "--results", "-", "--log", str(out)], cwd=ROOT, stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.endswith(f"taskpool run: error: --log {out} is standard output, where "
+                                "--results - writes the results: give --log a file of its "
+                                "own\n")
+    assert out.read_text() == ""

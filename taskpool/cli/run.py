@@ -62,6 +62,7 @@ DASK_FAULT_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`taskpool run ...` or `taskpool dispatch ...`; returns the exit status."""
     _check_journal_flags(args, parser)
+    _check_standard_output(args, parser)
     if not _check_engine(args, parser):
         return EXIT_BAD_INPUT
     layout = _pool_layout(args, parser)
@@ -121,6 +122,26 @@ def _run(engine: str, config: RunConfig) -> int:
 
 
 # --- What the parser cannot check -------------------------------------------------------
+
+def _check_standard_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With `--results -`, standard output carries the results and nothing else: another
+    output of the run that is the same file would mix its lines into them."""
+    if args.results != "-":
+        return
+    for flag, path in (("--log", args.log), ("--events", args.events)):
+        if path is not None and _is_standard_output(path):
+            parser.error(f"{flag} {path} is standard output, where --results - writes the "
+                         f"results: give {flag} a file of its own")
+
+
+def _is_standard_output(path: str) -> bool:
+    """`path` is the file standard output writes to. A terminal is not counted: there the
+    results and the log share a screen, as they do by default, not a file."""
+    try:
+        return not os.isatty(1) and os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:  # no such file yet (then it is not stdout), or stdout closed
+        return False
+
 
 def _check_journal_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.force_resume and not args.resume:

@@ -40,10 +40,11 @@ COLOURS = {"done": "#4caf50", "crashed": "#e53935", "failed": "#b71c1c", "stoppe
 LEGEND = ("<span class='key' style='background:#4caf50'></span>done "
           "<span class='key' style='background:#e53935'></span>attempt cut by a crash "
           "<span class='key' style='background:#9e9e9e'></span>stopped by us "
-          "<span class='key' style='background:#bdbdbd'></span>cut with its worker, not "
-          "charged (Dask) "
-          "<b style='color:#b71c1c'>&#x2715;</b> worker died "
+          "{lost}<b style='color:#b71c1c'>&#x2715;</b> worker died "
           "<b style='color:#ff9800'>- - -</b> job resent to its next worker")
+
+LOST = ("<span class='key' style='background:#bdbdbd'></span>cut with its worker, not "
+        "charged (Dask ran it again, or its result was lost) ")
 
 AGGREGATED = ("<p class='note'>{attempts:,} attempts are too many to draw one by one: each "
               "lane is cut into {columns} columns of {width:.3g} s, shaded by how busy its "
@@ -94,8 +95,10 @@ def render(timeline: Timeline, title: str) -> str:
         plot = _AggregatedPlot(timeline)
         note = AGGREGATED.format(attempts=len(timeline.attempts), columns=plot.columns,
                                  width=plot.span / plot.columns)
-    return PAGE.format(title=html.escape(title), facts=_facts(timeline), legend=LEGEND,
-                       note=note, svg="".join(plot.svg()))
+    lost = any(a.outcome == "lost" for a in timeline.attempts)
+    return PAGE.format(title=html.escape(title), facts=_facts(timeline),
+                       legend=LEGEND.format(lost=LOST if lost else ""), note=note,
+                       svg="".join(plot.svg()))
 
 
 def _facts(timeline: Timeline) -> str:

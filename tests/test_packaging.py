@@ -56,10 +56,11 @@ def test_the_sdist_carries_its_metadata_licence_and_what_its_tests_need(
     assert not info.get_all("Project-URL")  # none rather than placeholders
     assert "MIT License" in (unpacked / "LICENSE").read_text()
 
-    # Its tests run from the unpacked sdist, on its own copy of the package.
+    # Its tests run from the unpacked sdist, on its own copy of the package. A few quick
+    # ones (the whole suite is `make test`'s): README's links and options against its tree.
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_supervision_rules.py", "tests/test_packaging.py::"
+         "tests/test_readme.py", "tests/test_packaging.py::"
          "test_the_package_in_use_is_the_one_under_test"],
         cwd=unpacked, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -85,8 +86,8 @@ def test_the_container_check_is_the_projects_own_script() -> None:
     """`make container-test` works from a fresh clone: it runs a script of the project (not
     a tool beside it), which takes the base image as an argument and refuses what it does
     not know. (CI runs the check itself: .ci/run.)"""
-    recipe = subprocess.run(["make", "-n", "container-test"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60).stdout.split()
+    recipe = subprocess.run(["make", "-s", "-n", "--no-print-directory", "container-test"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.split()
     assert recipe[0] == "tools/container-check"
     script = ROOT / recipe[0]
     assert script.is_file() and os.access(script, os.X_OK)

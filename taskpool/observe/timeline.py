@@ -47,7 +47,7 @@ class Attempt:
 @dataclass
 class Worker:
     pid: int
-    pool: str  # its pool's label: "type 1", "type fib", "dask"
+    pool: str  # its pool's label: "type 1", "type fib", "dask type 1"
     start: float
     end: float | None = None
     crashed: bool = False
@@ -136,6 +136,7 @@ class _TimelineBuilder:
         self.pid_at: dict[str, int] = {}  # a Dask worker's address: its pid
         self.charged: set[int] = set()  # id() of the attempts the supervisor charged
         self.one_thread = False  # Dask: every worker runs one task at a time
+        self.job_types: dict[int, Any] = {}  # job: its type (pool), from its send
 
     # --- workers ----------------------------------------------------------------------
 
@@ -148,13 +149,16 @@ class _TimelineBuilder:
         # Its pool's label as the log shows it ("type 2", "type fib"); a plain run's one pool.
         self.timeline.workers[e["pid"]] = Worker(e["pid"], e.get("pool", "type 1"), e["t"])
 
-    def _seen(self, pid: int, t: float, address: Any = None) -> None:
-        """A worker named by an event (Dask's have no worker_started): known from then."""
+    def _seen(self, pid: int, t: float, address: Any = None, pool: Any = None) -> None:
+        """A worker named by an event (Dask's have no worker_started): known from then, in
+        the pool (job type) of the first job it is seen with."""
         if isinstance(address, str):
             self.pid_at[address] = pid
         if pid not in self.timeline.workers:
-            pool = "dask" if self.timeline.engine == "dask" else "type 1"
-            self.timeline.workers[pid] = Worker(pid, pool, t)
+            label = f"type {pool if pool is not None else 1}"
+            if self.timeline.engine == "dask":
+                label = f"dask {label}"
+            self.timeline.workers[pid] = Worker(pid, label, t)
 
     def worker_exited(self, e: dict[str, Any]) -> None:
         pid = e["worker"]
@@ -165,7 +169,7 @@ class _TimelineBuilder:
             if crashed:
                 self.timeline.lost_workers.append((e["t"], str(e.get("address", "?"))))
             return
-        self._seen(int(pid), e["t"])
+        self._seen(int(pid), e["t"], pool=e.get("type"))
         worker = self.timeline.workers[pid]
         worker.end, worker.crashed, worker.reason = e["t"], crashed, str(e.get("reason", ""))
         for (_, on), attempt in list(self.open_attempt.items()):
@@ -177,6 +181,7 @@ class _TimelineBuilder:
 
     def job_sent(self, e: dict[str, Any]) -> None:
         label = f"{e.get('kind', '')} {e.get('arg', '')}".strip()
+        self.job_types[e["job"]] = e.get("type")
         if e.get("worker") is None:  # Dask: the attempt starts where it is started
             self.submitted[e["job"]] = (e["t"], int(e.get("attempt", 1)), label)
             return
@@ -194,12 +199,12 @@ class _TimelineBuilder:
             # attempt it started was drawn from its send, and is over.
             return
         queued, number, label = self.submitted.get(e["job"], (None, e.get("attempt", 1), ""))
-        self._seen(e["worker"], e["t"], e.get("address"))
+        self._seen(e["worker"], e["t"], e.get("address"), self.job_types.get(e["job"]))
         opened = self._open(e["job"], int(e.get("attempt", number)), e["worker"], e["t"], label)
         opened.queued = queued
 
     def _open(self, job: int, number: int, pid: int, t: float, label: str) -> Attempt:
-        self._seen(pid, t)
+        self._seen(pid, t, pool=self.job_types.get(job))
         attempt = Attempt(job, number, pid, t, label=label, queued=t)
         self.open_attempt[(job, pid)] = attempt
         self.timeline.attempts.append(attempt)
@@ -210,7 +215,7 @@ class _TimelineBuilder:
 
     def job_done(self, e: dict[str, Any]) -> None:
         job, pid = e["job"], e["worker"]
-        self._seen(pid, e["t"], e.get("address"))
+        self._seen(pid, e["t"], e.get("address"), self.job_types.get(job))
         attempt = self.open_attempt.get((job, pid))
         if attempt is None:
             attempt = self._last_on(job, pid)

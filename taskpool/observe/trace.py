@@ -3,7 +3,7 @@ format (the JSON object form, `{"traceEvents": [...]}`), which Perfetto (ui.perf
 "Open trace file") and chrome://tracing open and zoom, however many jobs the run had.
 
     a pool          a process (pid 1, 2, ...: its number in the order pools appear),
-                    named by `process_name` metadata ("taskpool type 1", "taskpool dask")
+                    named by `process_name` metadata ("taskpool type 1", "taskpool dask type 1")
     a worker        a thread of its pool (tid: the worker's own PID), named by `thread_name`
                     ("worker 1471"), ordered by when it started (`thread_sort_index`)
     an attempt      a complete event ("ph": "X") on its worker's thread: "job 12 fib 30",

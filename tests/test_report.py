@@ -203,11 +203,17 @@ def test_events_with_no_attempt_are_refused_not_drawn_empty(tmp_path: Path, form
     assert not (tmp_path / "out").exists()
 
 
-def test_an_event_without_its_fields_is_named_by_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("line", "says"), [
+    ('{"t": 2, "event": "job_sent", "worker": 7}', "2: a job_sent event without its 'job' field"),
+    ('{"t": 2, "event": "job_sent", "job": 1, "worker": 7, "attempt": "x"}',
+     "2: a job_sent event with a field of the wrong type"),
+    ('{"t": "soon", "event": "job_sent"}', "2: not an event line"),
+])
+def test_an_event_that_cannot_be_read_is_named_by_its_line(
+        tmp_path: Path, line: str, says: str) -> None:
     events_path = tmp_path / "run.jsonl"
-    events_path.write_text('{"t": 1, "event": "worker_started", "pid": 7}\n'
-                           '{"t": 2, "event": "job_sent", "worker": 7}\n')
+    events_path.write_text('{"t": 1, "event": "worker_started", "pid": 7}\n' + line + "\n")
     proc = _report(str(events_path), "-o", str(tmp_path / "out.html"))
     assert proc.returncode == 2
-    assert proc.stderr == (f"taskpool: {events_path}:2: a job_sent event without a usable "
-                           "'job' field\n")
+    assert proc.stderr == f"taskpool: {events_path}:{says}\n"
+    assert not (tmp_path / "out.html").exists()

@@ -87,7 +87,7 @@ def read_events(path: str) -> list[dict[str, Any]]:
                     continue
                 try:
                     body = json.loads(line)
-                    float(body["t"])
+                    body["t"] = float(body["t"])
                 except (ValueError, KeyError, TypeError):
                     raise ReportError(f"{path}:{number}: not an event line") from None
                 body["_line"] = number
@@ -119,9 +119,12 @@ def build(events: list[dict[str, Any]], path: str = "events") -> Timeline:
             continue
         try:
             handle(builder, e)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ReportError(f"{path}:{e.get('_line', '?')}: a {kind} event without a "
-                              f"usable {error} field") from None
+        except KeyError as missing:
+            raise ReportError(f"{path}:{e.get('_line', '?')}: a {kind} event without its "
+                              f"{missing} field") from None
+        except (TypeError, ValueError, AttributeError):
+            raise ReportError(f"{path}:{e.get('_line', '?')}: a {kind} event with a field "
+                              "of the wrong type") from None
     return builder.finish()
 
 

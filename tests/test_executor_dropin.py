@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -385,12 +384,6 @@ def test_mypy_strict_on_a_users_snippet_catches_a_wrong_result_type(tmp_path: Pa
     assert len(errors) == 2, done.stdout
     assert errors[0].startswith("snippet.py:9:") and '"int", variable has type "str"' in errors[0]
     assert errors[1].startswith("snippet.py:10:")
-
-
-def test_py_typed_ships_in_the_package_data() -> None:
-    assert (ROOT / "taskpool" / "py.typed").exists()
-    assert re.search(r'\[tool\.setuptools\.package-data\]\ntaskpool = \["py\.typed"\]',
-                     (ROOT / "pyproject.toml").read_text())
 
 
 # --- 11. crashes are not silent ---------------------------------------------------------------

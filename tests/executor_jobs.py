@@ -249,3 +249,7 @@ def use_shared(what: str) -> object:
 
 def store(mapping: Any, key: str, value: object) -> None:
     mapping[key] = value
+
+
+def send_on(connection: Any, value: object) -> None:
+    connection.send(value)

@@ -451,6 +451,11 @@ _MP_OBJECTS = textwrap.dedent("""\
         shared = manager.dict()
         ex.submit(jobs.store, shared, "k", 5).result(60)
         print("manager", shared["k"])
+        # A Connection as an argument: its descriptor crosses as PPE sends it, through
+        # multiprocessing's resource sharer, never as a bare number.
+        ours, theirs = multiprocessing.Pipe()
+        ex.submit(jobs.send_on, theirs, "over the pipe").result(60)
+        print("connection", ours.recv())
     # Queue, Lock, Event, Semaphore in initargs, of a context whose objects may cross to a
     # new process: 'forkserver' (multiprocessing's default from Python 3.14).
     ctx = multiprocessing.get_context("forkserver")
@@ -487,8 +492,8 @@ def test_manager_proxies_and_multiprocessing_objects_in_initargs_reach_the_worke
         _await_gone([int(lines.pop())])
     assert done.returncode == 0, done.stderr
     assert lines == [
-        "manager 5", "lock held by us False", "lock free True", "event True", "queue True",
-        "semaphore True", "fork True"], done.stderr
+        "manager 5", "connection over the pipe", "lock held by us False", "lock free True",
+        "event True", "queue True", "semaphore True", "fork True"], done.stderr
 
 
 # --- 12. map with chunksize sends chunks --------------------------------------------------------

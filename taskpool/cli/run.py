@@ -46,6 +46,7 @@ from taskpool.model.policy import (
 from taskpool.model.pools import PoolLayout, PoolSpec, PoolSpecError
 from taskpool.observe import log as tplog
 from taskpool.observe.log import main_log
+from taskpool.observe.shown import Shown
 from taskpool.posix import mqueue
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     outputs = _open_outputs(args)
     if outputs is None:
         return EXIT_BAD_INPUT
-    live, live_fd = _route_the_log(args, outputs)
+    live, live_fd = _route_the_log(args, outputs, layout)
     config = RunConfig(
         pool=PoolSpec(layout=layout, plan=_crash_plan(args),
                       policy=_policy(args, layout.total_workers), preempt=args.preempt),
@@ -87,6 +88,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         report_error=error_reporter(live),
         journal=journaled.journal if journaled else None,
         resumed=journaled.resumed if journaled else {},
+        resuming=args.resume,
         live=live,
         live_fd=live_fd,
         scheduler=args.scheduler,
@@ -294,20 +296,31 @@ def _open_for_append(path: str, what: str) -> int | None:
 
 
 def _route_the_log(
-    args: argparse.Namespace, outputs: Outputs
+    args: argparse.Namespace, outputs: Outputs, layout: PoolLayout
 ) -> tuple[LiveView | None, int | None]:
-    """Set up the log: on a terminal (stderr, without --quiet or --log), the live view,
-    started, and the read end of the pipe the children write their events to; else the
-    text log and the events file, and (None, None)."""
+    """Set up the log (what stderr shows: observe/shown.py). On a terminal without -q, the
+    live view, started, and the read end of the pipe the children write their events to;
+    else (None, None). --log FILE gets the whole log whatever stderr shows."""
     text_level = logging.DEBUG if args.verbose else logging.INFO
-    if args.quiet or args.log is not None or not sys.stderr.isatty():
-        tplog.setup(outputs.log_fd, text_level, outputs.events_fd)
+    on_terminal = sys.stderr.isatty()
+    if args.quiet or not on_terminal:
+        shown = Shown.QUIET if args.quiet else Shown.EVERYTHING
+        if args.log is None:
+            tplog.setup(outputs.log_fd, text_level, outputs.events_fd, shown=shown)
+        else:  # the whole log to the file; stderr gets what -q lets through, if -q
+            tplog.setup(outputs.log_fd, text_level, outputs.events_fd,
+                        stderr_shown=shown if args.quiet else None)
         return None, None
     from taskpool.observe.live import LiveView
 
-    live = LiveView(text_level, outputs.events_fd)
+    # The demo's crash-recovery log is the point of watching it; -v asks for every line.
+    shown = Shown.EVERYTHING if args.verbose or args.demo else Shown.WATCHED
+    pools = {pool.number: pool.label for pool in layout.pools} if layout.typed else None
+    live = LiveView(shown, text_level, outputs.events_fd, pools)
     live_fd, live_w = os.pipe()
-    tplog.setup(None, live=tplog.LiveHandler(live_w, os.getpid(), live.on_event))
+    handler = tplog.LiveHandler(live_w, os.getpid(), live.on_event, live.wants_job_lines)
+    tplog.setup(outputs.log_fd if args.log is not None else None, text_level,
+                outputs.events_fd, live=handler)
     live.start()
     return live, live_fd
 

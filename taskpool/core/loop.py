@@ -33,6 +33,7 @@ import os
 import select
 import signal
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -163,6 +164,8 @@ class EngineLoop(Engine):
             return
         known = len(self.recorder.known)
         live.set_jobs(known, known if self.input_done() else None)
+        if live.wants_pool_totals:  # once, when every job is known
+            live.set_pool_totals(Counter(job.pool for job in self.recorder.known.values()))
         if live.seconds_to_redraw() == 0.0:
             live.redraw()
 

@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,7 @@ from taskpool.model.jobs import Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.log import dask_log as log
-from taskpool.observe.log import event, main_log
+from taskpool.observe.log import event, job_event, main_log
 from taskpool.wire.records import LineRejected
 
 if TYPE_CHECKING:
@@ -359,16 +360,17 @@ class DaskEngine(EngineLoop):
 
     def _on_started(self, msg: dict[str, Any]) -> None:
         started = self.tries.note_start(msg, self.supervisor.timeout_of)
-        if started is None or not log.isEnabledFor(logging.DEBUG):
+        if started is None:
             return
         # The attempt this run is charged as: on our own cluster, a second start of a key
         # is the same attempt run again (see Tries.reruns), as its worker ran it.
         attempt = self.tries.attempts_used(started)
-        log.debug("Job %d started by worker PID [%d] at %s (attempt %d)",
+        # A DEBUG line, but always an event for the live view: its running jobs.
+        job_event(log, ev.JOB_STARTED, "Job %d started by worker PID [%d] at %s (attempt %d)",
                   started.job.job_id, started.pid, started.address, attempt,
-                  extra=event(ev.JOB_STARTED, job=started.job.job_id, worker=started.pid,
-                              attempt=attempt, address=started.address, key=started.key,
-                              worker_resources=msg.get("resources", {})))
+                  level=logging.DEBUG, job=started.job.job_id, worker=started.pid,
+                  attempt=attempt, address=started.address, key=started.key,
+                  worker_resources=msg.get("resources", {}))
 
     def _on_done(self, key: str) -> Try | None:
         """A future is done: the try, if it finished with a result to fetch."""
@@ -451,8 +453,9 @@ class DaskEngine(EngineLoop):
         if waiting and self.client is not None:
             self._cancel(waiting)
         grace = self.policy.grace
-        log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
-                 "%d jobs not started", signum, running, grace, len(waiting),
+        log.info("Stopping on %s: letting %d running jobs finish (grace %g s); "
+                 "%d jobs not started", signal.Signals(signum).name, running, grace,
+                 len(waiting),
                  extra=event(ev.STOPPING, running=running, grace=grace,
                              not_started=len(waiting)))
         self.stopping_deadline = time.monotonic() + grace

@@ -53,7 +53,7 @@ class Sent:
 # Why a job goes out again, as its "Sent" line says it, by JobState.again's reason.
 AGAIN_WORDS = {
     "resent": "resent after the crash of {worker}",
-    "requeued": "it was waiting, unstarted, in the queue of {worker}, which died",
+    "requeued": "taken from dead worker {worker}'s queue, unstarted",
     "preempted": "preempted on {worker}",
     "moved": "moved from worker {worker}'s queue",
 }

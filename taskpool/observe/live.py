@@ -12,7 +12,11 @@ It draws on a timer, never per event: main's loop asks `seconds_to_redraw()` for
 select() timeout. After a change, the lines waiting and the progress line are drawn at
 most every REDRAW_INTERVAL; with nothing new, once every TICK, for the elapsed time. The
 lines kept between two drawings are printed in one piece above the progress line, so a
-thousand lines a second cost ten drawings, not a thousand. rich draws it.
+thousand lines a second cost ten drawings, not a thousand.
+
+It draws with a few ANSI control sequences of its own (`Screen`): importing a terminal
+library (rich: ~0.1 s) would cost more than the whole of a run of 2,000 short jobs, and the
+view is meant to cost a watched run next to nothing (`make bench`, bench/terminal.py).
 """
 
 from __future__ import annotations
@@ -20,18 +24,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from typing import Any
 
-from rich.console import Console
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
-
 from taskpool.observe import events as ev
 from taskpool.observe.shown import Shown, is_shown
+from taskpool.posix.proc import write_all
 
 REDRAW_INTERVAL = 0.1  # seconds: 10 drawings a second at most
 TICK = 1.0  # seconds: with nothing new, the elapsed time moves on once a second
@@ -56,8 +56,7 @@ class Counts:
 class LiveView:
     def __init__(self, shown: Shown, text_level: int, events_fd: int | None,
                  pools: dict[int, str] | None = None) -> None:
-        self.console = Console(stderr=True, highlight=False)
-        self.live = Live(console=self.console, auto_refresh=False, transient=False)
+        self.screen = Screen(2)
         self.shown = shown
         self.text_level = text_level
         self.events_fd = events_fd
@@ -92,13 +91,13 @@ class LiveView:
         return self.shown is Shown.EVERYTHING and self.text_level <= logging.INFO
 
     def start(self) -> None:
-        self.live.start()
+        self.screen.start()
 
     def stop(self) -> None:
         """The last drawing, true of the run's end: nothing running or queued any more."""
         self.ended = True
         self.redraw()
-        self.live.stop()
+        self.screen.stop()
 
     def report_error(self, message: str) -> None:
         """An error for the user, `taskpool: <message>`: printed above the progress line,
@@ -106,7 +105,7 @@ class LiveView:
         view, it would run on from the end of the progress line, and leave that line
         behind, stale, above the next drawing."""
         self.lines.append(f"taskpool: {message}")
-        self._print_lines()
+        self.redraw()
 
     # --- events ------------------------------------------------------------------------
 
@@ -216,27 +215,25 @@ class LiveView:
         return max(0.0, self.drawn_at + wait - time.monotonic())
 
     def redraw(self) -> None:
-        self.live.update(self.render(), refresh=True)
-        self._print_lines()  # printing draws the progress line again, below the lines
+        """The lines kept since the last drawing, then the progress line below them."""
+        lines, self.lines = self.lines, []
+        self.screen.draw(lines, self.render())
         self.dirty = False
         self.drawn_at = time.monotonic()
 
-    def _print_lines(self) -> None:
-        if self.lines:
-            text, self.lines = "\n".join(self.lines), []
-            self.console.print(Text(text), soft_wrap=True)
-
-    def render(self) -> Table:
+    def render(self) -> list[str]:
+        """The progress line's rows: one per typed pool, then the run's."""
         self._count_running()
-        grid = Table.grid(padding=(0, 1))
+        labels = [*self.pools.values(), "all"] if self.pools else [""]
+        width = max(len(label) for label in labels)
+        rows = []
         for number, label in self.pools.items():
             total = self.pool_totals.get(number, 0) if self.pool_totals is not None else None
-            grid.add_row(Text(label), *self._row(self.per_pool[number], total, run=False))
-        grid.add_row(*([Text("all")] if self.pools else []),
-                     *self._row(self.all, self.total, run=True))
-        return grid
+            rows.append((label, self._row(self.per_pool[number], total, run=False)))
+        rows.append(("all" if self.pools else "", self._row(self.all, self.total, run=True)))
+        return [(f"{label:<{width}} " if width else "") + row for label, row in rows]
 
-    def _row(self, counts: Counts, total: int | None, run: bool) -> list[Any]:
+    def _row(self, counts: Counts, total: int | None, run: bool) -> str:
         """A bar (once the total is known: a stream's is not until it ends) and the figures;
         the run's row adds crashes, resends, rate, elapsed time and ETA."""
         known = total if total is not None else self.accepted if run else counts.finished
@@ -253,13 +250,8 @@ class LiveView:
                         + ("not started" if self.interrupted else "queued")]
         if run:
             figures += self._run_figures(total)
-        parts: list[Any] = []
-        if total:
-            parts.append(ProgressBar(total=total, completed=counts.finished, width=30))
-        # One line whatever the terminal's width: a wrapped line would not be redrawn.
-        parts.append(Text(" · ".join(figures), style="bold", no_wrap=True,
-                          overflow="ellipsis"))
-        return parts
+        bar = _bar(counts.finished, total) + " " if total else ""
+        return f"{bar}{BOLD}{' · '.join(figures)}{RESET}"
 
     def _run_figures(self, total: int | None) -> list[str]:
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -272,6 +264,70 @@ class LiveView:
         elif total is not None and rate > 0 and not self.ended:
             figures.append(f"ETA {max(0.0, (total - self.all.finished) / rate):.0f} s")
         return figures
+
+
+# --- the terminal ----------------------------------------------------------------------
+
+BAR_WIDTH = 30
+BOLD, RESET = "\x1b[1m", "\x1b[0m"
+BAR_DONE, BAR_COMPLETE, BAR_LEFT = "\x1b[38;5;197m", "\x1b[38;5;70m", "\x1b[38;5;237m"
+
+
+def _bar(finished: int, total: int) -> str:
+    filled = min(BAR_WIDTH, BAR_WIDTH * finished // total)
+    color = BAR_COMPLETE if finished >= total else BAR_DONE
+    return (f"{color}{'━' * filled}{BAR_LEFT}{'━' * (BAR_WIDTH - filled)}{RESET}")
+
+
+class Screen:
+    """The bottom rows of a terminal, redrawn in place: the cursor goes back to the first
+    row of the last drawing, the rows are erased to the end of the screen, the new lines
+    are written (they scroll up and stay), then the rows again. Each drawing is one write.
+    A row is cut at the terminal's width: a wrapped row would leave its first part behind,
+    where the next drawing does not reach."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.rows_drawn = 0  # the rows of the last drawing, the cursor on the last one
+
+    def start(self) -> None:
+        self._write("\x1b[?25l")  # no cursor blinking over the progress line
+
+    def draw(self, lines: list[str], rows: list[str]) -> None:
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        back = f"\x1b[{self.rows_drawn - 1}A" if self.rows_drawn > 1 else ""
+        text = "".join(line + "\n" for line in lines)
+        self._write(f"\r{back}\x1b[J{text}" + "\n".join(_cut(row, width) for row in rows))
+        self.rows_drawn = len(rows)
+
+    def stop(self) -> None:
+        self._write("\n\x1b[?25h")
+        self.rows_drawn = 0
+
+    def _write(self, text: str) -> None:
+        try:
+            write_all(self.fd, text.encode("utf-8", "replace"))
+        except OSError:
+            pass  # the terminal went away: the run goes on, its log and results too
+
+
+def _cut(row: str, width: int) -> str:
+    """`row` cut to `width` visible characters; its control sequences (ours: a few
+    colours) take no room."""
+    visible, out, i = 0, [], 0
+    while i < len(row):
+        if row[i] == "\x1b":
+            end = row.index("m", i) + 1
+            out.append(row[i:end])
+            i = end
+            continue
+        if visible == width:
+            out.append(RESET)
+            break
+        out.append(row[i])
+        visible += 1
+        i += 1
+    return "".join(out)
 
 
 def _clock(seconds: float) -> str:

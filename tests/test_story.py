@@ -76,8 +76,10 @@ def test_a_result_from_a_worker_already_reaped_says_it_was_sent_before_the_death
                   events=tmp_path / "e.jsonl")
     assert run.finish() == 0
     assert_exactly_once(read_results(results), range(1, 13))
-    dead = {e["worker"] for e in run.events_named(ev.WORKER_EXITED, crash=True)}
+    # (The last of them may die as the pool stops: reaped, but not counted a crash.)
+    dead = {e["worker"] for e in run.events_named(ev.WORKER_EXITED)
+            if e["reason"] == "killed by signal 9 (SIGKILL)"}
     assert len(dead) == 6
     for done in run.events_named(ev.JOB_DONE):
         if done.get("sent_before_death"):
-            assert done["worker"] in dead and done["job"] % 2 == 1, done
+            assert done["worker"] in dead, done

@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from taskpool.core.engine import RunConfig
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung, set_nonblocking
 from taskpool.core.stdin import streamed_jobs
+from taskpool.core.supervision import Again, sent_again_words
 from taskpool.dask.cluster import (
     DaskMissing,
     close_cluster,
@@ -329,7 +330,7 @@ class DaskEngine(EngineLoop):
         if job.job_id not in self.config.source.done:
             self._submit(job, attempt=1)
 
-    def _submit(self, job: Job, attempt: int) -> None:
+    def _submit(self, job: Job, attempt: int, again: Again = None) -> None:
         assert self.client is not None
         key = f"taskpool-{self.run_token}-{job.job_id}-{attempt}.{next(self.try_numbers)}"
         resources = {resource_name(job.pool): 1} if self.layout.typed else None
@@ -341,10 +342,10 @@ class DaskEngine(EngineLoop):
         self.tries.add(submitted)
         self._rearm(submitted)
         if log.isEnabledFor(logging.INFO):
-            self._log_sent(job, attempt, key)
+            self._log_sent(job, attempt, key, again)
 
-    def _log_sent(self, job: Job, attempt: int, key: str) -> None:
-        again = f" (attempt {attempt})" if attempt > 1 else ""
+    def _log_sent(self, job: Job, attempt: int, key: str, why: Again) -> None:
+        again = sent_again_words(attempt, why)
         if self.layout.typed:
             text, args = "Job %d (%s, %s%s) -> resource %s%s", [
                 job.job_id, self.layout.pool(job.pool).label, job.describe_typed(),
@@ -352,9 +353,10 @@ class DaskEngine(EngineLoop):
                 resource_name(job.pool), again]
         else:
             text, args = "Sent job %d -> %s%s", [job.job_id, job.describe(), again]
+        fields: dict[str, Any] = {} if why is None else {"again": why[0], "from_worker": why[1]}
         log.info(text, *args, extra=event(
             ev.JOB_SENT, job=job.job_id, worker=None, attempt=attempt, kind=job.kind.label,
-            arg=job.arg, type=job.pool, priority=job.priority, key=key))
+            arg=job.arg, type=job.pool, priority=job.priority, key=key, **fields))
 
     # --- what the cluster tells ------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from taskpool.core.supervision import Cause, Death
+from taskpool.core.supervision import Cause, Death, sent_again_words
 from taskpool.local.state import NUDGE_SIGNAL, PoolSlots, PoolState, WorkerHandle
 from taskpool.model.jobs import Job
 from taskpool.model.pools import PoolLayout
@@ -48,24 +48,6 @@ class Sent:
     attempt: int
     at: float  # when: the log line comes later, outside the lock
     again: tuple[str, int] | None = None  # why it goes out again (JobState.again)
-
-
-# Why a job goes out again, as its "Sent" line says it, by JobState.again's reason.
-AGAIN_WORDS = {
-    "resent": "resent after the crash of {worker}",
-    "requeued": "taken from dead worker {worker}'s queue, unstarted",
-    "preempted": "preempted on {worker}",
-    "moved": "moved from worker {worker}'s queue",
-}
-
-
-def sent_again_words(attempt: int, again: tuple[str, int] | None) -> str:
-    """` (attempt 2: resent after the crash of 1469)`, ` (again: moved from worker 1471's
-    queue)`; empty for a job's first send."""
-    label = f"attempt {attempt}" if attempt > 1 else "again"
-    if again is None:
-        return f" ({label})" if attempt > 1 else ""
-    return f" ({label}: {AGAIN_WORDS[again[0]].format(worker=again[1])})"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ wording (tests/test_log_format.py has that); the progress line is read as figure
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pty
 import re
@@ -18,11 +19,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from taskpool.observe import events as ev
+from taskpool.observe.live import LiveView
+from taskpool.observe.shown import Shown
 
 from harness import ROOT, Event, assert_exactly_once, read_events, read_results, write_job_file
 
@@ -280,3 +284,34 @@ def test_on_the_dask_engine_the_progress_line_shows_running_jobs(tmp_path: Path)
     running = [int(m) for m in re.findall(r"· (\d+) running", ANSI.sub("", terminal.text))]
     assert running and max(running) > 0
     assert terminal.last_frame()["all"]["done"] == "12"
+
+
+# --- the view's counts, fed events directly (no process) ---------------------------------
+
+def _rows(view: LiveView) -> list[str]:
+    return [ANSI.sub("", row) for row in view.render()]
+
+
+def test_the_view_counts_what_the_events_say() -> None:
+    view = LiveView(Shown.WATCHED, logging.INFO, None, pools={1: "type 1", 2: "type 2"})
+    view.set_jobs(4, 4)
+    view.set_pool_totals(Counter({1: 2, 2: 2}))
+    for job, worker, pool in [(1, 101, 1), (2, 101, 1), (3, 201, 2), (4, 202, 2)]:
+        view.on_event({"event": ev.JOB_SENT, "job": job, "worker": worker, "type": pool})
+    # Job 2, queued behind job 1 on worker 101, moves to a new worker 102 of its pool.
+    view.on_event({"event": ev.JOB_SENT, "job": 2, "worker": 102, "type": 1})
+    view.on_event({"event": ev.JOB_DONE, "job": 3, "worker": 201})
+    view.on_event({"event": ev.JOB_FAILED, "job": 4, "worker": 202})
+    rows = _rows(view)
+    assert "type 1" in rows[0] and "0/2 done · 2 running · 0 queued" in rows[0]
+    assert "type 2" in rows[1] and "1/2 done · 1 failed · 0 running · 0 queued" in rows[1]
+    assert "1/4 done · 1 failed · 2 running · 0 queued" in rows[2]
+    # A worker's death frees what it held; Ctrl-C, then the end: nothing left running.
+    view.on_event({"event": ev.WORKER_EXITED, "worker": 101, "crash": True})
+    view.on_event({"event": ev.INTERRUPTED, "signal": "SIGINT"})
+    assert "1 running · 1 not started" in _rows(view)[2]
+    assert "stopping on SIGINT" in _rows(view)[2]
+    view.ended = True
+    last = _rows(view)[2]
+    assert "1/4 done · 1 failed · 2 not done · 1 crashes" in last
+    assert "running" not in last and "ETA" not in last and "interrupted by SIGINT" in last

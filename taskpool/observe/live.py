@@ -54,6 +54,9 @@ class Counts:
 
 
 class LiveView:
+    """The view's state, owned by main's loop thread: what it counts, the lines waiting to
+    be shown, and when it last drew."""
+
     def __init__(self, shown: Shown, text_level: int, events_fd: int | None,
                  pools: dict[int, str] | None = None) -> None:
         self.screen = Screen(2)
@@ -74,7 +77,7 @@ class LiveView:
         self.holding: dict[int, set[int]] = {}  # worker pid: jobs
         self.held_by: dict[int, int] = {}  # job: worker pid
         # A death is logged as the worker is reaped, which may be before the Dealer reads
-        # the ACK it sent: an ACK from a dead worker does not make a job running.
+        # the ACK it sent: an event of a dead worker does not make it hold a job.
         self.dead: set[int] = set()
         self.crashes = 0
         self.resends = 0
@@ -104,6 +107,9 @@ class LiveView:
         as the log's lines are (the lines before it first). Written to stderr past the
         view, it would run on from the end of the progress line, and leave that line
         behind, stale, above the next drawing."""
+        if self.ended:  # the last drawing is done: plainly below it
+            self.screen.write_line(f"taskpool: {message}")
+            return
         self.lines.append(f"taskpool: {message}")
         self.redraw()
 
@@ -303,6 +309,9 @@ class Screen:
     def stop(self) -> None:
         self._write("\n\x1b[?25h")
         self.rows_drawn = 0
+
+    def write_line(self, line: str) -> None:
+        self._write(line + "\n")
 
     def _write(self, text: str) -> None:
         try:

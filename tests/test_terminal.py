@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from taskpool.model.jobs import Job, JobKind
+from taskpool.model.outcome import JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.live import LiveView
 from taskpool.observe.shown import Shown
@@ -300,8 +302,13 @@ def test_the_view_counts_what_the_events_say() -> None:
         view.on_event({"event": ev.JOB_SENT, "job": job, "worker": worker, "type": pool})
     # Job 2, queued behind job 1 on worker 101, moves to a new worker 102 of its pool.
     view.on_event({"event": ev.JOB_SENT, "job": 2, "worker": 102, "type": 1})
-    view.on_event({"event": ev.JOB_DONE, "job": 3, "worker": 201})
-    view.on_event({"event": ev.JOB_FAILED, "job": 4, "worker": 202})
+    # Outcomes, as main's Recorder records them: the counts are the results file's.
+    recorded: set[int] = set()
+    view.recorded = recorded.__contains__
+    view.on_outcomes([JobRecord.of(Job(3, JobKind.SLEEP, 0.0, pool=2), Status.DONE),
+                      JobRecord.of(Job(4, JobKind.SLEEP, 0.0, pool=2), Status.FAILED)])
+    recorded |= {3, 4}
+    view.on_event({"event": ev.JOB_SENT, "job": 4, "worker": 203, "type": 2})  # late: no hold
     rows = _rows(view)
     assert "type 1" in rows[0] and "0/2 done · 2 running · 0 queued" in rows[0]
     assert "type 2" in rows[1] and "1/2 done · 1 failed · 0 running · 0 queued" in rows[1]

@@ -12,6 +12,8 @@ status 2 (errors.py), before any process is forked.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -317,12 +319,24 @@ def _route_the_log(
     shown = Shown.EVERYTHING if args.verbose or args.demo else Shown.WATCHED
     pools = {pool.number: pool.label for pool in layout.pools} if layout.typed else None
     live = LiveView(shown, text_level, outputs.events_fd, pools)
-    live_fd, live_w = os.pipe()
+    live_fd, live_w = _event_pipe()
     handler = tplog.LiveHandler(live_w, os.getpid(), live.on_event, live.wants_job_lines)
     tplog.setup(outputs.log_fd if args.log is not None else None, text_level,
                 outputs.events_fd, live=handler)
     live.start()
     return live, live_fd
+
+
+def _event_pipe() -> tuple[int, int]:
+    """The children's events to main's live view: main reads it when it draws, up to ten
+    times a second, so it is made to hold more than the default 64 KiB (~1,600 events) if
+    the system lets it (fs.pipe-max-size); else a writer waits for the next drawing. Its
+    read end does not block: main reads it through, to the end."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    fcntl.fcntl(read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return read_end, write_end
 
 
 # --- The pool's crash plan and policy ---------------------------------------------------

@@ -72,6 +72,9 @@ class Engine(ABC):
         if config.source.jobs is not None:
             self.recorder.known = {job.job_id: job for job in config.source.jobs}
         self.recorder.resume_from(config.resumed)
+        if config.live is not None:  # it counts outcomes as they are recorded
+            self.recorder.on_outcomes = config.live.on_outcomes
+            config.live.recorded = self.recorder.outcomes.__contains__
         self.interrupted: int | None = None
         self.end_reason: str | None = None
         self.cut_short = False

@@ -167,6 +167,7 @@ class EngineLoop(Engine):
         if live.wants_pool_totals:  # once, when every job is known
             live.set_pool_totals(Counter(job.pool for job in self.recorder.known.values()))
         if live.seconds_to_redraw() == 0.0:
+            self.catch_up_live_view()
             live.redraw()
 
     # --- what the engine supplies ----------------------------------------------------------
@@ -200,6 +201,9 @@ class EngineLoop(Engine):
 
     def on_signal(self, signum: int) -> None:
         """A signal other than SIGINT and SIGTERM that the engine installed a handler for."""
+
+    def catch_up_live_view(self) -> None:
+        """Hand the live view, before it draws, the events the engine has not read yet."""
 
 
 def set_nonblocking(fd: int) -> None:

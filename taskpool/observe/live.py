@@ -27,8 +27,9 @@ import os
 import shutil
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
+from taskpool.model.outcome import JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.shown import Shown, is_shown
 from taskpool.posix.proc import write_all
@@ -79,6 +80,7 @@ class LiveView:
         # A death is logged as the worker is reaped, which may be before the Dealer reads
         # the ACK it sent: an event of a dead worker does not make it hold a job.
         self.dead: set[int] = set()
+        self.recorded: Callable[[int], bool] = lambda job: False  # main's Recorder's
         self.crashes = 0
         self.resends = 0
         self.resumed = 0  # jobs the journal had an outcome for (--resume)
@@ -148,14 +150,6 @@ class LiveView:
                 self.job_pool[body["job"]] = int(body["type"])
             if worker and worker not in self.dead:
                 self._hold(body["job"], worker)
-        elif kind in (ev.JOB_DONE, ev.JOB_FAILED):
-            self._release(body["job"])
-            pool = self._pool_counts(body["job"])
-            for counts in (self.all, pool):
-                if kind == ev.JOB_DONE:
-                    counts.done += 1
-                else:
-                    counts.failed += 1
         elif kind == ev.WORKER_EXITED:
             for job in self.holding.pop(worker, set()):
                 self.held_by.pop(job, None)
@@ -175,7 +169,22 @@ class LiveView:
             self.all.failed += int(body.get("failed") or 0)
             self.resumed = self.all.finished
 
+    def on_outcomes(self, records: list[JobRecord]) -> None:
+        """From main's Recorder: outcomes recorded (each job's once). The done and failed
+        counts are these, not the events': a job is counted as the results file has it."""
+        for record in records:
+            self._release(record.job)
+            pool = self.per_pool.get(record.type)
+            for counts in (self.all, pool) if pool is not None else (self.all,):
+                if record.status == Status.DONE.value:
+                    counts.done += 1
+                elif record.status == Status.FAILED.value:
+                    counts.failed += 1
+        self.dirty = True
+
     def _hold(self, job: int, worker: int) -> None:
+        if self.recorded(job):  # its outcome overtook the event (read from another pipe)
+            return
         self._release(job)
         self.held_by[job] = worker
         self.holding.setdefault(worker, set()).add(job)

@@ -93,10 +93,10 @@ class _JobLines:
 
 # None: per-job events go through `logging`, as every other event.
 _job_lines: _JobLines | None = None
-# What the live view counts of a per-job event (its progress line), and all it is sent of
-# one when it shows no per-job line.
+# What the live view counts of the per-job events (who holds which job: its running jobs),
+# and all it is sent of one when it shows no per-job line.
 _LIVE_FIELDS = ("job", "worker", "type")
-_LIVE_EVENTS = frozenset({ev.JOB_SENT, ev.JOB_STARTED, ev.JOB_DONE})
+_LIVE_EVENTS = frozenset({ev.JOB_SENT, ev.JOB_STARTED})  # (outcomes: from main's Recorder)
 
 
 def set_worker_pool(number: int, label: str) -> None:

@@ -37,9 +37,17 @@ docs/ARCHITECTURE.md tells the whole story: threads, invariants, and why no job 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+if not sys.platform.startswith("linux"):
+    # Said at the import, not at the first fork: a pool here needs Linux's POSIX message
+    # queues (/dev/mqueue), its process APIs (prctl, pidfd) and fork().
+    raise ImportError(
+        f"taskpool runs on Linux only (this is {sys.platform}): it is built on Linux's "
+        "POSIX message queues, fork() and prctl()")
 __all__ = ["Executor", "WorkerCrashed"]
 
 

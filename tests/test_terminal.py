@@ -322,3 +322,18 @@ def test_the_view_counts_what_the_events_say() -> None:
     last = _rows(view)[2]
     assert "1/4 done · 1 failed · 2 not done · 1 crashes" in last
     assert "running" not in last and "ETA" not in last and "interrupted by SIGINT" in last
+
+
+def test_results_to_the_terminal_leave_out_the_progress_line_not_the_watched_lines(
+    tmp_path: Path,
+) -> None:
+    # `--results -` on the terminal too: no redrawn line to tear the results apart; stderr
+    # still shows what a person watches (here the summary), not a line a job.
+    jobs = write_job_file(tmp_path, ["fib 5"] * 10)
+    terminal = Terminal(["run", "--workers", "2", "--jobs", str(jobs), "--results", "-"])
+    assert terminal.finish() == 0
+    assert "\x1b[" not in terminal.text
+    lines = terminal.lines()
+    assert sum(line.startswith('{"job":') for line in lines) == 10
+    logged = [line for line in lines if line.startswith("[")]
+    assert logged and all(line.startswith("[Main] ") for line in logged), logged

@@ -64,8 +64,8 @@ DASK_FAULT_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`taskpool run ...` or `taskpool dispatch ...`; returns the exit status."""
-    if (args.resume or args.force_resume) and args.journal is None:
-        parser.error("--resume needs --journal")
+    _check_journal_flags(args, parser)
+    _check_standard_output(args, parser)
     if not _check_engine(args, parser):
         return EXIT_BAD_INPUT
     layout = _pool_layout(args, parser)
@@ -126,6 +126,34 @@ def _run(engine: str, config: RunConfig) -> int:
 
 
 # --- What the parser cannot check -------------------------------------------------------
+
+def _check_standard_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With `--results -`, standard output carries the results and nothing else: another
+    output of the run that is the same file would mix its lines into them."""
+    if args.results != "-":
+        return
+    for flag, path in (("--log", args.log), ("--events", args.events)):
+        if path is not None and _is_standard_output(path):
+            parser.error(f"{flag} {path} is standard output, where --results - writes the "
+                         f"results: give {flag} a file of its own")
+
+
+def _is_standard_output(path: str) -> bool:
+    """`path` is the file standard output writes to. A terminal is not counted: there the
+    results and the log share a screen, as they do by default, not a file."""
+    try:
+        return not os.isatty(1) and os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:  # no such file yet (then it is not stdout), or stdout closed
+        return False
+
+
+def _check_journal_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.force_resume and not args.resume:
+        parser.error("--force-resume goes with --resume (it lets --resume accept a changed "
+                     "job file): add --resume, or drop --force-resume")
+    if args.resume and args.journal is None:
+        parser.error("--resume goes on with a journal: give it with --journal RUN.db")
+
 
 def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Usage errors of --engine and --scheduler; False after saying that the dask extra is
@@ -278,7 +306,11 @@ def _open_outputs(args: argparse.Namespace) -> Outputs | None:
     if log_fd is None or (args.events is not None and events_fd is None):
         return None
     results = None
-    if args.results is not None:
+    if args.results == "-":
+        # Standard output as it is (closefd=False: closing the run's results leaves fd 1
+        # open); only main writes to it, as it would to a results file.
+        results = open(1, "w", encoding="utf-8", closefd=False)
+    elif args.results is not None:
         try:
             results = open(args.results, "w", encoding="utf-8")
         except OSError as e:
@@ -305,13 +337,13 @@ def _route_the_log(
     else (None, None). --log FILE gets the whole log whatever stderr shows."""
     text_level = logging.DEBUG if args.verbose else logging.INFO
     on_terminal = sys.stderr.isatty()
-    if args.quiet or not on_terminal:
-        shown = Shown.QUIET if args.quiet else Shown.EVERYTHING
+    if args.quiet or not on_terminal or _results_to_the_terminal(args):
+        shown = _shown_without_a_view(args, on_terminal)
         if args.log is None:
             tplog.setup(outputs.log_fd, text_level, outputs.events_fd, shown=shown)
-        else:  # the whole log to the file; stderr gets what -q lets through, if -q
+        else:  # the whole log to the file; stderr what -q or the terminal lets through
             tplog.setup(outputs.log_fd, text_level, outputs.events_fd,
-                        stderr_shown=shown if args.quiet else None)
+                        stderr_shown=shown if args.quiet or on_terminal else None)
         return None, None
     from taskpool.observe.live import LiveView
 
@@ -337,6 +369,23 @@ def _event_pipe() -> tuple[int, int]:
         fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
     fcntl.fcntl(read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_NONBLOCK)
     return read_end, write_end
+
+
+def _results_to_the_terminal(args: argparse.Namespace) -> bool:
+    """`--results -` on a terminal: the results lines would tear the live view's redraws
+    apart, so there is no progress line (stderr shows what it would have shown above it)."""
+    return args.results == "-" and sys.stdout is not None and sys.stdout.isatty()
+
+
+def _shown_without_a_view(args: argparse.Namespace, on_terminal: bool) -> Shown:
+    """What stderr shows with no live view: -q's errors and summary; on a terminal that
+    --results - writes to as well (no progress line there, see above), what the view would
+    show above it; into a pipe or a file, every line."""
+    if args.quiet:
+        return Shown.QUIET
+    if on_terminal and not (args.verbose or args.demo):
+        return Shown.WATCHED
+    return Shown.EVERYTHING
 
 
 # --- The pool's crash plan and policy ---------------------------------------------------

@@ -224,6 +224,9 @@ LINES: dict[str, Callable[[Event], str | re.Pattern[str]]] = {
     ev.GAVE_UP: lambda e: f"[Supervisor] Giving up: {e['reason']}",
     ev.ALL_JOBS_COMPLETED: lambda e: "[Dealer] All jobs completed. Shutting down workers...",
     ev.INTERRUPTED: lambda e: f"[Main] Interrupted by {e['signal']}: stopping the pool",
+    ev.INTERRUPTED_AGAIN: lambda e: (f"[Main] Second {e['signal']}: stopping running jobs now"
+                                     if e["rung"] == 2
+                                     else f"[Main] {e['signal']} again: killing the pool"),
     ev.STOPPING: _stopping,
     ev.ROLE_LOST: lambda e: f"[Main] {e['lost']} (PID {e['lost_pid']}) {e['how']}: ending the run",
     ev.TABLE_HEADER: lambda e: "[Main] pool       workers   done failed not done crashes restarts",
@@ -327,7 +330,7 @@ SCENARIOS: dict[str, tuple[Callable[[Path, Path], PoolRun], set[str]]] = {
         ev.JOB_FAILED, ev.WORKER_KILLED, ev.WORKER_EXITED, ev.JOB_RESENT}),
     "worker_killed_with_a_job_queued": (_worker_killed_with_a_job_queued, {
         ev.JOB_RESENT, ev.JOB_REQUEUED, ev.WORKER_EXITED}),
-    "two_signals": (_two_signals, {ev.INTERRUPTED, ev.STOPPING}),
+    "two_signals": (_two_signals, {ev.INTERRUPTED, ev.INTERRUPTED_AGAIN, ev.STOPPING}),
     "dealer_lost": (_dealer_lost, {ev.ROLE_LOST}),
     "crash_loop": (_crash_loop, {ev.GAVE_UP}),
     "resumed": (_resumed, {ev.RUN_RESUMED}),

@@ -149,9 +149,11 @@ class EngineLoop(Engine):
             log.info("Interrupted by %s: stopping the pool", name,
                      extra=event(ev.INTERRUPTED, signal=name))
         elif rung is Rung.STOP_RUNNING:
-            log.info("Second %s: stopping running jobs now", name)
+            log.info("Second %s: stopping running jobs now", name,
+                     extra=event(ev.INTERRUPTED_AGAIN, signal=name, rung=int(rung)))
         else:
-            log.info("%s again: killing the pool", name)
+            log.info("%s again: killing the pool", name,
+                     extra=event(ev.INTERRUPTED_AGAIN, signal=name, rung=int(rung)))
         self.on_interrupt(rung, signum)
 
     def commit_journal(self) -> None:

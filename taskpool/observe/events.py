@@ -37,6 +37,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     gave_up              Supervisor                    reason
     all_jobs_completed   Dealer                        jobs
     interrupted          Main                          signal
+    interrupted_again    Main                          signal, rung (2: running jobs
+                                                       stopped, 3: the pool killed)
     stopping             Dealer, Dask engine           running, grace[, not_started]
     grace_over           Dask engine                   running
     role_lost            Main                          lost, lost_pid, how
@@ -78,6 +80,7 @@ WORKER_KILLED = "worker_killed"
 GAVE_UP = "gave_up"
 ALL_JOBS_COMPLETED = "all_jobs_completed"
 INTERRUPTED = "interrupted"
+INTERRUPTED_AGAIN = "interrupted_again"
 STOPPING = "stopping"
 GRACE_OVER = "grace_over"
 ROLE_LOST = "role_lost"

@@ -32,8 +32,9 @@ class Shown(enum.Enum):
 # kill, a failed job, the pool giving up or losing a role, and how the run ends.
 WATCHED_EVENTS = frozenset({
     ev.WORKER_KILLED, ev.JOB_FAILED, ev.GAVE_UP, ev.ROLE_LOST, ev.FORK_REFUSED,
-    ev.INTERRUPTED, ev.STOPPING, ev.GRACE_OVER, ev.JOBS_NOT_DONE, ev.INPUT_UNREAD,
-    ev.RUN_RESUMED, ev.TABLE_HEADER, ev.POOL_SUMMARY, ev.ATTEMPTS_HISTOGRAM, ev.SUMMARY,
+    ev.INTERRUPTED, ev.INTERRUPTED_AGAIN, ev.STOPPING, ev.GRACE_OVER, ev.JOBS_NOT_DONE,
+    ev.INPUT_UNREAD, ev.RUN_RESUMED, ev.TABLE_HEADER, ev.POOL_SUMMARY, ev.ATTEMPTS_HISTOGRAM,
+    ev.SUMMARY,
 })
 QUIET_EVENTS = frozenset({ev.SUMMARY})
 

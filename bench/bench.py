@@ -10,8 +10,8 @@ two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's 
 (against the machine's own: plain forked processes, no pool);
 crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
 typed pools on sleep workloads; the per-job overhead of the two engines of `taskpool run`
-(local and, with the dask extra, Dask) on no-op and fib jobs. The measurements are in
-peers.py and engines.py.
+(local and, with the dask extra, Dask) on no-op and fib jobs; what watching a run on a
+terminal costs. The measurements are in peers.py, engines.py and terminal.py.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 def main() -> None:
     import engines
     import peers
+    import terminal
 
     n = JOBS
     fib_n, fib_count = 27, 40
@@ -178,6 +179,8 @@ def main() -> None:
             typed.append((name, dispatch_makespan(workdir, jobs), ideal_makespan(jobs, exact)))
     print("engines...", file=sys.stderr)
     engine_table = engines.overhead_table()
+    print("terminal...", file=sys.stderr)
+    terminal_table = terminal.terminal_table()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}, {datetime.date.today()}")
     peers_rates = {k: rates[k] for k in ("ppe", "mp", "loky", "pebble") if k in rates}
@@ -270,7 +273,13 @@ def main() -> None:
         "",
         engine_table,
         "",
-        "Command: `make bench` (the engines' table alone: `python bench/engines.py`).",
+        "Watching a run: the live view's cost on a terminal (a pseudo-terminal here), "
+        "against the log to a file.",
+        "",
+        terminal_table,
+        "",
+        "Command: `make bench` (the engines' table alone: `python bench/engines.py`; the "
+        "terminal's: `python bench/terminal.py`).",
     ])
     print(table)
     write_results(ROOT / "bench" / "results.md", table)

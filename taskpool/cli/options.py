@@ -179,7 +179,8 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
     _add_supervision_options(run_cmd)
     _add_journal_options(run_cmd)
     run_cmd.add_argument("--verbose", "-v", action="store_true",
-                         help="also log each job's ACK (the worker has started it)")
+                         help="also log each job's ACK (the worker has started it); on a "
+                              "terminal, show every line of the log above the progress line")
     _add_simulation_options(run_cmd, dispatch)
 
 
@@ -228,12 +229,15 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded; '-': to "
                               "standard output")
-    run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
+    run_cmd.add_argument("--log", metavar="FILE",
+                         help="write the whole log here instead of stderr (on a terminal, the "
+                              "progress line stays)")
     run_cmd.add_argument("--events", metavar="FILE.jsonl",
                          help="write every event (the log's, ACKs included) as one JSON object "
                               "a line, with a monotonic timestamp; see 'taskpool report'")
     run_cmd.add_argument("--quiet", "-q", action="store_true",
-                         help="no live progress view on a terminal (the log still shows)")
+                         help="stderr shows only errors and the summary line (no progress "
+                              "line; --log FILE still gets the whole log)")
 
 
 def _add_supervision_options(run_cmd: argparse.ArgumentParser) -> None:

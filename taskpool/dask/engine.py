@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from taskpool.core.engine import RunConfig
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung, set_nonblocking
 from taskpool.core.stdin import streamed_jobs
+from taskpool.core.supervision import Again, sent_again_words
 from taskpool.dask.cluster import (
     DaskMissing,
     close_cluster,
@@ -88,7 +90,7 @@ from taskpool.model.jobs import Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.log import dask_log as log
-from taskpool.observe.log import event, main_log
+from taskpool.observe.log import event, job_event, main_log
 from taskpool.wire.records import LineRejected
 
 if TYPE_CHECKING:
@@ -328,7 +330,7 @@ class DaskEngine(EngineLoop):
         if job.job_id not in self.config.source.done:
             self._submit(job, attempt=1)
 
-    def _submit(self, job: Job, attempt: int) -> None:
+    def _submit(self, job: Job, attempt: int, again: Again = None) -> None:
         assert self.client is not None
         key = f"taskpool-{self.run_token}-{job.job_id}-{attempt}.{next(self.try_numbers)}"
         resources = {resource_name(job.pool): 1} if self.layout.typed else None
@@ -340,10 +342,10 @@ class DaskEngine(EngineLoop):
         self.tries.add(submitted)
         self._rearm(submitted)
         if log.isEnabledFor(logging.INFO):
-            self._log_sent(job, attempt, key)
+            self._log_sent(job, attempt, key, again)
 
-    def _log_sent(self, job: Job, attempt: int, key: str) -> None:
-        again = f" (attempt {attempt})" if attempt > 1 else ""
+    def _log_sent(self, job: Job, attempt: int, key: str, why: Again) -> None:
+        again = sent_again_words(attempt, why)
         if self.layout.typed:
             text, args = "Job %d (%s, %s%s) -> resource %s%s", [
                 job.job_id, self.layout.pool(job.pool).label, job.describe_typed(),
@@ -351,24 +353,26 @@ class DaskEngine(EngineLoop):
                 resource_name(job.pool), again]
         else:
             text, args = "Sent job %d -> %s%s", [job.job_id, job.describe(), again]
+        fields: dict[str, Any] = {} if why is None else {"again": why[0], "from_worker": why[1]}
         log.info(text, *args, extra=event(
             ev.JOB_SENT, job=job.job_id, worker=None, attempt=attempt, kind=job.kind.label,
-            arg=job.arg, type=job.pool, priority=job.priority, key=key))
+            arg=job.arg, type=job.pool, priority=job.priority, key=key, **fields))
 
     # --- what the cluster tells ------------------------------------------------------------
 
     def _on_started(self, msg: dict[str, Any]) -> None:
         started = self.tries.note_start(msg, self.supervisor.timeout_of)
-        if started is None or not log.isEnabledFor(logging.DEBUG):
+        if started is None:
             return
         # The attempt this run is charged as: on our own cluster, a second start of a key
         # is the same attempt run again (see Tries.reruns), as its worker ran it.
         attempt = self.tries.attempts_used(started)
-        log.debug("Job %d started by worker PID [%d] at %s (attempt %d)",
+        # A DEBUG line, but always an event for the live view: its running jobs.
+        job_event(log, ev.JOB_STARTED, "Job %d started by worker PID [%d] at %s (attempt %d)",
                   started.job.job_id, started.pid, started.address, attempt,
-                  extra=event(ev.JOB_STARTED, job=started.job.job_id, worker=started.pid,
-                              attempt=attempt, address=started.address, key=started.key,
-                              worker_resources=msg.get("resources", {})))
+                  level=logging.DEBUG, job=started.job.job_id, worker=started.pid,
+                  attempt=attempt, address=started.address, key=started.key,
+                  worker_resources=msg.get("resources", {}))
 
     def _on_done(self, key: str) -> Try | None:
         """A future is done: the try, if it finished with a result to fetch."""
@@ -451,8 +455,9 @@ class DaskEngine(EngineLoop):
         if waiting and self.client is not None:
             self._cancel(waiting)
         grace = self.policy.grace
-        log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
-                 "%d jobs not started", signum, running, grace, len(waiting),
+        log.info("Stopping on %s: letting %d running jobs finish (grace %g s); "
+                 "%d jobs not started", signal.Signals(signum).name, running, grace,
+                 len(waiting),
                  extra=event(ev.STOPPING, running=running, grace=grace,
                              not_started=len(waiting)))
         self.stopping_deadline = time.monotonic() + grace

@@ -243,6 +243,9 @@ class Recovery:
         Called with the lock held, while not stopping."""
         resent = aftermath.of(Verdict.RESEND)
         for held in aftermath.of(Verdict.RESEND, Verdict.REQUEUE):
+            why = "resent" if held.decision.verdict is Verdict.RESEND else (
+                "preempted" if held.started else "requeued")
+            held.job_state.again = (why, aftermath.pid)
             enqueue(self.state, held.job_id)
         for held in aftermath.of(Verdict.SPLIT):
             for single in held.singles:

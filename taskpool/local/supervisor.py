@@ -39,7 +39,12 @@ from taskpool.core.supervision import Cause, Death, StartBackoff
 from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
-from taskpool.model.exits import EXIT_MAIN_LOST, EXIT_RETIRED, EXIT_WORKER_FAILED
+from taskpool.model.exits import (
+    EXIT_MAIN_LOST,
+    EXIT_MEMORY_LIMIT,
+    EXIT_RETIRED,
+    EXIT_WORKER_FAILED,
+)
 from taskpool.model.faults import CrashPlan
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
@@ -419,10 +424,15 @@ class Supervisor(threading.Thread):
                      extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
                                  reason="retired", crash=False))
         elif crash:
-            how = proc.describe_wait_status(status)
+            how = reason = proc.describe_wait_status(status)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
+                # Our own exit status, by name: the reason its job will be charged.
+                reason = Death.of(Cause.MEMORY_LIMIT,
+                                  megabytes=self.setup.policy.max_memory_mb).reason
+                how = f"ran out of its {reason}"
             log.info("Worker PID %d %s", pid, how,
-                     extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool, reason=how,
-                                 crash=True))
+                     extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
+                                 reason=reason, crash=True))
         else:  # while stopping, or preempted: our doing
             how = "preempted" if preempted else proc.describe_wait_status(status)
             log.debug("Reaped worker %d: %s", pid, how,

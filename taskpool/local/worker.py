@@ -39,8 +39,9 @@ from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import Ack, Heartbeat, JobMessage, Result, Shutdown, decode, is_acked
 
 
-def _simulate_crash() -> NoReturn:
-    log.info("Simulated crash!", extra=event(ev.SIMULATED_CRASH))
+def _simulate_crash(job_id: int, step: Step, attempt: int) -> NoReturn:
+    log.info("Simulated crash! (job %d, %s, attempt %d)", job_id, step.value, attempt,
+             extra=event(ev.SIMULATED_CRASH, job=job_id, step=step.value, attempt=attempt))
     # A simulated segfault should not leave a core file per crash.
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     os.kill(os.getpid(), signal.SIGSEGV)
@@ -231,7 +232,7 @@ class JobLoop:
             log.info("Hanging (test hook)")
             os.read(os.pipe()[0], 1)
         if crash_at is step:
-            _simulate_crash()
+            _simulate_crash(job_id, step, attempt)
 
     def compute(self, job: Job, attempt: int) -> Result:
         """Runs the job, the heartbeat beating meanwhile; running out of memory under

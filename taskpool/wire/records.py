@@ -70,6 +70,8 @@ def encode_record(record: PipeRecord) -> bytes:
         body = {"t": "accepted", "job": job.job_id, "kind": int(job.kind), "arg": job.arg,
                 "timeout": job.timeout, "pool": job.pool, "priority": job.priority,
                 "line": job.line}
+        if job.payload:  # a command's text (one writer: the line may be longer than PIPE_BUF)
+            body["text"] = job.text
     else:
         body = {"t": "rejected", **asdict(record)}
     return _COMPACT_JSON(body).encode() + b"\n"
@@ -99,7 +101,8 @@ def decode_record(line: bytes) -> PipeRecord:
         if tag == "accepted":
             return JobAccepted(Job(body["job"], JobKind(body["kind"]), body["arg"],
                                    body.get("timeout"), body["pool"], body["priority"],
-                                   line=body.get("line", 0)))
+                                   line=body.get("line", 0),
+                                   payload=body.get("text", "").encode()))
         if tag == "rejected":
             return LineRejected(**body)
     except (ValueError, TypeError, KeyError, AttributeError) as e:

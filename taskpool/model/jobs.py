@@ -86,6 +86,8 @@ class Job:
         """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``; a
         command's first 40 characters, when this process has its text: ``sh(gzip x)``."""
         if self.kind in COMMAND_KINDS:
+            if not self.payload:  # the Dealer's copy: the text waits in the run's spool
+                return self.kind.label
             text = self.text
             return f"{self.kind.label}({text[:40]}{'...' if len(text) > 40 else ''})"
         return f"{self.kind.label}({'' if self.kind is JobKind.CRASH else self.arg})"

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Union
 
 from taskpool.model.jobs import Job, JobKind
-from taskpool.model.outcome import DealerStats, JobRecord, record_fields
+from taskpool.model.outcome import DealerStats, JobRecord, ran_fields, record_fields
 from taskpool.wire import ProtocolError
+from taskpool.wire.commands import Ending
 from taskpool.wire.queue import Result
 
 
@@ -57,6 +58,17 @@ def encode_done(job: Job, result: Result) -> bytes:
     return _COMPACT_JSON(record_fields(
         {"t": "record"}, job.job_id, job.kind.label, job.arg, job.pool, job.priority, "done",
         result.value, result.pid, result.attempt, None)).encode() + b"\n"
+
+
+def encode_ended(job: Job, result: Result, ending: Ending, reason: str | None) -> bytes:
+    """The record of a job of real work that ran to its end: done, or (`reason`) failed.
+    Its arg is left to main, who has its text (the Dealer has only where it is)."""
+    fields = record_fields(
+        {"t": "record"}, job.job_id, job.kind.label, "", job.pool, job.priority,
+        "done" if reason is None else "failed", ending.result, result.pid, result.attempt,
+        reason)
+    return _COMPACT_JSON(ran_fields(fields, ending.exit_status,
+                                    round(ending.duration, 6))).encode() + b"\n"
 
 
 def encode_record(record: PipeRecord) -> bytes:

@@ -81,8 +81,12 @@ def silence_fork_warning() -> None:
                             category=DeprecationWarning)
 
 
-def _reap_all_children() -> None:
+def _kill_and_reap_all_children() -> None:
+    """Every child killed and reaped: the workers, and the commands each one orphans as it
+    dies (reparented to us, a subreaper, before its death can be reaped: so the next
+    round of the loop finds them)."""
     while True:
+        proc.kill_orphans(set())
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
@@ -132,7 +136,7 @@ class Supervisor(threading.Thread):
                     # left to their parent-death signal they would be zombies of whatever
                     # process adopts them, and that one may never reap.
                     self.kill_workers()
-                    _reap_all_children()
+                    _kill_and_reap_all_children()
                     mqueue.exit_between_creations(EXIT_MAIN_LOST)
                 if sig == signal.SIGTERM:
                     self.setup.result_queue.send(Terminate(sig).encode())

@@ -18,7 +18,9 @@ tests read them back by the same names. An event's fields are its JSON object's 
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job
     job_done             Dealer, Dask engine           job, worker, attempt, result
-    job_failed           Supervisor                    job, worker, attempts, reason
+                                                       [, exit_status: sh, exec]
+    job_failed           Supervisor; Dealer (sh, exec, job, worker, attempts, reason
+                         call that ran and failed)     [, exit_status: sh, exec]
     job_resent           Recovery                      job, worker, reason
     job_requeued         Recovery                      job, worker, reason
     job_split            Recovery (Executor batches)   job, worker, reason, jobs

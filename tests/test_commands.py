@@ -294,3 +294,13 @@ def test_a_lost_dealer_or_main_takes_the_running_commands_with_it(tmp_path: Path
     os.kill(run.role_pid("Dealer") if role == "Dealer" else run.pid, signal.SIGKILL)
     assert wait_until_ended(trees) == [], f"a command outlived the lost {role}"
     assert run.finish() == (1 if role == "Dealer" else -signal.SIGKILL)
+
+
+def test_a_worker_waiting_for_its_command_keeps_its_heartbeat(tmp_path: Path) -> None:
+    jobs = write_job_file(tmp_path, ["sh sleep 2"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
+                   "--heartbeat", "0.6"], events=tmp_path / "events.jsonl")
+    assert run.finish() == 0
+    assert by_job(results)[1]["status"] == "done"
+    assert run.events_named(ev.WORKER_KILLED) == [], "a command's wait is no hang"

@@ -13,7 +13,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     worker_shutdown      worker
     simulated_crash      worker                        (job, step: with --crash-rate)
     initializer_failed   worker (Executor)             reason
-    job_sent             Dealer                        job, worker, attempt, kind, arg, type,
+    job_sent             Dealer                        job, worker, attempt, kind, arg (null:
+                                                       sh, exec, call), type,
                                                        priority[, pool: a typed pool's label]
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job

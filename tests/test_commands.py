@@ -76,8 +76,7 @@ def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
     # in files, then waits. Attempt 2 prints and ends. Job 2 keeps the run going until the
     # test has seen the first tree end: its death is the Dealer's doing, not the run's end.
     first = (f"if [ -e {marks}/first ]; then echo second attempt; else echo first attempt; "
-             f"echo $$ > {marks}/leader; (sleep 300; true) & "
-             f"touch {marks}/first; wait; fi")
+             f"echo $$ > {marks}/leader; (sleep 300 & touch {marks}/first; wait) & wait; fi")
     jobs = write_job_file(tmp_path, [f"sh {first}", f"sh read line < {marks}/release"])
     results, out = tmp_path / "r.jsonl", tmp_path / "out.txt"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
@@ -288,7 +287,7 @@ def test_a_lost_dealer_or_main_takes_the_running_commands_with_it(tmp_path: Path
     marks = tmp_path / "marks"
     marks.mkdir()
     jobs = write_job_file(tmp_path, [
-        f"sh echo $$ > {marks}/{n}.tmp; mv {marks}/{n}.tmp {marks}/{n}; sleep 300 & wait"
+        f"sh sleep 300 & echo $$ > {marks}/{n}.tmp; mv {marks}/{n}.tmp {marks}/{n}; wait"
         for n in (1, 2)])
     run = PoolRun(["--workers", "2", "--jobs", str(jobs)], events=tmp_path / "events.jsonl")
     wait_for_files(marks, lambda: all((marks / str(n)).exists() for n in (1, 2)) or None,

@@ -10,12 +10,20 @@ true` and `sh true` lines (with and without --journal), `xargs -P 2 -n 1 true`, 
 
 The memory figure: one worker runs 100 `sh true`, then a command that prints its worker's
 VmRSS (the command's parent is its worker), then 9,900 more, then the same command again.
+
+The orphan figure: a worker is SIGKILLed while its command (a shell, a subshell, a sleep)
+runs; the time from the kill to the end of the last process of the command's group, seen
+through pidfds, KILLS times.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = 3
+KILLS = 10
 RSS = "sh grep VmRSS /proc/$PPID/status"
 
 
@@ -60,6 +69,59 @@ def worker_memory(workdir: Path) -> tuple[int, int]:
     return first, last
 
 
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _group(pgid: int) -> list[int]:
+    members = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and int(_stat_fields(int(name))[2]) == pgid:
+                members.append(int(name))
+        except OSError:
+            pass
+    return members
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None  # ended already (the `mv` of the command)
+
+
+def orphan_kill_ms(workdir: Path) -> list[float]:
+    """Kill -> the killed worker's command tree gone, in ms, KILLS times."""
+    once, ready = workdir / "once", workdir / "leader"
+    jobs = workdir / "kill.txt"
+    jobs.write_text(f"sh [ -e {once} ] || (touch {once}; sleep 300 & echo $$ > {ready}.tmp; "
+                    f"mv {ready}.tmp {ready}; wait)\n")
+    times = []
+    for _ in range(KILLS):
+        for path in (once, ready):
+            path.unlink(missing_ok=True)
+        run = subprocess.Popen([sys.executable, "-m", "taskpool", "run", "--workers", "1",
+                                "--jobs", str(jobs), "--log", "/dev/null"], cwd=ROOT,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        while not ready.exists():
+            time.sleep(0.01)  # a bench, not the pool: a plain wait for the file
+        pgid = int(_stat_fields(int(ready.read_text()))[2])
+        worker = int(_stat_fields(pgid)[1])
+        pidfds = [fd for fd in map(_pidfd, _group(pgid)) if fd is not None]
+        started = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        waiting = list(pidfds)
+        while waiting and select.select(waiting, [], [], 10)[0]:
+            waiting = [fd for fd in waiting if fd not in select.select(waiting, [], [], 0)[0]]
+        times.append(1000 * (time.monotonic() - started))
+        for fd in pidfds:
+            os.close(fd)
+        run.wait(60)
+    return times
+
+
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,12 +138,16 @@ def main() -> None:
             rows.append(("parallel -j 2 true", best_rate(
                 f"yes | head -n {count} | parallel -j 2 true", count, shell=True)))
         first, last = worker_memory(workdir)
+        kills = orphan_kill_ms(workdir)
     print(f"{count} `true` commands on 2 workers, best of {REPEATS}:\n")
     print("| runner | commands/s |\n| --- | ---: |")
     for name, rate in rows:
         print(f"| {name} | {rate:,.0f} |")
     print(f"\nA worker's VmRSS: {first} kB after 100 `sh true`, {last} kB after 10,000 "
           f"({100 * (last - first) / first:+.1f}%)")
+    print(f"A worker SIGKILLed mid-command: its command's tree gone in "
+          f"{statistics.median(kills):.1f} ms (median), {max(kills):.1f} ms at most, "
+          f"of {KILLS} kills")
 
 
 if __name__ == "__main__":

@@ -164,9 +164,9 @@ def test_nonzero_exit_is_failed_with_its_exit_status_and_not_run_again(tmp_path:
 
 def test_call_returns_its_value_and_a_raising_or_unimportable_call_fails_alone(
         tmp_path: Path) -> None:
-    jobs = write_job_file(tmp_path, ['call tests.command_jobs:fail "bad size"',
+    jobs = write_job_file(tmp_path, ['call tests.call_targets:fail "bad size"',
                                      "call no_such_module_for_taskpool:f 1",
-                                     "call tests.command_jobs:square 7",
+                                     "call tests.call_targets:square 7",
                                      "sh echo after"])
     results, out = tmp_path / "r.jsonl", tmp_path / "out.txt"
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results)],

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = 20_000
 REPEATS = 3
 ROUNDS = 5  # of the dispatch measurements, each pool once a round
+BULK_ITEMS = 1_000_000  # through map: Executor.map against multiprocessing.Pool.map
 KILLS = 200
 
 
@@ -144,6 +145,8 @@ def main() -> None:
         rates["cli"], rates["cli_run"] = cli_jobs_per_second(workdir, journal=False)
         rates["cli_journal"], _ = cli_jobs_per_second(workdir, journal=True)
         rates["ping_pong"] = peers.ping_pong_rate(n, REPEATS)
+        print("bulk map...", file=sys.stderr)
+        bulk = peers.bulk_map_rates(BULK_ITEMS, ROUNDS)
         print("fib batch...", file=sys.stderr)
         # In turn, round after round, best of ROUNDS each, as the dispatch figures: this
         # machine's speed drifts by a third over seconds (fib(27) alone: 22-33 ms), and a
@@ -220,6 +223,14 @@ def main() -> None:
         f"({min(paired['floor']):.0%}-{max(paired['floor']):.0%}), "
         f"{statistics.median(paired['mp']):.1f}x mp.Pool "
         f"({min(paired['mp']):.1f}-{max(paired['mp']):.1f}x).",
+        "",
+        f"Bulk map: {BULK_ITEMS:,} no-op items through 2 workers, all results read (pools "
+        f"warmed first; each measured once a round, in turn, best of {ROUNDS} rounds).",
+        "",
+        "| map | items/s | vs mp.Pool.map |",
+        "| --- | ---: | ---: |",
+        *[f"| {name} | {rate:,.0f} | {rate / bulk['mp.Pool.map']:.2f} |"
+          for name, rate in bulk.items()],
         "",
         f"CPU-bound batch: {fib_count} x fib({fib_n}) on 2 workers; ideal = sequential time "
         f"in one process / 2 = {ideal:.2f} s.",

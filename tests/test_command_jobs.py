@@ -4,6 +4,7 @@ group in /proc, never by a log line."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -271,14 +272,32 @@ def test_resume_catches_a_changed_command(tmp_path: Path) -> None:
         resumed.stderr
 
 
-def test_results_on_stdout_with_the_jobs_output_is_refused(tmp_path: Path) -> None:
-    jobs = write_job_file(tmp_path, ["sh echo a"])
-    proc = subprocess.run([sys.executable, "-m", "taskpool", "run", "--jobs", str(jobs),
-                           "--results", "-"], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("taskpool: --results - would mix the results with the "
-                                  "jobs' output")
+def test_results_on_stdout_with_the_jobs_output_on_stdout_is_refused(tmp_path: Path) -> None:
+    jobs = write_job_file(tmp_path, ["fib 3", "sh echo a"])
+
+    def taskpool(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "taskpool", "run", "--jobs", str(jobs),
+                               "--results", "-", *extra], cwd=ROOT, capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+    refused = taskpool()
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        f"taskpool: {jobs}:2: with --results -, a command's output would mix with the "
+        "results on standard output: keep it in files with --output-dir DIR",
+        f"taskpool: {jobs}: nothing was run"]
+    kept = tmp_path / "kept"
+    apart = taskpool("--output-dir", str(kept))
+    assert apart.returncode == 0
+    assert sorted(json.loads(line)["job"] for line in apart.stdout.splitlines()) == [1, 2]
+    assert (kept / "2.out").read_text() == "a\n"
+    streamed = subprocess.run([sys.executable, "-m", "taskpool", "run", "--results", "-"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              input="fib 3\nsh echo a\n")
+    assert streamed.returncode == 2, "the command's line is skipped and reported"
+    assert [json.loads(line)["kind"] for line in streamed.stdout.splitlines()] == ["fib"]
+    assert "taskpool: <stdin>:2: with --results -, a command's output would mix" in \
+        streamed.stderr
 
 
 @pytest.mark.parametrize("role", ["Dealer", "main"])

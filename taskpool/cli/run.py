@@ -12,6 +12,7 @@ status 2 (errors.py), before any process is forked.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import secrets
@@ -61,13 +62,16 @@ DASK_FAULT_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`taskpool run ...` or `taskpool dispatch ...`; returns the exit status."""
-    if (args.resume or args.force_resume) and args.journal is None:
-        parser.error("--resume needs --journal")
+    _check_journal_flags(args, parser)
+    _check_standard_output(args, parser)
     if not _check_engine(args, parser):
         return EXIT_BAD_INPUT
     layout = _pool_layout(args, parser)
     source = _load_jobs(args, parser, layout)
-    if source is None or not _engine_runs_them(args.engine, args.jobs, source):
+    if source is None:
+        return EXIT_BAD_INPUT
+    source = dataclasses.replace(source, refuse_commands=_commands_refused(args))
+    if not _commands_allowed(args.jobs, source):
         return EXIT_BAD_INPUT
     journaled = None
     if args.journal is not None:
@@ -125,6 +129,34 @@ def _run(engine: str, config: RunConfig) -> int:
 
 
 # --- What the parser cannot check -------------------------------------------------------
+
+def _check_standard_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With `--results -`, standard output carries the results and nothing else: another
+    output of the run that is the same file would mix its lines into them."""
+    if args.results != "-":
+        return
+    for flag, path in (("--log", args.log), ("--events", args.events)):
+        if path is not None and _is_standard_output(path):
+            parser.error(f"{flag} {path} is standard output, where --results - writes the "
+                         f"results: give {flag} a file of its own")
+
+
+def _is_standard_output(path: str) -> bool:
+    """`path` is the file standard output writes to. A terminal is not counted: there the
+    results and the log share a screen, as they do by default, not a file."""
+    try:
+        return not os.isatty(1) and os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:  # no such file yet (then it is not stdout), or stdout closed
+        return False
+
+
+def _check_journal_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.force_resume and not args.resume:
+        parser.error("--force-resume goes with --resume (it lets --resume accept a changed "
+                     "job file): add --resume, or drop --force-resume")
+    if args.resume and args.journal is None:
+        parser.error("--resume goes on with a journal: give it with --journal RUN.db")
+
 
 def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Usage errors of --engine and --scheduler; False after saying that the dask extra is
@@ -219,16 +251,28 @@ def _read_job_file(path: str, layout: PoolLayout) -> GeneratorInput | None:
     return GeneratorInput(jobs, layout)
 
 
-def _engine_runs_them(engine: str, path: str | None, source: GeneratorInput) -> bool:
-    """Whether the engine runs every kind of the job file's jobs: the Dask engine does not
-    run sh, exec and call jobs yet (its workers would fail them, one by one)."""
-    if engine != "dask" or source.jobs is None:
+def _commands_refused(args: argparse.Namespace) -> str | None:
+    """Why this run cannot take sh, exec and call jobs, if it cannot: the Dask engine does
+    not run them yet (its workers would fail them one by one); and with --results - their
+    output would mix with the results on standard output."""
+    if args.engine == "dask":
+        return "--engine dask does not run sh, exec and call jobs yet: run them on the local engine"
+    if args.results == "-" and args.output_dir is None:
+        return ("with --results -, a command's output would mix with the results on standard "
+                "output: keep it in files with --output-dir DIR")
+    return None
+
+
+def _commands_allowed(path: str | None, source: GeneratorInput) -> bool:
+    """False after naming the first command of a job file this run cannot take (standard
+    input's are refused line by line: core/stdin.py)."""
+    if source.refuse_commands is None or source.jobs is None:
         return True
     command = next((job for job in source.jobs if job.kind in COMMAND_KINDS), None)
     if command is None:
         return True
-    error(f"{path}:{command.line}: --engine dask does not run {command.kind.label} jobs yet: "
-          "run them on the local engine")
+    error(f"{path}:{command.line}: {source.refuse_commands}")
+    error(f"{path}: nothing was run")
     return False
 
 
@@ -270,19 +314,15 @@ def _journaled(journal: Journal, args: argparse.Namespace,
             journal.add_job(job)
         journal.commit()  # every job is journaled before any runs
     journal_digests = {job: entry[0] for job, entry in journal.jobs().items()}
-    source = GeneratorInput(source.jobs, source.layout, frozenset(resumed), journal_digests)
+    source = dataclasses.replace(source, done=frozenset(resumed),
+                                 journal_digests=journal_digests)
     return Journaled(journal, source, resumed)
 
 
 # --- Outputs and the log ----------------------------------------------------------------
 
 def _check_output_dir(args: argparse.Namespace) -> bool:
-    """--output-dir made if missing; and the jobs' output and the results kept apart: both
-    on standard output would mix JSON lines with what the commands print."""
-    if args.results == "-" and args.output_dir is None:
-        error("--results - would mix the results with the jobs' output on standard output: "
-              "give --results FILE, or keep the output in files with --output-dir DIR")
-        return False
+    """--output-dir, made if missing."""
     if args.output_dir is None:
         return True
     try:
@@ -310,7 +350,11 @@ def _open_outputs(args: argparse.Namespace) -> Outputs | None:
     if log_fd is None or (args.events is not None and events_fd is None):
         return None
     results = None
-    if args.results is not None:
+    if args.results == "-":
+        # Standard output as it is (closefd=False: closing the run's results leaves fd 1
+        # open); only main writes to it, as it would to a results file.
+        results = open(1, "w", encoding="utf-8", closefd=False)
+    elif args.results is not None:
         try:
             results = open(args.results, "w", encoding="utf-8")
         except OSError as e:
@@ -336,7 +380,8 @@ def _route_the_log(
     started, and the read end of the pipe the children write their events to; else the
     text log and the events file, and (None, None)."""
     text_level = logging.DEBUG if args.verbose else logging.INFO
-    if args.quiet or args.log is not None or not sys.stderr.isatty():
+    if (args.quiet or args.log is not None or not sys.stderr.isatty()
+            or _results_to_the_terminal(args)):
         tplog.setup(outputs.log_fd, text_level, outputs.events_fd)
         return None, None
     from taskpool.observe.live import LiveView
@@ -346,6 +391,12 @@ def _route_the_log(
     tplog.setup(None, live=tplog.LiveHandler(live_w, os.getpid(), live.on_event))
     live.start()
     return live, live_fd
+
+
+def _results_to_the_terminal(args: argparse.Namespace) -> bool:
+    """`--results -` on a terminal: the results lines would tear the live view's redraws
+    apart, so the plain log is written instead."""
+    return args.results == "-" and sys.stdout is not None and sys.stdout.isatty()
 
 
 # --- The pool's crash plan and policy ---------------------------------------------------

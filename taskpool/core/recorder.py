@@ -158,6 +158,8 @@ class Recorder:
         goes on (a journal still records every outcome) and ends with exit status 1."""
         assert self.results is not None
         name = getattr(self.results, "name", "the results file")
+        if name == 1:  # --results -
+            name = "on standard output"
         log.error("Cannot write the results file %s (%s): %s", name,
                   error.strerror or error,
                   "its outcomes are in the journal" if self.journal is not None

@@ -75,6 +75,9 @@ class DealerConfig:
     request_message_size: int = MAX_MESSAGE_SIZE
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): kept open in
+    # each worker, which otherwise closes all it does not need.
+    shared_fds: frozenset[int] = frozenset()
     # The CLI's run: where the commands' texts wait, and where their output is spooled
     # (posix/spool.py). None in an Executor's host.
     spool: Spool | None = None
@@ -111,7 +114,7 @@ class Dealer:
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
                         config.initializer, config.request_message_size, ack_every_job,
-                        config.spool, config.run_dir),
+                        config.shared_fds, config.spool, config.run_dir),
         )
         self.stopper = Stopper(self.state, config.policy.grace, ready_queue)
         self.receiver = self._receiver()

@@ -47,6 +47,7 @@ from taskpool.model.exits import (
     EXIT_COMMAND_TIMED_OUT,
     EXIT_INITIALIZER_FAILED,
     EXIT_MEMORY_LIMIT,
+    EXIT_RETIRED,
 )
 from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
@@ -92,6 +93,16 @@ def _signal_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def _retired(wait_status: int) -> bool:
+    return os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EXIT_RETIRED
+
+
+def _resent_count(aftermath: Aftermath) -> int:
+    """The calls (or jobs) of a dead worker that go again."""
+    again = aftermath.of(Verdict.RESEND, Verdict.REQUEUE, Verdict.SPLIT)
+    return sum(len(h.singles) or _calls(h.job_state.job) for h in again)
 
 
 def _calls(job: Job) -> int:
@@ -177,6 +188,10 @@ class Recovery:
                              self.policy, running.job if running is not None else None)
             aftermath = self._settle(worker, death, at)
         self._discard_output(aftermath)
+        if not aftermath.stopping and not _retired(exited.wait_status):
+            # Before the failures: an Executor's caller sees the death of a call's last
+            # attempt counted by the time its future fails.
+            self.writer.worker_lost(exited.pid, death, _resent_count(aftermath))
         for held in aftermath.of(Verdict.FAIL):
             self._record_failure(held, aftermath)
         self._log(aftermath)

@@ -123,6 +123,7 @@ class WorkerSetup:
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
     request_message_size: int = MAX_MESSAGE_SIZE
     ack_every_job: bool = True  # see protocol.is_acked
+    shared_fds: frozenset[int] = frozenset()  # the Executor's initargs' (DealerConfig)
     spool: Spool | None = None  # the commands' texts (posix/spool.py); None: no commands
     run_dir: str | None = None  # where the commands' output is spooled
 
@@ -386,7 +387,7 @@ class Supervisor(threading.Thread):
             setup = self.setup
             spool = {setup.spool.fd} if setup.spool is not None else set()
             proc.close_fds_except({0, 1, 2, request_queue.mqd, setup.result_queue.mqd}
-                                  | spool | tplog.descriptors())
+                                  | spool | tplog.descriptors() | setup.shared_fds)
             proc.close_on_exec_all()  # a command it starts inherits none of them
             policy = setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,

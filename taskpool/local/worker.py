@@ -16,6 +16,7 @@ the process; the Dealer notices the death and restores the pool.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import resource
@@ -127,8 +128,13 @@ def _run_initializer(initializer: bytes) -> None:
         fn, args = pickle.loads(initializer)
         fn(*args)
     except BaseException as e:  # noqa: BLE001 - whatever it raised, the worker is unusable
-        log.error("The initializer raised %s: %s", type(e).__name__, e,
-                  extra=event(ev.INITIALIZER_FAILED, reason=f"{type(e).__name__}: {e}"))
+        # As PPE's worker logs it: a handler that the initializer, or its module, attached
+        # to `concurrent.futures` sees it; with none, logging's last resort writes it and
+        # its traceback to stderr.
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:",
+                                                         exc_info=True)
+        log.info("The initializer raised %s: %s", type(e).__name__, e,
+                 extra=event(ev.INITIALIZER_FAILED, reason=f"{type(e).__name__}: {e}"))
         os._exit(EXIT_INITIALIZER_FAILED)
 
 

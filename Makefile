@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m compileall -q taskpool
 	$(PY) bench/bench.py
+	$(PY) bench/commands.py  # sh/exec commands against xargs -P and GNU parallel (printed)
 
 # The demo's timeline, drawn by `taskpool report` and rendered by headless Chromium to a
 # PNG (README shows it). Needs Debian's chromium (apt-get install chromium).

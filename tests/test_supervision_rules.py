@@ -13,6 +13,7 @@ from taskpool.core.supervision import (
     StartBackoff,
     Verdict,
     after_death,
+    after_failure,
 )
 from taskpool.model.policy import SupervisionPolicy
 
@@ -167,3 +168,36 @@ def test_a_pool_gives_up_only_with_no_worker_for_a_while(
     backoff = StartBackoff(give_up_after=30)
     backoff.refused(since)
     assert backoff.gives_up(now, stranded) == gives_up
+
+
+# --- jobs of real work: a command's crash, and failures that are no crash ------------------
+
+COMMAND_KILLED = Death.of(Cause.COMMAND_KILLED, signal=9, name="SIGKILL")
+EXITED_NONZERO = Death.of(Cause.EXITED_NONZERO, status=3)
+CALL_RAISED = Death.of(Cause.CALL_RAISED, error="ValueError: bad size")
+
+
+def test_a_command_killed_by_a_signal_is_a_crash_charged_an_attempt() -> None:
+    assert COMMAND_KILLED.reason == "its command was killed by signal 9 (SIGKILL)"
+    policy = SupervisionPolicy(max_attempts=2)
+    assert after_death(COMMAND_KILLED, 0, policy).verdict is Verdict.RESEND
+    assert after_death(COMMAND_KILLED, 1, policy).verdict is Verdict.FAIL
+
+
+@pytest.mark.parametrize(("failure", "reason"), [
+    (EXITED_NONZERO, "exit status 3"), (CALL_RAISED, "ValueError: bad size")])
+@pytest.mark.parametrize(("retry_failed", "runs_before", "stopping", "verdict"), [
+    (0, 0, False, Verdict.FAIL),  # the default: failed at once, never run again
+    (2, 0, False, Verdict.RESEND),
+    (2, 1, False, Verdict.RESEND),
+    (2, 2, False, Verdict.FAIL),  # its retries used up
+    (2, 0, True, Verdict.FAIL),  # nothing runs again while the pool stops
+])
+def test_a_job_that_ran_and_failed_runs_again_only_on_request(
+        failure: Death, reason: str, retry_failed: int, runs_before: int, stopping: bool,
+        verdict: Verdict) -> None:
+    assert failure.cause.rule.failed and not failure.charges_attempt
+    assert failure.reason == reason
+    decision = after_failure(failure, runs_before, SupervisionPolicy(retry_failed=retry_failed),
+                             stopping=stopping)
+    assert (decision.verdict, decision.failed_attempts) == (verdict, runs_before + 1)

@@ -229,6 +229,9 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded; '-': to "
                               "standard output")
+    run_cmd.add_argument("--output-dir", metavar="DIR",
+                         help="keep each sh/exec/call job's output as DIR/<job>.out and "
+                              "DIR/<job>.err (created if missing) instead of printing it")
     run_cmd.add_argument("--log", metavar="FILE",
                          help="write the whole log here instead of stderr (on a terminal, the "
                               "progress line stays)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -36,7 +37,7 @@ from taskpool.core.journal import Journal, JournalError
 from taskpool.core.stdin import GeneratorInput
 from taskpool.model.exits import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE
 from taskpool.model.faults import CrashPlan, Step
-from taskpool.model.jobs import Job, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.outcome import JobRecord
 from taskpool.model.policy import (
     DEFAULT_HEARTBEAT,
@@ -72,12 +73,17 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     source = _load_jobs(args, parser, layout)
     if source is None:
         return EXIT_BAD_INPUT
+    source = dataclasses.replace(source, refuse_commands=_commands_refused(args))
+    if not _commands_allowed(args.jobs, source):
+        return EXIT_BAD_INPUT
     journaled = None
     if args.journal is not None:
         journaled = _open_journal(args, source)
         if journaled is None:
             return EXIT_BAD_INPUT
         source = journaled.source
+    if not _check_output_dir(args):
+        return EXIT_BAD_INPUT
     outputs = _open_outputs(args)
     if outputs is None:
         return EXIT_BAD_INPUT
@@ -95,6 +101,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         live_fd=live_fd,
         scheduler=args.scheduler,
         connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+        output_dir=args.output_dir,
     )
     return _run(args.engine, config)
 
@@ -248,6 +255,31 @@ def _read_job_file(path: str, layout: PoolLayout) -> GeneratorInput | None:
     return GeneratorInput(jobs, layout)
 
 
+def _commands_refused(args: argparse.Namespace) -> str | None:
+    """Why this run cannot take sh, exec and call jobs, if it cannot: the Dask engine does
+    not run them yet (its workers would fail them one by one); and with --results - their
+    output would mix with the results on standard output."""
+    if args.engine == "dask":
+        return "--engine dask does not run sh, exec and call jobs yet: run them on the local engine"
+    if args.results == "-" and args.output_dir is None:
+        return ("with --results -, a command's output would mix with the results on standard "
+                "output: keep it in files with --output-dir DIR")
+    return None
+
+
+def _commands_allowed(path: str | None, source: GeneratorInput) -> bool:
+    """False after naming the first command of a job file this run cannot take (standard
+    input's are refused line by line: core/stdin.py)."""
+    if source.refuse_commands is None or source.jobs is None:
+        return True
+    command = next((job for job in source.jobs if job.kind in COMMAND_KINDS), None)
+    if command is None:
+        return True
+    error(f"{path}:{command.line}: {source.refuse_commands}")
+    error(f"{path}: nothing was run")
+    return False
+
+
 @dataclass(frozen=True)
 class Journaled:
     journal: Journal
@@ -286,11 +318,27 @@ def _journaled(journal: Journal, args: argparse.Namespace,
             journal.add_job(job)
         journal.commit()  # every job is journaled before any runs
     journal_digests = {job: entry[0] for job, entry in journal.jobs().items()}
-    source = GeneratorInput(source.jobs, source.layout, frozenset(resumed), journal_digests)
+    source = dataclasses.replace(source, done=frozenset(resumed),
+                                 journal_digests=journal_digests)
     return Journaled(journal, source, resumed)
 
 
 # --- Outputs and the log ----------------------------------------------------------------
+
+def _check_output_dir(args: argparse.Namespace) -> bool:
+    """--output-dir, made if missing."""
+    if args.output_dir is None:
+        return True
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        error(f"{args.output_dir}: cannot make the output directory: {e.strerror}")
+        return False
+    if not os.access(args.output_dir, os.W_OK | os.X_OK):
+        error(f"{args.output_dir}: cannot write the output directory")
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class Outputs:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from taskpool.core.jobfile import LINE_MAX, LineError, parse_lines
-from taskpool.model.jobs import Job, job_digest
+from taskpool.model.jobs import COMMAND_KINDS, Job, job_digest
 from taskpool.model.pools import PoolLayout
 from taskpool.wire.records import LineRejected
 
@@ -25,6 +25,9 @@ class GeneratorInput:
     layout: PoolLayout  # how a streamed line is routed to its pool
     done: frozenset[int] = frozenset()
     journal_digests: dict[int, str] = field(default_factory=dict)
+    # Why this run takes no sh, exec or call job, if it takes none: such a line is rejected
+    # with this reason (a job file's, before anything runs: cli/run.py).
+    refuse_commands: str | None = None
 
 
 def _no_op() -> None:
@@ -126,6 +129,9 @@ def streamed_jobs(
     for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout):
         if isinstance(item, LineError):
             yield LineRejected(f"{item.source}:{item.line}", item.reason, item.line)
+            continue
+        if source.refuse_commands is not None and item.kind in COMMAND_KINDS:
+            yield LineRejected(f"{STDIN_NAME}:{item.line}", source.refuse_commands, item.line)
             continue
         journaled = source.journal_digests.get(item.job_id)
         if journaled is not None and journaled != job_digest(item):

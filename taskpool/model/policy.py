@@ -40,6 +40,9 @@ class SupervisionPolicy:
     grace: float = DEFAULT_GRACE  # on SIGTERM/SIGINT, for running jobs to finish
     max_tasks_per_child: int | None = None
     max_memory_mb: int | None = None
+    # A job that ran and failed (non-zero exit, a call that raised) runs again up to this
+    # many times (--retry-failed; core/supervision.py: after_failure). 0: never.
+    retry_failed: int = 0
 
     def describe(self) -> str:
         attempts = "unlimited" if self.max_attempts == 0 else str(self.max_attempts)

@@ -20,6 +20,7 @@ from taskpool.model.policy import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_RESTART_WINDOW,
+    HaltPolicy,
 )
 
 MAX_WORKERS = 512
@@ -97,6 +98,13 @@ def _seconds_or_off(text: str) -> float:
 def _fault(text: str) -> InjectedFault:
     try:
         return InjectedFault.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _halt(text: str) -> HaltPolicy:
+    try:
+        return HaltPolicy.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -246,6 +254,17 @@ def _add_supervision_options(run_cmd: argparse.ArgumentParser) -> None:
     policy.add_argument("--max-memory", type=_megabytes, metavar="MB",
                         help="cap each worker's address space; a job that exceeds it fails "
                              "the attempt with reason 'memory limit' (default: none)")
+    policy.add_argument("--halt", type=_halt, metavar="WHEN,fail=N",
+                        help="stop the run once N jobs (or P%%: fail=P%%) have failed, as GNU "
+                             "parallel's --halt: soon takes no new job and lets the running "
+                             "ones finish, now also stops them; the rest are not_done, exit 1 "
+                             "(default: never)")
+    policy.add_argument("--retry-failed", type=_count(1, ATTEMPTS_MAX), nargs="?", const=1,
+                        metavar="N",
+                        help="run a job that failed (a non-zero exit status, an exception; "
+                             "not a crash) up to N more times (default 1 with the flag, else "
+                             "0); with --resume, also run again the jobs the journal has as "
+                             "failed")
 
 
 def _add_journal_options(run_cmd: argparse.ArgumentParser) -> None:

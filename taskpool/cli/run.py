@@ -41,6 +41,7 @@ from taskpool.model.policy import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_RESTART_WINDOW,
+    HaltPolicy,
     SupervisionPolicy,
 )
 from taskpool.model.pools import PoolLayout, PoolSpec, PoolSpecError
@@ -342,4 +343,6 @@ def _policy(args: argparse.Namespace, workers: int) -> SupervisionPolicy:
         grace=args.grace,
         max_tasks_per_child=args.max_tasks_per_child,
         max_memory_mb=args.max_memory,
+        halt=args.halt or HaltPolicy(),
+        retry_failed=args.retry_failed or 0,
     )

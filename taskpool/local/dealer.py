@@ -74,6 +74,9 @@ class DealerConfig:
     request_message_size: int = MAX_MESSAGE_SIZE
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    # The jobs the run sends, when known at start (a job file, less what --resume skips):
+    # the base of --halt fail=P%. None: standard input, counted as it is read.
+    jobs_total: int | None = None
 
     @property
     def credit(self) -> int:
@@ -117,7 +120,7 @@ class Dealer:
         recovery = Recovery(self.state, config.policy, config.layout, self.writer, tally,
                             self.stopper)
         return Receiver(self.state, self.result_queue, self.writer, tally, recovery,
-                        self.stopper, config.policy, config.layout)
+                        self.stopper, config.policy, config.layout, config.jobs_total)
 
     def run(self) -> int:
         layout = self.config.layout

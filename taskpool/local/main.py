@@ -199,8 +199,11 @@ class Main(EngineLoop):
         return mqueue.create_queue("ready", mqueue.READY_QUEUE_DEPTH, MAX_MESSAGE_SIZE)
 
     def _dealer_config(self) -> DealerConfig:
-        pool = self.config.pool
-        return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt)
+        pool, source = self.config.pool, self.config.source
+        jobs_total = None if source.jobs is None else sum(
+            1 for job in source.jobs if job.job_id not in source.done)
+        return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt,
+                            jobs_total=jobs_total)
 
     def _drain_live_view(self) -> None:
         if self.live_reader is not None:

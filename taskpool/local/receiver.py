@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from taskpool.core.supervision import Cause, Death
+from taskpool.core.supervision import Cause, Death, halt_due
 from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.recovery import Recovery
 from taskpool.local.scheduler import Schedule, assign
@@ -60,8 +60,12 @@ class Receiver:
     stopper: Stopper
     policy: SupervisionPolicy
     layout: PoolLayout
+    # The jobs this run sends, when known before they are read (a job file): the base of
+    # --halt fail=P%. None: the jobs read so far.
+    jobs_total: int | None = None
     # A result too large for one message, so far, by (worker pid, job id). Ours alone.
     result_parts: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
+    failures_seen: int = 0  # the failures --halt has judged so far
 
     def run(self) -> None:
         state = self.state
@@ -74,9 +78,22 @@ class Receiver:
                 log.info("All jobs completed. Shutting down workers...",
                          extra=event(ev.ALL_JOBS_COMPLETED, jobs=self.tally.recorded))
                 self.stopper.stop_pool(kill=False)
+            elif not state.stopping and self.tally.failed > self.failures_seen:
+                self._judge_failures()
             if state.stopping and self._all_workers_gone():
                 self.writer.flush()  # not under the lock: see Dealer._reader_lost
                 return
+
+    def _judge_failures(self) -> None:
+        """A job failed since the last look: halt the run if --halt says so."""
+        self.failures_seen = self.tally.failed
+        jobs = self.jobs_total or self.tally.expected_total
+        if jobs is None:
+            with self.state.lock:
+                jobs = len(self.state.jobs)
+        halt = halt_due(self.policy.halt, self.tally.failed, jobs)
+        if halt is not None:
+            self.stopper.halt(halt)
 
     def _next_message(self) -> Message | None:
         try:

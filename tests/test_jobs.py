@@ -63,7 +63,8 @@ def test_read_job_file_lists_every_bad_line(tmp_path: Path) -> None:
     assert [j.job_id for j in jobs] == [1, 2]
     assert [str(e) for e in errors] == [
         f"{path}:2: fib takes one argument, got 0",
-        f"{path}:4: unknown job kind 'bogus' (expected 'fib N', 'sleep SECONDS', 'alloc MB', "
+        f"{path}:4: unknown job kind 'bogus' (expected 'sh COMMAND', 'exec PROGRAM [ARGS]', "
+        "'call module:function [ARGS]', 'fib N', 'sleep SECONDS', 'alloc MB', "
         "'crash' or '<job_type> <duration> [priority]')",
     ]
 

@@ -215,6 +215,9 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
                               "input, read as the pool runs")
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded")
+    run_cmd.add_argument("--output-dir", metavar="DIR",
+                         help="keep each sh/exec/call job's output as DIR/<job>.out and "
+                              "DIR/<job>.err (created if missing) instead of printing it")
     run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
     run_cmd.add_argument("--events", metavar="FILE.jsonl",
                          help="write every event (the log's, ACKs included) as one JSON object "

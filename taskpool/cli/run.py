@@ -76,6 +76,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         if journaled is None:
             return EXIT_BAD_INPUT
         source = journaled.source
+    if not _check_output_dir(args):
+        return EXIT_BAD_INPUT
     outputs = _open_outputs(args)
     if outputs is None:
         return EXIT_BAD_INPUT
@@ -92,6 +94,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         live_fd=live_fd,
         scheduler=args.scheduler,
         connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+        output_dir=args.output_dir,
     )
     return _run(args.engine, config)
 
@@ -260,6 +263,26 @@ def _journaled(journal: Journal, args: argparse.Namespace,
 
 
 # --- Outputs and the log ----------------------------------------------------------------
+
+def _check_output_dir(args: argparse.Namespace) -> bool:
+    """--output-dir made if missing; and the jobs' output and the results kept apart: both
+    on standard output would mix JSON lines with what the commands print."""
+    if args.results == "-" and args.output_dir is None:
+        error("--results - would mix the results with the jobs' output on standard output: "
+              "give --results FILE, or keep the output in files with --output-dir DIR")
+        return False
+    if args.output_dir is None:
+        return True
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        error(f"{args.output_dir}: cannot make the output directory: {e.strerror}")
+        return False
+    if not os.access(args.output_dir, os.W_OK | os.X_OK):
+        error(f"{args.output_dir}: cannot write the output directory")
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class Outputs:

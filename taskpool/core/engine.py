@@ -50,6 +50,8 @@ class RunConfig:
     live_fd: int | None = None  # ...the read end of the children's event pipe
     scheduler: str | None = None  # dask: an existing cluster's address; None: start one
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # dask: seconds to reach `scheduler`
+    # --output-dir: each job's output kept as DIR/<job>.out and .err; None: printed
+    output_dir: str | None = None
 
 
 class Engine(ABC):

@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from taskpool.model.jobs import Job, JobKind, job_digest
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind, job_digest, kind_of_label
 from taskpool.model.outcome import JobRecord
 
 SCHEMA_VERSION = "2"  # 2 added jobs.pool and jobs.priority (typed pools)
@@ -51,7 +51,12 @@ class JournalError(Exception):
 
 
 def describe(job: Job) -> str:
-    return _describe(job.kind.label, job.arg, job.timeout, job.pool, job.priority)
+    return _describe(job.kind.label, _arg_text(job), job.timeout, job.pool, job.priority)
+
+
+def _arg_text(job: Job) -> str:
+    """A job's arg column: a command's text, any other job's repr(arg)."""
+    return job.text if job.kind in COMMAND_KINDS else repr(job.arg)
 
 
 def _describe(kind: str, arg: object, timeout: float | None, pool: int, priority: int) -> str:
@@ -168,8 +173,7 @@ class Journal:
         rows = self.db.execute(
             "SELECT job, kind, arg, timeout, line, pool, priority FROM jobs ORDER BY job")
         try:
-            return {job: Job(job, JobKind[kind.upper()], _arg(kind, arg), timeout, pool,
-                             priority, line=line)
+            return {job: _job(job, kind, arg, timeout, pool, priority, line)
                     for job, kind, arg, timeout, line, pool, priority in rows}
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise JournalError(f"{self.path}: not a usable taskpool journal (a job cannot be "
@@ -234,7 +238,7 @@ class Journal:
             self.db.execute("BEGIN")
             self.db.executemany(
                 "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(j.job_id, j.kind.label, repr(j.arg), j.timeout, j.line, job_digest(j),
+                [(j.job_id, j.kind.label, _arg_text(j), j.timeout, j.line, job_digest(j),
                   j.pool, j.priority) for j in jobs])
             self.db.executemany(
                 "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
@@ -287,5 +291,20 @@ def _owner(path: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _arg(kind: str, text: str) -> float | int:
+def _arg(kind: str, text: str) -> float | int | str:
+    """A job's arg from its column: a command's is its text."""
+    if kind in _COMMAND_LABELS:
+        return text
     return float(text) if kind == JobKind.SLEEP.label else int(text)
+
+
+_COMMAND_LABELS = frozenset(kind.label for kind in COMMAND_KINDS)
+
+
+def _job(job: int, label: str, arg: str, timeout: float | None, pool: int, priority: int,
+         line: int) -> Job:
+    kind = kind_of_label(label)
+    if kind in COMMAND_KINDS:
+        return Job(job, kind, 0, timeout, pool, priority, line=line, payload=arg.encode())
+    return Job(job, kind, _arg(label, arg), timeout, pool, priority,  # type: ignore[arg-type]
+               line=line)

@@ -12,6 +12,7 @@ the results file, which is what --resume relies on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import time
 from collections import Counter
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from taskpool.core.journal import Journal
+from taskpool.core.output import JobOutput
 from taskpool.model.exits import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, EXIT_OK
-from taskpool.model.jobs import Job
+from taskpool.model.jobs import COMMAND_KINDS, Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
@@ -51,6 +53,9 @@ class Recorder:
     batch_started: float | None = None  # when the oldest uncommitted outcome came
     journal_lost: str | None = None  # why the journal stopped taking outcomes, if it did
     results_lost: str | None = None  # why the results file stopped taking them, if it did
+    # Where the jobs of real work's output goes, as each is recorded (core/output.py);
+    # None where no job can have output (the engine set none).
+    output: JobOutput | None = None
 
     def resume_from(self, resumed: dict[int, JobRecord]) -> None:
         """On --resume, what the journal already holds is recorded first, and the results
@@ -71,6 +76,7 @@ class Recorder:
             if record.job in self.outcomes:
                 log.info("Dropped duplicate record for job %d", record.job)
                 continue
+            record = self._with_text(record)
             self.outcomes[record.job] = record
             if record.status == Status.FAILED.value:
                 self.failed += 1
@@ -83,6 +89,14 @@ class Recorder:
             if len(self.journal.pending_outcomes) >= JOURNAL_BATCH_MAX:
                 self.commit()
         self.write_results(unjournaled)
+
+    def _with_text(self, record: JobRecord) -> JobRecord:
+        """A job of real work's record, its arg its text: an engine may not send it (the
+        local Dealer has only where it waits in the spool)."""
+        job = self.known.get(record.job)
+        if job is None or job.kind not in COMMAND_KINDS or record.arg == job.text:
+            return record
+        return dataclasses.replace(record, arg=job.text)
 
     def accept(self, job: Job) -> None:
         self.known[job.job_id] = job
@@ -121,12 +135,26 @@ class Recorder:
         self.journal = None
 
     def write_results(self, records: list[JobRecord]) -> None:
+        """Each record's output delivered, then its results line written: both once, as
+        the record is final (committed to the journal, if there is one)."""
+        if self.output is not None:
+            records = self._delivered(records)
         if self.results is not None and records:
             try:
                 self.results.write("".join(map(results_line, records)))
                 self.results.flush()
             except OSError as e:
                 self._results_failed(e)
+
+    def _delivered(self, records: list[JobRecord]) -> list[JobRecord]:
+        assert self.output is not None
+        delivered = []
+        for record in records:
+            kept = self.output.deliver(record)
+            if kept is not record:
+                self.outcomes[record.job] = kept
+            delivered.append(kept)
+        return delivered
 
     def _results_failed(self, error: OSError) -> None:
         """The results file cannot be written (a full disk, /dev/full): said once; the run

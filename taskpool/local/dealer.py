@@ -61,6 +61,7 @@ from taskpool.observe import log as tplog
 from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, supervisor_log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.spool import Spool
 from taskpool.wire.queue import MAX_MESSAGE_SIZE
 
 
@@ -74,6 +75,10 @@ class DealerConfig:
     request_message_size: int = MAX_MESSAGE_SIZE
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    # The CLI's run: where the commands' texts wait, and where their output is spooled
+    # (posix/spool.py). None in an Executor's host.
+    spool: Spool | None = None
+    run_dir: str | None = None
     # The jobs the run sends, when known at start (a job file, less what --resume skips):
     # the base of --halt fail=P%. None: standard input, counted as it is read.
     jobs_total: int | None = None
@@ -108,7 +113,8 @@ class Dealer:
         self.supervisor = Supervisor(
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
-                        config.initializer, config.request_message_size, ack_every_job),
+                        config.initializer, config.request_message_size, ack_every_job,
+                        config.spool, config.run_dir),
         )
         self.stopper = Stopper(self.state, config.policy.grace, ready_queue)
         self.receiver = self._receiver()
@@ -228,7 +234,14 @@ def run_dealer(
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         proc.redirect_stdin_to_devnull()
-        proc.close_fds_except({0, 1, 2, ready_queue.mqd, record_fd} | tplog.descriptors())
+        spool = {config.spool.fd} if config.spool is not None else set()
+        proc.close_fds_except({0, 1, 2, ready_queue.mqd, record_fd} | spool
+                              | tplog.descriptors())
+        # A worker's command outlives it if the worker dies (SIGKILL, OOM): orphaned, it is
+        # reparented to us, and the recovery thread kills its process group as it reaps the
+        # worker (Supervisor.reap_workers). Without this, it would go to main, which hears
+        # nothing of a worker's death.
+        proc.become_subreaper()
         code = Dealer(config, ready_queue, RecordWriter(record_fd)).run()
     except mqueue.QueueLimitError as e:
         log.error("Cannot start: %s", e)

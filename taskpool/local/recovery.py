@@ -42,7 +42,12 @@ from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.scheduler import Schedule, assign, enqueue
 from taskpool.local.state import NUDGE_SIGNAL, JobState, PoolState, WorkerHandle
 from taskpool.local.stopping import Stopper
-from taskpool.model.exits import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT
+from taskpool.model.exits import (
+    EXIT_COMMAND_KILLED_BASE,
+    EXIT_COMMAND_TIMED_OUT,
+    EXIT_INITIALIZER_FAILED,
+    EXIT_MEMORY_LIMIT,
+)
 from taskpool.model.jobs import Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
@@ -56,9 +61,10 @@ SPLIT_ID_BASE = 1 << 62
 
 
 def death_of(exited: WorkerExited, killed_for: Death | None,
-             policy: SupervisionPolicy) -> Death:
+             policy: SupervisionPolicy, running: Job | None = None) -> Death:
     """Why the worker died: the reason we killed it for, if we did, else what its wait
-    status says (our own exit statuses by name)."""
+    status says (our own exit statuses by name; `running`, the job it had started, for
+    a command it ended at its timeout)."""
     status = exited.wait_status
     if killed_for is not None:
         # A preempted worker that died of something else first (a crash job, say) is
@@ -67,9 +73,24 @@ def death_of(exited: WorkerExited, killed_for: Death | None,
         return Death.crashed(status) if killed_for.requeue and not by_us else killed_for
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_INITIALIZER_FAILED:
         return Death.of(Cause.INITIALIZER_FAILED)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if code == EXIT_MEMORY_LIMIT:
         return Death.of(Cause.MEMORY_LIMIT, megabytes=policy.max_memory_mb)
+    if code == EXIT_COMMAND_TIMED_OUT:
+        seconds = (running.timeout if running is not None else None) or policy.timeout or 0
+        return Death.of(Cause.TIMED_OUT, job=running.job_id if running else "?",
+                        seconds=seconds)
+    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
+        sig = code - EXIT_COMMAND_KILLED_BASE
+        return Death.of(Cause.COMMAND_KILLED, signal=sig, name=_signal_name(sig))
     return Death.crashed(status)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _calls(job: Job) -> int:
@@ -149,8 +170,9 @@ class Recovery:
             worker = self.state.exited.pop(exited.pid, None)
             if worker is None:
                 return
+            running = self.state.jobs.get(worker.running) if worker.running else None
             death = death_of(exited, self.state.kill_reasons.pop(exited.pid, None),
-                             self.policy)
+                             self.policy, running.job if running is not None else None)
             aftermath = self._settle(worker, death, at)
         for held in aftermath.of(Verdict.FAIL):
             self._record_failure(held, aftermath)

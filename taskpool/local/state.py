@@ -101,6 +101,9 @@ class JobState:
     # carries attempt = failed_attempts + 1.
     failed_attempts: int = 0
     recorded: bool = False
+    # Runs of it that ended failed (a non-zero exit, a call that raised): run again only
+    # while the policy's retry_failed allows (core/supervision.py: after_failure).
+    failed_runs: int = 0
 
 
 @dataclass(frozen=True)

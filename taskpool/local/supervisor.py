@@ -48,6 +48,7 @@ from taskpool.observe import log as tplog
 from taskpool.observe.log import event
 from taskpool.observe.log import supervisor_log as log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.spool import Spool
 from taskpool.wire.queue import MAX_MESSAGE_SIZE, Terminate, WorkerExited
 
 # The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
@@ -100,6 +101,8 @@ class WorkerSetup:
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
     request_message_size: int = MAX_MESSAGE_SIZE
     ack_every_job: bool = True  # see protocol.is_acked
+    spool: Spool | None = None  # the commands' texts (posix/spool.py); None: no commands
+    run_dir: str | None = None  # where the commands' output is spooled
 
 
 class Supervisor(threading.Thread):
@@ -358,12 +361,15 @@ class Supervisor(threading.Thread):
             # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
             # mid-way: the Dealer decides, and lets running jobs finish within --grace.
             proc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
-            proc.close_fds_except(
-                {0, 1, 2, request_queue.mqd, self.setup.result_queue.mqd} | tplog.descriptors()
-            )
-            policy = self.setup.policy
+            setup = self.setup
+            spool = {setup.spool.fd} if setup.spool is not None else set()
+            proc.close_fds_except({0, 1, 2, request_queue.mqd, setup.result_queue.mqd}
+                                  | spool | tplog.descriptors())
+            proc.close_on_exec_all()  # a command it starts inherits none of them
+            policy = setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
-                                  policy.max_memory_mb, self.setup.ack_every_job)
+                                  policy.max_memory_mb, setup.ack_every_job, policy.timeout,
+                                  setup.spool, setup.run_dir)
             run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
                        log_each_job=self.layout.typed, initializer=self.setup.initializer)
         finally:
@@ -403,6 +409,7 @@ class Supervisor(threading.Thread):
                 self._log_killed(pid, stopped)
             if worker is None:
                 continue
+            self.kill_orphans()  # what it left running: its command's process group
             self._log_reaped(worker, status, retired, crash, preempted)
             # Posted before any replacement is forked, so that the job is resent (to another
             # idle worker, if there is one) without waiting for the new worker to start.
@@ -445,6 +452,15 @@ class Supervisor(threading.Thread):
         log.info("Worker PID %d %s: killed it", pid, death.reason,
                  extra=event(ev.WORKER_KILLED, worker=pid, reason=death.reason))
 
+    def kill_orphans(self) -> None:
+        """Kill every child of ours that is no worker: a command orphaned by its worker's
+        death, reparented to the Dealer (a child subreaper), with its process group. Called
+        from this thread only, which forks every worker: none can be missing from the
+        list."""
+        with self.state.lock:
+            workers = set(self.state.workers)
+        proc.kill_orphans(workers)
+
     def kill_workers(self) -> None:
         with self.state.lock:
             for pid in self.state.workers:
@@ -452,6 +468,7 @@ class Supervisor(threading.Thread):
 
     def reap_until_empty(self) -> None:
         while True:
+            self.kill_orphans()  # a worker's death may have orphaned a command
             try:
                 # Wait without reaping, so that the reap below can happen under the lock.
                 os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)

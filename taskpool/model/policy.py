@@ -113,8 +113,8 @@ class SupervisionPolicy:
     max_tasks_per_child: int | None = None
     max_memory_mb: int | None = None
     halt: HaltPolicy = HaltPolicy()  # --halt: stop the run after failures
-    # --retry-failed: a job that failed (not a crash: a non-zero exit status, an exception)
-    # runs up to this many more times before it is recorded failed.
+    # A job that ran and failed (non-zero exit, a call that raised) runs again up to this
+    # many times (--retry-failed; core/supervision.py: after_failure). 0: never.
     retry_failed: int = 0
 
     def describe(self) -> str:

@@ -248,6 +248,11 @@ def _open_journal(args: argparse.Namespace, source: GeneratorInput) -> Journaled
 def _journaled(journal: Journal, args: argparse.Namespace,
                source: GeneratorInput) -> Journaled:
     resumed = journal.outcomes() if args.resume else {}
+    if args.resume and args.retry_failed:
+        resumed = journal.failed_to_run_again(resumed)
+        if journal.rerunning:
+            main_log.info("Resuming: running again the %d jobs the journal has as failed "
+                          "(--retry-failed)", len(journal.rerunning))
     if source.jobs is not None:
         if args.resume and not args.force_resume:
             difference = journal.first_difference(source.jobs, args.jobs or "<demo>")

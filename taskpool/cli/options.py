@@ -142,6 +142,11 @@ def _add_run_command(commands: Any) -> None:
                          help="typed pools instead of one: worker counts per job type, "
                               "'1,3,1' (types 1..3), or named for a job kind, 'fib=2,sleep=1'; "
                               "the same as 'taskpool dispatch'")
+    run_cmd.add_argument("--cmd", metavar="TEMPLATE",
+                         help="each input line is data for one sh command: TEMPLATE with {} "
+                              "the whole line, {1} {2} ... its fields, {#} the job id, each "
+                              "quoted for the shell ('gzip -9 {}'; no {}: the line is "
+                              "appended)")
     _add_run_options(run_cmd, dispatch=False)
 
 
@@ -157,7 +162,7 @@ def _add_dispatch_command(commands: Any) -> None:
                               help="workers of job type 1, 2, ... (or KIND=COUNT)")
     _add_run_options(dispatch_cmd, dispatch=True)
     # What `run` has flags for and dispatch has not: its pools come from COUNT.
-    dispatch_cmd.set_defaults(demo=False, workers=None)
+    dispatch_cmd.set_defaults(demo=False, workers=None, cmd=None)
 
 
 def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:

@@ -10,8 +10,9 @@ two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's 
 (against the machine's own: plain forked processes, no pool);
 crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
 typed pools on sleep workloads; the per-job overhead of the two engines of `taskpool run`
-(local and, with the dask extra, Dask) on no-op and fib jobs. The measurements are in
-peers.py and engines.py.
+(local and, with the dask extra, Dask) on no-op and fib jobs; 2,000 `true` commands
+through `taskpool run --cmd` against xargs -P and GNU parallel. The measurements are in
+peers.py, engines.py and commands.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ JOBS = 20_000
 REPEATS = 3
 ROUNDS = 5  # of the dispatch measurements, each pool once a round
 KILLS = 200
+COMMANDS = 2000
 
 
 def cli_jobs_per_second(workdir: Path, journal: bool) -> tuple[float, float]:
@@ -107,6 +109,7 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 
 
 def main() -> None:
+    import commands
     import engines
     import peers
 
@@ -175,6 +178,8 @@ def main() -> None:
             typed.append((name, dispatch_makespan(workdir, jobs), ideal_makespan(jobs, exact)))
     print("engines...", file=sys.stderr)
     engine_table = engines.overhead_table()
+    print("commands...", file=sys.stderr)
+    command_table = commands.commands_table(COMMANDS, 2, ROUNDS)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}, {datetime.date.today()}")
     peers_rates = {k: rates[k] for k in ("ppe", "mp", "loky", "pebble") if k in rates}
@@ -259,7 +264,15 @@ def main() -> None:
         "",
         engine_table,
         "",
-        "Command: `make bench` (the engines' table alone: `python bench/engines.py`).",
+        f"Commands: {COMMANDS:,} `true` commands on 2 workers, one a line of input, each "
+        "tool's whole command timed (start-up included); the tools in turn, round after "
+        f"round, {ROUNDS} rounds: the median and the range. Targets: taskpool at least "
+        "xargs's commands/s, and at least 4x GNU parallel's.",
+        "",
+        command_table,
+        "",
+        "Command: `make bench` (the engines' table alone: `python bench/engines.py`; the "
+        "commands' alone: `python bench/commands.py`).",
     ])
     print(table)
     write_results(ROOT / "bench" / "results.md", table)

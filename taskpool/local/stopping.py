@@ -78,7 +78,6 @@ class Stopper:
                              jobs=halt.jobs, reason=halt.reason, running=running,
                              not_started=not_started))
 
-
     def give_up(self, reason: str) -> None:
         """The pool cannot work (restart intensity): stop it, killing what runs."""
         self.stop_reason = reason

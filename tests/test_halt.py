@@ -4,6 +4,8 @@ not_done and the run exits 1. A failed job here is a `crash` job out of --max-at
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,21 @@ def test_halt_soon_lets_the_running_jobs_finish_and_starts_none(tmp_path: Path) 
     assert [recorded[2], recorded[3]] == ["failed", "failed"]
     assert halted["not_started"] > 0 and "not_done" in recorded.values()
     assert len(recorded) == 15
+
+
+def test_a_ctrl_c_during_a_soon_halt_gives_the_running_jobs_the_grace_period(
+    tmp_path: Path,
+) -> None:
+    jobs = write_job_file(tmp_path, [LONG, "crash", LONG])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--max-attempts", "1",
+                   "--halt", "soon,fail=1", "--grace", "0.5", "--results", str(results)],
+                  events=tmp_path / "e.jsonl")
+    run.wait_for_event(ev.HALTED)
+    os.killpg(run.pid, signal.SIGINT)  # the long job would run 300 s: the grace ends it
+    assert run.finish() == 128 + signal.SIGINT
+    assert run.one_event(ev.STOPPING)["grace"] == 0.5
+    assert statuses(results) == {1: "not_done", 2: "failed", 3: "not_done"}
 
 
 def test_halt_at_a_percentage_counts_the_jobs_of_the_run(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from taskpool.observe import events as ev
 
 from harness import ROOT, PoolRun, read_results, wait_for_files, write_job_file
@@ -275,3 +277,30 @@ def test_results_on_stdout_with_the_jobs_output_is_refused(tmp_path: Path) -> No
     assert proc.returncode == 2
     assert proc.stderr.startswith("taskpool: --results - would mix the results with the "
                                   "jobs' output")
+
+
+@pytest.mark.parametrize("role", ["Dealer", "main"])
+def test_a_lost_dealer_or_main_takes_the_running_commands_with_it(tmp_path: Path,
+                                                                   role: str) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    jobs = write_job_file(tmp_path, [
+        f"sh echo $$ > {marks}/{n}.tmp; mv {marks}/{n}.tmp {marks}/{n}; sleep 300 & wait"
+        for n in (1, 2)])
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs)], events=tmp_path / "events.jsonl")
+    wait_for_files(marks, lambda: len(os.listdir(marks)) == 2 or None, "two commands")
+    trees = [m for n in (1, 2) for m in group_members(int((marks / str(n)).read_text()))]
+    assert len(trees) >= 4, f"two shells and their sleeps: {trees}"
+    os.kill(run.role_pid("Dealer") if role == "Dealer" else run.pid, signal.SIGKILL)
+    assert wait_until_ended(trees) == [], f"a command outlived the lost {role}"
+    assert run.finish() == (1 if role == "Dealer" else -signal.SIGKILL)
+
+
+def test_a_worker_waiting_for_its_command_keeps_its_heartbeat(tmp_path: Path) -> None:
+    jobs = write_job_file(tmp_path, ["sh sleep 2"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
+                   "--heartbeat", "0.6"], events=tmp_path / "events.jsonl")
+    assert run.finish() == 0
+    assert by_job(results)[1]["status"] == "done"
+    assert run.events_named(ev.WORKER_KILLED) == [], "a command's wait is no hang"

@@ -34,7 +34,7 @@ from taskpool.core.journal import Journal, JournalError
 from taskpool.core.stdin import GeneratorInput
 from taskpool.model.exits import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE
 from taskpool.model.faults import CrashPlan, Step
-from taskpool.model.jobs import Job, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.outcome import JobRecord
 from taskpool.model.policy import (
     DEFAULT_HEARTBEAT,
@@ -69,7 +69,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return EXIT_BAD_INPUT
     layout = _pool_layout(args, parser)
     source = _load_jobs(args, parser, layout)
-    if source is None:
+    if source is None or not _engine_runs_them(args.engine, args.jobs, source):
         return EXIT_BAD_INPUT
     journaled = None
     if args.journal is not None:
@@ -235,6 +235,19 @@ def _read_job_file(path: str, layout: PoolLayout,
         error(f"{path}: {len(errors)} bad line(s); nothing was run")
         return None
     return GeneratorInput(jobs, layout, template=template)
+
+
+def _engine_runs_them(engine: str, path: str | None, source: GeneratorInput) -> bool:
+    """Whether the engine runs every kind of the job file's jobs: the Dask engine does not
+    run sh, exec and call jobs yet (its workers would fail them, one by one)."""
+    if engine != "dask" or source.jobs is None:
+        return True
+    command = next((job for job in source.jobs if job.kind in COMMAND_KINDS), None)
+    if command is None:
+        return True
+    error(f"{path}:{command.line}: --engine dask does not run {command.kind.label} jobs yet: "
+          "run them on the local engine")
+    return False
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,8 @@ class Main(EngineLoop):
                 return
             if pid == 0:
                 return
+            if pid not in (self.generator.pid, self.dealer.pid):
+                self._kill_orphans()
             for child in (self.generator, self.dealer):
                 if child.pid == pid:
                     child.status = status
@@ -324,17 +326,29 @@ class Main(EngineLoop):
                 self.recorder.stats = record
         self.recorder.record_all(outcomes)
 
+    def _kill_orphans(self) -> None:
+        """A worker of a lost Dealer died, reparented to us: its command, if it ran one, is
+        ours now too (reparented as the worker died, before we could reap the worker).
+        Kill it with its process group at once, not at the end of the run."""
+        keep = {child.pid for child in (self.generator, self.dealer) if child.running}
+        proc.kill_orphans(keep | self.inherited_children)
+
     def _reap_orphans(self) -> None:
         """Wait for workers orphaned by a lost Dealer: PR_SET_PDEATHSIG has already sent
         them SIGKILL, and as a subreaper we are their parent now (they were reparented as
         the Dealer exited, before we reaped it). Their commands, orphaned with them, are
-        ours too: killed with their process groups first (proc.kill_orphans)."""
-        proc.kill_orphans(self.inherited_children)
-        for pid in _children_of_self() - self.inherited_children:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        ours too, each as its worker dies: killed with their process groups, round after
+        round until no child of the run is left."""
+        while True:
+            left = _children_of_self() - self.inherited_children
+            if not left:
+                return
+            proc.kill_orphans(self.inherited_children)
+            for pid in left:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
 
 
 def _signal(child: Child, sig: int) -> None:

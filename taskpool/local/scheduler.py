@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from taskpool.core.supervision import Cause, Death
 from taskpool.local.state import NUDGE_SIGNAL, PoolSlots, PoolState, WorkerHandle
-from taskpool.model.jobs import Job
+from taskpool.model.jobs import COMMAND_KINDS, Job
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import dealer_log, event, job_event, supervisor_log
@@ -81,7 +81,9 @@ class Schedule:
             job = s.job
             retry = f" (attempt {s.attempt})" if s.attempt > 1 else ""
             fields = {"at": s.at, "job": job.job_id, "worker": s.pid, "attempt": s.attempt,
-                      "kind": job.kind.label, "arg": job.arg, "type": job.pool,
+                      "kind": job.kind.label,
+                      # A command's text waits in the spool: the Dealer holds only where.
+                      "arg": None if job.kind in COMMAND_KINDS else job.arg, "type": job.pool,
                       "priority": job.priority}
             if layout.typed:
                 priority = f", priority {job.priority}" if job.priority else ""

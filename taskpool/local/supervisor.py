@@ -39,7 +39,13 @@ from taskpool.core.supervision import Cause, Death, StartBackoff
 from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
-from taskpool.model.exits import EXIT_MAIN_LOST, EXIT_RETIRED, EXIT_WORKER_FAILED
+from taskpool.model.exits import (
+    EXIT_COMMAND_KILLED_BASE,
+    EXIT_COMMAND_TIMED_OUT,
+    EXIT_MAIN_LOST,
+    EXIT_RETIRED,
+    EXIT_WORKER_FAILED,
+)
 from taskpool.model.faults import CrashPlan
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
@@ -81,8 +87,24 @@ def silence_fork_warning() -> None:
                             category=DeprecationWarning)
 
 
-def _reap_all_children() -> None:
+def _how_it_ended(status: int) -> str:
+    """A dead worker's wait status in words, our exit statuses for a command by name."""
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if code == EXIT_COMMAND_TIMED_OUT:
+        return "ended its command at its timeout"
+    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
+        sig = code - EXIT_COMMAND_KILLED_BASE
+        how = proc.describe_wait_status(sig)  # a raw status of "killed by signal sig"
+        return f"exited: its command was {how}"
+    return proc.describe_wait_status(status)
+
+
+def _kill_and_reap_all_children() -> None:
+    """Every child killed and reaped: the workers, and the commands each one orphans as it
+    dies (reparented to us, a subreaper, before its death can be reaped: so the next
+    round of the loop finds them)."""
     while True:
+        proc.kill_orphans(set())
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
@@ -132,7 +154,7 @@ class Supervisor(threading.Thread):
                     # left to their parent-death signal they would be zombies of whatever
                     # process adopts them, and that one may never reap.
                     self.kill_workers()
-                    _reap_all_children()
+                    _kill_and_reap_all_children()
                     mqueue.exit_between_creations(EXIT_MAIN_LOST)
                 if sig == signal.SIGTERM:
                     self.setup.result_queue.send(Terminate(sig).encode())
@@ -424,7 +446,7 @@ class Supervisor(threading.Thread):
                      extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
                                  reason="retired", crash=False))
         elif crash:
-            how = proc.describe_wait_status(status)
+            how = _how_it_ended(status)
             log.info("Worker PID %d %s", pid, how,
                      extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool, reason=how,
                                  crash=True))

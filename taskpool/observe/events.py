@@ -13,12 +13,15 @@ tests read them back by the same names. An event's fields are its JSON object's 
     worker_shutdown      worker
     simulated_crash      worker                        (job, step: with --crash-rate)
     initializer_failed   worker (Executor)             reason
-    job_sent             Dealer                        job, worker, attempt, kind, arg, type,
+    job_sent             Dealer                        job, worker, attempt, kind, arg (null:
+                                                       sh, exec, call), type,
                                                        priority[, pool: a typed pool's label]
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job
     job_done             Dealer, Dask engine           job, worker, attempt, result
-    job_failed           Supervisor                    job, worker, attempts, reason
+                                                       [, exit_status: sh, exec]
+    job_failed           Supervisor; Dealer (sh, exec, job, worker, attempts, reason
+                         call that ran and failed)     [, exit_status: sh, exec]
     job_resent           Recovery                      job, worker, reason
     job_requeued         Recovery                      job, worker, reason
     job_split            Recovery (Executor batches)   job, worker, reason, jobs

@@ -9,13 +9,7 @@ from pathlib import Path
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, read_results, write_job_file
-
-
-def results_by_job(path: Path) -> dict[int, dict]:  # type: ignore[type-arg]
-    records = read_results(path)
-    assert len({r["job"] for r in records}) == len(records), "a job recorded twice"
-    return {r["job"]: r for r in records}
+from harness import PoolRun, read_results, results_by_job, write_job_file
 
 
 def test_cmd_runs_the_template_on_each_line_of_a_job_file(tmp_path: Path) -> None:

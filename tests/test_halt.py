@@ -12,15 +12,13 @@ import pytest
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, leftovers_of, read_results, write_job_file
+from harness import PoolRun, leftovers_of, results_by_job, write_job_file
 
 LONG = "sleep 300"  # a job that only a halt that stops running jobs ends in time
 
 
 def statuses(results: Path) -> dict[int, str]:
-    records = read_results(results)
-    assert len({r["job"] for r in records}) == len(records), "a job recorded twice"
-    return {r["job"]: r["status"] for r in records}
+    return {job: r["status"] for job, r in results_by_job(results).items()}
 
 
 def after(events: list[dict], name: str, mark: dict) -> list[dict]:  # type: ignore[type-arg]

@@ -8,18 +8,12 @@ from pathlib import Path
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, read_results, write_job_file
+from harness import PoolRun, results_by_job, write_job_file
 
 
 def fails_once(marker: Path) -> str:
     """A command that exits 3 the first time it runs, and 0 from then on."""
     return f"sh test -e {marker} || {{ touch {marker}; exit 3; }}"
-
-
-def outcomes(results: Path) -> dict[int, dict]:  # type: ignore[type-arg]
-    records = read_results(results)
-    assert len({r["job"] for r in records}) == len(records), "a job recorded twice"
-    return {r["job"]: r for r in records}
 
 
 def runs_of(run: PoolRun, job: int) -> int:
@@ -32,7 +26,7 @@ def test_a_failed_command_runs_again_once_with_the_flag(tmp_path: Path) -> None:
     run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--retry-failed",
                    "--results", str(results)], events=tmp_path / "e.jsonl")
     assert run.finish() == 1  # job 2 fails on both runs
-    got = outcomes(results)
+    got = results_by_job(results)
     assert (got[1]["status"], got[1]["exit_status"]) == ("done", 0)
     assert (got[2]["status"], got[2]["exit_status"]) == ("failed", 4)
     assert (runs_of(run, 1), runs_of(run, 2)) == (2, 2)
@@ -46,7 +40,7 @@ def test_retry_failed_n_runs_a_failing_command_n_more_times(tmp_path: Path) -> N
     assert run.finish() == 1
     assert runs_of(run, 1) == 4
     assert len(run.events_named(ev.JOB_RESENT, job=1)) == 3
-    assert outcomes(results)[1]["status"] == "failed"
+    assert results_by_job(results)[1]["status"] == "failed"
 
 
 def test_without_the_flag_a_failed_command_runs_once(tmp_path: Path) -> None:
@@ -56,7 +50,7 @@ def test_without_the_flag_a_failed_command_runs_once(tmp_path: Path) -> None:
                   events=tmp_path / "e.jsonl")
     assert run.finish() == 1
     assert runs_of(run, 1) == 1
-    assert outcomes(results)[1]["status"] == "failed"
+    assert results_by_job(results)[1]["status"] == "failed"
 
 
 def test_a_crash_is_not_retried_as_a_failure(tmp_path: Path) -> None:
@@ -67,7 +61,7 @@ def test_a_crash_is_not_retried_as_a_failure(tmp_path: Path) -> None:
                   events=tmp_path / "e.jsonl")
     assert run.finish() == 1
     assert runs_of(run, 1) == 2  # --max-attempts bounds a crash; --retry-failed does not
-    assert outcomes(results)[1]["attempts"] == 2
+    assert results_by_job(results)[1]["attempts"] == 2
 
 
 def test_resume_with_retry_failed_runs_the_journals_failed_jobs_again(tmp_path: Path) -> None:
@@ -79,7 +73,7 @@ def test_resume_with_retry_failed_runs_the_journals_failed_jobs_again(tmp_path: 
     def run(*extra: str, name: str) -> tuple[int, PoolRun, dict[int, dict]]:  # type: ignore[type-arg]
         pool_run = PoolRun([*base, *extra], events=tmp_path / f"{name}.jsonl")
         code = pool_run.finish()
-        return code, pool_run, outcomes(results)
+        return code, pool_run, results_by_job(results)
 
     code, first, got = run(name="first")
     assert code == 1

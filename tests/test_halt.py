@@ -135,3 +135,17 @@ def test_halt_on_the_dask_engine(tmp_path: Path, when: str) -> None:
     assert (halted["when"], halted["failed"]) == (when, 1)
     first = "done" if when == "soon" else "not_done"
     assert statuses(results) == {1: first, 2: "failed", 3: "not_done", 4: "not_done"}
+
+
+def test_resume_runs_the_jobs_a_halt_left_not_done(tmp_path: Path) -> None:
+    jobs = write_job_file(tmp_path, ["crash", "sleep 2", "fib 5"])
+    journal, results = tmp_path / "run.db", tmp_path / "r.jsonl"
+    base = ["--workers", "1", "--jobs", str(jobs), "--max-attempts", "1",
+            "--journal", str(journal), "--results", str(results)]
+    halted = PoolRun([*base, "--halt", "now,fail=1"], events=tmp_path / "e1.jsonl")
+    assert halted.finish() == 1
+    assert statuses(results) == {1: "failed", 2: "not_done", 3: "not_done"}
+    resumed = PoolRun([*base, "--resume"], events=tmp_path / "e2.jsonl")
+    assert resumed.finish() == 1  # the crash job stays failed
+    assert sorted(e["job"] for e in resumed.events_named(ev.JOB_SENT)) == [2, 3]
+    assert statuses(results) == {1: "failed", 2: "done", 3: "done"}

@@ -69,37 +69,39 @@ def by_job(path: Path) -> dict[int, dict]:
 
 def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
         tmp_path: Path) -> None:
-    marks = tmp_path / "marks"
+    marks, kept = tmp_path / "marks", tmp_path / "kept"
     marks.mkdir()
     os.mkfifo(marks / "release")
     # Attempt 1: a shell, a subshell and its sleep, all in the command's group; it says so
     # in files, then waits. Attempt 2 prints and ends. Job 2 keeps the run going until the
     # test has seen the first tree end: its death is the Dealer's doing, not the run's end.
     first = (f"if [ -e {marks}/first ]; then echo second attempt; else echo first attempt; "
-             f"echo $$ > {marks}/leader; (sleep 300; true) & "
-             f"touch {marks}/first; wait; fi")
+             f"echo $$ > {marks}/leader; (sleep 300 & touch {marks}/first; wait) & wait; fi")
     jobs = write_job_file(tmp_path, [f"sh {first}", f"sh read line < {marks}/release"])
     results, out = tmp_path / "r.jsonl", tmp_path / "out.txt"
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results)],
-                  events=tmp_path / "events.jsonl", stdout=out)
+    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                   "--output-dir", str(kept)], events=tmp_path / "events.jsonl", stdout=out)
     wait_for_files(marks, lambda: (marks / "first").exists() or None, "the first attempt")
     leader = int((marks / "leader").read_text())
     tree = group_members(leader)
     assert len(tree) >= 3, f"the shell, the subshell and its sleep: {tree}"
     worker = parent_of(leader)
     assert worker in run.worker_pids(), "the command is a child of its worker"
+    [run_dir] = kept.glob("taskpool-run-*")
+    assert (run_dir / f"1.{worker}.out").read_text() == "first attempt\n"
 
     os.kill(worker, signal.SIGKILL)
     assert wait_until_ended(tree) == [], "the command's tree outlived its worker"
+    [resent] = run.wait_for_event(ev.JOB_RESENT)
+    assert (resent["job"], resent["worker"]) == (1, worker)
+    assert not (run_dir / f"1.{worker}.out").exists(), "the cut attempt's output is dropped"
     with open(marks / "release", "w") as release:
         release.write("go\n")
     assert run.finish() == 0
-    [resent] = run.events_named(ev.JOB_RESENT, job=1)
-    assert resent["worker"] == worker
     record = by_job(results)[1]
     assert (record["status"], record["attempts"], record["exit_status"]) == ("done", 2, 0)
-    assert out.read_text().splitlines().count("second attempt") == 1
-    assert "first attempt" not in out.read_text(), "a crashed attempt's output is discarded"
+    assert (kept / "1.out").read_text() == "second attempt\n", "its output, once"
+    assert out.read_text() == ""
     assert group_members(leader) == []
 
 
@@ -285,10 +287,11 @@ def test_a_lost_dealer_or_main_takes_the_running_commands_with_it(tmp_path: Path
     marks = tmp_path / "marks"
     marks.mkdir()
     jobs = write_job_file(tmp_path, [
-        f"sh echo $$ > {marks}/{n}.tmp; mv {marks}/{n}.tmp {marks}/{n}; sleep 300 & wait"
+        f"sh sleep 300 & echo $$ > {marks}/{n}.tmp; mv {marks}/{n}.tmp {marks}/{n}; wait"
         for n in (1, 2)])
     run = PoolRun(["--workers", "2", "--jobs", str(jobs)], events=tmp_path / "events.jsonl")
-    wait_for_files(marks, lambda: len(os.listdir(marks)) == 2 or None, "two commands")
+    wait_for_files(marks, lambda: all((marks / str(n)).exists() for n in (1, 2)) or None,
+                   "two commands")
     trees = [m for n in (1, 2) for m in group_members(int((marks / str(n)).read_text()))]
     assert len(trees) >= 4, f"two shells and their sleeps: {trees}"
     os.kill(run.role_pid("Dealer") if role == "Dealer" else run.pid, signal.SIGKILL)

@@ -3,7 +3,7 @@
 A command (or call) writes its standard output and error to files of the run's private
 directory, one pair an attempt (posix/spool.py: attempt_paths). Only the attempt that is
 recorded is delivered; an attempt cut short by a crash, or past its timeout, is never
-recorded, and its files are removed with the directory when the run ends.
+recorded, and the Dealer removes its files as it handles the death (local/recovery.py).
 
 By default the recorded attempt's standard output is copied whole to ours and its standard
 error to ours, one job after the other (main is the only writer of both: never two jobs'
@@ -41,7 +41,7 @@ class JobOutput:
         record, with the paths of its files under --output-dir."""
         if record.duration is None or record.worker is None:
             return record  # not a job of real work that ran to its end: no output
-        spooled = attempt_paths(self.run_dir, record.job, record.attempts, record.worker)
+        spooled = attempt_paths(self.run_dir, record.job, record.worker)
         if self.output_dir is not None:
             kept = [os.path.join(self.output_dir, f"{record.job}{suffix}")
                     for suffix in (".out", ".err")]

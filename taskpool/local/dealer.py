@@ -124,7 +124,7 @@ class Dealer:
     def _receiver(self) -> Receiver:
         config, tally = self.config, Tally()
         recovery = Recovery(self.state, config.policy, config.layout, self.writer, tally,
-                            self.stopper)
+                            self.stopper, config.run_dir)
         return Receiver(self.state, self.result_queue, self.writer, tally, recovery,
                         self.stopper, config.policy, config.layout, config.jobs_total)
 

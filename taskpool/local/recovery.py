@@ -48,11 +48,12 @@ from taskpool.model.exits import (
     EXIT_INITIALIZER_FAILED,
     EXIT_MEMORY_LIMIT,
 )
-from taskpool.model.jobs import Job, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import event, recovery_log, supervisor_log
+from taskpool.posix.spool import discard_attempt
 from taskpool.wire.calls import CallBatch
 from taskpool.wire.queue import WorkerExited
 
@@ -153,6 +154,7 @@ class Recovery:
     writer: RecordWriter
     tally: Tally
     stopper: Stopper
+    run_dir: str | None = None  # where the commands' attempts spool their output
     intensity: RestartIntensity = field(init=False)
     next_split_id: int = SPLIT_ID_BASE  # the id of the next call split from a batch
 
@@ -174,6 +176,7 @@ class Recovery:
             death = death_of(exited, self.state.kill_reasons.pop(exited.pid, None),
                              self.policy, running.job if running is not None else None)
             aftermath = self._settle(worker, death, at)
+        self._discard_output(aftermath)
         for held in aftermath.of(Verdict.FAIL):
             self._record_failure(held, aftermath)
         self._log(aftermath)
@@ -257,6 +260,15 @@ class Recovery:
                 enqueue(self.state, single)
         self.state.resends += len(resent)
         assign(self.state, pool, aftermath.schedule)
+
+    def _discard_output(self, aftermath: Aftermath) -> None:
+        """The output of the command the dead worker ran is never delivered: removed now,
+        not with the run's directory at its end (a job that crashes often would fill it)."""
+        if self.run_dir is None:
+            return
+        for held in aftermath.held:
+            if held.started and held.job_state.job.kind in COMMAND_KINDS:
+                discard_attempt(self.run_dir, held.job_id, aftermath.pid)
 
     def _record_failure(self, held: Held, aftermath: Aftermath) -> None:
         pid, death, attempts = aftermath.pid, aftermath.death, held.decision.failed_attempts

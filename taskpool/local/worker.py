@@ -272,7 +272,7 @@ class JobLoop:
         limits = self.limits
         assert limits.spool is not None and limits.run_dir is not None
         text = limits.spool.load(int(job.arg)).decode("utf-8", "replace")
-        out_path, err_path = attempt_paths(limits.run_dir, job.job_id, attempt, self.pid)
+        out_path, err_path = attempt_paths(limits.run_dir, job.job_id, self.pid)
         out_fd, err_fd = open_output(out_path), open_output(err_path)
         try:
             if job.kind is JobKind.FUNCTION:

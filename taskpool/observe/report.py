@@ -134,7 +134,10 @@ class _TimelineBuilder:
         attempt = self.open_attempt.pop(e["job"], None)
         if attempt is not None and attempt.end is None:
             attempt.end = e["t"]
-            attempt.outcome = _ENDED_AS[e["event"]]
+            # A job of real work that ran and failed (the Dealer's job_failed: its worker
+            # lives) is no crash.
+            ran_and_failed = e["event"] == "job_failed" and e.get("role") == "Dealer"
+            attempt.outcome = "failed" if ran_and_failed else _ENDED_AS[e["event"]]
 
     def worker_exited(self, e: dict[str, Any]) -> None:
         worker = self.timeline.workers.get(e["worker"])
@@ -207,7 +210,8 @@ def recovery_times(timeline: Timeline) -> list[float]:
 
 # --- The page ---------------------------------------------------------------------------
 
-COLOURS = {"done": "#4caf50", "crashed": "#e53935", "stopped": "#9e9e9e", "running": "#90caf9"}
+COLOURS = {"done": "#4caf50", "crashed": "#e53935", "failed": "#fb8c00", "stopped": "#9e9e9e",
+           "running": "#90caf9"}
 
 LEGEND = ("<span class='key' style='background:#4caf50'></span>done "
           "<span class='key' style='background:#e53935'></span>attempt cut by a crash "

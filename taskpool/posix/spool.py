@@ -10,9 +10,10 @@ a queue:
   only where the text is (`SpoolRef`: offset and length in one 64-bit number, as the
   job's arg); a worker reads it there with one pread(). So a command of any length (up to
   a line's 1 MB) crosses queues of 128-byte messages, and the Dealer never holds it;
-- each attempt's output: `<job>.<attempt>.<worker pid>.out` and `.err`, written by the
-  command itself (core/commands.py). main delivers the recorded attempt's files once
-  (core/output.py) and removes the directory when the run ends. A run killed outright
+- each attempt's output: `<job>.<worker pid>.out` and `.err`, written by the command
+  itself (core/commands.py). main delivers the recorded attempt's files once
+  (core/output.py); the Dealer removes those of an attempt whose worker died; main removes
+  the directory when the run ends. A run killed outright
   (SIGKILL of main) leaves it behind: the next run removes the directories of runs whose
   main is dead (`sweep_abandoned_run_dirs`), as it sweeps their queues.
 """
@@ -78,10 +79,21 @@ def remove_run_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def attempt_paths(run_dir: str, job_id: int, attempt: int, pid: int) -> tuple[str, str]:
-    """Where an attempt's standard output and error are spooled."""
-    stem = os.path.join(run_dir, f"{job_id}.{attempt}.{pid}")
+def attempt_paths(run_dir: str, job_id: int, pid: int) -> tuple[str, str]:
+    """Where the attempt of job `job_id` by worker `pid` spools its standard output and
+    error. A worker runs a job's attempt once: a job goes to another worker after a crash
+    (the dead one cannot take it again), and when the same worker runs it again (a failed
+    job run again on request) that run's output replaces the last's, which is never
+    delivered (core/commands.py: open_output)."""
+    stem = os.path.join(run_dir, f"{job_id}.{pid}")
     return stem + ".out", stem + ".err"
+
+
+def discard_attempt(run_dir: str, job_id: int, pid: int) -> None:
+    """Remove the output of an attempt that will never be recorded (its worker died)."""
+    for path in attempt_paths(run_dir, job_id, pid):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def sweep_abandoned_run_dirs(under: str | None = None) -> None:

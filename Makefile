@@ -80,7 +80,6 @@ bench: $(STAMP)
 	  || echo "bench: GNU parallel is not installed and cannot be (needs root and apt-get): its row is skipped"
 	$(PY) -m compileall -q taskpool
 	$(PY) bench/bench.py
-	$(PY) bench/commands.py  # sh/exec commands against xargs -P and GNU parallel (printed)
 
 # The demo's timeline, drawn by `taskpool report` and rendered by headless Chromium to a
 # PNG (README shows it). Needs Debian's chromium (apt-get install chromium).

@@ -1,153 +1,135 @@
-"""Jobs of real work: commands a second against xargs -P and GNU parallel, and a worker's
-memory after many commands. A benchmark, not a test: it asserts nothing.
+"""Jobs of real work: commands a second, 2,000 `true` commands on 2 workers, taskpool
+against xargs and GNU parallel side by side; and a worker's memory after many commands.
 
-    .venv/bin/python bench/commands.py [N]      # N commands (default 2000), 2 workers
+    python bench/commands.py [--commands 2000] [--workers 2] [--rounds 5]
 
-Each figure is the best of REPEATS runs of the whole command (interpreter start-up
-included, as for xargs and parallel), `true` run N times on 2 workers: taskpool's `exec
-true` and `sh true` lines (with and without --journal), `xargs -P 2 -n 1 true`, and
-`parallel -j 2 true` when GNU parallel is installed.
+Each tool runs one command per input line, 2 at a time, and every measurement is of the
+whole command (its start-up included, as a user waits for it):
+
+    xargs -P 2 -n 1 true < lines              true ARG, exec'd with no shell
+    parallel -j 2 true < lines                GNU parallel (Debian's `parallel`)
+    taskpool run --workers 2 --cmd true       /bin/sh -c "true 'ARG'" (true is sh's builtin)
+    the same with --journal RUN.db            every outcome in the journal, as --resume needs
+    taskpool run --jobs EXEC_TRUE_LINES       a job file of `exec true` lines: no shell, as xargs
+
+The tools run in turn, round after round, so that the load of the machine falls on all of
+them alike; the table gives each one's median and range over the rounds. GNU parallel may
+be missing: `make bench` installs Debian's `parallel` when it can (root, apt-get), and
+without it that row says it was skipped.
 
 The memory figure: one worker runs 100 `sh true`, then a command that prints its worker's
 VmRSS (the command's parent is its worker), then 9,900 more, then the same command again.
 
-The orphan figure: a worker is SIGKILLed while its command (a shell, a subshell, a sleep)
-runs; the time from the kill to the end of the last process of the command's group, seen
-through pidfds, KILLS times.
+Prints Markdown; `make bench` runs it too (bench.py calls `commands_table`) and writes it to
+bench/results.md.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import re
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REPEATS = 3
-KILLS = 10
 RSS = "sh grep VmRSS /proc/$PPID/status"
 
 
-def rate(command: list[str] | str, count: int, *, shell: bool = False) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, shell=shell, check=True, cwd=ROOT,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    return count / (time.perf_counter() - started)
+def _timed(command: list[str], stdin: Path) -> float:
+    with stdin.open("rb") as lines:
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, stdin=lines, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {done.returncode}: "
+                         f"{done.stderr.decode(errors='replace')[-2000:]}")
+    return elapsed
 
 
-def best_rate(command: list[str] | str, count: int, *, shell: bool = False) -> float:
-    return max(rate(command, count, shell=shell) for _ in range(REPEATS))
+def _tools(workers: int, scratch: Path) -> dict[str, Callable[[Path], list[str]]]:
+    """Each tool's command line for an input file (a fresh journal per taskpool run)."""
+    taskpool = [sys.executable, "-m", "taskpool", "run", "--workers", str(workers),
+                "--cmd", "true", "--quiet", "--log", str(scratch / "taskpool.log")]
+    runs = iter(range(1_000_000))
+    tools: dict[str, Callable[[Path], list[str]]] = {
+        f"xargs -P {workers} -n 1 true": lambda _: ["xargs", "-P", str(workers), "-n", "1",
+                                                     "true"],
+        f"taskpool run --workers {workers} --cmd true": lambda _: taskpool,
+        "the same with --journal": lambda _: [
+            *taskpool, "--journal", str(scratch / f"run{next(runs)}.db")],
+    }
+    exec_jobs = scratch / "exec.txt"
+    exec_jobs.write_text("exec true\n" * sum(1 for _ in (scratch / "lines.txt").open()))
+    tools[f"taskpool run --workers {workers} --jobs EXEC_TRUE_LINES"] = lambda _: [
+        *taskpool[:taskpool.index("--cmd")], "--jobs", str(exec_jobs),
+        *taskpool[taskpool.index("--cmd") + 2:]]
+    if shutil.which("parallel"):
+        tools[f"GNU parallel -j {workers} true"] = lambda _: [
+            "parallel", "--will-cite", "-j", str(workers), "true"]
+    return tools
 
 
-def taskpool_rate(workdir: Path, line: str, count: int, journal: bool) -> float:
-    jobs = workdir / "jobs.txt"
-    jobs.write_text(f"{line}\n" * count)
-    command = [sys.executable, "-m", "taskpool", "run", "--workers", "2", "--jobs", str(jobs),
-               "--log", "/dev/null", "--results", str(workdir / "r.jsonl")]
-    if not journal:
-        return best_rate(command, count)
-    return max(rate(command + ["--journal", str(workdir / f"{attempt}.db")], count)
-               for attempt in range(REPEATS))
+def measure(commands: int, workers: int, rounds: int) -> dict[str, list[float]]:
+    """Commands a second of each tool, one figure a round."""
+    rates: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        lines = scratch / "lines.txt"
+        lines.write_text("".join(f"{n}\n" for n in range(1, commands + 1)))
+        tools = _tools(workers, scratch)  # after lines.txt: the exec job file is as long
+        for _ in range(rounds):
+            for name, command in tools.items():
+                rates.setdefault(name, []).append(commands / _timed(command(lines), lines))
+    return rates
 
 
-def worker_memory(workdir: Path) -> tuple[int, int]:
+def worker_memory() -> tuple[int, int]:
     """A worker's resident memory (kB) after 100 commands and after 10,000."""
-    jobs = workdir / "memory.txt"
-    jobs.write_text("sh true\n" * 100 + f"{RSS}\n" + "sh true\n" * 9_900 + f"{RSS}\n")
-    out = subprocess.run([sys.executable, "-m", "taskpool", "run", "--workers", "1", "--jobs",
-                          str(jobs), "--log", "/dev/null"], cwd=ROOT, check=True,
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = Path(tmp) / "memory.txt"
+        jobs.write_text("sh true\n" * 100 + f"{RSS}\n" + "sh true\n" * 9_900 + f"{RSS}\n")
+        out = subprocess.run([sys.executable, "-m", "taskpool", "run", "--workers", "1",
+                              "--jobs", str(jobs), "--log", "/dev/null"], cwd=ROOT,
+                             check=True, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True).stdout
     first, last = (int(n) for n in re.findall(r"VmRSS:\s+(\d+)", out))
     return first, last
 
 
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def _group(pgid: int) -> list[int]:
-    members = []
-    for name in os.listdir("/proc"):
-        try:
-            if name.isdigit() and int(_stat_fields(int(name))[2]) == pgid:
-                members.append(int(name))
-        except OSError:
-            pass
-    return members
-
-
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None  # ended already (the `mv` of the command)
-
-
-def orphan_kill_ms(workdir: Path) -> list[float]:
-    """Kill -> the killed worker's command tree gone, in ms, KILLS times."""
-    once, ready = workdir / "once", workdir / "leader"
-    jobs = workdir / "kill.txt"
-    jobs.write_text(f"sh [ -e {once} ] || (touch {once}; sleep 300 & echo $$ > {ready}.tmp; "
-                    f"mv {ready}.tmp {ready}; wait)\n")
-    times = []
-    for _ in range(KILLS):
-        for path in (once, ready):
-            path.unlink(missing_ok=True)
-        run = subprocess.Popen([sys.executable, "-m", "taskpool", "run", "--workers", "1",
-                                "--jobs", str(jobs), "--log", "/dev/null"], cwd=ROOT,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        while not ready.exists():
-            time.sleep(0.01)  # a bench, not the pool: a plain wait for the file
-        pgid = int(_stat_fields(int(ready.read_text()))[2])
-        worker = int(_stat_fields(pgid)[1])
-        pidfds = [fd for fd in map(_pidfd, _group(pgid)) if fd is not None]
-        started = time.monotonic()
-        os.kill(worker, signal.SIGKILL)
-        waiting = list(pidfds)
-        while waiting and select.select(waiting, [], [], 10)[0]:
-            waiting = [fd for fd in waiting if fd not in select.select(waiting, [], [], 0)[0]]
-        times.append(1000 * (time.monotonic() - started))
-        for fd in pidfds:
-            os.close(fd)
-        run.wait(60)
-    return times
+def commands_table(commands: int = 2000, workers: int = 2, rounds: int = 5) -> str:
+    rates = measure(commands, workers, rounds)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    xargs = next(v for k, v in medians.items() if k.startswith("xargs"))
+    parallel = next((v for k, v in medians.items() if k.startswith("GNU parallel")), None)
+    rows = ["| tool | commands/s (median) | range | vs xargs | vs GNU parallel |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name, values in rates.items():
+        versus = f"{medians[name] / parallel:.1f}x" if parallel else "-"
+        rows.append(f"| `{name}` | {medians[name]:,.0f} | {min(values):,.0f}-"
+                    f"{max(values):,.0f} | {medians[name] / xargs:.2f}x | {versus} |")
+    if parallel is None:
+        rows.append("| GNU parallel | skipped: `parallel` is not installed (`make bench` "
+                    "installs Debian's when run as root) | | | |")
+    first, last = worker_memory()
+    rows += ["", f"A worker's VmRSS: {first} kB after 100 `sh true`, {last} kB after 10,000 "
+                 f"({100 * (last - first) / first:+.1f}%; target: within 10%)."]
+    return "\n".join(rows)
 
 
 def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        rows = [
-            ("taskpool run, `exec true`", taskpool_rate(workdir, "exec true", count, False)),
-            ("taskpool run, `sh true`", taskpool_rate(workdir, "sh true", count, False)),
-            ("taskpool run --journal, `exec true`",
-             taskpool_rate(workdir, "exec true", count, True)),
-            ("xargs -P 2 -n 1 true",
-             best_rate(f"yes | head -n {count} | xargs -P 2 -n 1 true", count, shell=True)),
-        ]
-        if shutil.which("parallel"):
-            rows.append(("parallel -j 2 true", best_rate(
-                f"yes | head -n {count} | parallel -j 2 true", count, shell=True)))
-        first, last = worker_memory(workdir)
-        kills = orphan_kill_ms(workdir)
-    print(f"{count} `true` commands on 2 workers, best of {REPEATS}:\n")
-    print("| runner | commands/s |\n| --- | ---: |")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} |")
-    print(f"\nA worker's VmRSS: {first} kB after 100 `sh true`, {last} kB after 10,000 "
-          f"({100 * (last - first) / first:+.1f}%)")
-    print(f"A worker SIGKILLed mid-command: its command's tree gone in "
-          f"{statistics.median(kills):.1f} ms (median), {max(kills):.1f} ms at most, "
-          f"of {KILLS} kills")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commands", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(commands_table(args.commands, args.workers, args.rounds))
 
 
 if __name__ == "__main__":

@@ -389,6 +389,14 @@ def assert_exactly_once(records: list[dict[str, Any]], job_ids: range | Sequence
         f"missing {sorted(set(job_ids) - set(ids))}, unexpected {sorted(set(ids) - set(job_ids))}")
 
 
+def results_by_job(path: Path) -> dict[int, dict[str, Any]]:
+    """A results file's records by job id, each job recorded once (asserted)."""
+    records = read_results(path)
+    doubled = {i for i, n in Counter(r["job"] for r in records).items() if n > 1}
+    assert not doubled, f"results recorded more than once: {sorted(doubled)}"
+    return {r["job"]: r for r in records}
+
+
 def assert_done_right(records: list[dict[str, Any]]) -> None:
     for r in records:
         assert r["status"] == "done", r

@@ -14,8 +14,9 @@ from taskpool.core.supervision import (
     Verdict,
     after_death,
     after_failure,
+    halt_due,
 )
-from taskpool.model.policy import SupervisionPolicy
+from taskpool.model.policy import HaltPolicy, SupervisionPolicy
 
 KILLED = signal.SIGKILL  # a raw wait status of a death by SIGKILL is the signal number
 
@@ -201,3 +202,31 @@ def test_a_job_that_ran_and_failed_runs_again_only_on_request(
     decision = after_failure(failure, runs_before, SupervisionPolicy(retry_failed=retry_failed),
                              stopping=stopping)
     assert (decision.verdict, decision.failed_attempts) == (verdict, runs_before + 1)
+
+
+@pytest.mark.parametrize(("text", "failed", "jobs", "halts"), [
+    ("never", 100, 100, False),
+    ("now,fail=1", 0, 10, False),
+    ("now,fail=1", 1, 10, True),
+    ("soon,fail=3", 2, 10, False),
+    ("soon,fail=3", 3, 10, True),
+    ("now,fail=50%", 1, 4, False),
+    ("now,fail=50%", 2, 4, True),
+    ("soon,fail=10%", 1, 25, False),  # 10% of 25 is 2.5: three failures halt
+    ("soon,fail=10%", 3, 25, True),
+    ("now,fail=1%", 1, 3, True),  # at least one failure, however few the jobs
+])
+def test_halt_is_due_after_n_or_p_percent_failures(
+    text: str, failed: int, jobs: int, halts: bool,
+) -> None:
+    halt = halt_due(HaltPolicy.parse(text), failed, jobs)
+    assert (halt is not None) == halts
+    if halt is not None:
+        assert (halt.failed, halt.jobs) == (failed, jobs)
+
+
+@pytest.mark.parametrize(("text", "when", "kills"), [
+    ("soon,fail=2", "soon", False), ("now,fail=2", "now", True), ("never", "never", False)])
+def test_halt_policy_reads_gnu_parallels_form(text: str, when: str, kills: bool) -> None:
+    policy = HaltPolicy.parse(text)
+    assert (policy.when, policy.kills_running, policy.describe()) == (when, kills, text)

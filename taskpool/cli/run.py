@@ -44,9 +44,11 @@ from taskpool.model.policy import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_RESTART_WINDOW,
+    HaltPolicy,
     SupervisionPolicy,
 )
 from taskpool.model.pools import PoolLayout, PoolSpec, PoolSpecError
+from taskpool.model.template import CommandTemplate, TemplateError
 from taskpool.observe import log as tplog
 from taskpool.observe.log import main_log
 from taskpool.observe.shown import Shown
@@ -224,8 +226,8 @@ def _load_jobs(
 ) -> GeneratorInput | None:
     """The validated job list, or None after printing why nothing can run."""
     if args.demo:
-        if args.jobs is not None:
-            parser.error("--demo brings its own jobs: drop --jobs")
+        if args.jobs is not None or args.cmd is not None:
+            parser.error("--demo brings its own jobs: drop --jobs and --cmd")
         return GeneratorInput(
             [Job(i, JobKind.FIB, n) for i, n in enumerate(DEMO_FIB_ARGS, start=1)], layout)
     if (args.jobs is None or args.jobs == "-") and sys.stdin is None:
@@ -235,15 +237,31 @@ def _load_jobs(
         parser.print_usage(sys.stderr)
         error("no jobs: give --jobs FILE, or pipe jobs into standard input")
         return None
+    template = _template(args, parser, layout)
     if args.jobs is None or args.jobs == "-":
-        return GeneratorInput(None, layout)
-    return _read_job_file(args.jobs, layout)
+        return GeneratorInput(None, layout, template=template)
+    return _read_job_file(args.jobs, layout, template)
 
 
-def _read_job_file(path: str, layout: PoolLayout) -> GeneratorInput | None:
+def _template(args: argparse.Namespace, parser: argparse.ArgumentParser,
+              layout: PoolLayout) -> CommandTemplate | None:
+    """--cmd's template, checked; None without --cmd."""
+    if args.cmd is None:
+        return None
+    if isinstance(layout.pool_for_kind(JobKind.SH), str):
+        parser.error("--cmd makes sh jobs, and no pool is named for them: name one sh=N "
+                     "in --pools")
+    try:
+        return CommandTemplate.parse(args.cmd)
+    except TemplateError as e:
+        parser.error(f"--cmd: {e}")
+
+
+def _read_job_file(path: str, layout: PoolLayout,
+                   template: CommandTemplate | None = None) -> GeneratorInput | None:
     """The jobs of the file, each line checked; None after printing every bad line."""
     try:
-        jobs, errors = read_job_file(path, layout)
+        jobs, errors = read_job_file(path, layout, template)
     except OSError as e:
         error(f"{path}: cannot read: {e.strerror}")
         return None
@@ -252,7 +270,7 @@ def _read_job_file(path: str, layout: PoolLayout) -> GeneratorInput | None:
     if errors:
         error(f"{path}: {len(errors)} bad line(s); nothing was run")
         return None
-    return GeneratorInput(jobs, layout)
+    return GeneratorInput(jobs, layout, template=template)
 
 
 def _commands_refused(args: argparse.Namespace) -> str | None:
@@ -308,6 +326,11 @@ def _open_journal(args: argparse.Namespace, source: GeneratorInput) -> Journaled
 def _journaled(journal: Journal, args: argparse.Namespace,
                source: GeneratorInput) -> Journaled:
     resumed = journal.outcomes() if args.resume else {}
+    if args.resume and args.retry_failed:
+        resumed = journal.failed_to_run_again(resumed)
+        if journal.rerunning:
+            main_log.info("Resuming: running again the %d jobs the journal has as failed "
+                          "(--retry-failed)", len(journal.rerunning))
     if source.jobs is not None:
         if args.resume and not args.force_resume:
             difference = journal.first_difference(source.jobs, args.jobs or "<demo>")
@@ -466,4 +489,6 @@ def _policy(args: argparse.Namespace, workers: int) -> SupervisionPolicy:
         grace=args.grace,
         max_tasks_per_child=args.max_tasks_per_child,
         max_memory_mb=args.max_memory,
+        halt=args.halt or HaltPolicy(),
+        retry_failed=args.retry_failed or 0,
     )

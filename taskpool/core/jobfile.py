@@ -30,6 +30,8 @@ A line whose first word is a number is a typed line. Which pool a core line goes
 `PoolLayout.pool_for_kind` (see model/pools.py). Priorities are 0 (the default) to PRIORITY_MAX,
 higher first; they travel as the POSIX queue's own message priority.
 
+With `--cmd TEMPLATE` every line is data instead, for one sh job (model/template.py).
+
 Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
 accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
 line and the reason, so that the caller can list every bad line.
@@ -54,6 +56,7 @@ from taskpool.model.jobs import (
     JobKind,
     whole_number,
 )
+from taskpool.model.template import CommandTemplate, TemplateError
 
 if TYPE_CHECKING:
     from taskpool.model.pools import PoolLayout
@@ -203,6 +206,26 @@ def parse_job_text(text: str, layout: PoolLayout) -> ParsedLine | str | None:
     return ParsedLine(kind, arg, opts.timeout, pool, opts.priority or 0)
 
 
+def parse_templated(text: str, template: CommandTemplate, job_id: int,
+                    layout: PoolLayout) -> ParsedLine | str | None:
+    """One input line of --cmd: the sh job it makes (job `job_id`), None for a blank
+    line, or why it makes none. The whole line is data: no options, no comments."""
+    if too_long(text):
+        return f"the line is longer than {LINE_MAX} bytes"
+    line = text.rstrip("\n")
+    if not line.strip():
+        return None
+    try:
+        command = template.fill(line, job_id).strip()
+        check_command(JobKind.SH, command)
+    except (TemplateError, CommandError) as e:
+        return str(e)
+    pool = layout.pool_for_kind(JobKind.SH)
+    if isinstance(pool, str):
+        return pool
+    return ParsedLine(JobKind.SH, 0, None, pool, 0, command)
+
+
 def _pool_of(kind: JobKind, opts: _Options, layout: PoolLayout) -> int | str:
     """The job's pool: its type=, or the pool for its kind; or why it has none."""
     pool = opts.pool if opts.pool is not None else layout.pool_for_kind(kind)
@@ -333,14 +356,19 @@ def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
 
 
 def parse_lines(
-    lines: Iterable[str], source: str, layout: PoolLayout, first_id: int = 1
+    lines: Iterable[str], source: str, layout: PoolLayout, first_id: int = 1,
+    template: CommandTemplate | None = None,
 ) -> Iterator[Job | LineError]:
-    """Yield a Job for each accepted line and a LineError for each bad one, in order.
+    """Yield a Job for each accepted line and a LineError for each bad one, in order. With
+    a `template` (--cmd), each line is data for an sh job (model/template.py).
 
     Ids count accepted jobs only, so a skipped bad line on stdin does not leave a hole."""
     next_id = first_id
     for number, text in enumerate(lines, start=1):
-        parsed = parse_job_text(text, layout)
+        if template is None:
+            parsed = parse_job_text(text, layout)
+        else:
+            parsed = parse_templated(text, template, next_id, layout)
         if parsed is None:
             continue
         if isinstance(parsed, str):
@@ -351,13 +379,15 @@ def parse_lines(
         next_id += 1
 
 
-def read_job_file(path: str, layout: PoolLayout) -> tuple[list[Job], list[LineError]]:
-    """Validate a whole job file. The caller runs nothing if any error comes back."""
+def read_job_file(path: str, layout: PoolLayout, template: CommandTemplate | None = None,
+                  ) -> tuple[list[Job], list[LineError]]:
+    """Validate a whole job file (with --cmd's `template`: its lines are data). The caller
+    runs nothing if any error comes back."""
     jobs: list[Job] = []
     errors: list[LineError] = []
     # utf-8-sig: a byte-order mark (some editors write one) is no part of line 1.
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for item in parse_lines(_bounded_lines(f), path, layout):
+        for item in parse_lines(_bounded_lines(f), path, layout, template=template):
             if isinstance(item, LineError):
                 errors.append(item)
             else:

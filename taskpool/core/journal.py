@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind, job_digest, kind_of_label
-from taskpool.model.outcome import JobRecord
+from taskpool.model.outcome import JobRecord, Status
 
 SCHEMA_VERSION = "2"  # 2 added jobs.pool and jobs.priority (typed pools)
 
@@ -81,6 +81,11 @@ class Journal:
         self.lock_fd = lock_fd
         self.pending_jobs: list[Job] = []
         self.pending_outcomes: list[JobRecord] = []
+        # --resume --retry-failed: the jobs the journal has as failed that this run runs
+        # again. Their new outcome replaces the old one as its batch commits; until then
+        # the old one stands, so a run killed meanwhile still resumes from a whole record.
+        # Every other outcome is written once, never replaced.
+        self.rerunning: frozenset[int] = frozenset()
 
     @classmethod
     def open(cls, path: str, resume: bool, *, for_run: bool = True) -> Journal:
@@ -245,11 +250,20 @@ class Journal:
                 "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(j.job_id, j.kind.label, _arg_text(j), j.timeout, j.line, job_digest(j),
                   j.pool, j.priority) for j in jobs])
-            self.db.executemany(
-                "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.job, r.status, None if r.result is None else json.dumps(r.result),
-                  r.worker, r.attempts, r.reason) for r in outcomes])
+            for verb, rows in (("IGNORE", [r for r in outcomes if r.job not in self.rerunning]),
+                               ("REPLACE", [r for r in outcomes if r.job in self.rerunning])):
+                self.db.executemany(
+                    f"INSERT OR {verb} INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.job, r.status, None if r.result is None else json.dumps(r.result),
+                      r.worker, r.attempts, r.reason) for r in rows])
         return outcomes
+
+    def failed_to_run_again(self, resumed: dict[int, JobRecord]) -> dict[int, JobRecord]:
+        """--resume --retry-failed: take the failed outcomes out of what resumes (their
+        jobs run again) and mark them to be replaced; the outcomes that stand."""
+        self.rerunning = frozenset(job for job, record in resumed.items()
+                                   if record.status == Status.FAILED.value)
+        return {job: record for job, record in resumed.items() if job not in self.rerunning}
 
     def close(self) -> None:
         self.db.close()

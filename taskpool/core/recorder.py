@@ -47,6 +47,7 @@ class Recorder:
     known: dict[int, Job] = field(default_factory=dict)
     outcomes: dict[int, JobRecord] = field(default_factory=dict)
     rejected_lines: int = 0
+    failed: int = 0  # this run's outcomes recorded failed (the journal's are not): --halt
     # The engine's counts: crashes (worker deaths), resends, per pool; why it stopped early.
     stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
     batch_started: float | None = None  # when the oldest uncommitted outcome came
@@ -80,6 +81,8 @@ class Recorder:
             record = self._with_text(record)
             self.outcomes[record.job] = record
             recorded.append(record)
+            if record.status == Status.FAILED.value:
+                self.failed += 1
             if self.journal is None or record.status == Status.NOT_DONE.value:
                 unjournaled.append(record)
                 continue

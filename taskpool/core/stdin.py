@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from taskpool.core.jobfile import LINE_MAX, LineError, parse_lines
 from taskpool.model.jobs import COMMAND_KINDS, Job, job_digest
 from taskpool.model.pools import PoolLayout
+from taskpool.model.template import CommandTemplate
 from taskpool.wire.records import LineRejected
 
 STDIN_NAME = "<stdin>"
@@ -28,6 +29,7 @@ class GeneratorInput:
     # Why this run takes no sh, exec or call job, if it takes none: such a line is rejected
     # with this reason (a job file's, before anything runs: cli/run.py).
     refuse_commands: str | None = None
+    template: CommandTemplate | None = None  # --cmd: each line is data for an sh job
 
 
 def _no_op() -> None:
@@ -126,7 +128,8 @@ def streamed_jobs(
     """Standard input's jobs, line by line as they come, or why a line is rejected: it does
     not parse, or (on --resume) its job differs from the one the journal has under its id.
     Both engines read standard input through this; `before_read` as in stdin_lines."""
-    for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout):
+    for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout,
+                            template=source.template):
         if isinstance(item, LineError):
             yield LineRejected(f"{item.source}:{item.line}", item.reason, item.line)
             continue

@@ -9,6 +9,7 @@
     after_death()    the pure decision under the policy:
                      RESEND | FAIL (out of attempts) | REQUEUE (uncharged) | NOT_DONE
     RestartIntensity workers dying before they take any job, too fast: give up (OTP style)
+    halt_due()       --halt: enough jobs failed that the run stops (GNU parallel's form)
 
     a job of real work ran to its end and failed (its command exited non-zero, its call
     raised): no death, the worker lives on
@@ -27,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from taskpool.model.policy import SupervisionPolicy
+from taskpool.model.policy import HaltPolicy, SupervisionPolicy
 from taskpool.posix.proc import describe_wait_status
 
 
@@ -168,6 +169,31 @@ def after_failure(failure: Death, runs_before: int, policy: SupervisionPolicy, *
     if runs <= policy.retry_failed and not stopping:
         return Decision(Verdict.RESEND, runs)
     return Decision(Verdict.FAIL, runs)
+
+
+@dataclass(frozen=True)
+class Halt:
+    """--halt's condition met: `failed` jobs of the run's `jobs` failed. Its reason is what
+    the log, the `halted` event and every job it leaves not done say."""
+
+    policy: HaltPolicy
+    failed: int
+    jobs: int
+
+    @property
+    def reason(self) -> str:
+        jobs = "job" if self.failed == 1 else "jobs"
+        return (f"halted after {self.failed} failed {jobs} (--halt {self.policy.describe()}"
+                + (f", of {self.jobs} jobs)" if self.policy.percent is not None else ")"))
+
+
+def halt_due(policy: HaltPolicy, failed: int, jobs: int) -> Halt | None:
+    """Whether `failed` failed jobs halt the run, under --halt; `jobs`: the run's jobs, the
+    base of a percentage (a job file's jobs that this run runs; on standard input, the
+    jobs read so far). Every engine asks this after each failure it records."""
+    if not policy.halts or failed == 0 or failed < policy.threshold(jobs):
+        return None
+    return Halt(policy, failed, jobs)
 
 
 @dataclass

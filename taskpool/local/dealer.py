@@ -82,6 +82,9 @@ class DealerConfig:
     # (posix/spool.py). None in an Executor's host.
     spool: Spool | None = None
     run_dir: str | None = None
+    # The jobs the run sends, when known at start (a job file, less what --resume skips):
+    # the base of --halt fail=P%. None: standard input, counted as it is read.
+    jobs_total: int | None = None
 
     @property
     def credit(self) -> int:
@@ -126,7 +129,7 @@ class Dealer:
         recovery = Recovery(self.state, config.policy, config.layout, self.writer, tally,
                             self.stopper, config.run_dir)
         return Receiver(self.state, self.result_queue, self.writer, tally, recovery,
-                        self.stopper, config.policy, config.layout)
+                        self.stopper, config.policy, config.layout, config.jobs_total)
 
     def run(self) -> int:
         layout = self.config.layout

@@ -229,9 +229,11 @@ class Main(EngineLoop):
         return mqueue.create_queue("ready", mqueue.READY_QUEUE_DEPTH, MAX_MESSAGE_SIZE)
 
     def _dealer_config(self) -> DealerConfig:
-        pool = self.config.pool
+        pool, source = self.config.pool, self.config.source
+        jobs_total = None if source.jobs is None else sum(
+            1 for job in source.jobs if job.job_id not in source.done)
         return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt,
-                            spool=self.spool, run_dir=self.run_dir)
+                            spool=self.spool, run_dir=self.run_dir, jobs_total=jobs_total)
 
     def catch_up_live_view(self) -> None:
         self._drain_live_view()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from taskpool.core.commands import TERM_GRACE
-from taskpool.core.supervision import Cause, Death, Decision, Verdict, after_failure
+from taskpool.core.supervision import Cause, Death, Decision, Verdict, after_failure, halt_due
 from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.recovery import Recovery
 from taskpool.local.scheduler import Schedule, assign, enqueue
@@ -85,8 +85,12 @@ class Receiver:
     stopper: Stopper
     policy: SupervisionPolicy
     layout: PoolLayout
+    # The jobs this run sends, when known before they are read (a job file): the base of
+    # --halt fail=P%. None: the jobs read so far.
+    jobs_total: int | None = None
     # A result too large for one message, so far, by (worker pid, job id). Ours alone.
     result_parts: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
+    failures_seen: int = 0  # the failures --halt has judged so far
 
     def run(self) -> None:
         state = self.state
@@ -99,9 +103,22 @@ class Receiver:
                 log.info("All jobs completed. Shutting down workers...",
                          extra=event(ev.ALL_JOBS_COMPLETED, jobs=self.tally.recorded))
                 self.stopper.stop_pool(kill=False)
+            elif not state.stopping and self.tally.failed > self.failures_seen:
+                self._judge_failures()
             if state.stopping and self._all_workers_gone():
                 self.writer.flush()  # not under the lock: see Dealer._reader_lost
                 return
+
+    def _judge_failures(self) -> None:
+        """A job failed since the last look: halt the run if --halt says so."""
+        self.failures_seen = self.tally.failed
+        jobs = self.jobs_total or self.tally.expected_total
+        if jobs is None:
+            with self.state.lock:
+                jobs = len(self.state.jobs)
+        halt = halt_due(self.policy.halt, self.tally.failed, jobs)
+        if halt is not None:
+            self.stopper.halt(halt)
 
     def _next_message(self) -> Message | None:
         try:
@@ -237,6 +254,8 @@ class Receiver:
                                  reason=failure.reason))
             return
         self.tally.recorded += 1
+        if failure is not None:
+            self.tally.failed += 1
         self.writer.ended(job_state.job, result, ending, failure)
         if failure is None:
             job_event(log, ev.JOB_DONE, "Received result for job %d: %s from worker PID [%d]",

@@ -105,6 +105,7 @@ class Tally:
 
     expected_total: int | None = None  # jobs the generator sent: known from EndOfJobs
     recorded: int = 0  # jobs recorded, done or failed
+    failed: int = 0  # of them, failed: what --halt counts
     # Jobs made by splitting a crashed batch of calls, beyond the one each replaced.
     split_extra: int = 0
 

@@ -291,6 +291,7 @@ class Recovery:
     def _record_failure(self, held: Held, aftermath: Aftermath) -> None:
         pid, death, attempts = aftermath.pid, aftermath.death, held.decision.failed_attempts
         self.tally.recorded += 1
+        self.tally.failed += 1
         self.writer.failed(held.job_state.job, pid, death, held.decision)
         supervisor_log.info("Job %d failed after %d attempts: %s", held.job_id, attempts,
                             death.reason,

@@ -38,6 +38,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     worker_exited        Supervisor                    worker, type, reason, crash
     worker_killed        Supervisor; Dask (at close)   worker, reason
     gave_up              Supervisor                    reason
+    halted               Dealer, Dask engine           when, failed, jobs, reason, running,
+                                                       not_started
     all_jobs_completed   Dealer                        jobs
     interrupted          Main                          signal
     interrupted_again    Main                          signal, rung (2: running jobs
@@ -81,6 +83,7 @@ DUPLICATE_DROPPED = "duplicate_dropped"
 WORKER_EXITED = "worker_exited"
 WORKER_KILLED = "worker_killed"
 GAVE_UP = "gave_up"
+HALTED = "halted"
 ALL_JOBS_COMPLETED = "all_jobs_completed"
 INTERRUPTED = "interrupted"
 INTERRUPTED_AGAIN = "interrupted_again"

@@ -266,11 +266,12 @@ class _StandInClient:
         self.futures: dict[int, _StandInFuture] = {}  # the latest try of each job
         self.sent: list[tuple[int, int]] = []
 
-    def submit(self, fn: Any, job_id: int, kind: int, arg: Any, attempt: int, *args: Any,
-               key: str, **kwargs: Any) -> _StandInFuture:
-        self.futures[job_id] = _StandInFuture(key)
-        self.sent.append((job_id, attempt))
-        return self.futures[job_id]
+    def map(self, fn: Any, job_ids: list[int], kinds: list[int], args: list[Any],
+            attempts: list[int], keys: list[str], **kwargs: Any) -> list[_StandInFuture]:
+        for job_id, attempt, key in zip(job_ids, attempts, keys):
+            self.futures[job_id] = _StandInFuture(key)
+            self.sent.append((job_id, attempt))
+        return [self.futures[job_id] for job_id in job_ids]
 
     def cancel(self, futures: Any) -> None:
         pass
@@ -303,6 +304,7 @@ class _OwnCluster:
         self.engine.client = self.client  # type: ignore[assignment]
         for job in source:
             self.engine._submit(job, attempt=1)
+        self.engine._send_unsent()
 
     def started(self, job: int, pid: int) -> None:
         """The worker process `pid` starts the latest try of `job` (dask_worker.run_job)."""
@@ -334,9 +336,7 @@ class _OwnCluster:
         self.engine.post(("worker_exited", pid, "killed by signal 11 (SIGSEGV)"))
 
     def step(self) -> None:
-        arrived = len(self.engine.inbox)
-        self.engine._read_starts()
-        self.engine._drain_inbox(arrived)
+        self.engine.read_ready([])
 
     def close(self) -> None:
         self.engine._close()

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 ENGINES = ("local", "dask")
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to reach a --scheduler
+DEFAULT_DASK_WAIT = 30.0  # seconds a --scheduler's cluster may have no worker at all
 
 
 @dataclass
@@ -50,6 +51,10 @@ class RunConfig:
     live_fd: int | None = None  # ...the read end of the children's event pipe
     scheduler: str | None = None  # dask: an existing cluster's address; None: start one
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # dask: seconds to reach `scheduler`
+    dask_wait: float = DEFAULT_DASK_WAIT  # dask: seconds `scheduler` may have no worker
+    # When the command started (time.monotonic()): the summary's wall time counts from it,
+    # so that it covers what comes before the engine (importing distributed, say).
+    started_at: float | None = None
 
 
 class Engine(ABC):
@@ -74,7 +79,7 @@ class Engine(ABC):
         self.bad_setup = False
 
     def run(self) -> int:
-        started = time.monotonic()
+        started = self.config.started_at or time.monotonic()
         self.execute()
         self.recorder.finish(self.config.pool.layout, self.end_reason,
                              time.monotonic() - started, self.cut_short)

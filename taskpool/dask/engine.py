@@ -72,16 +72,20 @@ from taskpool.dask.cluster import (
     cluster_workers,
     configure_own_cluster,
     connect,
+    count_attempts_ourselves,
+    install_hint,
     local_cluster,
     log_connected,
     log_own_cluster_started,
     quiet_distributed,
+    remove_plugin,
     require_distributed,
     resource_name,
     scheduler_address_error,
+    taskpool_problems,
     warn_of_missing_resources,
 )
-from taskpool.dask.state import Tries, Try
+from taskpool.dask.state import ClusterWorkers, Tries, Try, dask_priority
 from taskpool.dask.supervisor import Supervisor
 from taskpool.dask.worker import TOPIC, run_job
 from taskpool.model.jobs import Job
@@ -98,11 +102,6 @@ if TYPE_CHECKING:
 __all__ = ["DaskEngine", "DaskMissing", "require_distributed", "scheduler_address_error"]
 
 
-# Job ids below this keep their order within a priority (dask_priority); the largest
-# encoded value, 32767 * 2**40, fits the 64-bit integers Dask's messages carry.
-ID_SPAN = 2**40
-
-
 class DaskEngine(EngineLoop):
     """`taskpool run --engine dask`: see the module's docstring."""
 
@@ -113,7 +112,9 @@ class DaskEngine(EngineLoop):
         plan = config.pool.plan
         self.plan = plan if plan.rate > 0 or plan.injected else None
         self.own_cluster = config.scheduler is None
-        self.run_token = secrets.token_hex(4)  # keys unique on a scheduler shared by runs
+        # Our keys, unique on a scheduler shared by runs: taskpool-<run>-<job>-<attempt>.<try>
+        self.key_prefix = f"taskpool-{secrets.token_hex(4)}-"
+        self.unsent: list[tuple[Job, int]] = []  # (job, attempt): submitted at the loop's turn
         self.try_numbers = itertools.count(1)
         self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         # Our own cluster's workers write each job's start here (see worker.py).
@@ -132,6 +133,8 @@ class DaskEngine(EngineLoop):
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
         self.scratch: str | None = None  # our own cluster's temporary directory
+        self.cluster_workers = ClusterWorkers(config.dask_wait)  # a --scheduler's workers
+        self.attempts_plugin: str | None = None  # see cluster.count_attempts_ourselves
 
     def post(self, item: tuple[Any, ...]) -> None:
         """From any thread: hand an item to the main loop and wake it."""
@@ -181,12 +184,11 @@ class DaskEngine(EngineLoop):
             return False
         assert self.client is not None
         self.supervisor.log_policy()
-        if not self.own_cluster:
-            self.client.subscribe_topic(TOPIC, lambda ev: self.post(("started", ev[1])))
         if self.config.source.jobs is not None:
             for job in self.config.source.jobs:
                 if job.job_id not in self.config.source.done:
                     self._submit(job, attempt=1)
+            self._send_unsent()
         else:
             threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
         return True
@@ -205,18 +207,59 @@ class DaskEngine(EngineLoop):
         return True
 
     def _connect(self) -> bool:
+        """Reach the --scheduler, hear of its workers joining and leaving (its "all" topic)
+        and of our jobs' starts (our topic), check its workers, and make its scheduler
+        leave the counting of attempts to us (cluster.count_attempts_ourselves)."""
         address = self.config.scheduler
         assert address is not None
         try:
             self.client = connect(address, self.config.connect_timeout)
+            self.client.subscribe_topic(TOPIC, lambda ev: self.post(("started", ev[1])))
+            self.client.subscribe_topic("all", lambda ev: self._on_cluster_event(ev[1]))
             workers = cluster_workers(self.client)
         except Exception as e:  # noqa: BLE001
             self._no_cluster(f"the Dask scheduler at {address} could not be reached ({e})")
             self.bad_setup = True  # an address the user gave: exit 2
             return False
         log_connected(address, workers)
+        self.cluster_workers.describe(workers, self.layout)
+        if not workers:
+            self._wait_for_a_worker()
+        elif not self._check_workers():
+            return False
         warn_of_missing_resources(self.layout, workers)
+        self.attempts_plugin = count_attempts_ourselves(self.client, self.key_prefix)
+        self.tries.dask_retries = self.attempts_plugin is None
         return True
+
+    def _check_workers(self) -> bool:
+        """The pre-flight: every worker present, not checked yet, imports taskpool at our
+        version; else the run cannot work there, a set-up error (exit 2) said plainly."""
+        assert self.client is not None
+        unchecked = [a for a in self.cluster_workers.present
+                     if a not in self.cluster_workers.checked]
+        if not unchecked:
+            return True
+        try:
+            problems = taskpool_problems(self.client, unchecked, self.config.connect_timeout)
+        except Exception as e:  # noqa: BLE001 - a worker that does not answer in time
+            problems = [f"its workers did not all answer within {self.config.connect_timeout:g}"
+                        f" s whether they have taskpool ({type(e).__name__}: {e})"]
+        if not problems:
+            self.cluster_workers.checked.update(unchecked)
+            return True
+        self._no_cluster(f"the Dask cluster at {self.config.scheduler} cannot run taskpool's "
+                         f"jobs: {'; '.join(problems)}; {install_hint()}")
+        self.bad_setup = True
+        self.stop_now = True
+        return False
+
+    def _wait_for_a_worker(self) -> None:
+        """The cluster has no worker: jobs wait (on the scheduler) for one to join, up to
+        --dask-wait seconds (a timer of the loop), and are then reported not done."""
+        wait = self.config.dask_wait
+        log.warning("The Dask cluster has no worker: waiting up to %g s for one "
+                    "(--dask-wait)", wait, extra=event(ev.DASK_NO_WORKER, wait=wait))
 
     def _no_cluster(self, why: str) -> None:
         self.config.report_error(why)
@@ -230,7 +273,7 @@ class DaskEngine(EngineLoop):
             return True
         if self.interrupted is not None:
             return not self.tries.any_running()
-        return not self.input_open and not self.tries
+        return not self.input_open and not self.tries and not self.unsent
 
     def descriptors(self) -> list[int]:
         return [self.start_r] if self.own_cluster else []
@@ -242,16 +285,20 @@ class DaskEngine(EngineLoop):
         arrived = len(self.inbox)
         self._read_starts()
         self._drain_inbox(arrived)
+        self._send_unsent()
 
     def input_done(self) -> bool:
         return not self.input_open
 
     def timers(self) -> list[float]:
-        """The next --timeout, end of --grace, or parked death's wait due."""
+        """The next --timeout, end of --grace, parked death's wait or --dask-wait due."""
         now = time.monotonic()
         waits = self.tries.seconds_to_deadlines(now) + self.supervisor.seconds_to_parked(now)
         if self.stopping_deadline is not None:
             waits.append(self.stopping_deadline - now)
+        give_up = self.cluster_workers.seconds_to_give_up(now)
+        if give_up is not None and not self.own_cluster:
+            waits.append(give_up)
         return waits
 
     def check_timers(self) -> None:
@@ -264,6 +311,19 @@ class DaskEngine(EngineLoop):
             log.info("Grace period over: %d running jobs not done", len(running),
                      extra=event(ev.GRACE_OVER, running=len(running)))
             self.stop_now = True
+        give_up = self.cluster_workers.seconds_to_give_up(now)
+        if give_up is not None and give_up <= 0 and not self.own_cluster:
+            self._end_without_workers()
+        self._send_unsent()
+
+    def _end_without_workers(self) -> None:
+        wait = self.config.dask_wait
+        self.cut_short = True
+        self.end_reason = f"the Dask cluster had no worker for {wait:g} s (--dask-wait)"
+        main_log.error("The Dask cluster at %s had no worker for %g s (--dask-wait): ending "
+                       "the run", self.config.scheduler, wait,
+                       extra=event(ev.ROLE_LOST, lost="workers", how="none for --dask-wait"))
+        self.stop_now = True
 
     def on_interrupt(self, rung: Rung, signum: int) -> None:
         """First signal: jobs not started are cancelled (reported not done), running ones
@@ -306,8 +366,52 @@ class DaskEngine(EngineLoop):
                 self.config.report_error(args[0])
             elif kind == "input_closed":
                 self.input_open = False
+            else:
+                self._on_cluster_item(kind, args)
         if finished:
             self._record_results(finished)
+
+    # --- a given cluster's workers ----------------------------------------------------------
+
+    def _on_cluster_event(self, msg: dict[str, Any]) -> None:
+        """The client's loop thread: an event of the scheduler's "all" topic."""
+        action = msg.get("action")
+        if action == "add-worker":
+            self.post(("worker_added", msg["worker"]))
+        elif action == "remove-worker":
+            self.post(("worker_removed", msg["worker"], list(msg.get("processing-tasks", ())),
+                       bool(msg.get("expected"))))
+
+    def _on_cluster_item(self, kind: str, args: list[Any]) -> None:
+        if kind == "their_log":
+            log.debug("%s: %s", args[0], args[1])
+        elif kind == "worker_added":
+            self._on_worker_added(args[0])
+        elif kind == "worker_removed":
+            address, keys, expected = args
+            pool = self.cluster_workers.pool_of(address, self.layout)
+            threads = self.cluster_workers.threads(address)
+            self.supervisor.on_worker_removed(address, keys, expected, pool, threads)
+            if self.cluster_workers.removed(address):
+                self._wait_for_a_worker()
+
+    def _on_worker_added(self, address: str) -> None:
+        """A worker joined: it is described (for the exit table) and checked, and what
+        waited for a checked worker is sent."""
+        assert self.client is not None
+        was_empty = not self.cluster_workers.present
+        try:
+            self.cluster_workers.describe(cluster_workers(self.client), self.layout)
+        except Exception:  # noqa: BLE001 - a lost scheduler: said by its futures
+            return
+        if address not in self.cluster_workers.present:
+            return  # gone again already
+        (log.info if was_empty else log.debug)(
+            "Worker %s joined the cluster (%d workers)", address,
+            len(self.cluster_workers.present), extra=event(
+                ev.DASK_WORKER_JOINED, address=address,
+                workers=len(self.cluster_workers.present)))
+        self._check_workers()
 
     # --- jobs in -----------------------------------------------------------------------
 
@@ -329,18 +433,46 @@ class DaskEngine(EngineLoop):
             self._submit(job, attempt=1)
 
     def _submit(self, job: Job, attempt: int) -> None:
+        """Send a job at the end of this turn of the loop (`_send_unsent`), with the others
+        of the turn."""
+        self.unsent.append((job, attempt))
+
+    def _send_unsent(self) -> None:
+        """Submit the jobs of this turn: one client.map (one graph update, one message to
+        the scheduler) for all of them, or one for each priority (and each pool, in typed
+        pools): a map gives all its tasks one priority, one resource. Nothing is sent to a
+        given cluster before one of its workers passed the pre-flight."""
+        if not self.unsent or (not self.own_cluster and not self.cluster_workers.checked):
+            return
+        groups: dict[tuple[int, int], list[tuple[Job, int]]] = collections.defaultdict(list)
+        for job, attempt in sorted(self.unsent, key=lambda sent: -dask_priority(sent[0])):
+            groups[job.pool if self.layout.typed else 0, job.priority].append((job, attempt))
+        self.unsent = []
+        for (pool, priority), batch in groups.items():
+            self._map(batch, priority, {resource_name(pool): 1} if self.layout.typed else None)
+
+    def _map(self, batch: list[tuple[Job, int]], priority: int,
+             resources: dict[str, int] | None) -> None:
+        """One client.map of `batch`, in the order a worker should run it (the older job
+        first): the scheduler orders one map's tasks by their place in it, and a map after
+        the one before (fifo_timeout=0: each map is a generation of its own), after the
+        priority."""
         assert self.client is not None
-        key = f"taskpool-{self.run_token}-{job.job_id}-{attempt}.{next(self.try_numbers)}"
-        resources = {resource_name(job.pool): 1} if self.layout.typed else None
-        future = self.client.submit(
-            run_job, job.job_id, int(job.kind), job.arg, attempt, key, self.plan,
-            self.start_path,
-            key=key, pure=False, priority=dask_priority(job), resources=resources, retries=0)
-        submitted = Try(job, attempt, key, future)
-        self.tries.add(submitted)
-        self._rearm(submitted)
-        if log.isEnabledFor(logging.INFO):
-            self._log_sent(job, attempt, key)
+        keys = [f"{self.key_prefix}{job.job_id}-{attempt}.{next(self.try_numbers)}"
+                for job, attempt in batch]
+        jobs = [job for job, _ in batch]
+        futures = self.client.map(
+            run_job, [j.job_id for j in jobs], [int(j.kind) for j in jobs],
+            [j.arg for j in jobs], [attempt for _, attempt in batch], keys, key=keys,
+            plan=self.plan, start_path=self.start_path, pure=False, retries=0,
+            priority=priority, fifo_timeout=0, resources=resources)
+        logged = log.isEnabledFor(logging.INFO)
+        for (job, attempt), key, future in zip(batch, keys, futures):
+            submitted = Try(job, attempt, key, future)
+            self.tries.add(submitted)
+            self._rearm(submitted)
+            if logged:
+                self._log_sent(job, attempt, key)
 
     def _log_sent(self, job: Job, attempt: int, key: str) -> None:
         again = f" (attempt {attempt})" if attempt > 1 else ""
@@ -444,6 +576,7 @@ class DaskEngine(EngineLoop):
         """Cancel the tries not started (reported not done); let the running ones finish
         within --grace."""
         self.supervisor.stop()
+        self.unsent = []  # not started: not done
         waiting = self.tries.waiting()
         running = len(self.tries) - len(waiting)
         for cancelled in waiting:
@@ -459,12 +592,18 @@ class DaskEngine(EngineLoop):
 
     def _close(self) -> None:
         """Close the client and our cluster (see cluster.close_cluster), and our pipes."""
+        if self.client is not None and not self.own_cluster:
+            remove_plugin(self.client, self.attempts_plugin)
         close_cluster(self.client, self.cluster, self.scratch,
                       [t.future for t in self.tries])
         for fd in (self.start_r, self.start_w):
             if fd >= 0:
                 os.close(fd)
         self.close_wake_pipe()
+        # What distributed said as it closed, or after the loop's last turn.
+        for kind, *args in list(self.inbox):
+            if kind == "their_log":
+                log.debug("%s: %s", args[0], args[1])
         log.info("Dask engine closed.", extra=event(ev.DEALER_STOPPED))
 
     def _set_stats(self) -> None:
@@ -472,13 +611,9 @@ class DaskEngine(EngineLoop):
         pools = []
         for pool in self.layout.pools:
             crashes = counts.per_pool.get(pool.number, 0)
-            pools.append({"type": pool.number, "workers": pool.size, "crashes": crashes,
+            workers = pool.size if self.own_cluster else \
+                self.cluster_workers.peak.get(pool.number, 0)
+            pools.append({"type": pool.number, "workers": workers, "crashes": crashes,
                           "restarts": crashes if self.own_cluster else 0})
         self.recorder.stats = DealerStats(counts.crashes, counts.resends, pools=pools)
 
-
-def dask_priority(job: Job) -> int:
-    """Dask's priority= for a job: its priority, then the older job (lower id) first, as in
-    the local engine. Dask itself leaves tasks of one priority submitted together in no
-    set order."""
-    return job.priority * ID_SPAN - job.job_id

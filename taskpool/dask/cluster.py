@@ -34,6 +34,7 @@ INSTALL_HINT = "--engine dask needs the dask extra: pip install 'taskpool[dask]'
 # Seconds for our cluster to close; distributed's Nanny kills a worker process that has not
 # stopped after 0.8 of it (4 s), which README gives as the wait.
 CLOSE_TIMEOUT = 5.0
+RECONNECT_WINDOW = 0.5  # seconds a client tries to reach a lost --scheduler again
 
 
 class DaskMissing(Exception):
@@ -135,7 +136,13 @@ def connect(address: str, timeout: float) -> Client:
 
     log.info("Connecting to the Dask scheduler at %s (for up to %g s)", address, timeout,
              extra=event(ev.DASK_CONNECTING, scheduler=address, timeout=timeout))
-    return Client(address, timeout=timeout, set_as_default=False)
+    client = Client(address, timeout=timeout, set_as_default=False)
+    # Once connected, the same timeout is how long the client tries to reconnect to a lost
+    # scheduler, and its close() waits for that; but a loss cancels every future at once,
+    # which ends our run (DaskEngine._on_cancelled): a short window, so that it ends within
+    # about a second. distributed has no setting of its own for this window.
+    client._timeout = RECONNECT_WINDOW
+    return client
 
 
 def log_connected(address: str, workers: dict[str, Any]) -> None:
@@ -168,6 +175,8 @@ def taskpool_problems(client: Client, workers: list[str], timeout: float) -> lis
                          callback_timeout=timeout)
     problems = []
     for address, answer in sorted(answers.items()):
+        if isinstance(answer, OSError):
+            continue  # it could not be reached: gone already (its "remove-worker" follows)
         if isinstance(answer, BaseException):
             problems.append(f"worker {address} cannot import taskpool "
                             f"({type(answer).__name__}: {answer})")

@@ -115,6 +115,7 @@ class DaskEngine(EngineLoop):
         # Our keys, unique on a scheduler shared by runs: taskpool-<run>-<job>-<attempt>.<try>
         self.key_prefix = f"taskpool-{secrets.token_hex(4)}-"
         self.unsent: list[tuple[Job, int]] = []  # (job, attempt): submitted at the loop's turn
+        self.done_records: list[JobRecord] = []  # recorded at the end of the loop's turn
         self.try_numbers = itertools.count(1)
         self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
         # Our own cluster's workers write each job's start here (see worker.py).
@@ -285,6 +286,7 @@ class DaskEngine(EngineLoop):
         arrived = len(self.inbox)
         self._read_starts()
         self._drain_inbox(arrived)
+        self._record_turn()
         self._send_unsent()
 
     def input_done(self) -> bool:
@@ -490,6 +492,10 @@ class DaskEngine(EngineLoop):
     # --- what the cluster tells ------------------------------------------------------------
 
     def _on_started(self, msg: dict[str, Any]) -> None:
+        """A worker's record: a try started, or (with "result") ended with a value."""
+        if "result" in msg:
+            self._on_result(msg)
+            return
         started = self.tries.note_start(msg, self.supervisor.timeout_of)
         if started is None or not log.isEnabledFor(logging.DEBUG):
             return
@@ -537,16 +543,35 @@ class DaskEngine(EngineLoop):
             if outcome is None:
                 self._rearm(done)
                 continue
-            value, pid, address = outcome
-            self.tries.forget(done)
-            job = done.job
-            attempts = self.tries.attempts_used(done)
-            self.recorder.record(JobRecord.of(job, Status.DONE, result=value, worker=pid,
+            self._record_done(done, *outcome)
+
+    def _on_result(self, msg: dict[str, Any]) -> None:
+        """A worker's record of a try's value (worker.py), which comes before the future is
+        done (the same worker's stream, or the start pipe read first): recorded now, and
+        the future's end finds nothing left to fetch. A try already ended (abandoned,
+        cancelled, or recorded, its job run again after its result was lost) is dropped."""
+        done = self.tries.get(str(msg["key"]))
+        if done is not None:
+            self._record_done(done, msg["result"], int(msg["pid"]), str(msg["address"]))
+
+    def _record_done(self, done: Try, value: Any, pid: int, address: str) -> None:
+        """A try's value: recorded with the others of this turn (_record_turn)."""
+        self.tries.forget(done)
+        job = done.job
+        attempts = self.tries.attempts_used(done)
+        self.done_records.append(JobRecord.of(job, Status.DONE, result=value, worker=pid,
                                               attempts=attempts))
-            log.info("Job %d (%s %s) done by worker PID [%d] at %s: %s", job.job_id,
-                     job.kind.label, job.arg, pid, address, value,
-                     extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
-                                 result=value, address=address))
+        log.info("Job %d (%s %s) done by worker PID [%d] at %s: %s", job.job_id,
+                 job.kind.label, job.arg, pid, address, value,
+                 extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
+                             result=value, address=address))
+
+    def _record_turn(self) -> None:
+        """The values of this turn of the loop, recorded together: one write of their
+        results lines (Recorder.record_all), not one a job."""
+        if self.done_records:
+            records, self.done_records = self.done_records, []
+            self.recorder.record_all(records)
 
     def _cancel(self, tries: list[Try]) -> None:
         assert self.client is not None
@@ -592,6 +617,7 @@ class DaskEngine(EngineLoop):
 
     def _close(self) -> None:
         """Close the client and our cluster (see cluster.close_cluster), and our pipes."""
+        self._record_turn()
         if self.client is not None and not self.own_cluster:
             remove_plugin(self.client, self.attempts_plugin)
         close_cluster(self.client, self.cluster, self.scratch,

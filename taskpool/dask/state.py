@@ -131,6 +131,9 @@ class Tries:
         # given cluster whose scheduler refused our plugin (cluster.count_attempts_ourselves)
         self.dask_retries = False
         self.by_key: dict[str, Try] = {}
+        # The tries with a --timeout running: the loop's timers look at these alone, not
+        # at every try outstanding, at each of its turns.
+        self.timed: dict[str, Try] = {}
         self.workers: dict[str, WorkerSeen] = {}
         self.pid_pools: dict[int, int | None] = {}  # worker pid: its pool (our own cluster)
 
@@ -153,11 +156,11 @@ class Tries:
         return any(t.running for t in self.by_key.values())
 
     def overdue(self, now: float) -> list[Try]:
-        return [t for t in self.by_key.values()
+        return [t for t in self.timed.values()
                 if t.deadline is not None and not t.timed_out and t.deadline <= now]
 
     def seconds_to_deadlines(self, now: float) -> list[float]:
-        return [t.deadline - now for t in self.by_key.values()
+        return [t.deadline - now for t in self.timed.values()
                 if t.deadline is not None and not t.timed_out]
 
     # --- starts -------------------------------------------------------------------------
@@ -183,6 +186,7 @@ class Tries:
         seconds = timeout(started.job)
         if seconds is not None:
             started.deadline = started.started_at + seconds
+            self.timed[key] = started
         return started
 
     # --- ends ---------------------------------------------------------------------------
@@ -197,6 +201,7 @@ class Tries:
     def forget(self, ended: Try, off_worker: bool = True) -> None:
         """A try has an outcome: drop it here and on the cluster."""
         self.by_key.pop(ended.key, None)
+        self.timed.pop(ended.key, None)
         if off_worker:
             self.off_worker(ended)
         ended.future.release()

@@ -139,21 +139,24 @@ class Supervisor:
     def _carry_out(self, decision: Decision, failed: Try, death: Death, pid: int | None,
                    address: str) -> None:
         job = failed.job
+        # The worker: its PID and address; a given cluster's worker whose PID no start of
+        # ours told (it died at its first job) by its address alone.
+        worker = f"{pid} ({address})" if pid is not None else address
         if decision.verdict is Verdict.FAIL:
             self._fail(job, decision, death, pid)
         elif decision.verdict is Verdict.REQUEUE:
             if failed.starts == 0:
-                why, text = "unstarted", "it was waiting, unstarted, for %d (%s)"
+                why, text = "unstarted", "it was waiting, unstarted, for %s"
             else:
                 why, text = "result_lost", ("it had completed, but its result was lost "
-                                            "with a worker; it was not running on %d (%s)")
-            recovery_log.info("Requeued job %d: " + text, job.job_id, pid, address,
+                                            "with a worker; it was not running on %s")
+            recovery_log.info("Requeued job %d: " + text, job.job_id, worker,
                               extra=event(ev.JOB_REQUEUED, job=job.job_id, worker=pid,
                                           reason=why, address=address))
             self.submit(job, decision.next_attempt)
         else:
-            recovery_log.info("Resent job %d after crash of %s (%s): %s", job.job_id, pid,
-                              address, death.reason,
+            recovery_log.info("Resent job %d after crash of %s: %s", job.job_id, worker,
+                              death.reason,
                               extra=event(ev.JOB_RESENT, job=job.job_id, worker=pid,
                                           address=address, reason=death.reason))
             self._resend(job, decision)

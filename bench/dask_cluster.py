@@ -40,7 +40,8 @@ client.close()
 """
 
 
-def _start(command: list[str], pattern: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def _start(command: list[str], pattern: str,
+           env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     """A process of the cluster, once its stderr has said `pattern` (the line's match)."""
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)

@@ -79,7 +79,8 @@ class _Process:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout} s")
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s") \
+                    from None
             if line is None:
                 raise AssertionError(f"exited ({self.proc.wait()}) before {pattern!r}")
             found = re.search(pattern, line)

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -169,8 +170,7 @@ def taskpool_problems(client: Client, workers: list[str], timeout: float) -> lis
     worker that cannot import taskpool, or has another version of it, would fail every task
     it is given (distributed unpickles `run_job` by reference). Asked of all at once;
     raises TimeoutError if they have not all answered within `timeout` seconds."""
-    from taskpool import __version__
-
+    ours = our_version()
     answers = client.run(_taskpool_probe(), workers=workers, on_error="return",
                          callback_timeout=timeout)
     problems = []
@@ -180,16 +180,21 @@ def taskpool_problems(client: Client, workers: list[str], timeout: float) -> lis
         if isinstance(answer, BaseException):
             problems.append(f"worker {address} cannot import taskpool "
                             f"({type(answer).__name__}: {answer})")
-        elif answer != __version__:
-            problems.append(f"worker {address} has taskpool {answer}, this is {__version__}")
+        elif answer != ours:
+            problems.append(f"worker {address} has taskpool {answer}, this is {ours}")
     return problems
 
 
-def install_hint() -> str:
-    from taskpool import __version__
+def our_version() -> str:
+    """This taskpool's version: read from the package already loaded (we run in it),
+    without an import of the package's lazy front (the Executor)."""
+    return str(sys.modules["taskpool"].__version__)
 
-    return (f"every worker needs taskpool {__version__} in its Python "
-            f"(pip install 'taskpool[dask]=={__version__}', or this checkout: "
+
+def install_hint() -> str:
+    version = our_version()
+    return (f"every worker needs taskpool {version} in its Python "
+            f"(pip install 'taskpool[dask]=={version}', or this checkout: "
             f"pip install -e '.[dask]')")
 
 
@@ -199,9 +204,9 @@ def _taskpool_probe() -> Callable[[], str]:
     says why the import fails."""
 
     def taskpool_version() -> str:
-        import taskpool
+        import importlib
 
-        return str(taskpool.__version__)
+        return str(importlib.import_module("taskpool").__version__)
 
     return taskpool_version
 
@@ -220,7 +225,7 @@ def count_attempts_ourselves(client: Client, prefix: str) -> str | None:
     it (the caller falls back to counting Dask's own runs)."""
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    class TaskpoolCountsAttempts(SchedulerPlugin):  # type: ignore[misc]
+    class TaskpoolCountsAttempts(SchedulerPlugin):
         def update_graph(self, scheduler: Any, *, tasks: Any = (), **kwargs: Any) -> None:
             allowed = scheduler.allowed_failures
             for key in tasks:

@@ -467,7 +467,7 @@ class DaskEngine(EngineLoop):
             run_job, [j.job_id for j in jobs], [int(j.kind) for j in jobs],
             [j.arg for j in jobs], [attempt for _, attempt in batch], keys, key=keys,
             plan=self.plan, start_path=self.start_path, pure=False, retries=0,
-            priority=priority, fifo_timeout=0, resources=resources)
+            priority=priority, fifo_timeout="0s", resources=resources)
         logged = log.isEnabledFor(logging.INFO)
         for (job, attempt), key, future in zip(batch, keys, futures):
             submitted = Try(job, attempt, key, future)

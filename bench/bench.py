@@ -107,6 +107,7 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 
 
 def main() -> None:
+    import dask_cluster
     import engines
     import peers
 
@@ -175,6 +176,9 @@ def main() -> None:
             typed.append((name, dispatch_makespan(workdir, jobs), ideal_makespan(jobs, exact)))
     print("engines...", file=sys.stderr)
     engine_table = engines.overhead_table()
+    print("dask on a real cluster...", file=sys.stderr)
+    dask_table = (dask_cluster.overhead_table() if "dask" in engines.available_engines()
+                  else "(not measured: no dask extra)")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}, {datetime.date.today()}")
     peers_rates = {k: rates[k] for k in ("ppe", "mp", "loky", "pebble") if k in rates}
@@ -260,6 +264,14 @@ def main() -> None:
         engine_table,
         "",
         "Command: `make bench` (the engines' table alone: `python bench/engines.py`).",
+        "",
+        "`--engine dask --scheduler` against raw Dask on the same real cluster (a `dask "
+        "scheduler` and `dask worker` processes): the wall time of one more no-op job, "
+        "start-up and close excluded.",
+        "",
+        dask_table,
+        "",
+        "Command: `make bench` (this table alone: `python bench/dask_cluster.py`).",
     ])
     print(table)
     write_results(ROOT / "bench" / "results.md", table)

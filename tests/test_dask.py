@@ -703,3 +703,27 @@ def test_a_cluster_that_does_not_close_has_its_worker_processes_killed() -> None
 
     _close_or_kill(Unclosable())  # type: ignore[arg-type]
     assert worker.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_a_lost_workers_running_jobs_are_those_it_told_of_then_those_it_would_run_first() -> None:
+    # On a given cluster, a worker's start may die with it (a job that kills it at once):
+    # its threads left over are taken to run what it held in the order it runs them.
+    from taskpool.dask.state import Tries, Try
+    from taskpool.model.jobs import Job, JobKind
+
+    tries = Tries(own_cluster=False)
+    address = "tcp://10.0.0.6:4000"
+    held = [Try(Job(job_id, JobKind.FIB, 20, priority=priority), 1, f"k{job_id}",
+                _StandInFuture(f"k{job_id}"))  # type: ignore[arg-type]
+            for job_id, priority in ((3, 0), (2, 0), (4, 5))]
+
+    def running(threads: int) -> list[int]:
+        return [t.job.job_id for t in tries.running_on(address, held, threads)]
+
+    assert running(1) == [4]  # none told: the highest priority, then the oldest
+    held.pop()
+    assert running(1) == [2]
+    tries.add(held[0])
+    tries.note_start({"key": "k3", "address": address, "pid": 7, "nthreads": 1}, lambda j: None)
+    assert running(1) == [3]  # it told of job 3: job 2 only waited
+    assert running(2) == [3, 2]

@@ -118,6 +118,9 @@ class DaskEngine(EngineLoop):
         self.done_records: list[JobRecord] = []  # recorded at the end of the loop's turn
         self.try_numbers = itertools.count(1)
         self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        # Guards the wake pipe's closing against post()s from distributed's threads.
+        self.wake_lock = threading.Lock()
+        self.wake_closed = False
         # Our own cluster's workers write each job's start here (see worker.py).
         self.start_r, self.start_w = os.pipe() if self.own_cluster else (-1, -1)
         self.start_path = f"/proc/{os.getpid()}/fd/{self.start_w}" if self.own_cluster \
@@ -138,12 +141,17 @@ class DaskEngine(EngineLoop):
         self.attempts_plugin: str | None = None  # see cluster.count_attempts_ourselves
 
     def post(self, item: tuple[Any, ...]) -> None:
-        """From any thread: hand an item to the main loop and wake it."""
+        """From any thread: hand an item to the main loop and wake it. Once the loop's
+        wake pipe is closed (distributed's threads may still log as the run ends), the
+        item is only kept: its descriptor number may already be another file's."""
         self.inbox.append(item)
-        try:
-            os.write(self.wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already: the loop will see the item
+        with self.wake_lock:
+            if self.wake_closed:
+                return
+            try:
+                os.write(self.wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop will see the item
 
     # --- the run ---------------------------------------------------------------------
 
@@ -625,7 +633,9 @@ class DaskEngine(EngineLoop):
         for fd in (self.start_r, self.start_w):
             if fd >= 0:
                 os.close(fd)
-        self.close_wake_pipe()
+        with self.wake_lock:
+            self.wake_closed = True
+            self.close_wake_pipe()
         # What distributed said as it closed, or after the loop's last turn.
         for kind, *args in list(self.inbox):
             if kind == "their_log":

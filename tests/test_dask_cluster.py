@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import re
 import signal
 import subprocess
@@ -296,3 +297,35 @@ def test_a_killed_scheduler_ends_the_run_plainly_with_every_job_reported(
     assert "Traceback" not in log.read_text()
     assert any(e["role"] == "Dask" and e["text"].startswith("[Dask] distributed.")
                for e in run.all_events())
+
+
+# --- chaos --------------------------------------------------------------------------------------
+
+@pytest.mark.soak
+def test_chaos_on_a_real_cluster_loses_and_doubles_nothing(
+        real_cluster: RealCluster, tmp_path: Path) -> None:
+    for _ in range(3):
+        real_cluster.add_worker()
+    rng = random.Random(7)
+    lines = [rng.choice(["fib 18", "fib 23", "sleep 0.02", "sleep 0"]) for _ in range(300)]
+    run = _run(real_cluster, tmp_path, lines, "--max-attempts", "0", "--crash-rate", "0.02",
+               "--seed", "5")
+    killed = []
+    for step in range(1, 7):
+        def enough(events: list[dict[str, Any]], wanted: int = 40 * step) -> bool:
+            return sum(e["event"] == ev.JOB_STARTED for e in events) >= wanted or \
+                any(e["event"] == ev.SUMMARY for e in events)
+        if not run.wait_until_events(enough) or run.events_named(ev.SUMMARY):
+            break
+        victim = run.events_named(ev.JOB_STARTED)[-1]["worker"]
+        kill_quietly(victim)  # mid-job, or just after: either way a worker is lost
+        killed.append(victim)
+    assert run.finish() == 0
+    assert len(killed) >= 3, run.log_text()
+    records = read_results(tmp_path / "r.jsonl")
+    assert_exactly_once(records, range(1, len(lines) + 1))
+    assert_done_right(records)
+    summary = run.one_event(ev.SUMMARY)
+    lost = run.events_named(ev.WORKER_EXITED, crash=True)
+    assert summary["crashes"] == len(lost) >= len(set(killed))
+    assert summary["resends"] == len(run.events_named(ev.JOB_RESENT))

@@ -1,5 +1,7 @@
 # Dev/run image for taskpool. `make run` (the default command) runs the demo.
-FROM python:3.11-slim
+# tools/container-check builds it and starts the dev container (`make container-test`).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 # The Makefile drives the install and the run; python:3.11-slim has no make.
 RUN if ! command -v make >/dev/null 2>&1; then \

@@ -92,8 +92,10 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) tools/function_length.py taskpool
 
+# Builds the Dockerfile and starts the dev container with docker or podman, running the demo
+# in each (BASE_IMAGE=... to build on another base).
 container-test:
-	../shared/tools/container-check --devcontainer
+	tools/container-check
 
 clean:
 	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -10,8 +10,8 @@ two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's 
 (against the machine's own: plain forked processes, no pool);
 crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
 typed pools on sleep workloads; the per-job overhead of the two engines of `taskpool run`
-(local and, with the dask extra, Dask) on no-op and fib jobs. The measurements are in
-peers.py and engines.py.
+(local and, with the dask extra, Dask) on no-op and fib jobs; what watching a run on a
+terminal costs. The measurements are in peers.py, engines.py and terminal.py.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = 20_000
 REPEATS = 3
 ROUNDS = 5  # of the dispatch measurements, each pool once a round
+BULK_ITEMS = 1_000_000  # through map: Executor.map against multiprocessing.Pool.map
 KILLS = 200
 
 
@@ -110,6 +111,7 @@ def main() -> None:
     import dask_cluster
     import engines
     import peers
+    import terminal
 
     n = JOBS
     fib_n, fib_count = 27, 40
@@ -145,6 +147,8 @@ def main() -> None:
         rates["cli"], rates["cli_run"] = cli_jobs_per_second(workdir, journal=False)
         rates["cli_journal"], _ = cli_jobs_per_second(workdir, journal=True)
         rates["ping_pong"] = peers.ping_pong_rate(n, REPEATS)
+        print("bulk map...", file=sys.stderr)
+        bulk = peers.bulk_map_rates(BULK_ITEMS, ROUNDS)
         print("fib batch...", file=sys.stderr)
         # In turn, round after round, best of ROUNDS each, as the dispatch figures: this
         # machine's speed drifts by a third over seconds (fib(27) alone: 22-33 ms), and a
@@ -176,6 +180,8 @@ def main() -> None:
             typed.append((name, dispatch_makespan(workdir, jobs), ideal_makespan(jobs, exact)))
     print("engines...", file=sys.stderr)
     engine_table = engines.overhead_table()
+    print("terminal...", file=sys.stderr)
+    terminal_table = terminal.terminal_table()
     print("dask on a real cluster...", file=sys.stderr)
     dask_table = (dask_cluster.overhead_table() if "dask" in engines.available_engines()
                   else "(not measured: no dask extra)")
@@ -225,6 +231,14 @@ def main() -> None:
         f"{statistics.median(paired['mp']):.1f}x mp.Pool "
         f"({min(paired['mp']):.1f}-{max(paired['mp']):.1f}x).",
         "",
+        f"Bulk map: {BULK_ITEMS:,} no-op items through 2 workers, all results read (pools "
+        f"warmed first; each measured once a round, in turn, best of {ROUNDS} rounds).",
+        "",
+        "| map | items/s | vs mp.Pool.map |",
+        "| --- | ---: | ---: |",
+        *[f"| {name} | {rate:,.0f} | {rate / bulk['mp.Pool.map']:.2f} |"
+          for name, rate in bulk.items()],
+        "",
         f"CPU-bound batch: {fib_count} x fib({fib_n}) on 2 workers; ideal = sequential time "
         f"in one process / 2 = {ideal:.2f} s.",
         "",
@@ -263,7 +277,13 @@ def main() -> None:
         "",
         engine_table,
         "",
-        "Command: `make bench` (the engines' table alone: `python bench/engines.py`).",
+        "Watching a run: the live view's cost on a terminal (a pseudo-terminal here), "
+        "against the log to a file.",
+        "",
+        terminal_table,
+        "",
+        "Command: `make bench` (the engines' table alone: `python bench/engines.py`; the "
+        "terminal's: `python bench/terminal.py`).",
         "",
         "`--engine dask --scheduler` against raw Dask on the same real cluster (a `dask "
         "scheduler` and `dask worker` processes): the wall time of one more no-op job, "

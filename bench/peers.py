@@ -113,6 +113,42 @@ def mp_pool_rate(n: int, repeats: int, workers: int = 2) -> float:
     return best
 
 
+def bulk_map_rates(n: int, rounds: int, workers: int = 2) -> dict[str, float]:
+    """Items/s of `n` no-op items through map, best of `rounds`, each pool warmed first and
+    measured once a round, in turn: multiprocessing.Pool.map with its default chunksize
+    (n / (4 x workers)), and taskpool.Executor.map with chunksize=1000 and with that same
+    chunksize."""
+    mp_default = -(-n // (4 * workers))
+
+    def mp_map() -> float:
+        with multiprocessing.Pool(workers) as pool:
+            pool.map(noop, range(1000))
+            started = time.perf_counter()
+            pool.map(noop, range(n))
+            return n / (time.perf_counter() - started)
+
+    def executor_map(chunksize: int) -> float:
+        import taskpool
+
+        with taskpool.Executor(workers) as executor:
+            list(executor.map(noop, range(1000), chunksize=100))
+            started = time.perf_counter()
+            for _ in executor.map(noop, range(n), chunksize=chunksize):
+                pass
+            return n / (time.perf_counter() - started)
+
+    runs: dict[str, Callable[[], float]] = {
+        "mp.Pool.map": mp_map,
+        "Executor.map chunksize=1000": lambda: executor_map(1000),
+        f"Executor.map chunksize={mp_default}": lambda: executor_map(mp_default),
+    }
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            best[name] = max(best[name], run())
+    return best
+
+
 def ping_pong_rate(n: int, repeats: int) -> float:
     """Round trips of a small message between two processes over two posix_ipc queues: what
     one job costs in queue operations alone, with no Python work around them."""

@@ -37,10 +37,21 @@ docs/ARCHITECTURE.md tells the whole story: threads, invariants, and why no job 
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what a type checker sees of the lazy names below (py.typed ships)
+    from taskpool.executor.client import Executor, ExecutorStats, WorkerCrashed
 
 __version__ = "0.1.0"
-__all__ = ["Executor", "WorkerCrashed"]
+
+if not sys.platform.startswith("linux"):
+    # Said at the import, not at the first fork: a pool here needs Linux's POSIX message
+    # queues (/dev/mqueue), its process APIs (prctl, pidfd) and fork().
+    raise ImportError(
+        f"taskpool runs on Linux only (this is {sys.platform}): it is built on Linux's "
+        "POSIX message queues, fork() and prctl()")
+__all__ = ["Executor", "ExecutorStats", "WorkerCrashed"]
 
 
 def __getattr__(name: str) -> Any:

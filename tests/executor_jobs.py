@@ -128,14 +128,15 @@ def count_call(x: int, directory: str) -> int:
 
 
 class FlakyPickle:
-    """Pickles on every other attempt only: stands in for an argument that another thread
-    mutates while it is pickled ('dictionary changed size during iteration')."""
+    """Pickles on every third attempt only: stands in for an argument that another thread
+    mutates while it is pickled ('dictionary changed size during iteration'). Third: a
+    batch is tried with pickle, then cloudpickle, before its calls are tried one by one."""
 
     attempts = 0
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         FlakyPickle.attempts += 1
-        if FlakyPickle.attempts % 2:
+        if FlakyPickle.attempts % 3:
             raise RuntimeError("dictionary changed size during iteration")
         return (FlakyPickle, ())
 
@@ -180,3 +181,75 @@ class LoadsOnlyInCaller:
 
     def __reduce__(self) -> tuple[Any, tuple[int, str | None, str | None]]:
         return (_load_in, (os.getpid(), self.marker, self.started))
+
+
+class Box:
+    """A value whose lifetime a test watches through a weakref."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def get(self) -> int:
+        return self.value
+
+
+def box_value(box: Box) -> Box:
+    return Box(box.value)
+
+
+def failing_initializer_that_logs_to(path: str) -> None:
+    """Attach a handler to PPE's logger, as a program that watches it would, then fail."""
+    import logging
+
+    class ToFile(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            exc = record.exc_info[1] if record.exc_info else None
+            with open(path, "a") as f:
+                f.write(f"{record.levelname}|{record.getMessage()}|{exc!r}\n")
+
+    logging.getLogger("concurrent.futures").addHandler(ToFile())
+    raise ValueError("bad config")
+
+
+def fork_in_call(raise_in_child: bool = False) -> int:
+    """Fork; the child returns (or raises) into its worker's loop, as a careless call's
+    child would; the parent returns the child's exit code."""
+    pid = os.fork()
+    if pid == 0:
+        if raise_in_child:
+            raise JobError("in the child")
+        return -1
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+SHARED: dict[str, Any] = {}
+
+
+def keep_shared(queue: Any, lock: Any, event: Any, semaphore: Any) -> None:
+    """An initializer: multiprocessing objects from initargs, kept for the calls."""
+    SHARED.update(queue=queue, lock=lock, event=event, semaphore=semaphore)
+
+
+def use_shared(what: str) -> object:
+    """One use of a shared object, as the caller's test drives it."""
+    if what == "try lock":
+        got = SHARED["lock"].acquire(False)
+        if got:
+            SHARED["lock"].release()
+        return got
+    if what == "wait event":
+        return SHARED["event"].wait(60)
+    if what == "put pid":
+        SHARED["queue"].put(os.getpid())
+        return os.getpid()
+    SHARED["semaphore"].release()
+    return None
+
+
+def store(mapping: Any, key: str, value: object) -> None:
+    mapping[key] = value
+
+
+def send_on(connection: Any, value: object) -> None:
+    connection.send(value)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import pty
 import re
 import subprocess
 import sys
@@ -117,66 +115,6 @@ def test_report_of_a_bad_file_is_a_clear_error(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == f"taskpool: {bad}:2: not an event line\n"
-
-
-def run_on_a_terminal(args: list[str]) -> tuple[int, bytes]:
-    """Run taskpool with stderr on a pseudo-terminal, as in a real terminal."""
-    master, slave = pty.openpty()
-    env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="30")
-    proc = subprocess.Popen([sys.executable, "-m", "taskpool", *args], cwd=ROOT, env=env,
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                            start_new_session=True)
-    os.close(slave)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the terminal's last writer is gone
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
-    return proc.wait(timeout=60), out
-
-
-def test_the_live_view_draws_on_a_terminal_and_the_log_scrolls_above(tmp_path: Path) -> None:
-    jobs = tmp_path / "jobs.txt"
-    jobs.write_text("fib 20\nsleep 0.2\n" * 10)
-    events = tmp_path / "e.jsonl"
-    code, out = run_on_a_terminal(["run", "--workers", "2", "--jobs", str(jobs),
-                                   "--crash-rate", "0.2", "--seed", "4",
-                                   "--events", str(events)])
-    assert code == 0
-    text = out.decode("utf-8", "replace")
-    assert "\x1b[" in text, "drawn with terminal control codes"
-    final = re.findall(r"(\d+)/(\d+) done · (\d+) running · (\d+) queued · (\d+) crashes", text)
-    assert final and final[-1][:2] == ("20", "20") and final[-1][2:4] == ("0", "0")
-    # The log scrolls above the view: its lines are the events' (one source).
-    found = read_events(events)
-    summary = next(e for e in found if e["event"] == "summary")
-    assert summary["text"] in text and summary["jobs"] == summary["done"] == 20
-    assert next(e for e in found if e["event"] == "job_done" and e["job"] == 1)["text"] in text
-    crashes = int(final[-1][4])
-    assert crashes == summary["crashes"] > 0
-
-
-def test_quiet_or_a_pipe_gets_the_plain_log(tmp_path: Path) -> None:
-    jobs = tmp_path / "jobs.txt"
-    jobs.write_text("fib 10\n")
-    events = tmp_path / "e.jsonl"
-    code, out = run_on_a_terminal(["run", "--workers", "2", "--quiet", "--jobs", str(jobs),
-                                   "--events", str(events)])
-    assert code == 0
-    text = out.decode()
-    summary = next(e for e in read_events(events) if e["event"] == "summary")
-    assert summary["text"] in text and summary["done"] == 1, "the plain log: its summary line"
-    assert " done · " not in text and "\x1b[" not in text
-    proc = subprocess.run([sys.executable, "-m", "taskpool", "run", "--workers", "2"],
-                          cwd=ROOT, input="fib 10\n", capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0
-    assert "\x1b[" not in proc.stderr and " done · " not in proc.stderr
 
 
 def _event_names_the_tests_use() -> set[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -134,6 +135,7 @@ def nothing_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     executors: list[taskpool.Executor] = []
     original_init = taskpool.Executor.__init__
 
+    @functools.wraps(original_init)  # its signature too
     def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         executors.append(self)
@@ -680,7 +682,8 @@ def test_importing_taskpool_changes_nothing_global_in_the_callers_process() -> N
     """Importing taskpool (and its Executor) sets no warnings filter, signal handler or mask,
     logging handler or level, exit hook, and starts no thread: a library's import must not
     change its caller's program. An Executor registers one atexit hook (to finish its calls
-    at exit, as PPE's), when the first one is created, and one only. The standard library
+    at exit, as PPE's), and a NullHandler on the "taskpool" logger, when the first one is
+    created, and one only. The standard library
     modules that ours import are imported first: some register exit hooks of their own
     (multiprocessing's, and concurrent.futures.process's, which WorkerCrashed derives from)."""
     script = _GLOBAL_STATE + textwrap.dedent(f"""
@@ -712,6 +715,11 @@ def test_importing_taskpool_changes_nothing_global_in_the_callers_process() -> N
     before, imported, used = json.loads(out)
     assert imported == before
     assert used.pop("atexit hooks") == before.pop("atexit hooks") + 1
+    # And a NullHandler on taskpool's own logger, with the first Executor too, so that its
+    # warnings show only where the caller configured logging (as a library's should).
+    ours = "('taskpool', 0, [<NullHandler (NOTSET)>], True, False)"
+    assert ours not in before["logging"] and ours in used["logging"]
+    used["logging"] = re.sub(r",? ?" + re.escape(ours), "", used["logging"])
     assert used == before
 
 

@@ -43,11 +43,18 @@ def test_the_demo_log_reads_in_the_seed_s_tone() -> None:
     crashes = re.findall(r"^\[Supervisor\] Worker PID (\d+) killed by signal 11 \(SIGSEGV\)$",
                          log, re.M)
     assert len(crashes) >= 3, log
-    for pid in crashes:
-        assert f"[Worker {pid}] Simulated crash!" in lines
+    for pid in crashes:  # each names the job and the step it crashed at
+        assert re.search(rf"^\[Worker {pid}\] Simulated crash! \(job \d+, (before_ack|"
+                         r"during_compute|before_result), attempt \d+\)$", log, re.M), log
     resent = re.findall(r"^\[Recovery\] Resent job (\d+) after crash of (\d+)$", log, re.M)
     assert resent and {pid for _, pid in resent} <= set(crashes)
-    assert re.search(r"^\[Dealer\] Sent job \d+ -> \w+\([\d.]+\) \(attempt 2\)$", log, re.M)
+    # A job sent again says why: its crash (a later attempt), or the queue it left.
+    assert re.search(r"^\[Dealer\] Sent job \d+ -> \w+\([\d.]+\) \(attempt 2: resent after "
+                     r"the crash of \d+\)$", log, re.M)
+    sent: dict[str, int] = {}
+    for job, why in re.findall(r"^\[Dealer\] Sent job (\d+) -> \S+( \(.*\))?$", log, re.M):
+        sent[job] = sent.get(job, 0) + 1
+        assert (sent[job] == 1) == (why == ""), f"job {job}: {why!r}"
     assert "[Dealer] All jobs completed. Shutting down workers..." in lines
     assert lines[-5] == "[Main] All done."
     # The exit table: per pool, then the attempts the done jobs took.
@@ -120,8 +127,17 @@ def test_per_job_lines_read_the_same_with_the_text_log_alone_as_through_logging(
 
 # --- each event's line says its fields -----------------------------------------------------
 
+AGAIN = {"resent": "resent after the crash of {}", "preempted": "preempted on {}",
+         "requeued": "taken from dead worker {}'s queue, unstarted",
+         "moved": "moved from worker {}'s queue"}
+
+
 def _retry(e: Event) -> str:
-    return f" (attempt {e['attempt']})" if e["attempt"] > 1 else ""
+    """` (attempt 2: resent after the crash of 1469)`, ` (again: moved from ...)`."""
+    label = f"attempt {e['attempt']}" if e["attempt"] > 1 else "again"
+    if "again" not in e:
+        return f" ({label})" if e["attempt"] > 1 else ""
+    return f" ({label}: {AGAIN[e['again']].format(e['from_worker'])})"
 
 
 def _sent(e: Event) -> str:
@@ -141,6 +157,8 @@ def _worker(e: Event) -> str:
 def _exited(e: Event) -> str | re.Pattern[str]:
     if e["reason"] == "retired":  # after --max-tasks-per-child jobs
         return re.compile(rf"\[Supervisor\] Worker PID {e['worker']} retired after \d+ jobs")
+    if e["reason"].startswith("memory limit"):
+        return f"[Supervisor] Worker PID {e['worker']} ran out of its {e['reason']}"
     if e["crash"]:
         return f"[Supervisor] Worker PID {e['worker']} {e['reason']}"
     return f"[Supervisor] Reaped worker {e['worker']}: {e['reason']}"
@@ -149,7 +167,9 @@ def _exited(e: Event) -> str | re.Pattern[str]:
 def _stopping(e: Event) -> str:
     if e["grace"] == 0:
         return f"[Dealer] Stopping now: killing {e['running']} running jobs"
-    return (f"[Dealer] Stopping on signal 15: letting {e['running']} running jobs finish "
+    # main's SIGTERM to the Dealer is no signal to name: main's line before it names the
+    # one it was sent.
+    return (f"[Dealer] Stopping: letting {e['running']} running jobs finish "
             f"(grace {e['grace']:g} s); {e['not_started']} jobs not started")
 
 
@@ -179,13 +199,19 @@ LINES: dict[str, Callable[[Event], str | re.Pattern[str]]] = {
     ev.DEALER_STARTED: lambda e: re.compile(  # typed pools: and each pool's size
         rf"\[Dealer\] Starting \(PID {e['pid']}\) with {e['workers']} workers( \(.+\))?"),
     ev.WORKER_STARTED: lambda e: f"{_worker(e)} Starting up",
-    ev.SIMULATED_CRASH: lambda e: f"{_worker(e)} Simulated crash!",
+    ev.SIMULATED_CRASH: lambda e: f"{_worker(e)} Simulated crash! (job {e['job']}, "
+                                  f"{e['step']}, attempt {e['attempt']})",
     ev.JOB_SENT: _sent,
     ev.JOB_STARTED: lambda e: f"[Dealer] Job {e['job']} started by worker PID [{e['worker']}] "
                               f"(ACK, attempt {e['attempt']})",
     ev.JOB_FINISHED: lambda e: f"{_worker(e)} Done job {e['job']}",
     ev.JOB_DONE: lambda e: f"[Dealer] Received result for job {e['job']}: {e['result']} from "
-                           f"worker PID [{e['worker']}]",
+                           f"worker PID [{e['worker']}]"
+                           + (" (sent before it died)" if e.get("sent_before_death") else ""),
+    ev.RUN_RESUMED: lambda e: (
+        f"[Main] {e['done']} of {e['jobs']} jobs already done in {e['journal']}"
+        + (f", {e['failed']} failed" if e["failed"] else "")
+        + f"; running the other {e['jobs'] - e['done'] - e['failed']}"),
     ev.JOB_RESENT: lambda e: f"[Recovery] Resent job {e['job']} after crash of {e['worker']}",
     ev.JOB_REQUEUED: _requeued,
     ev.JOB_FAILED: lambda e: f"[Supervisor] Job {e['job']} failed after {e['attempts']} "
@@ -198,6 +224,9 @@ LINES: dict[str, Callable[[Event], str | re.Pattern[str]]] = {
     ev.GAVE_UP: lambda e: f"[Supervisor] Giving up: {e['reason']}",
     ev.ALL_JOBS_COMPLETED: lambda e: "[Dealer] All jobs completed. Shutting down workers...",
     ev.INTERRUPTED: lambda e: f"[Main] Interrupted by {e['signal']}: stopping the pool",
+    ev.INTERRUPTED_AGAIN: lambda e: (f"[Main] Second {e['signal']}: stopping running jobs now"
+                                     if e["rung"] == 2
+                                     else f"[Main] {e['signal']} again: killing the pool"),
     ev.STOPPING: _stopping,
     ev.ROLE_LOST: lambda e: f"[Main] {e['lost']} (PID {e['lost_pid']}) {e['how']}: ending the run",
     ev.TABLE_HEADER: lambda e: "[Main] pool       workers   done failed not done crashes restarts",
@@ -278,6 +307,20 @@ def _typed_pool_preempted(tmp_path: Path, events: Path) -> PoolRun:
     return run
 
 
+def _resumed(tmp_path: Path, events: Path) -> PoolRun:
+    journal = str(tmp_path / "run.db")
+    first = write_job_file(tmp_path, ["fib 5", "fib 6"])
+    assert PoolRun(["--workers", "1", "--jobs", str(first), "--journal", journal]).finish() == 0
+    more = tmp_path / "more.txt"
+    more.write_text("fib 5\nfib 6\nfib 7\n")
+    run = PoolRun(["--workers", "1", "--jobs", str(more), "--journal", journal, "--resume",
+                   "--force-resume"], events=events)
+    assert run.finish() == 0
+    [resumed] = run.events_named(ev.RUN_RESUMED)
+    assert (resumed["done"], resumed["failed"], resumed["jobs"]) == (2, 0, 3)
+    return run
+
+
 SCENARIOS: dict[str, tuple[Callable[[Path, Path], PoolRun], set[str]]] = {
     "crashes": (_crashes, {ev.DEALER_STARTED, ev.WORKER_STARTED, ev.SIMULATED_CRASH, ev.JOB_SENT,
                      ev.JOB_STARTED, ev.JOB_DONE, ev.WORKER_EXITED, ev.JOB_RESENT,
@@ -287,9 +330,10 @@ SCENARIOS: dict[str, tuple[Callable[[Path, Path], PoolRun], set[str]]] = {
         ev.JOB_FAILED, ev.WORKER_KILLED, ev.WORKER_EXITED, ev.JOB_RESENT}),
     "worker_killed_with_a_job_queued": (_worker_killed_with_a_job_queued, {
         ev.JOB_RESENT, ev.JOB_REQUEUED, ev.WORKER_EXITED}),
-    "two_signals": (_two_signals, {ev.INTERRUPTED, ev.STOPPING}),
+    "two_signals": (_two_signals, {ev.INTERRUPTED, ev.INTERRUPTED_AGAIN, ev.STOPPING}),
     "dealer_lost": (_dealer_lost, {ev.ROLE_LOST}),
     "crash_loop": (_crash_loop, {ev.GAVE_UP}),
+    "resumed": (_resumed, {ev.RUN_RESUMED}),
     "typed_pool_preempted": (_typed_pool_preempted, {
         ev.JOB_SENT, ev.JOB_FINISHED, ev.JOB_PREEMPTED, ev.JOB_REQUEUED, ev.WORKER_STARTED}),
 }
@@ -311,5 +355,5 @@ def test_each_event_s_line_says_its_fields(tmp_path: Path, scenario: str) -> Non
         assert [e["grace"] for e in found if e["event"] == ev.STOPPING] == [1000, 0]
     if scenario == "crashes":
         resends = [e for e in found if e["event"] == ev.JOB_SENT and e["attempt"] > 1]
-        assert resends and all(e["text"].endswith(f" (attempt {e['attempt']})")
+        assert resends and all(e["text"].endswith(_retry(e)) and "again" in e
                                for e in resends)

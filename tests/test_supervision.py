@@ -173,13 +173,17 @@ def test_a_job_over_the_memory_cap_fails_like_a_crash(tmp_path: Path) -> None:
     jobs = write_job_file(tmp_path, ["alloc 4", "alloc 600", "fib 10"])
     results = tmp_path / "r.jsonl"
     run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                   "--max-memory", "300", "--max-attempts", "2"])
+                   "--max-memory", "300", "--max-attempts", "2"],
+                  events=tmp_path / "events.jsonl")
     assert run.finish() == 1
     by_job = _by_job(results)
     assert by_job[1]["status"] == "done" and by_job[1]["result"] == 4
     assert by_job[2]["status"] == "failed"
     assert by_job[2]["reason"] == "memory limit (300 MB) on 2 attempts"
     assert by_job[3]["status"] == "done"
+    # Each death says why at once, as the failure will: not its bare exit status.
+    deaths = run.events_named(ev.WORKER_EXITED, crash=True)
+    assert [e["reason"] for e in deaths] == ["memory limit (300 MB)"] * 2
 
 
 def test_sigterm_lets_running_jobs_finish_and_reports_the_rest(tmp_path: Path) -> None:

@@ -16,12 +16,16 @@ CSV_FIELDS = ["job", "kind", "arg", "type", "priority", "status", "result", "wor
               "attempts", "reason"]
 
 
-def make_report(events: str, output: str) -> int:
-    """`taskpool report FILE.jsonl -o run.html`; returns the exit status."""
-    from taskpool.observe.report import ReportError, write_report
+def make_report(events: str, output: str, form: str = "html") -> int:
+    """`taskpool report FILE.jsonl [--format html|trace] -o OUT`; returns the exit status."""
+    from taskpool.observe.timeline import ReportError
 
+    if form == "trace":
+        from taskpool.observe.trace import write_trace as write
+    else:
+        from taskpool.observe.report import write_report as write
     try:
-        timeline = write_report(events, output)
+        timeline = write(events, output)
     except ReportError as e:
         error(str(e))
         return EXIT_BAD_INPUT
@@ -30,9 +34,10 @@ def make_report(events: str, output: str) -> int:
     return 0
 
 
-def print_results(path: str, form: str) -> int:
-    """`taskpool results RUN.db --format FORM`: every job of the journal, with its outcome
-    or not_done; returns the exit status."""
+def print_results(path: str, form: str, statuses: list[str] | None = None) -> int:
+    """`taskpool results RUN.db --format FORM [--status S]...`: every job of the journal
+    (or those of the statuses asked), with its outcome or not_done; returns the exit
+    status."""
     try:
         journal = Journal.open(path, resume=True, for_run=False)
         try:
@@ -45,6 +50,9 @@ def print_results(path: str, form: str) -> int:
         return EXIT_BAD_INPUT
     rows = [(outcomes.get(job_id) or JobRecord.of(job, Status.NOT_DONE)).to_json()
             for job_id, job in jobs.items()]
+    every_job = len(rows)
+    if statuses:
+        rows = [row for row in rows if row["status"] in statuses]
     if form == "jsonl":
         sys.stdout.write("".join(json.dumps(row) + "\n" for row in rows))
     elif form == "csv":
@@ -52,11 +60,12 @@ def print_results(path: str, form: str) -> int:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        _write_table(sys.stdout, rows)
+        _write_table(sys.stdout, rows, every_job)
     return 0
 
 
-def _write_table(out: IO[str], rows: list[dict[str, Any]]) -> None:
+def _write_table(out: IO[str], rows: list[dict[str, Any]], every_job: int) -> None:
+    """A row a job, then the counts (of the rows shown, out of the journal's jobs)."""
     out.write(f"{'job':>6}  {'job spec':<18} {'status':<9} {'result':>14}  attempts\n")
     for row in rows:
         spec = f"{row['kind']} {row['arg']}"
@@ -65,5 +74,7 @@ def _write_table(out: IO[str], rows: list[dict[str, Any]]) -> None:
                   f"{row['attempts']}\n")
     counts = {s: sum(1 for r in rows if r["status"] == s)
               for s in ("done", "failed", "not_done")}
-    out.write(f"{len(rows)} jobs: {counts['done']} done, {counts['failed']} failed, "
+    of_all = f" (of {every_job} in the journal)" if len(rows) < every_job else ""
+    jobs = "1 job" if len(rows) == 1 else f"{len(rows)} jobs"
+    out.write(f"{jobs}{of_all}: {counts['done']} done, {counts['failed']} failed, "
               f"{counts['not_done']} not done\n")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, Callable
 
+from taskpool import __version__
 from taskpool.core.engine import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DASK_WAIT, ENGINES
 from taskpool.model.faults import InjectedFault
+from taskpool.model.outcome import Status
 from taskpool.model.policy import (
     DEFAULT_GRACE,
     DEFAULT_HEARTBEAT,
@@ -107,17 +110,34 @@ def _pool_items(text: str) -> list[str]:
 
 # --- The parser -------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """The top-level parser. A wrong option of a command is that command's usage error
+    (`taskpool run: error: unrecognized arguments: --bogus`, under `run`'s usage): argparse
+    alone hands it up to the top level, whose usage says nothing of `run`."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+    def parse_command_line(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        args, extras = self.parse_known_args(argv)
+        if extras:
+            command = self.commands.get(args.command, self)
+            command.error("unrecognized arguments: " + " ".join(extras))
+        return args
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="taskpool",
         description="A fault-tolerant pool of forked workers over POSIX message queues.",
     )
+    parser.add_argument("--version", action="version", version=f"taskpool {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_run_command(commands)
     _add_dispatch_command(commands)
     _add_results_command(commands)
     _add_report_command(commands)
+    parser.commands = dict(commands.choices)
     return parser
 
 
@@ -159,7 +179,8 @@ def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
     _add_supervision_options(run_cmd)
     _add_journal_options(run_cmd)
     run_cmd.add_argument("--verbose", "-v", action="store_true",
-                         help="also log each job's ACK (the worker has started it)")
+                         help="also log each job's ACK (the worker has started it); on a "
+                              "terminal, show every line of the log above the progress line")
     _add_simulation_options(run_cmd, dispatch)
 
 
@@ -210,13 +231,17 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
                               "[priority]' a line); '-' or omitted with piped input: standard "
                               "input, read as the pool runs")
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
-                         help="write one JSON object per job as it is recorded")
-    run_cmd.add_argument("--log", metavar="FILE", help="write the log here instead of stderr")
+                         help="write one JSON object per job as it is recorded; '-': to "
+                              "standard output")
+    run_cmd.add_argument("--log", metavar="FILE",
+                         help="write the whole log here instead of stderr (on a terminal, the "
+                              "progress line stays)")
     run_cmd.add_argument("--events", metavar="FILE.jsonl",
                          help="write every event (the log's, ACKs included) as one JSON object "
                               "a line, with a monotonic timestamp; see 'taskpool report'")
     run_cmd.add_argument("--quiet", "-q", action="store_true",
-                         help="no live progress view on a terminal (the log still shows)")
+                         help="stderr shows only errors and the summary line (no progress "
+                              "line; --log FILE still gets the whole log)")
 
 
 def _add_supervision_options(run_cmd: argparse.ArgumentParser) -> None:
@@ -271,12 +296,26 @@ def _add_results_command(commands: Any) -> None:
         "running anything."))
     results_cmd.add_argument("journal", metavar="RUN.db")
     results_cmd.add_argument("--format", choices=("jsonl", "csv", "table"), default="table")
+    results_cmd.add_argument("--status", choices=[status.value for status in Status],
+                             action="append",
+                             help="only the jobs of this status; repeatable (default: all)")
+
+
+REPORT_FORMATS = {"html": "run.html", "trace": "run.trace.json"}  # and the default output
 
 
 def _add_report_command(commands: Any) -> None:
     report_cmd = commands.add_parser(
         "report", help="draw a run's timeline from its --events file",
-        description="Write a self-contained HTML page: one lane per worker slot, a bar per "
-                    "job attempt, crashes marked, resends linked, and a summary.")
+        description="html: a self-contained page, one lane per worker slot, a bar per job "
+                    "attempt (aggregated on large runs), crashes marked, resends linked, and "
+                    "a summary. trace: the Chrome/Perfetto Trace Event format, a track per "
+                    "worker process and a slice per attempt, to open in Perfetto or "
+                    "chrome://tracing.")
     report_cmd.add_argument("events", metavar="FILE.jsonl")
-    report_cmd.add_argument("-o", "--output", metavar="run.html", default="run.html")
+    report_cmd.add_argument("--format", choices=tuple(REPORT_FORMATS), default="html",
+                            help="html (default) or trace")
+    report_cmd.add_argument("-o", "--output", metavar="OUT",
+                            help="where to write it (default: "
+                                 + ", ".join(f"{form}: {out}"
+                                             for form, out in REPORT_FORMATS.items()) + ")")

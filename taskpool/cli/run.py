@@ -12,6 +12,8 @@ status 2 (errors.py), before any process is forked.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -46,6 +48,7 @@ from taskpool.model.policy import (
 from taskpool.model.pools import PoolLayout, PoolSpec, PoolSpecError
 from taskpool.observe import log as tplog
 from taskpool.observe.log import main_log
+from taskpool.observe.shown import Shown
 from taskpool.posix import mqueue
 
 if TYPE_CHECKING:
@@ -61,8 +64,8 @@ DASK_FAULT_STEPS = (Step.BEFORE_ACK, Step.DURING_COMPUTE, Step.BEFORE_RESULT)
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`taskpool run ...` or `taskpool dispatch ...`; returns the exit status."""
-    if (args.resume or args.force_resume) and args.journal is None:
-        parser.error("--resume needs --journal")
+    _check_journal_flags(args, parser)
+    _check_standard_output(args, parser)
     if not _check_engine(args, parser):
         return EXIT_BAD_INPUT
     layout = _pool_layout(args, parser)
@@ -78,7 +81,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     outputs = _open_outputs(args)
     if outputs is None:
         return EXIT_BAD_INPUT
-    live, live_fd = _route_the_log(args, outputs)
+    live, live_fd = _route_the_log(args, outputs, layout)
     config = RunConfig(
         pool=PoolSpec(layout=layout, plan=_crash_plan(args),
                       policy=_policy(args, layout.total_workers), preempt=args.preempt),
@@ -87,6 +90,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         report_error=error_reporter(live),
         journal=journaled.journal if journaled else None,
         resumed=journaled.resumed if journaled else {},
+        resuming=args.resume,
         live=live,
         live_fd=live_fd,
         scheduler=args.scheduler,
@@ -124,6 +128,34 @@ def _run(engine: str, config: RunConfig) -> int:
 
 
 # --- What the parser cannot check -------------------------------------------------------
+
+def _check_standard_output(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With `--results -`, standard output carries the results and nothing else: another
+    output of the run that is the same file would mix its lines into them."""
+    if args.results != "-":
+        return
+    for flag, path in (("--log", args.log), ("--events", args.events)):
+        if path is not None and _is_standard_output(path):
+            parser.error(f"{flag} {path} is standard output, where --results - writes the "
+                         f"results: give {flag} a file of its own")
+
+
+def _is_standard_output(path: str) -> bool:
+    """`path` is the file standard output writes to. A terminal is not counted: there the
+    results and the log share a screen, as they do by default, not a file."""
+    try:
+        return not os.isatty(1) and os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:  # no such file yet (then it is not stdout), or stdout closed
+        return False
+
+
+def _check_journal_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.force_resume and not args.resume:
+        parser.error("--force-resume goes with --resume (it lets --resume accept a changed "
+                     "job file): add --resume, or drop --force-resume")
+    if args.resume and args.journal is None:
+        parser.error("--resume goes on with a journal: give it with --journal RUN.db")
+
 
 def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
     """Usage errors of --engine and --scheduler; False after saying that the dask extra is
@@ -278,7 +310,11 @@ def _open_outputs(args: argparse.Namespace) -> Outputs | None:
     if log_fd is None or (args.events is not None and events_fd is None):
         return None
     results = None
-    if args.results is not None:
+    if args.results == "-":
+        # Standard output as it is (closefd=False: closing the run's results leaves fd 1
+        # open); only main writes to it, as it would to a results file.
+        results = open(1, "w", encoding="utf-8", closefd=False)
+    elif args.results is not None:
         try:
             results = open(args.results, "w", encoding="utf-8")
         except OSError as e:
@@ -298,22 +334,62 @@ def _open_for_append(path: str, what: str) -> int | None:
 
 
 def _route_the_log(
-    args: argparse.Namespace, outputs: Outputs
+    args: argparse.Namespace, outputs: Outputs, layout: PoolLayout
 ) -> tuple[LiveView | None, int | None]:
-    """Set up the log: on a terminal (stderr, without --quiet or --log), the live view,
-    started, and the read end of the pipe the children write their events to; else the
-    text log and the events file, and (None, None)."""
+    """Set up the log (what stderr shows: observe/shown.py). On a terminal without -q, the
+    live view, started, and the read end of the pipe the children write their events to;
+    else (None, None). --log FILE gets the whole log whatever stderr shows."""
     text_level = logging.DEBUG if args.verbose else logging.INFO
-    if args.quiet or args.log is not None or not sys.stderr.isatty():
-        tplog.setup(outputs.log_fd, text_level, outputs.events_fd)
+    on_terminal = sys.stderr.isatty()
+    if args.quiet or not on_terminal or _results_to_the_terminal(args):
+        shown = _shown_without_a_view(args, on_terminal)
+        if args.log is None:
+            tplog.setup(outputs.log_fd, text_level, outputs.events_fd, shown=shown)
+        else:  # the whole log to the file; stderr what -q or the terminal lets through
+            tplog.setup(outputs.log_fd, text_level, outputs.events_fd,
+                        stderr_shown=shown if args.quiet or on_terminal else None)
         return None, None
     from taskpool.observe.live import LiveView
 
-    live = LiveView(text_level, outputs.events_fd)
-    live_fd, live_w = os.pipe()
-    tplog.setup(None, live=tplog.LiveHandler(live_w, os.getpid(), live.on_event))
+    # The demo's crash-recovery log is the point of watching it; -v asks for every line.
+    shown = Shown.EVERYTHING if args.verbose or args.demo else Shown.WATCHED
+    pools = {pool.number: pool.label for pool in layout.pools} if layout.typed else None
+    live = LiveView(shown, text_level, outputs.events_fd, pools)
+    live_fd, live_w = _event_pipe()
+    handler = tplog.LiveHandler(live_w, os.getpid(), live.on_event, live.wants_job_lines)
+    tplog.setup(outputs.log_fd if args.log is not None else None, text_level,
+                outputs.events_fd, live=handler)
     live.start()
     return live, live_fd
+
+
+def _event_pipe() -> tuple[int, int]:
+    """The children's events to main's live view: main reads it when it draws, up to ten
+    times a second, so it is made to hold more than the default 64 KiB (~1,600 events) if
+    the system lets it (fs.pipe-max-size); else a writer waits for the next drawing. Its
+    read end does not block: main reads it through, to the end."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    fcntl.fcntl(read_end, fcntl.F_SETFL, fcntl.fcntl(read_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return read_end, write_end
+
+
+def _results_to_the_terminal(args: argparse.Namespace) -> bool:
+    """`--results -` on a terminal: the results lines would tear the live view's redraws
+    apart, so there is no progress line (stderr shows what it would have shown above it)."""
+    return args.results == "-" and sys.stdout is not None and sys.stdout.isatty()
+
+
+def _shown_without_a_view(args: argparse.Namespace, on_terminal: bool) -> Shown:
+    """What stderr shows with no live view: -q's errors and summary; on a terminal that
+    --results - writes to as well (no progress line there, see above), what the view would
+    show above it; into a pipe or a file, every line."""
+    if args.quiet:
+        return Shown.QUIET
+    if on_terminal and not (args.verbose or args.demo):
+        return Shown.WATCHED
+    return Shown.EVERYTHING
 
 
 # --- The pool's crash plan and policy ---------------------------------------------------

@@ -1,9 +1,12 @@
 """Python calls in a worker: what a CALL job runs, for taskpool.Executor.
 
 A call crosses as PPE's do, pickled as (fn, args, kwargs) in the caller's process and read
-here; a batch of calls is one pickle. The worker was forked from the Executor's Dealer
-process, which imported the caller's main module the way multiprocessing's spawn does, so
-functions pickled by reference resolve here too.
+here; a batch of calls is one pickle (see `dumps`). What plain pickle would send by
+reference to a module the worker cannot import the same way (the caller's `__main__`: a
+`python -c`, a script on stdin, the REPL, a notebook) or cannot send at all (a lambda, a
+closure, a class defined in a function) goes by value, through cloudpickle, as loky and
+Dask send it. So the Dealer never imports the caller's main module, and a worker needs
+only what the caller's functions import.
 
 Every call of a batch that loads has an outcome, and nothing a call does (short of killing
 the process) stops the batch: a raised exception is returned with its traceback text, as is
@@ -15,10 +18,15 @@ it through /proc/PID/fd/FD (same user), so it never has a name that could be lef
 
 from __future__ import annotations
 
+import collections
+import copyreg
+import io
 import os
 import pickle
+import sys
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from taskpool.wire.calls import PLAIN_TYPES, CallBatch, CallWhere, decode_memfd_ref
@@ -33,6 +41,45 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+# multiprocessing's reducers for objects that cross to another process (a Connection by
+# its descriptor, through multiprocessing's resource sharer or a spawning Popen), as its
+# ForkingPickler has them; live: a module imported later adds its own.
+_REDUCERS = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+
+
+class _Pickler(pickle.Pickler):
+    """multiprocessing's ForkingPickler, without its copy of copyreg's table per use."""
+
+    dispatch_table = collections.ChainMap(_REDUCERS, copyreg.dispatch_table)  # type: ignore[arg-type]
+
+
+def dumps(obj: Any) -> bytes:
+    """obj's pickle: by reference where the workers can import it, by value where not.
+
+    First with multiprocessing's own pickler (C pickle, by reference, with the reducers
+    that let a Connection or a socket cross to another process, as PPE pickles calls);
+    then, if that failed or referred to anything of `__main__`, with cloudpickle and the
+    same reducers: it sends `__main__`'s functions and classes, lambdas and closures by
+    value, with the globals they use. Raises what cloudpickle raises when neither can."""
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
+        data = buffer.getvalue()
+    except Exception:  # noqa: BLE001 - by reference failed (a lambda, say): by value
+        data = b"__main__"
+    # A reference to `__main__` is the name as a string in the pickle: a cheap scan. A
+    # string "__main__" among the arguments costs only the slower pickle.
+    if b"__main__" in data:
+        import cloudpickle  # only when needed: the common call never loads it
+
+        buffer = io.BytesIO()
+        pickler = cloudpickle.Pickler(buffer, pickle.HIGHEST_PROTOCOL)
+        pickler.dispatch_table = collections.ChainMap(_REDUCERS, pickler.dispatch_table)
+        pickler.dump(obj)
+        data = buffer.getvalue()
+    return data
 
 
 def run_calls(payload: bytes) -> tuple[float, bytes]:
@@ -52,12 +99,15 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     # end; any other is pickled at once, as PPE does, before a later call can change it.
     outcomes: list[Any] = []
     plain = bytearray(batch.count)
+    worker = os.getpid()
     for i, (fn, args, kwargs) in enumerate(calls):
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - as PPE: even SystemExit is its outcome
+            _leave_if_forked(worker, 1)
             outcomes.append(_pickle_exception(e))
             continue
+        _leave_if_forked(worker, 0)
         if type(value) in PLAIN_TYPES:
             returned[i] = plain[i] = 1
             outcomes.append(value)
@@ -66,16 +116,30 @@ def run_calls(payload: bytes) -> tuple[float, bytes]:
     if all(plain):
         return time.perf_counter() - started, pickle.dumps((None, outcomes),
                                                            pickle.HIGHEST_PROTOCOL)
-    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
-    values = [dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
+    plain_dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    values = [plain_dumps(v, protocol) if plain[i] else v for i, v in enumerate(outcomes)]
     return time.perf_counter() - started, _outcomes(returned, values)
+
+
+def _leave_if_forked(worker: int, status: int) -> None:
+    """A call that forked and whose child returned (or raised) here: the child must not go
+    on as a worker (answer the Dealer, take jobs, take a Shutdown meant for its parent). It
+    exits: 0 if the call returned, 1 if it raised; its output flushed first."""
+    if os.getpid() == worker:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001, S110 - nothing more to do for it
+            pass
+    os._exit(status)
 
 
 def _pickle_value(fn: Any, value: Any, returned: bytearray, i: int) -> bytes:
     """The pickle of call i's return value, and returned[i] set; or, if it does not pickle,
     that of a PicklingError that says so."""
     try:
-        data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        data = dumps(value)
     except BaseException as e:  # noqa: BLE001 - the pickler may raise anything
         error = pickle.PicklingError(
             f"the return value of {_name_of(fn)} could not be pickled: {e!r}")
@@ -97,7 +161,7 @@ def _pickle_exception(e: BaseException, cause: BaseException | None = None) -> b
     # The three-argument form: format_exception(exc) alone exists only from Python 3.10.
     tb = "".join(traceback.format_exception(type(shown), shown, shown.__traceback__))
     try:
-        return pickle.dumps((e, tb), pickle.HIGHEST_PROTOCOL)
+        return dumps((e, tb))
     except BaseException as why:  # noqa: BLE001 - an exception that does not pickle
         stand_in = RuntimeError(f"{type(e).__name__}: {e} (the exception itself could not be "
                                 f"pickled: {why!r})")

@@ -28,8 +28,11 @@ from typing import IO, TYPE_CHECKING, Callable
 from taskpool.core.journal import Journal
 from taskpool.core.recorder import Recorder
 from taskpool.core.stdin import GeneratorInput
-from taskpool.model.outcome import JobRecord
+from taskpool.model.outcome import JobRecord, Status
 from taskpool.model.pools import PoolSpec
+from taskpool.observe import events as ev
+from taskpool.observe.log import event
+from taskpool.observe.log import main_log as log
 
 if TYPE_CHECKING:
     from taskpool.observe.live import LiveView
@@ -47,6 +50,7 @@ class RunConfig:
     report_error: Callable[[str], None]  # prints "taskpool: ..." to the user
     journal: Journal | None = None
     resumed: dict[int, JobRecord] = field(default_factory=dict)  # the journal's outcomes
+    resuming: bool = False  # --resume: the run says how much of it was done already
     live: LiveView | None = None  # the terminal's live view, fed by...
     live_fd: int | None = None  # ...the read end of the children's event pipe
     scheduler: str | None = None  # dask: an existing cluster's address; None: start one
@@ -73,6 +77,9 @@ class Engine(ABC):
         if config.source.jobs is not None:
             self.recorder.known = {job.job_id: job for job in config.source.jobs}
         self.recorder.resume_from(config.resumed)
+        if config.live is not None:  # it counts outcomes as they are recorded
+            self.recorder.on_outcomes = config.live.on_outcomes
+            config.live.recorded = self.recorder.outcomes.__contains__
         self.interrupted: int | None = None
         self.end_reason: str | None = None
         self.cut_short = False
@@ -80,10 +87,29 @@ class Engine(ABC):
 
     def run(self) -> int:
         started = self.config.started_at or time.monotonic()
+        if self.config.resuming:
+            self._log_resumed()
         self.execute()
         self.recorder.finish(self.config.pool.layout, self.end_reason,
                              time.monotonic() - started, self.cut_short)
         return self.recorder.exit_status(self.interrupted, self.cut_short, self.bad_setup)
+
+    def _log_resumed(self) -> None:
+        """`57 of 80 jobs already done in run.db; running the other 23`: what --resume
+        found, before anything runs."""
+        resumed = self.config.resumed
+        done = sum(1 for r in resumed.values() if r.status == Status.DONE.value)
+        failed = len(resumed) - done
+        jobs = self.config.source.jobs
+        total = None if jobs is None else len(jobs)
+        path = self.config.journal.path if self.config.journal is not None else "the journal"
+        text = f"{done}{'' if total is None else f' of {total}'} jobs already done in {path}"
+        if failed:
+            text += f", {failed} failed"
+        text += ("; running the rest of standard input" if total is None
+                 else f"; running the other {total - len(resumed)}")
+        log.info("%s", text, extra=event(ev.RUN_RESUMED, done=done, failed=failed, jobs=total,
+                                          journal=path))
 
     @abstractmethod
     def execute(self) -> None:

@@ -15,6 +15,7 @@ on resume, and still appear once in the results.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -81,6 +82,10 @@ class Journal:
         """Open (resume) or create (not resume) a journal; JournalError if that cannot be
         done safely. `for_run`: a run will write it, so it is locked for this process (and
         refused if another run holds it); `taskpool results` only reads."""
+        if os.path.isdir(path):
+            raise JournalError(f"{path}: a directory, not a journal")
+        if not for_run and not _has_content(path):
+            raise JournalError(_not_a_journal_yet(path))
         if resume and not _has_content(path):
             raise JournalError(f"{path}: no journal to resume (run once without --resume)")
         lock_fd = _lock(path) if for_run else None
@@ -113,7 +118,7 @@ class Journal:
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{path}: not a usable taskpool journal ({e})") from None
         except OSError as e:
-            raise JournalError(f"{path}: cannot open the journal ({e.strerror})") from None
+            raise JournalError(_cannot_open(path, e)) from None
         return journal
 
     def _refuse_another_run(self) -> None:
@@ -256,6 +261,22 @@ def _has_content(path: str) -> bool:
         return False
 
 
+def _not_a_journal_yet(path: str) -> str:
+    """Why `taskpool results` finds nothing to read at `path`."""
+    if not os.path.lexists(path):
+        return f"{path}: no such file (a run writes its journal with --journal {path})"
+    return f"{path}: an empty file, not a taskpool journal"
+
+
+def _cannot_open(path: str, e: OSError) -> str:
+    """Why the journal cannot be opened or created, in the user's terms."""
+    directory = os.path.dirname(path) or "."
+    if e.errno == errno.ENOENT and not os.path.isdir(directory):
+        return (f"{path}: cannot create the journal: there is no directory {directory} "
+                "(create it first, or give a path in an existing one)")
+    return f"{path}: cannot open the journal ({e.strerror})"
+
+
 def _lock(path: str) -> int:
     """An exclusive lock on the journal for this run, or JournalError naming the run that
     holds it. flock(), not SQLite's own locks: those last a transaction, this the run (and
@@ -263,7 +284,7 @@ def _lock(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise JournalError(f"{path}: cannot open the journal ({e.strerror})") from None
+        raise JournalError(_cannot_open(path, e)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -33,6 +33,7 @@ import os
 import select
 import signal
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -148,9 +149,11 @@ class EngineLoop(Engine):
             log.info("Interrupted by %s: stopping the pool", name,
                      extra=event(ev.INTERRUPTED, signal=name))
         elif rung is Rung.STOP_RUNNING:
-            log.info("Second %s: stopping running jobs now", name)
+            log.info("Second %s: stopping running jobs now", name,
+                     extra=event(ev.INTERRUPTED_AGAIN, signal=name, rung=int(rung)))
         else:
-            log.info("%s again: killing the pool", name)
+            log.info("%s again: killing the pool", name,
+                     extra=event(ev.INTERRUPTED_AGAIN, signal=name, rung=int(rung)))
         self.on_interrupt(rung, signum)
 
     def commit_journal(self) -> None:
@@ -163,7 +166,10 @@ class EngineLoop(Engine):
             return
         known = len(self.recorder.known)
         live.set_jobs(known, known if self.input_done() else None)
+        if live.wants_pool_totals:  # once, when every job is known
+            live.set_pool_totals(Counter(job.pool for job in self.recorder.known.values()))
         if live.seconds_to_redraw() == 0.0:
+            self.catch_up_live_view()
             live.redraw()
 
     # --- what the engine supplies ----------------------------------------------------------
@@ -197,6 +203,9 @@ class EngineLoop(Engine):
 
     def on_signal(self, signum: int) -> None:
         """A signal other than SIGINT and SIGTERM that the engine installed a handler for."""
+
+    def catch_up_live_view(self) -> None:
+        """Hand the live view, before it draws, the events the engine has not read yet."""
 
 
 def set_nonblocking(fd: int) -> None:

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Callable
 
 from taskpool.core.journal import Journal
 from taskpool.model.exits import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, EXIT_OK
@@ -50,6 +50,8 @@ class Recorder:
     batch_started: float | None = None  # when the oldest uncommitted outcome came
     journal_lost: str | None = None  # why the journal stopped taking outcomes, if it did
     results_lost: str | None = None  # why the results file stopped taking them, if it did
+    # Told of each outcome as it is recorded: the live view's counts (done, failed).
+    on_outcomes: Callable[[list[JobRecord]], None] | None = None
 
     def resume_from(self, resumed: dict[int, JobRecord]) -> None:
         """On --resume, what the journal already holds is recorded first, and the results
@@ -65,12 +67,13 @@ class Recorder:
         """Record outcomes that came together: without a journal, their results lines go
         out in one write (the local engine reads the Dealer's records a pipe-read at a
         time, up to hundreds of them)."""
-        unjournaled = []
+        unjournaled, recorded = [], []
         for record in records:
             if record.job in self.outcomes:
                 log.info("Dropped duplicate record for job %d", record.job)
                 continue
             self.outcomes[record.job] = record
+            recorded.append(record)
             if self.journal is None or record.status == Status.NOT_DONE.value:
                 unjournaled.append(record)
                 continue
@@ -80,6 +83,8 @@ class Recorder:
             if len(self.journal.pending_outcomes) >= JOURNAL_BATCH_MAX:
                 self.commit()
         self.write_results(unjournaled)
+        if self.on_outcomes is not None and recorded:
+            self.on_outcomes(recorded)
 
     def accept(self, job: Job) -> None:
         self.known[job.job_id] = job
@@ -130,6 +135,8 @@ class Recorder:
         goes on (a journal still records every outcome) and ends with exit status 1."""
         assert self.results is not None
         name = getattr(self.results, "name", "the results file")
+        if name == 1:  # --results -
+            name = "on standard output"
         log.error("Cannot write the results file %s (%s): %s", name,
                   error.strerror or error,
                   "its outcomes are in the journal" if self.journal is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.posix.proc import describe_wait_status
@@ -201,3 +202,29 @@ class StartBackoff:
         ended = self.delay > 0.0
         self.delay, self.failing_since = 0.0, None
         return ended
+
+
+# Why a job goes out again, as its "Sent" line says it, by the reason an engine gives
+# (local: JobState.again) and the worker it left (a pid, or a Dask worker's address).
+AGAIN_WORDS = {
+    "resent": "resent after the crash of {worker}",
+    "requeued": "taken from dead worker {worker}'s queue, unstarted",
+    "preempted": "preempted on {worker}",
+    "moved": "moved from worker {worker}'s queue",
+    "result_lost": "its result was lost with worker {worker}",  # Dask
+    "cancelled": "cancelled by the cluster",  # Dask
+}
+
+
+# Why a job is sent again, and the worker it left (None: none in particular); None for a
+# first send.
+Again = Optional[tuple[str, Union[int, str, None]]]
+
+
+def sent_again_words(attempt: int, again: Again) -> str:
+    """` (attempt 2: resent after the crash of 1469)`, ` (again: moved from worker 1471's
+    queue)`; empty for a job's first send."""
+    label = f"attempt {attempt}" if attempt > 1 else "again"
+    if again is None:
+        return f" ({label})" if attempt > 1 else ""
+    return f" ({label}: {AGAIN_WORDS[again[0]].format(worker=again[1])})"

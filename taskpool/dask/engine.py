@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 from taskpool.core.engine import RunConfig
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung, set_nonblocking
 from taskpool.core.stdin import streamed_jobs
+from taskpool.core.supervision import Again, sent_again_words
 from taskpool.dask.cluster import (
     DaskMissing,
     close_cluster,
@@ -92,7 +94,7 @@ from taskpool.model.jobs import Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.log import dask_log as log
-from taskpool.observe.log import event, main_log
+from taskpool.observe.log import event, job_event, main_log
 from taskpool.wire.records import LineRejected
 
 if TYPE_CHECKING:
@@ -100,6 +102,10 @@ if TYPE_CHECKING:
 
 # The CLI asks these of the engine's module before it starts one.
 __all__ = ["DaskEngine", "DaskMissing", "require_distributed", "scheduler_address_error"]
+
+
+# A job to submit: (job, attempt, why it is sent again).
+Unsent = tuple[Job, int, Again]
 
 
 class DaskEngine(EngineLoop):
@@ -114,7 +120,7 @@ class DaskEngine(EngineLoop):
         self.own_cluster = config.scheduler is None
         # Our keys, unique on a scheduler shared by runs: taskpool-<run>-<job>-<attempt>.<try>
         self.key_prefix = f"taskpool-{secrets.token_hex(4)}-"
-        self.unsent: list[tuple[Job, int]] = []  # (job, attempt): submitted at the loop's turn
+        self.unsent: list[Unsent] = []  # submitted at the end of the loop's turn
         self.done_records: list[JobRecord] = []  # recorded at the end of the loop's turn
         self.try_numbers = itertools.count(1)
         self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -442,10 +448,10 @@ class DaskEngine(EngineLoop):
         if job.job_id not in self.config.source.done:
             self._submit(job, attempt=1)
 
-    def _submit(self, job: Job, attempt: int) -> None:
+    def _submit(self, job: Job, attempt: int, again: Again = None) -> None:
         """Send a job at the end of this turn of the loop (`_send_unsent`), with the others
-        of the turn."""
-        self.unsent.append((job, attempt))
+        of the turn; `again`: why it is sent again, for the log."""
+        self.unsent.append((job, attempt, again))
 
     def _send_unsent(self) -> None:
         """Submit the jobs of this turn: one client.map (one graph update, one message to
@@ -454,14 +460,15 @@ class DaskEngine(EngineLoop):
         given cluster before one of its workers passed the pre-flight."""
         if not self.unsent or (not self.own_cluster and not self.cluster_workers.checked):
             return
-        groups: dict[tuple[int, int], list[tuple[Job, int]]] = collections.defaultdict(list)
-        for job, attempt in sorted(self.unsent, key=lambda sent: -dask_priority(sent[0])):
-            groups[job.pool if self.layout.typed else 0, job.priority].append((job, attempt))
+        groups: dict[tuple[int, int], list[Unsent]] = collections.defaultdict(list)
+        for unsent in sorted(self.unsent, key=lambda sent: -dask_priority(sent[0])):
+            job = unsent[0]
+            groups[job.pool if self.layout.typed else 0, job.priority].append(unsent)
         self.unsent = []
         for (pool, priority), batch in groups.items():
             self._map(batch, priority, {resource_name(pool): 1} if self.layout.typed else None)
 
-    def _map(self, batch: list[tuple[Job, int]], priority: int,
+    def _map(self, batch: list[Unsent], priority: int,
              resources: dict[str, int] | None) -> None:
         """One client.map of `batch`, in the order a worker should run it (the older job
         first): the scheduler orders one map's tasks by their place in it, and a map after
@@ -469,23 +476,23 @@ class DaskEngine(EngineLoop):
         priority."""
         assert self.client is not None
         keys = [f"{self.key_prefix}{job.job_id}-{attempt}.{next(self.try_numbers)}"
-                for job, attempt in batch]
-        jobs = [job for job, _ in batch]
+                for job, attempt, _ in batch]
+        jobs = [job for job, _, _ in batch]
         futures = self.client.map(
             run_job, [j.job_id for j in jobs], [int(j.kind) for j in jobs],
-            [j.arg for j in jobs], [attempt for _, attempt in batch], keys, key=keys,
+            [j.arg for j in jobs], [attempt for _, attempt, _ in batch], keys, key=keys,
             plan=self.plan, start_path=self.start_path, pure=False, retries=0,
             priority=priority, fifo_timeout="0s", resources=resources)
         logged = log.isEnabledFor(logging.INFO)
-        for (job, attempt), key, future in zip(batch, keys, futures):
+        for (job, attempt, again), key, future in zip(batch, keys, futures):
             submitted = Try(job, attempt, key, future)
             self.tries.add(submitted)
             self._rearm(submitted)
             if logged:
-                self._log_sent(job, attempt, key)
+                self._log_sent(job, attempt, key, again)
 
-    def _log_sent(self, job: Job, attempt: int, key: str) -> None:
-        again = f" (attempt {attempt})" if attempt > 1 else ""
+    def _log_sent(self, job: Job, attempt: int, key: str, why: Again) -> None:
+        again = sent_again_words(attempt, why)
         if self.layout.typed:
             text, args = "Job %d (%s, %s%s) -> resource %s%s", [
                 job.job_id, self.layout.pool(job.pool).label, job.describe_typed(),
@@ -493,9 +500,10 @@ class DaskEngine(EngineLoop):
                 resource_name(job.pool), again]
         else:
             text, args = "Sent job %d -> %s%s", [job.job_id, job.describe(), again]
+        fields: dict[str, Any] = {} if why is None else {"again": why[0], "from_worker": why[1]}
         log.info(text, *args, extra=event(
             ev.JOB_SENT, job=job.job_id, worker=None, attempt=attempt, kind=job.kind.label,
-            arg=job.arg, type=job.pool, priority=job.priority, key=key))
+            arg=job.arg, type=job.pool, priority=job.priority, key=key, **fields))
 
     # --- what the cluster tells ------------------------------------------------------------
 
@@ -505,16 +513,17 @@ class DaskEngine(EngineLoop):
             self._on_result(msg)
             return
         started = self.tries.note_start(msg, self.supervisor.timeout_of)
-        if started is None or not log.isEnabledFor(logging.DEBUG):
+        if started is None:
             return
         # The attempt this run is charged as: on our own cluster, a second start of a key
         # is the same attempt run again (see Tries.reruns), as its worker ran it.
         attempt = self.tries.attempts_used(started)
-        log.debug("Job %d started by worker PID [%d] at %s (attempt %d)",
+        # A DEBUG line, but always an event for the live view: its running jobs.
+        job_event(log, ev.JOB_STARTED, "Job %d started by worker PID [%d] at %s (attempt %d)",
                   started.job.job_id, started.pid, started.address, attempt,
-                  extra=event(ev.JOB_STARTED, job=started.job.job_id, worker=started.pid,
-                              attempt=attempt, address=started.address, key=started.key,
-                              worker_resources=msg.get("resources", {})))
+                  level=logging.DEBUG, job=started.job.job_id, worker=started.pid,
+                  attempt=attempt, address=started.address, key=started.key,
+                  worker_resources=msg.get("resources", {}))
 
     def _on_done(self, key: str) -> Try | None:
         """A future is done: the try, if it finished with a result to fetch."""
@@ -617,8 +626,9 @@ class DaskEngine(EngineLoop):
         if waiting and self.client is not None:
             self._cancel(waiting)
         grace = self.policy.grace
-        log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
-                 "%d jobs not started", signum, running, grace, len(waiting),
+        log.info("Stopping on %s: letting %d running jobs finish (grace %g s); "
+                 "%d jobs not started", signal.Signals(signum).name, running, grace,
+                 len(waiting),
                  extra=event(ev.STOPPING, running=running, grace=grace,
                              not_started=len(waiting)))
         self.stopping_deadline = time.monotonic() + grace

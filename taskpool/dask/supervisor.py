@@ -20,7 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from taskpool.core.recorder import Recorder
-from taskpool.core.supervision import Cause, Death, Decision, Verdict, after_death
+from taskpool.core.supervision import (
+    Again,
+    Cause,
+    Death,
+    Decision,
+    Verdict,
+    after_death,
+)
 from taskpool.dask.state import Counts, Tries, Try
 from taskpool.model.jobs import Job
 from taskpool.model.outcome import JobRecord, Status
@@ -34,12 +41,14 @@ DEATH_REPORT_WAIT = 2.0  # seconds a worker's death waits for its exit status (t
 class Supervisor:
     """Judges the tries that end without a result, and counts the crashes and resends.
 
-    `submit(job, attempt)` sends a job again; `cancel(tries)` cancels tries on the cluster.
+    `submit(job, attempt, again)` sends a job again, saying why (`again`: the reason and
+    the worker it left, as core/supervision.AGAIN_WORDS words it); `cancel(tries)` cancels
+    tries on the cluster.
     Once `stop()` is called (the first SIGINT/SIGTERM), nothing is sent again: a try that
     errs is reported not done."""
 
     def __init__(self, tries: Tries, policy: SupervisionPolicy, recorder: Recorder,
-                 submit: Callable[[Job, int], None],
+                 submit: Callable[[Job, int, Again], None],
                  cancel: Callable[[list[Try]], None]) -> None:
         self.tries = tries
         self.own_cluster = tries.own_cluster
@@ -153,13 +162,14 @@ class Supervisor:
             recovery_log.info("Requeued job %d: " + text, job.job_id, worker,
                               extra=event(ev.JOB_REQUEUED, job=job.job_id, worker=pid,
                                           reason=why, address=address))
-            self.submit(job, decision.next_attempt)
+            self.submit(job, decision.next_attempt,
+                        ("requeued" if why == "unstarted" else why, pid or address))
         else:
             recovery_log.info("Resent job %d after crash of %s: %s", job.job_id, worker,
                               death.reason,
                               extra=event(ev.JOB_RESENT, job=job.job_id, worker=pid,
                                           address=address, reason=death.reason))
-            self._resend(job, decision)
+            self._resend(job, decision, pid or address)
 
     def _fail(self, job: Job, decision: Decision, death: Death, pid: int | None) -> None:
         attempts = decision.failed_attempts
@@ -170,16 +180,16 @@ class Supervisor:
                                                       worker=pid, attempts=attempts,
                                                       reason=death.reason))
 
-    def _resend(self, job: Job, decision: Decision) -> None:
+    def _resend(self, job: Job, decision: Decision, worker: int | str | None) -> None:
         self.counts.resends += 1
-        self.submit(job, decision.next_attempt)
+        self.submit(job, decision.next_attempt, ("resent", worker))
 
     def on_cancelled_by_cluster(self, lost: Try) -> None:
         """The cluster cancelled a try (not we): it is sent again, uncharged."""
         recovery_log.info("Job %d was cancelled by the cluster: sending it again",
                           lost.job.job_id, extra=event(ev.JOB_REQUEUED, job=lost.job.job_id,
                                                        reason="cancelled"))
-        self.submit(lost.job, lost.attempt)
+        self.submit(lost.job, lost.attempt, ("cancelled", None))
 
     # --- workers' deaths ---------------------------------------------------------------
 
@@ -281,7 +291,7 @@ class Supervisor:
         if decision.verdict is Verdict.FAIL:
             self._fail(overdue.job, decision, death, overdue.pid)
         else:
-            self._resend(overdue.job, decision)  # the line above said why
+            self._resend(overdue.job, decision, overdue.pid or overdue.address)
 
 
 def _kill(pid: int) -> None:

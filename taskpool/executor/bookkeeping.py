@@ -29,7 +29,9 @@ class SentBatch:
     def __init__(self, futures: list[Future[Any] | None], calls: list[Call]) -> None:
         self.futures = futures
         self.left = len(futures)
-        self.calls = calls
+        # A resolved call's entry is None too: once its future is resolved, we hold
+        # nothing of it (its function, arguments or result), as PPE.
+        self.calls: list[Call | None] = list(calls)
         self.memfd: int | None = None
 
 
@@ -38,10 +40,18 @@ class Bookkeeping:
 
     A call's future is resolved once: see resolve_each."""
 
-    __slots__ = ("submit_lock", "work", "waiting", "again", "sent", "feeder_wants_work",
-                 "feeder_wants_room", "closing", "broken", "seconds_per_call")
+    __slots__ = ("calls", "crashes", "resends", "failed", "submit_lock", "work", "waiting",
+                 "again", "sent", "feeder_wants_work", "feeder_wants_room", "closing",
+                 "cancel_requested", "broken", "seconds_per_call")
 
     def __init__(self) -> None:
+        # What Executor.stats shows. `calls`: submitted, counted by submit under
+        # submit_lock; `crashes`, `resends`: workers lost at work and calls sent again,
+        # counted by the collector (LOST frames); `failed`: futures failed with
+        # WorkerCrashed, counted by whoever fails them (fail_batch, the collector's sweep),
+        # under no lock: an int += in one thread at a time but for a broken pool's feeder,
+        # where a count a little off in a broken pool is harmless.
+        self.calls = self.crashes = self.resends = self.failed = 0
         # submit() and shutdown() serialise on it alone, so that no submit can slip in after
         # shutdown has let the feeder go; the collector takes it to break the pool, so that
         # none slips in after that either.
@@ -54,9 +64,11 @@ class Bookkeeping:
         # waits for the feeder; shutdown(cancel_futures) and the collector's last sweep take
         # from the left too, and tolerate an empty deque where they looked at a full one.
         self.waiting: collections.deque[Waiting] = collections.deque()
-        # Calls of a batch whose pickle did not load in a worker (one argument that cannot
-        # be unpickled there fails the load of all): sent again, each as a batch of its
-        # own, so that only the call at fault fails, as with PPE. The collector appends
+        # Calls that go one a batch, before any waiting call, their futures RUNNING: those
+        # of a batch whose pickle did not load in a worker (one argument that cannot be
+        # unpickled there fails the load of all), so that only the call at fault fails, as
+        # with PPE; and those that idle workers start as shutdown(cancel_futures) cancels
+        # the rest (the feeder appends them, Feeder._cancel_waiting). The collector appends
         # (in Collector._send_again), the feeder takes them before any waiting call, the
         # collector's last sweep empties it: no lock, as `waiting`.
         self.again: collections.deque[tuple[Future[Any], Call]] = collections.deque()
@@ -75,6 +87,10 @@ class Bookkeeping:
         # the lock) and by the feeder (without: it looks again under `work` before it
         # sleeps, and the setter's wake-up comes after the set).
         self.closing = False
+        # shutdown(cancel_futures=True) asked the feeder to cancel what waits. Set by
+        # shutdown under submit_lock (with closing), then the feeder is woken; read and
+        # cleared by the feeder alone, which does the cancelling.
+        self.cancel_requested = False
         # Why the pool cannot go on; None while it can. Set once, by the collector, under
         # submit_lock; read by submit (under it) and by the feeder (without: as `closing`,
         # and a batch it builds meanwhile is failed by Feeder._encode).
@@ -83,6 +99,16 @@ class Bookkeeping:
         # by the collector, read by the feeder to size batches (a stale value only sizes
         # one batch a little off).
         self.seconds_per_call: float | None = None
+
+    def close(self, cancel_futures: bool = False) -> None:
+        """No more submits (shutdown(), or the Executor dropped): the feeder sends what is
+        left and ends once every call is resolved. With cancel_futures, the feeder first
+        starts what idle workers can take, and cancels the rest (Feeder._cancel_waiting)."""
+        with self.submit_lock:
+            self.closing = True
+            if cancel_futures:
+                self.cancel_requested = True
+        self.wake_feeder()
 
     def wake_feeder(self) -> None:
         with self.work:
@@ -96,7 +122,8 @@ class Bookkeeping:
             return
         end = len(sent.futures) if count is None else first + count
         errors = itertools.repeat(error, end - first)
-        resolved = resolve_each(sent.futures, first, errors, Future.set_exception)
+        resolved = resolve_each(sent, first, errors, Future.set_exception)
+        self.failed += resolved
         if count is None:  # the pool is broken: nothing of this batch is to come
             self.forget(batch_id)
         self.resolved(batch_id, sent, resolved)
@@ -113,7 +140,7 @@ class Bookkeeping:
             os.close(sent.memfd)
 
 
-def resolve_each(futures: list[Future[Any] | None], first: int, outcomes: Iterable[T],
+def resolve_each(sent: SentBatch, first: int, outcomes: Iterable[T],
                  resolve: Callable[[Future[Any], T], object]) -> int:
     """The calls first, first + 1, ... of a batch, each with its outcome: each one not
     resolved yet is, by resolve(its future, its outcome); how many were.
@@ -123,10 +150,11 @@ def resolve_each(futures: list[Future[Any] | None], first: int, outcomes: Iterab
     finds the pool broken), the second's set raises InvalidStateError, caught: the first
     outcome stands."""
     resolved = 0
+    futures, calls = sent.futures, sent.calls
     for i, outcome in enumerate(outcomes, first):
         future = futures[i]
         if future is not None:
-            futures[i] = None
+            futures[i] = calls[i] = None
             resolved += 1
             try:
                 resolve(future, outcome)

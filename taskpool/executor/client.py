@@ -17,7 +17,7 @@ submit() => | waiting           | => Feeder ===== submit pipe =====> intake thre
             |                   |                                     |
             |                   | <=> Collector <== outcome pipe =====+
             | closing, broken,  |      thread       OUTCOMES, FAILED,
-            | seconds_per_call  |        |          STOPPED
+            | seconds_per_call  |        |          LOST, STOPPED
             +-------------------+        +==> futures: set_result, set_exception
 
 DealerProcess: the lifeline pipe, held and never written ====> EOF: we are gone, the
@@ -37,7 +37,11 @@ of `sent`; a batch whose pickle did not load in its worker goes back to the feed
 `again`, one call a batch. At the Dealer's exit, reaps it and fails whatever is left.
 
 DealerProcess (dealer_process.py): the Dealer's start (fork+exec, the three pipes), its
-memfds for large batches, its end, and the atexit hook that finishes live Executors.
+memfds for large batches, its end, and the pools still running: each closes when its
+Executor is collected (neither thread holds it), and the atexit hook finishes them.
+
+Pickling (pickling.py, core/calls.py): by reference where the workers can import a
+function, by value (cloudpickle) where not (the caller's `__main__`, lambdas, closures).
 
 Invariants:
 - a future is RUNNING from the moment the feeder takes it (as PPE's are once they leave its
@@ -60,21 +64,29 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _FuturesExecutor
 from concurrent.futures import Future
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from taskpool.executor.bookkeeping import Bookkeeping
 from taskpool.executor.collector import Collector
-from taskpool.executor.dealer_process import DealerProcess, finish_at_exit
+from taskpool.executor.dealer_process import DealerProcess, running_pool_started
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.executor.feeder import Feeder
-from taskpool.executor.settings import ExecutorSettings
+from taskpool.executor.settings import ExecutorSettings, check_start_method
 
-__all__ = ["Executor", "WorkerCrashed"]
+__all__ = ["Executor", "ExecutorStats", "WorkerCrashed"]
+
+T = TypeVar("T")
 
 
 class Executor(_FuturesExecutor):
-    """A pool of `max_workers` forked workers (default: the CPU count).
+    """A pool of `max_workers` forked workers (default: the CPU count), with
+    ProcessPoolExecutor's signature, and its own keywords after it.
 
+    mp_context: None, or a multiprocessing context of the 'forkserver' or 'spawn' start
+        method, which both mean what this pool does anyway: workers start from a fresh
+        process (its Dealer), never as copies of yours. 'fork' cannot apply (ValueError):
+        see docs/EXECUTOR.md.
     max_attempts: workers a call may kill before its future raises WorkerCrashed (0: no
         limit). timeout: seconds a call may run; its worker is killed past it, which counts
         as an attempt. max_tasks_per_child: calls a worker runs before it exits and is
@@ -83,19 +95,23 @@ class Executor(_FuturesExecutor):
         and a pool whose workers keep failing to start is broken.
     verbose: write taskpool's crash-recovery log (every job sent, every worker death and
         resend) to stderr; by default only warnings and errors are written.
+    stats: what it did and survived (ExecutorStats); crashes are also logged at WARNING by
+        the `taskpool.executor` logger.
     """
 
     def __init__(
         self,
         max_workers: int | None = None,
-        *,
-        max_attempts: int = 3,
-        timeout: float | None = None,
+        mp_context: Any = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
+        *,
         max_tasks_per_child: int | None = None,
+        max_attempts: int = 3,
+        timeout: float | None = None,
         verbose: bool = False,
     ) -> None:
+        check_start_method(mp_context)
         settings = ExecutorSettings.from_arguments(
             max_workers, max_attempts=max_attempts, timeout=timeout, initializer=initializer,
             initargs=initargs, max_tasks_per_child=max_tasks_per_child, verbose=verbose)
@@ -103,48 +119,52 @@ class Executor(_FuturesExecutor):
         # writes it, and under which lock).
         self._books = Bookkeeping()
         self._dealer = DealerProcess(settings)
-        self._feeder = Feeder(self, self._books, self._dealer, settings)
-        self._collector = Collector(self, self._books, self._dealer)
+        self._feeder = Feeder(self._books, self._dealer, settings)
+        self._collector = Collector(self._books, self._dealer)
         self._feeder.start()
         self._collector.start()
-        finish_at_exit(self)
+        # Neither thread holds us: dropped without shutdown(), we are collected, and the
+        # pool closes as by shutdown(wait=False); at interpreter exit, its calls finish.
+        running_pool_started(self, self._books, (self._feeder, self._collector))
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         books = self._books
-        future: Future[Any] = Future()
+        future: Future[T] = Future()
         with books.submit_lock:
             if books.broken is not None:
                 raise WorkerCrashed(books.broken)
             if books.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             books.waiting.append((future, fn, args, kwargs))
+            books.calls += 1
         if books.feeder_wants_work:
             books.wake_feeder()
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+    @property
+    def stats(self) -> ExecutorStats:
+        """What the pool has done and survived so far: a snapshot."""
+        books = self._books
+        return ExecutorStats(books.calls, books.crashes, books.resends, books.failed)
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = 1) -> Iterator[T]:
         """As PPE's: results in input order; `timeout` counts from this call; `chunksize`
         calls travel and run as one (a crash resends them together)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(iterables, chunksize)
-        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
+        # One iterable (the common case): a chunk is its items, and each runs as fn(item),
+        # with no argument tuple to build, pickle and unpickle per item.
+        one = len(iterables) == 1
+        chunks = _chunks(iter(iterables[0]) if one else zip(*iterables), chunksize)
+        results = super().map(_run_chunk_of_items if one else _run_chunk, itertools.repeat(fn),
+                              chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        books = self._books
-        with books.submit_lock:
-            if cancel_futures:
-                while books.waiting:
-                    try:
-                        books.waiting.popleft()[0].cancel()
-                    except IndexError:
-                        break  # the feeder took the last one
-            books.closing = True
-        books.wake_feeder()
+        self._books.close(cancel_futures)
         if wait:
             if threading.current_thread() in (self._feeder, self._collector):
                 # A done callback: it runs in one of our threads, and the wait needs both
@@ -157,11 +177,27 @@ class Executor(_FuturesExecutor):
             self._collector.join()
 
 
-def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    it = zip(*iterables)
-    while chunk := list(itertools.islice(it, size)):
+@dataclass(frozen=True)
+class ExecutorStats:
+    """Executor.stats: calls submitted (a map chunk is one call), workers lost at work
+    (crashes: killed, crashed, timed out), calls sent again after a crash (resends), and
+    futures failed with WorkerCrashed (failed). Crashes and resends are also logged, at
+    WARNING, by the `taskpool.executor` logger."""
+
+    calls: int
+    crashes: int
+    resends: int
+    failed: int
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(items, size)):
         yield chunk
 
 
 def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
     return [fn(*args) for args in chunk]
+
+
+def _run_chunk_of_items(fn: Callable[..., Any], chunk: list[Any]) -> list[Any]:
+    return [fn(item) for item in chunk]

@@ -4,6 +4,7 @@ Dealer's exit, reaps it and fails whatever is left."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 import threading
 from concurrent.futures import Future, InvalidStateError
@@ -11,10 +12,21 @@ from typing import Any
 
 from taskpool.core.calls import raised
 from taskpool.executor.bookkeeping import Bookkeeping, SentBatch, resolve_each
-from taskpool.executor.dealer_process import DealerProcess
+from taskpool.executor.dealer_process import DealerProcess, running_pool_ended
 from taskpool.executor.errors import WorkerCrashed
 from taskpool.wire import ProtocolError
-from taskpool.wire.frames import FrameType, decode_failed, decode_outcomes_frame, read_frame
+from taskpool.wire.frames import (
+    FrameType,
+    decode_failed,
+    decode_lost,
+    decode_outcomes_frame,
+    read_frame,
+)
+
+# The caller's view of what the pool survived (or did not), at WARNING: a library's logger,
+# silent unless the caller configures logging (a NullHandler is on "taskpool" from the
+# first Executor on: dealer_process.running_pool_started).
+log = logging.getLogger("taskpool.executor")
 
 
 class Collector(threading.Thread):
@@ -23,16 +35,14 @@ class Collector(threading.Thread):
         OUTCOMES  resolves calls of a batch in `books.sent` (or, if the batch's pickle did
                   not load in its worker, hands its calls back to the feeder: _send_again)
         FAILED    fails calls of a batch: each killed `max_attempts` workers
+    LOST      a worker died at work, and how many of its calls go again: logged, counted
         STOPPED   says why the Dealer gave up (its restart intensity was spent)
 
     At EOF (the Dealer exited) or a bad frame: reaps the Dealer, breaks the pool if it
     failed or calls are left, fails them, and lets the feeder go."""
 
-    def __init__(self, owner: object, books: Bookkeeping, dealer: DealerProcess) -> None:
+    def __init__(self, books: Bookkeeping, dealer: DealerProcess) -> None:
         super().__init__(name="taskpool-collector", daemon=True)
-        # The Executor, only held: one whose threads run is never collected, so that at
-        # exit it is still found and finishes its calls (dealer_process.finish_at_exit).
-        self._owner: object | None = owner
         self._books = books
         self._dealer = dealer
 
@@ -41,7 +51,7 @@ class Collector(threading.Thread):
             reason = self._read_outcomes()
             self._end_pool(self._dealer.reap(reason))
         finally:
-            self._owner = None
+            running_pool_ended(self._books)
 
     def _read_outcomes(self) -> str | None:
         """Frames until EOF; then why the pool cannot go on, if the Dealer said it (STOPPED)
@@ -55,6 +65,8 @@ class Collector(threading.Thread):
                     self._on_outcomes(body)
                 elif ftype is FrameType.FAILED:
                     self._on_failed(body)
+                elif ftype is FrameType.LOST:
+                    self._on_lost(body)
                 elif ftype is FrameType.STOPPED:
                     reason = body.decode()
         except Exception as e:  # noqa: BLE001 - this thread must not die and leave futures
@@ -76,9 +88,9 @@ class Collector(threading.Thread):
                 return
             returned, values = b"\x00", [values]  # this call's own pickle: it fails
         if returned is None:  # every call returned a plain value: here they are
-            resolved = resolve_each(sent.futures, first, values, Future.set_result)
+            resolved = resolve_each(sent, first, values, Future.set_result)
         else:  # each value (or exception) pickled alone, returned[i] says which
-            resolved = resolve_each(sent.futures, first, zip(returned, values), _set_pickled)
+            resolved = resolve_each(sent, first, zip(returned, values), _set_pickled)
         books.resolved(batch_id, sent, resolved)
         if resolved:
             self._learn_time_per_call(seconds / resolved)
@@ -89,8 +101,15 @@ class Collector(threading.Thread):
         old = self._books.seconds_per_call
         self._books.seconds_per_call = per_call if old is None else 0.7 * old + 0.3 * per_call
 
+    def _on_lost(self, body: bytes) -> None:
+        pid, why, resent = decode_lost(body)
+        self._books.crashes += 1
+        self._books.resends += resent
+        log.warning("A worker (PID %d) %s; %d call(s) sent again", pid, why, resent)
+
     def _on_failed(self, body: bytes) -> None:
         batch_id, first, count, why = decode_failed(body)
+        log.warning("%d call(s) failed with WorkerCrashed: %s", count, why)
         self._books.fail_batch(batch_id, WorkerCrashed(why), first, count)
         self._make_room()
 
@@ -102,9 +121,10 @@ class Collector(threading.Thread):
         again = []
         for i in range(first, first + count):
             future = sent.futures[i]
-            if future is not None:
-                sent.futures[i] = None
-                again.append((future, sent.calls[i]))
+            call = sent.calls[i]
+            if future is not None and call is not None:
+                sent.futures[i] = sent.calls[i] = None
+                again.append((future, call))
         # Queued before their batch leaves `sent`, so that the feeder never sees them nowhere
         # (neither in flight nor in `again`) and ends too soon (see Feeder._all_sent).
         books.again.extend(again)
@@ -126,6 +146,7 @@ class Collector(threading.Thread):
         with books.submit_lock:
             if reason is not None or books.sent or books.waiting or books.again:
                 books.broken = reason or "the Executor's Dealer ended before its calls"
+                log.warning("The pool is broken: %s", books.broken)
             books.closing = True
         self._fail_what_is_left(WorkerCrashed(books.broken or ""))
         # Last: the feeder may have looked between our setting `broken` and the sweep,
@@ -143,6 +164,7 @@ class Collector(threading.Thread):
                 break
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)
+                books.failed += 1
         while True:  # running already, to be sent again
             try:
                 future = books.again.popleft()[0]
@@ -150,6 +172,7 @@ class Collector(threading.Thread):
                 break
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(error)
+                books.failed += 1
 
 
 def _unpickled(outcomes: bytes) -> tuple[Any, Any]:

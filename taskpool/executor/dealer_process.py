@@ -4,7 +4,7 @@ end, and the Executors still running when the caller's interpreter exits.
 The process runs `python -m taskpool.executor.host` (started by that name only: this side
 never imports it), with three pipes:
 
-    submit pipe    feeder -> Dealer: SETTINGS (written here, first), BATCH frames, END.
+    submit pipe    feeder -> Dealer: SETTINGS (first), BATCH frames, END.
                    Closed by the feeder when it is done, or when the Dealer is gone.
     outcome pipe   Dealer -> collector: OUTCOMES, FAILED, STOPPED frames; EOF when the
                    Dealer has exited.
@@ -21,7 +21,7 @@ a queue message is written to a memfd of ours, which a worker reads through
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
+import logging
 import os
 import pickle
 import signal
@@ -31,6 +31,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from taskpool.executor.bookkeeping import Bookkeeping
 from taskpool.executor.settings import ExecutorSettings
 from taskpool.posix import mqueue, proc
 from taskpool.wire.calls import CallBatch, encode_memfd_ref
@@ -38,7 +39,8 @@ from taskpool.wire.frames import FrameType, encode_batch, encode_end, encode_fra
 
 
 class DealerProcess:
-    """Started by its constructor, which writes it its settings; reaped by the collector.
+    """Started by its constructor; its settings written first by the feeder; reaped by the
+    collector.
 
     The feeder alone writes to the submit pipe and closes it (send_batch, send_end,
     close_submit); the collector alone reads the outcome pipe, closes it and the lifeline,
@@ -57,13 +59,13 @@ class DealerProcess:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "taskpool.executor.host",
                  str(submit_r), str(outcome_w), str(lifeline_r)],
-                pass_fds=(submit_r, outcome_w, lifeline_r), stdin=subprocess.DEVNULL,
-                env=env)
+                pass_fds=(submit_r, outcome_w, lifeline_r, *settings.shared_fds),
+                stdin=subprocess.DEVNULL, env=env)
         finally:
             for fd in (submit_r, outcome_w, lifeline_r):
                 os.close(fd)
         self.pid = self._process.pid
-        proc.write_all(self._submit_w, encode_frame(FrameType.SETTINGS, pickle.dumps(settings)))
+        self._settings = encode_frame(FrameType.SETTINGS, pickle.dumps(settings))
 
     @property
     def returncode(self) -> int | None:
@@ -71,6 +73,10 @@ class DealerProcess:
         return self._process.returncode
 
     # --- the feeder's end ---------------------------------------------------------------
+
+    def send_settings(self) -> None:
+        """First, once: the settings the Dealer waits for."""
+        proc.write_all(self._submit_w, self._settings)
 
     def send_batch(self, batch: CallBatch) -> None:
         """Blocks while the pipe is full (the Dealer is behind); OSError if it is gone."""
@@ -120,24 +126,54 @@ def calls_in_memfd(data: bytes) -> tuple[int, bytes]:
     return fd, encode_memfd_ref(os.getpid(), fd, len(data))
 
 
-# Executors still running at interpreter exit finish their work first, as PPE's do. Weak,
-# so that an Executor shut down and dropped goes; one whose threads run is held by them
-# (see Feeder, Collector). The atexit hook is registered with the first Executor, not at
-# import: importing taskpool changes nothing in the caller's process.
-_LIVE: weakref.WeakSet[concurrent.futures.Executor] = weakref.WeakSet()
-_live_lock = threading.Lock()  # guards _hooked: two Executors created at once, one hook
+# Pools still running: until its collector ends, each is here, with the weakref that
+# closes it when its Executor is collected without shutdown() (PPE's behaviour: the calls
+# already submitted still run, then the Dealer, its workers and queues go). At interpreter
+# exit, each is closed and its threads joined: its calls finish first, as PPE's do. The
+# atexit hook is registered with the first Executor, not at import: importing taskpool
+# changes nothing in the caller's process.
+_RUNNING: dict[Bookkeeping, tuple[weakref.ref[object], tuple[threading.Thread, ...]]] = {}
+_running_lock = threading.Lock()  # guards _RUNNING and _hooked
 _hooked = False
 
 
-def finish_at_exit(executor: concurrent.futures.Executor) -> None:
+def running_pool_started(executor: object, books: Bookkeeping,
+                         threads: tuple[threading.Thread, ...]) -> None:
     global _hooked
-    with _live_lock:
+    with _running_lock:
         if not _hooked:
-            atexit.register(_finish_live_executors)
+            atexit.register(_finish_running_pools)
+            # The Executor's warnings (collector.py) are a library's: shown only if the
+            # caller configures logging, never by logging's last resort.
+            logging.getLogger("taskpool").addHandler(logging.NullHandler())
             _hooked = True
-        _LIVE.add(executor)
+        _RUNNING[books] = (weakref.ref(executor, lambda _: _abandoned(books, threads)),
+                           threads)
 
 
-def _finish_live_executors() -> None:
-    for executor in list(_LIVE):
-        executor.shutdown(wait=True)
+def _abandoned(books: Bookkeeping, threads: tuple[threading.Thread, ...]) -> None:
+    """Its Executor was collected without shutdown(): close the pool. The cyclic GC may
+    collect it in any thread, our own feeder or collector included, while it holds the
+    locks close() takes: there, the close is left to a thread of its own."""
+    if threading.current_thread() not in threads:
+        books.close()
+        return
+    try:
+        threading.Thread(target=books.close, name="taskpool-close", daemon=True).start()
+    except RuntimeError:
+        pass  # the interpreter is exiting: _finish_running_pools closes it
+
+
+def running_pool_ended(books: Bookkeeping) -> None:
+    """Its collector is done: the Dealer is reaped, every future resolved."""
+    with _running_lock:
+        _RUNNING.pop(books, None)
+
+
+def _finish_running_pools() -> None:
+    with _running_lock:
+        running = list(_RUNNING.items())
+    for books, (_, threads) in running:
+        books.close()
+        for thread in threads:
+            thread.join()

@@ -9,14 +9,16 @@ slow calls (a CPU-bound batch is shared evenly between workers), and grows for s
 from __future__ import annotations
 
 import contextlib
-import pickle
+import signal
 import threading
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+from taskpool.core.calls import dumps
 from taskpool.executor.bookkeeping import Bookkeeping, Call, SentBatch
 from taskpool.executor.dealer_process import DealerProcess, calls_in_memfd
 from taskpool.executor.errors import WorkerCrashed
+from taskpool.executor.pickling import call_not_sent
 from taskpool.executor.settings import INLINE_CALLS_LIMIT, ExecutorSettings
 from taskpool.wire.calls import CallBatch, CallWhere
 
@@ -34,62 +36,92 @@ class Feeder(threading.Thread):
     Dealer is behind. Ends, with END, once closing and every call is resolved; or at once
     when the pool broke or the Dealer is gone (the collector fails what is left)."""
 
-    def __init__(self, owner: object, books: Bookkeeping, dealer: DealerProcess,
+    def __init__(self, books: Bookkeeping, dealer: DealerProcess,
                  settings: ExecutorSettings) -> None:
         super().__init__(name="taskpool-feeder", daemon=True)
-        # The Executor, only held: one whose threads run is never collected, so that at
-        # exit it is still found and finishes its calls (dealer_process.finish_at_exit).
-        self._owner: object | None = owner
         self._books = books
         self._dealer = dealer
         self._workers = settings.workers
         self._unbatched = settings.unbatched
 
     def run(self) -> None:
+        # SIGPIPE blocked in this thread, which alone writes to the Dealer: a caller that
+        # restored SIGPIPE's default action is not killed when its Dealer is gone, the write
+        # fails with EPIPE instead. The signal, sent to this thread only, stays pending on
+        # it, and goes with it: the mask of no other thread changes.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
         try:
+            self._dealer.send_settings()
             self._dealer.send_end(self._feed())
         except OSError:
             pass  # the Dealer is gone: the collector fails what is left
         finally:
             self._dealer.close_submit()
-            self._owner = None
 
     def _feed(self) -> int:
         """Send batches until done (see _wait_for_work); how many were sent."""
         batches = 0
         while self._wait_for_work():
-            futures, calls = self._take_next()
-            if not calls:
-                continue  # all cancelled while they waited, or swept (the pool broke)
-            batch = self._encode_or_fail(batches + 1, futures, calls)
-            if batch is not None:
-                batches += 1
-                self._dealer.send_batch(batch)
+            batches += self._send_next(batches + 1)
         return batches
+
+    def _send_next(self, batch_id: int) -> int:
+        """Send the next batch as `batch_id`: 1; or 0 if none was sent. Its calls are this
+        frame's only, gone when it returns: the feeder holds nothing of a call while it
+        waits (once a future is resolved, nothing of its call is left in the Executor)."""
+        futures, calls = self._take_next()
+        if not calls:
+            return 0  # all cancelled while they waited, or swept (the pool broke)
+        batch = self._encode_or_fail(batch_id, futures, calls)
+        if batch is None:
+            return 0
+        self._dealer.send_batch(batch)
+        return 1
 
     # --- when to send ---------------------------------------------------------------------
 
     def _wait_for_work(self) -> bool:
         """Until a batch may be sent (True), or the feeder is done (False): closing, and
         every call submitted before it is done; or broken, and the collector fails what
-        waits."""
+        waits. Does what shutdown(cancel_futures=True) asked on the way."""
         books = self._books
-        if self._can_send():
-            return True
-        # No lost wake-up: the flags are set before the state is checked again under the
-        # lock, and submit (collector) changes the state before it reads its flag; so
-        # either we see the change, or it sees the flag and notifies, under the lock that
-        # we hold until wait() releases it.
-        with books.work:
-            while True:
+        while True:
+            if books.cancel_requested:
+                self._cancel_waiting()
+            if books.broken is not None or self._all_sent():
+                return False
+            if self._can_send():
+                return True
+            # No lost wake-up: the flags are set before the state is checked again under
+            # the lock, and submit (collector, shutdown) changes the state before it reads
+            # its flag; so either we see the change, or it sees the flag and notifies,
+            # under the lock that we hold until wait() releases it.
+            with books.work:
                 books.feeder_wants_work = not (books.waiting or books.again)
                 # Room, or, once closing, the last outcomes (see _all_sent).
                 books.feeder_wants_room = not books.feeder_wants_work or books.closing
-                if self._can_send() or books.broken is not None or self._all_sent():
-                    break
-                books.work.wait()
-            books.feeder_wants_work = books.feeder_wants_room = False
-        return not (books.broken is not None or self._all_sent())
+                if not (self._can_send() or books.broken is not None or self._all_sent()
+                        or books.cancel_requested):
+                    books.work.wait()
+                books.feeder_wants_work = books.feeder_wants_room = False
+
+    def _cancel_waiting(self) -> None:
+        """shutdown(cancel_futures=True): each idle worker starts one waiting call (as PPE's
+        workers take theirs from its call queue), and every other waiting call is
+        cancelled. Run here, not in shutdown(), so that it sees which workers are idle."""
+        books = self._books
+        books.cancel_requested = False
+        idle = max(0, self._workers - len(books.sent))
+        while True:
+            try:
+                future, fn, args, kwargs = books.waiting.popleft()
+            except IndexError:
+                break
+            if idle and future.set_running_or_notify_cancel():
+                books.again.append((future, (fn, args, kwargs)))
+                idle -= 1
+            else:
+                future.cancel()
 
     def _window(self) -> int:
         """How many batches may be sent and not yet resolved: two per worker, so that each
@@ -172,12 +204,12 @@ class Feeder(threading.Thread):
         """The calls that pickle as one batch, in `books.sent` before it is returned; None
         if none does. A call that does not pickle fails its future."""
         try:
-            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+            data = dumps(calls)
         except BaseException:  # noqa: BLE001 - find the calls that do not pickle
             futures, calls = _picklable(futures, calls)
             if not calls:
                 return None
-            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+            data = dumps(calls)
         sent = SentBatch(futures, calls)
         where = CallWhere.INLINE
         if len(data) > INLINE_CALLS_LIMIT:
@@ -195,14 +227,14 @@ class Feeder(threading.Thread):
 def _picklable(futures: list[Future[Any] | None], calls: list[Any]) -> tuple[list[Any],
                                                                               list[Any]]:
     """The calls that pickle, and their futures; each other future gets its error (as
-    PPE's, the future carries it)."""
+    PPE's, the future carries it), which names the function and the argument at fault."""
     kept_futures, kept_calls = [], []
     for future, call in zip(futures, calls):
         try:
-            pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
+            dumps(call)
         except BaseException as e:  # noqa: BLE001
             assert future is not None
-            future.set_exception(e)
+            future.set_exception(call_not_sent(call, e))
             continue
         kept_futures.append(future)
         kept_calls.append(call)

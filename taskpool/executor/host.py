@@ -53,6 +53,7 @@ from taskpool.wire.frames import (
     decode_batch,
     decode_end,
     encode_failed,
+    encode_lost,
     encode_outcomes_frame,
     encode_stopped,
     read_frame,
@@ -78,6 +79,9 @@ class FrameWriter(RecordWriter):
         times = "1 attempt" if attempts == 1 else f"{attempts} attempts"
         why = f"{times} of this call ended its worker; the last: {death.call_reason}"
         self.write(encode_failed(CallBatch.decode(job.payload), why))
+
+    def worker_lost(self, pid: int, death: Death, resent: int) -> None:
+        self.write(encode_lost(pid, death.call_reason, resent))
 
     def stats(self, stats: DealerStats) -> None:
         if stats.stop_reason is not None:
@@ -112,46 +116,69 @@ def _lifeline(fd: int) -> None:
 
 def main(argv: list[str]) -> NoReturn:
     code = EXIT_STOPPED_EARLY
+    outcome_fd = int(argv[1])
     try:
-        submit_fd, outcome_fd, lifeline_fd = (int(a) for a in argv)
-        silence_fork_warning()
-        # Blocked before any thread starts, so that all inherit the mask: the recovery
-        # thread alone takes these signals, with sigwait() (see run_dealer).
-        proc.reset_signals_in_child(blocked=SUPERVISOR_SIGNALS)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        proc.redirect_stdin_to_devnull()
-        read = os.fdopen(submit_fd, "rb").read  # buffered: exactly n bytes, or fewer at EOF
-        frame = read_frame(read)
-        if frame is None or frame[0] is not FrameType.SETTINGS:
-            raise ProtocolError("the Executor's first frame was not its settings")
-        settings: ExecutorSettings = pickle.loads(frame[1])
-        tplog.setup(2, settings.log_level)
-        # Import the caller's __main__ as multiprocessing's spawn does, so that functions
-        # pickled by reference to it resolve in the workers (forked from us).
-        multiprocessing.spawn.prepare(settings.preparation)
-        ready_queue = mqueue.create_queue("ready", mqueue.READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
-        policy = SupervisionPolicy(
-            max_attempts=settings.max_attempts, timeout=settings.timeout, heartbeat=None,
-            max_tasks_per_child=settings.max_tasks_per_child,
-            max_restarts=max(settings.max_restarts, settings.workers),
-            restart_window=settings.restart_window)
-        config = DealerConfig(
-            PoolLayout.single(settings.workers), CrashPlan(), policy,
-            request_message_size=REQUEST_MESSAGE_SIZE, result_message_size=RESULT_MESSAGE_SIZE,
-            initializer=settings.initializer)
-        dealer = Dealer(config, ready_queue, FrameWriter(outcome_fd))
-        for target, args in ((_intake, (read, ready_queue)), (_lifeline, (lifeline_fd,))):
-            threading.Thread(target=target, args=args, name=target.__name__[1:],
-                             daemon=True).start()
-        code = dealer.run()
+        code = _serve(*(int(a) for a in argv))
     except mqueue.QueueLimitError as e:
         log.error("Cannot start: %s", e)
         os.write(2, f"taskpool.Executor: cannot start: {e}\n".encode())
-    except BaseException:
+        _tell_caller(outcome_fd, f"the Executor's Dealer cannot start: {e}")
+    except BaseException as e:
         log.exception("The Executor's Dealer failed")
+        _tell_caller(outcome_fd, f"the Executor's Dealer failed: {type(e).__name__}: {e}")
     finally:
         mqueue.exit_between_creations(code)
+
+
+def _tell_caller(outcome_fd: int, reason: str) -> None:
+    """Why we stop, as the reason the caller's futures and submit() give: not only an exit
+    status. One small frame, one write (atomic on a pipe, beside the recv thread's)."""
+    try:
+        os.write(outcome_fd, encode_stopped(reason[:2000]))
+    except OSError:
+        pass  # the caller is gone
+
+
+def _serve(submit_fd: int, outcome_fd: int, lifeline_fd: int) -> int:
+    """The Dealer, from its settings frame to its exit status."""
+    silence_fork_warning()
+    # Blocked before any thread starts, so that all inherit the mask: the recovery
+    # thread alone takes these signals, with sigwait() (see run_dealer).
+    proc.reset_signals_in_child(blocked=SUPERVISOR_SIGNALS)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    proc.redirect_stdin_to_devnull()
+    read = os.fdopen(submit_fd, "rb").read  # buffered: exactly n bytes, or fewer at EOF
+    frame = read_frame(read)
+    if frame is None or frame[0] is not FrameType.SETTINGS:
+        raise ProtocolError("the Executor's first frame was not its settings")
+    settings: ExecutorSettings = pickle.loads(frame[1])
+    tplog.setup(2, settings.log_level)
+    # The caller's sys.path, working directory and argv, as multiprocessing's spawn
+    # sets them, so that functions pickled by reference import here (and in the workers
+    # forked from us) as they did there; not its main module (see settings.py).
+    multiprocessing.spawn.prepare(settings.preparation)
+    multiprocessing.current_process().authkey = settings.authkey
+    return _run_dealer(settings, read, outcome_fd, lifeline_fd)
+
+
+def _run_dealer(settings: ExecutorSettings, read: Any, outcome_fd: int, lifeline_fd: int
+                ) -> int:
+    ready_queue = mqueue.create_queue("ready", mqueue.READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
+    policy = SupervisionPolicy(
+        max_attempts=settings.max_attempts, timeout=settings.timeout, heartbeat=None,
+        max_tasks_per_child=settings.max_tasks_per_child,
+        max_restarts=max(settings.max_restarts, settings.workers),
+        restart_window=settings.restart_window)
+    config = DealerConfig(
+        PoolLayout.single(settings.workers), CrashPlan(), policy,
+        request_message_size=REQUEST_MESSAGE_SIZE, result_message_size=RESULT_MESSAGE_SIZE,
+        initializer=settings.initializer, shared_fds=frozenset(settings.shared_fds))
+    dealer = Dealer(config, ready_queue, FrameWriter(outcome_fd))
+    for target, args in ((_intake, (read, ready_queue)), (_lifeline, (lifeline_fd,))):
+        threading.Thread(target=target, args=args, name=target.__name__[1:],
+                         daemon=True).start()
+    return dealer.run()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ import logging
 import math
 import multiprocessing.spawn
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from taskpool.executor.pickling import dumps_initializer
 
 # Message sizes of an Executor's queues. A worker's queue holds `credit` batches of calls
 # (2 x 4,192 bytes of queue memory); the result queue takes the kernel's default largest
@@ -34,6 +35,12 @@ class ExecutorSettings:
     timeout: float | None
     initializer: bytes | None  # pickled (initializer, initargs)
     preparation: dict[str, Any] = field(default_factory=dict)  # multiprocessing.spawn's
+    # The caller's multiprocessing authkey, for the workers: a Manager() proxy passed as
+    # an argument connects back to its manager with it, as in a process PPE started.
+    authkey: bytes = b""
+    # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): passed to the
+    # Dealer under the same numbers, kept open in its workers (see pickling.py).
+    shared_fds: tuple[int, ...] = ()
     # The whole log (INFO) with verbose=True; else what needs a reader (WARNING): an
     # Executor is a library in someone's program, and says nothing when all goes well.
     log_level: int = logging.WARNING
@@ -64,12 +71,21 @@ class ExecutorSettings:
             raise ValueError("timeout must be a finite number of seconds > 0")
         if max_tasks_per_child is not None and max_tasks_per_child < 1:
             raise ValueError("max_tasks_per_child must be >= 1")
-        init = None if initializer is None else pickle.dumps((initializer, tuple(initargs)))
+        init: bytes | None = None
+        shared_fds: tuple[int, ...] = ()
+        if initializer is not None:
+            init, shared_fds = dumps_initializer(initializer, tuple(initargs))
         preparation = multiprocessing.spawn.get_preparation_data("taskpool-executor")
-        preparation.pop("authkey", None)  # multiprocessing's, not ours; it refuses to pickle
+        # Not the caller's main module: what of it the calls use goes by value (see
+        # core/calls.py), so that a `python -c`, a script on stdin or the REPL works, and
+        # the caller's script is never run again in the Dealer.
+        for key in ("init_main_from_path", "init_main_from_name", "authkey"):
+            preparation.pop(key, None)  # the authkey refuses to pickle: see `authkey`
         return cls(
             workers=workers, max_attempts=max_attempts, timeout=timeout, initializer=init,
-            preparation=preparation, log_level=logging.INFO if verbose else logging.WARNING,
+            preparation=preparation, shared_fds=shared_fds,
+            authkey=bytes(multiprocessing.current_process().authkey),
+            log_level=logging.INFO if verbose else logging.WARNING,
             max_tasks_per_child=max_tasks_per_child)
 
     @property
@@ -77,3 +93,32 @@ class ExecutorSettings:
         """Calls go one a batch: a timeout is per call, and so is a worker's count of
         tasks."""
         return self.timeout is not None or self.max_tasks_per_child is not None
+
+
+# What each multiprocessing start method means for an Executor, whose workers are forked
+# from its own Dealer process, itself started with fork+exec: never a copy of the caller.
+START_METHODS = {
+    "forkserver": "what the Executor does: workers forked from a fresh server process",
+    "spawn": "as forkserver: workers start from a fresh interpreter, not from your process",
+}
+
+
+def check_start_method(mp_context: Any) -> None:
+    """PPE's mp_context: None, or a context whose start method the Executor can honour;
+    ValueError naming why not, else (TypeError) not a context."""
+    if mp_context is None:
+        return
+    get_start_method = getattr(mp_context, "get_start_method", None)
+    if get_start_method is None:
+        raise TypeError(f"mp_context must be a multiprocessing context (such as "
+                        f"multiprocessing.get_context('forkserver')), not {mp_context!r}")
+    method = get_start_method()
+    if method == "fork":
+        raise ValueError(
+            "taskpool.Executor cannot use the 'fork' start method: it never forks your "
+            "process (which may run threads); its workers are forked from a fresh Dealer "
+            "process, so they inherit nothing of yours. Pass mp_context=None, or "
+            "multiprocessing.get_context('forkserver') or ('spawn'), which mean just that")
+    if method not in START_METHODS:
+        raise ValueError(f"unknown start method {method!r} for taskpool.Executor; "
+                         f"it takes {', '.join(START_METHODS)}")

@@ -74,6 +74,9 @@ class DealerConfig:
     request_message_size: int = MAX_MESSAGE_SIZE
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): kept open in
+    # each worker, which otherwise closes all it does not need.
+    shared_fds: frozenset[int] = frozenset()
 
     @property
     def credit(self) -> int:
@@ -105,7 +108,8 @@ class Dealer:
         self.supervisor = Supervisor(
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
-                        config.initializer, config.request_message_size, ack_every_job),
+                        config.initializer, config.request_message_size, ack_every_job,
+                        config.shared_fds),
         )
         self.stopper = Stopper(self.state, config.policy.grace, ready_queue)
         self.receiver = self._receiver()

@@ -16,7 +16,6 @@ killed Dealer (which PR_SET_PDEATHSIG kills at once) are reaped here too, not le
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 from dataclasses import dataclass
@@ -158,7 +157,11 @@ class Main(EngineLoop):
 
     def descriptors(self) -> list[int]:
         watched = [r.fd for r in self.readers if r.open]
-        if self.live_reader is not None:
+        # Once a drawing of the live view is waiting, what the children write is read with
+        # it (catch_up_live_view), not as it comes: a thousand events a second wake main
+        # ten times, not a thousand. The pipe holds that long (its size: cli/run.py).
+        live = self.config.live
+        if self.live_reader is not None and live is not None and not live.dirty:
             watched.append(self.live_reader.fd)
         return watched
 
@@ -202,11 +205,15 @@ class Main(EngineLoop):
         pool = self.config.pool
         return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt)
 
+    def catch_up_live_view(self) -> None:
+        self._drain_live_view()
+
     def _drain_live_view(self) -> None:
+        """Read the children's events until their pipe is empty (the read end does not
+        block: cli/run.py)."""
         if self.live_reader is not None:
-            fcntl.fcntl(self.live_reader.fd, fcntl.F_SETFL, os.O_NONBLOCK)
             while self.live_reader.open and self._on_live_lines(self.live_reader):
-                pass  # every child is gone: what they wrote is all in the pipe
+                pass
 
     def _on_live_lines(self, reader: LineReader) -> bool:
         """Hand what the children wrote to the live view; False if there was nothing."""

@@ -128,11 +128,9 @@ class Receiver:
                 schedule.nudge |= state.expect_heartbeat(ack.pid, now)
         schedule.log(self.layout)
         # The assignment is already known; an Ack only says the job started.
-        if log.isEnabledFor(logging.DEBUG):  # once per job: skip building a dropped event
-            log.debug("Job %d started by worker PID [%d] (ACK, attempt %d)",
-                      ack.job_id, ack.pid, ack.attempt,
-                      extra=event(ev.JOB_STARTED, job=ack.job_id, worker=ack.pid,
-                                  attempt=ack.attempt))
+        job_event(log, ev.JOB_STARTED, "Job %d started by worker PID [%d] (ACK, attempt %d)",
+                  ack.job_id, ack.pid, ack.attempt, level=logging.DEBUG,
+                  job=ack.job_id, worker=ack.pid, attempt=ack.attempt)
 
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
         with self.state.lock:
@@ -147,6 +145,8 @@ class Receiver:
             worker = self._free_worker(result, schedule)
             job_state = state.jobs.get(result.job_id)
             duplicate = job_state is not None and job_state.recorded
+            # Reaped, its death maybe logged already: the result left it before it died.
+            from_the_dead = result.pid in state.exited
             if job_state is not None:
                 job_state.recorded = True
             if worker is not None and result.pid in state.workers:
@@ -162,6 +162,12 @@ class Receiver:
             return
         self.tally.recorded += 1
         self.writer.done(job_state.job, result)
+        if from_the_dead:
+            job_event(log, ev.JOB_DONE, "Received result for job %d: %s from worker PID [%d] "
+                      "(sent before it died)", result.job_id, result.value, result.pid,
+                      job=result.job_id, worker=result.pid, attempt=result.attempt,
+                      result=result.value, sent_before_death=True)
+            return
         job_event(log, ev.JOB_DONE, "Received result for job %d: %s from worker PID [%d]",
                   result.job_id, result.value, result.pid,
                   job=result.job_id, worker=result.pid, attempt=result.attempt,

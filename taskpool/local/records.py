@@ -62,6 +62,11 @@ class RecordWriter:
     def stats(self, stats: DealerStats) -> None:
         self.write(encode_record(stats))
 
+    def worker_lost(self, pid: int, death: Death, resent: int) -> None:
+        """A worker died at work (not retired, not stopped with the pool), and `resent`
+        calls or jobs it held go again. A CLI run has it in its log and events already;
+        an Executor's Dealer tells its caller (executor/host.py)."""
+
     def write(self, data: bytes) -> None:
         with self.lock:
             if self.pending_bytes + len(data) > self.FLUSH_BYTES:

@@ -42,7 +42,7 @@ from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.scheduler import Schedule, assign, enqueue
 from taskpool.local.state import NUDGE_SIGNAL, JobState, PoolState, WorkerHandle
 from taskpool.local.stopping import Stopper
-from taskpool.model.exits import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT
+from taskpool.model.exits import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT, EXIT_RETIRED
 from taskpool.model.jobs import Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
@@ -70,6 +70,16 @@ def death_of(exited: WorkerExited, killed_for: Death | None,
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
         return Death.of(Cause.MEMORY_LIMIT, megabytes=policy.max_memory_mb)
     return Death.crashed(status)
+
+
+def _retired(wait_status: int) -> bool:
+    return os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EXIT_RETIRED
+
+
+def _resent_count(aftermath: Aftermath) -> int:
+    """The calls (or jobs) of a dead worker that go again."""
+    again = aftermath.of(Verdict.RESEND, Verdict.REQUEUE, Verdict.SPLIT)
+    return sum(len(h.singles) or _calls(h.job_state.job) for h in again)
 
 
 def _calls(job: Job) -> int:
@@ -152,6 +162,10 @@ class Recovery:
             death = death_of(exited, self.state.kill_reasons.pop(exited.pid, None),
                              self.policy)
             aftermath = self._settle(worker, death, at)
+        if not aftermath.stopping and not _retired(exited.wait_status):
+            # Before the failures: an Executor's caller sees the death of a call's last
+            # attempt counted by the time its future fails.
+            self.writer.worker_lost(exited.pid, death, _resent_count(aftermath))
         for held in aftermath.of(Verdict.FAIL):
             self._record_failure(held, aftermath)
         self._log(aftermath)
@@ -229,6 +243,9 @@ class Recovery:
         Called with the lock held, while not stopping."""
         resent = aftermath.of(Verdict.RESEND)
         for held in aftermath.of(Verdict.RESEND, Verdict.REQUEUE):
+            why = "resent" if held.decision.verdict is Verdict.RESEND else (
+                "preempted" if held.started else "requeued")
+            held.job_state.again = (why, aftermath.pid)
             enqueue(self.state, held.job_id)
         for held in aftermath.of(Verdict.SPLIT):
             for single in held.singles:

@@ -30,8 +30,9 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from taskpool.core.supervision import Cause, Death
+from taskpool.core.supervision import Cause, Death, sent_again_words
 from taskpool.local.state import NUDGE_SIGNAL, PoolSlots, PoolState, WorkerHandle
 from taskpool.model.jobs import Job
 from taskpool.model.pools import PoolLayout
@@ -46,6 +47,7 @@ class Sent:
     pid: int
     attempt: int
     at: float  # when: the log line comes later, outside the lock
+    again: tuple[str, int] | None = None  # why it goes out again (JobState.again)
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,13 @@ class Schedule:
                                             for_job=p.urgent.job_id))
         for s in self.sent:
             job = s.job
-            retry = f" (attempt {s.attempt})" if s.attempt > 1 else ""
-            fields = {"at": s.at, "job": job.job_id, "worker": s.pid, "attempt": s.attempt,
-                      "kind": job.kind.label, "arg": job.arg, "type": job.pool,
-                      "priority": job.priority}
+            retry = sent_again_words(s.attempt, s.again)
+            fields: dict[str, Any] = {
+                "at": s.at, "job": job.job_id, "worker": s.pid, "attempt": s.attempt,
+                "kind": job.kind.label, "arg": job.arg, "type": job.pool,
+                "priority": job.priority}
+            if s.again is not None:
+                fields.update(again=s.again[0], from_worker=s.again[1])
             if layout.typed:
                 priority = f", priority {job.priority}" if job.priority else ""
                 label = layout.pool(job.pool).label  # typed pools: the event names it
@@ -132,7 +137,8 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
             worker.outstanding.append(job_id)
             # Never blocks: this worker has fewer outstanding jobs than its queue has slots.
             worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
-            schedule.sent.append(Sent(job_state.job, worker.pid, attempt, now))
+            schedule.sent.append(Sent(job_state.job, worker.pid, attempt, now, job_state.again))
+            job_state.again = None
         elif not _steal_for_idle(state, pool, tried, schedule):
             break
     if not refill_before and state.backlog_wants_refill():
@@ -188,6 +194,8 @@ def _take_back(
         if job.job_id in worker.outstanding:
             worker.outstanding.remove(job.job_id)
         pool.push(job.priority, job.job_id)
+        if job.job_id in state.jobs:
+            state.jobs[job.job_id].again = ("moved", worker.pid)
         schedule.taken_back.append((job.job_id, worker.pid, time.monotonic()))
     if taken and not worker.outstanding:
         state.heartbeat_deadlines.pop(worker.pid, None)  # idle now: it owes no beat

@@ -101,6 +101,11 @@ class JobState:
     # carries attempt = failed_attempts + 1.
     failed_attempts: int = 0
     recorded: bool = False
+    # Why it waits in a backlog to go out again, and the worker it left: ("resent", pid)
+    # after that worker's crash, ("requeued", pid) from a dead worker's queue, unstarted,
+    # ("preempted", pid), ("moved", pid) taken back from a live worker's queue. Its next
+    # "Sent" line says so (core/supervision.AGAIN_WORDS); None for a first send.
+    again: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

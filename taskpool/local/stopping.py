@@ -104,8 +104,10 @@ class Stopper:
             state.grace_deadline = Deadline(time.monotonic() + grace,
                                             Death.of(Cause.GRACE_OVER, grace=grace))
             state.backlog_room.notify_all()
-        log.info("Stopping on signal %d: letting %d running jobs finish (grace %g s); "
-                 "%d jobs not started", signum, running, grace, not_started,
+        # main's SIGTERM, whatever main itself was sent (its "Interrupted by SIGINT" line
+        # says which): not a signal to name here.
+        log.info("Stopping: letting %d running jobs finish (grace %g s); "
+                 "%d jobs not started", running, grace, not_started,
                  extra=event(ev.STOPPING, running=running, grace=grace,
                              not_started=not_started))
         self._stop_send_thread()

@@ -39,7 +39,12 @@ from taskpool.core.supervision import Cause, Death, StartBackoff
 from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
-from taskpool.model.exits import EXIT_MAIN_LOST, EXIT_RETIRED, EXIT_WORKER_FAILED
+from taskpool.model.exits import (
+    EXIT_MAIN_LOST,
+    EXIT_MEMORY_LIMIT,
+    EXIT_RETIRED,
+    EXIT_WORKER_FAILED,
+)
 from taskpool.model.faults import CrashPlan
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
@@ -100,6 +105,7 @@ class WorkerSetup:
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
     request_message_size: int = MAX_MESSAGE_SIZE
     ack_every_job: bool = True  # see protocol.is_acked
+    shared_fds: frozenset[int] = frozenset()  # the Executor's initargs' (DealerConfig)
 
 
 class Supervisor(threading.Thread):
@@ -360,6 +366,7 @@ class Supervisor(threading.Thread):
             proc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
             proc.close_fds_except(
                 {0, 1, 2, request_queue.mqd, self.setup.result_queue.mqd} | tplog.descriptors()
+                | self.setup.shared_fds
             )
             policy = self.setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
@@ -417,10 +424,15 @@ class Supervisor(threading.Thread):
                      extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
                                  reason="retired", crash=False))
         elif crash:
-            how = proc.describe_wait_status(status)
+            how = reason = proc.describe_wait_status(status)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
+                # Our own exit status, by name: the reason its job will be charged.
+                reason = Death.of(Cause.MEMORY_LIMIT,
+                                  megabytes=self.setup.policy.max_memory_mb).reason
+                how = f"ran out of its {reason}"
             log.info("Worker PID %d %s", pid, how,
-                     extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool, reason=how,
-                                 crash=True))
+                     extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
+                                 reason=reason, crash=True))
         else:  # while stopping, or preempted: our doing
             how = "preempted" if preempted else proc.describe_wait_status(status)
             log.debug("Reaped worker %d: %s", pid, how,

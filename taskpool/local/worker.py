@@ -16,6 +16,7 @@ the process; the Dealer notices the death and restores the pool.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import resource
@@ -38,8 +39,9 @@ from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import Ack, Heartbeat, JobMessage, Result, Shutdown, decode, is_acked
 
 
-def _simulate_crash() -> NoReturn:
-    log.info("Simulated crash!", extra=event(ev.SIMULATED_CRASH))
+def _simulate_crash(job_id: int, step: Step, attempt: int) -> NoReturn:
+    log.info("Simulated crash! (job %d, %s, attempt %d)", job_id, step.value, attempt,
+             extra=event(ev.SIMULATED_CRASH, job=job_id, step=step.value, attempt=attempt))
     # A simulated segfault should not leave a core file per crash.
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     os.kill(os.getpid(), signal.SIGSEGV)
@@ -114,8 +116,13 @@ def _run_initializer(initializer: bytes) -> None:
         fn, args = pickle.loads(initializer)
         fn(*args)
     except BaseException as e:  # noqa: BLE001 - whatever it raised, the worker is unusable
-        log.error("The initializer raised %s: %s", type(e).__name__, e,
-                  extra=event(ev.INITIALIZER_FAILED, reason=f"{type(e).__name__}: {e}"))
+        # As PPE's worker logs it: a handler that the initializer, or its module, attached
+        # to `concurrent.futures` sees it; with none, logging's last resort writes it and
+        # its traceback to stderr.
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:",
+                                                         exc_info=True)
+        log.info("The initializer raised %s: %s", type(e).__name__, e,
+                 extra=event(ev.INITIALIZER_FAILED, reason=f"{type(e).__name__}: {e}"))
         os._exit(EXIT_INITIALIZER_FAILED)
 
 
@@ -225,7 +232,7 @@ class JobLoop:
             log.info("Hanging (test hook)")
             os.read(os.pipe()[0], 1)
         if crash_at is step:
-            _simulate_crash()
+            _simulate_crash(job_id, step, attempt)
 
     def compute(self, job: Job, attempt: int) -> Result:
         """Runs the job, the heartbeat beating meanwhile; running out of memory under

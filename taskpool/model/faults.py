@@ -44,8 +44,22 @@ class InjectedFault:
         parts = text.split(":")
         if len(parts) not in (2, 3):
             raise ValueError(f"expected JOB:STEP[:ATTEMPT], got {text!r}")
-        attempt = int(parts[2]) if len(parts) == 3 else 1
-        return cls(int(parts[0]), Step(parts[1]), attempt)
+        job, step, attempt = parts[0], parts[1], parts[2] if len(parts) == 3 else "1"
+        if step not in _STEPS_BY_NAME:
+            raise ValueError(f"{step!r} is not a step: give one of "
+                             f"{', '.join(STEP_NAMES)} (or '{Step.AT_START.value}' alone)")
+        return cls(_positive(job, "job"), _STEPS_BY_NAME[step], _positive(attempt, "attempt"))
+
+
+# The steps JOB:STEP takes (at_start stands alone: it names no job).
+STEP_NAMES = tuple(step.value for step in Step if step is not Step.AT_START)
+_STEPS_BY_NAME = {name: Step(name) for name in STEP_NAMES}
+
+
+def _positive(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{text!r} is not a {what} number (1, 2, ...)")
+    return int(text)
 
 
 @dataclass(frozen=True)

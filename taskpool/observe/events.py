@@ -13,13 +13,18 @@ tests read them back by the same names. An event's fields are its JSON object's 
     dask_no_worker       Dask engine (--scheduler)     wait
     worker_started       worker
     worker_shutdown      worker
-    simulated_crash      worker                        (job, step: with --crash-rate)
+    simulated_crash      worker                        job, step, attempt
     initializer_failed   worker (Executor)             reason
     job_sent             Dealer                        job, worker, attempt, kind, arg, type,
                                                        priority[, pool: a typed pool's label]
+                                                       [, again, from_worker: why it is sent
+                                                       again (resent, requeued, preempted,
+                                                       moved) and the worker it left]
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job
     job_done             Dealer, Dask engine           job, worker, attempt, result
+                                                       [, sent_before_death: from a worker
+                                                       already reaped]
     job_failed           Supervisor                    job, worker, attempts, reason
     job_resent           Recovery                      job, worker, reason
     job_requeued         Recovery                      job, worker, reason
@@ -35,10 +40,14 @@ tests read them back by the same names. An event's fields are its JSON object's 
     gave_up              Supervisor                    reason
     all_jobs_completed   Dealer                        jobs
     interrupted          Main                          signal
+    interrupted_again    Main                          signal, rung (2: running jobs
+                                                       stopped, 3: the pool killed)
     stopping             Dealer, Dask engine           running, grace[, not_started]
     grace_over           Dask engine                   running
     role_lost            Main                          lost, lost_pid, how
     input_unread         Main                          last_line
+    run_resumed          Main (--resume)               done, failed, jobs (None: stdin),
+                                                       journal
     fork_refused         Supervisor                    live, size, reason
     table_header         Main
     pool_summary         Main                          type, workers, done, failed, ...
@@ -76,10 +85,12 @@ WORKER_KILLED = "worker_killed"
 GAVE_UP = "gave_up"
 ALL_JOBS_COMPLETED = "all_jobs_completed"
 INTERRUPTED = "interrupted"
+INTERRUPTED_AGAIN = "interrupted_again"
 STOPPING = "stopping"
 GRACE_OVER = "grace_over"
 ROLE_LOST = "role_lost"
 INPUT_UNREAD = "input_unread"
+RUN_RESUMED = "run_resumed"
 FORK_REFUSED = "fork_refused"
 TABLE_HEADER = "table_header"
 POOL_SUMMARY = "pool_summary"

@@ -42,9 +42,11 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from taskpool.observe import events as ev
+from taskpool.observe.shown import Shown, ShownFilter
 from taskpool.posix.proc import write_all
 
 _ROLE_TAGS = {
@@ -74,10 +76,27 @@ dask_log = logging.getLogger("taskpool.dask")
 _worker_pool = ""
 _worker_fields: dict[str, Any] = {}
 _descriptors: set[int] = set()
-# With the text log as the only output (no events file, no live view): where per-job lines
-# go, written by `job_event` without `logging`; -1 when they are below the log's level.
-# None otherwise: they go through `logging`, whose other handlers want the whole record.
-_text_only_fd: int | None = None
+
+
+@dataclass(frozen=True)
+class _JobLines:
+    """Where `job_event` writes the per-job events itself, without `logging`: with no
+    events file, and no live view that shows them as lines (the handlers that want the
+    whole record)."""
+
+    text_fd: int  # the text log; -1 when it does not show them
+    text_level: int
+    live_fd: int | None  # the live view's pipe, for what its progress line counts
+    main_pid: int
+    live_sink: Callable[[dict[str, Any]], None] | None  # the view itself, in main
+
+
+# None: per-job events go through `logging`, as every other event.
+_job_lines: _JobLines | None = None
+# What the live view counts of the per-job events (who holds which job: its running jobs),
+# and all it is sent of one when it shows no per-job line.
+_LIVE_FIELDS = ("job", "worker", "type")
+_LIVE_EVENTS = frozenset({ev.JOB_SENT, ev.JOB_STARTED})  # (outcomes: from main's Recorder)
 
 
 def set_worker_pool(number: int, label: str) -> None:
@@ -121,21 +140,34 @@ def as_event(record: logging.LogRecord, text: str) -> dict[str, Any]:
     return body
 
 
-def job_event(logger: logging.Logger, name: str, msg: str, *args: Any, **data: Any) -> None:
-    """An INFO event that comes once or more per job (a job sent, a result received): one
-    call, as any event, rendered as `logger.info(msg, *args, extra=event(name, **data))`
-    would render it. With the text log alone, its line is written here, without a
-    LogRecord: `logging` costs ~6.6 us a line against ~1.4 us for the write itself
-    (measured with the Dealer's result line), and the Dealer writes two lines a job."""
-    fd = _text_only_fd
-    if fd is None:
-        logger.info(msg, *args, extra=event(name, **data))
+def job_event(logger: logging.Logger, name: str, msg: str, *args: Any,
+              level: int = logging.INFO, **data: Any) -> None:
+    """An event that comes once or more per job (a job sent, started, its result
+    received): one call, as any event, rendered as `logger.log(level, msg, *args,
+    extra=event(name, **data))` would render it. With no events file, its line is written
+    here, without a LogRecord: `logging` costs ~6.6 us a line against ~1.4 us for the write
+    itself (measured with the Dealer's result line), and the Dealer writes two lines a job;
+    the live view is sent only the fields it counts, as a short JSON line."""
+    sinks = _job_lines
+    if sinks is None:
+        if logger.isEnabledFor(level):
+            logger.log(level, msg, *args, extra=event(name, **data))
         return
-    if fd < 0:
-        return
-    line = f"[{_role_tag(logger.name, os.getpid())}] {msg % args}\n"
+    if sinks.text_fd >= 0 and level >= sinks.text_level:
+        line = f"[{_role_tag(logger.name, os.getpid())}] {msg % args}\n"
+        _write_quietly(sinks.text_fd, line.encode("utf-8", "replace"))
+    if sinks.live_fd is not None and name in _LIVE_EVENTS:
+        body = {"event": name, **{key: data[key] for key in _LIVE_FIELDS if key in data}}
+        if sinks.live_sink is not None and os.getpid() == sinks.main_pid:
+            sinks.live_sink(body)
+        else:
+            _write_quietly(sinks.live_fd, json.dumps(body, separators=(",", ":")).encode()
+                           + b"\n")
+
+
+def _write_quietly(fd: int, data: bytes) -> None:
     try:
-        write_all(fd, line.encode("utf-8", "replace"))
+        write_all(fd, data)
     except OSError:
         pass  # a log line must never take a process down (as FdHandler's)
 
@@ -184,10 +216,14 @@ class LiveHandler(JsonlHandler):
     """With the live view on: children write their events as JSON lines to a pipe that
     main reads; main itself hands its own straight to `sink`."""
 
-    def __init__(self, fd: int, main_pid: int, sink: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, fd: int, main_pid: int, sink: Callable[[dict[str, Any]], None],
+                 wants_job_lines: bool = True) -> None:
         super().__init__(fd)
         self.main_pid = main_pid
         self.sink = sink
+        # Whether the view shows the per-job lines (-v, --demo): else job_event sends it
+        # only what it counts, without `logging`.
+        self.wants_job_lines = wants_job_lines
 
     def emit(self, record: logging.LogRecord) -> None:
         if os.getpid() != self.main_pid:
@@ -204,26 +240,38 @@ def setup(
     level: int = logging.INFO,
     events_fd: int | None = None,
     live: LiveHandler | None = None,
+    shown: Shown = Shown.EVERYTHING,
+    stderr_shown: Shown | None = None,
 ) -> None:
-    """Route every taskpool logger: the text log to `fd` at `level`, every event (debug
-    included) to `events_fd`; or, with the live view, everything to `live`, which renders
-    both. Called once in main, before any fork; children inherit the configuration."""
+    """Route every taskpool logger: the text log to `fd` at `level`, what `shown` lets
+    through (observe/shown.py); every event (debug included) to `events_fd`, or, with the
+    live view, to `live`, which renders both the terminal and the events file. With
+    `stderr_shown`, stderr gets the text log too, through that policy (-q with --log: the
+    errors and the summary). Called once in main, before any fork; children inherit the
+    configuration."""
     _skip_what_no_handler_renders()
     root = logging.getLogger("taskpool")
     for handler in list(root.handlers):
         root.removeHandler(handler)
     _descriptors.clear()
-    for handler in _handlers(fd, level, events_fd, live):
+    texts = [] if fd is None else [(fd, shown)]
+    if stderr_shown is not None and fd != 2:
+        texts.append((2, stderr_shown))
+    for handler in _handlers(texts, level, events_fd, live):
         root.addHandler(handler)
         if isinstance(handler, FdHandler):
             _descriptors.add(handler.fd)
-    detailed = live is not None or events_fd is not None
+    # Every event for an events file, or a view that shows every line (it filters them by
+    # its own level); else only the lines shown: a DEBUG line costs its Ack (dealer.py).
+    detailed = events_fd is not None or (live is not None and live.wants_job_lines)
     root.setLevel(logging.DEBUG if detailed else level)
     root.propagate = False
-    global _text_only_fd
-    _text_only_fd = None
-    if not detailed:
-        _text_only_fd = fd if fd is not None and level <= logging.INFO else -1
+    global _job_lines
+    _job_lines = None
+    if events_fd is None and (live is None or not live.wants_job_lines):
+        text_fd = fd if fd is not None and shown is Shown.EVERYTHING else -1
+        _job_lines = _JobLines(text_fd, level, live.fd if live else None, os.getpid(),
+                               live.sink if live else None)
     logging.raiseExceptions = False
 
 
@@ -239,16 +287,19 @@ def _skip_what_no_handler_renders() -> None:
 
 
 def _handlers(
-    fd: int | None, level: int, events_fd: int | None, live: LiveHandler | None
+    texts: list[tuple[int, Shown]], level: int, events_fd: int | None,
+    live: LiveHandler | None,
 ) -> list[logging.Handler]:
-    if live is not None:
-        return [live]
     handlers: list[logging.Handler] = []
-    if fd is not None:
+    for fd, shown in texts:
         text = FdHandler(fd)
         text.setLevel(level)
+        if shown is not Shown.EVERYTHING:
+            text.addFilter(ShownFilter(shown))
         handlers.append(text)
-    if events_fd is not None:
+    if live is not None:
+        handlers.append(live)
+    elif events_fd is not None:
         handlers.append(JsonlHandler(events_fd))
     return handlers
 

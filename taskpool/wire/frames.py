@@ -18,6 +18,7 @@ class FrameType(enum.IntEnum):
     OUTCOMES = 4  # host -> Executor: batch, first, seconds, then the outcomes' pickle
     FAILED = 5  # host -> Executor: calls that ran out of attempts (batch, first, count), why
     STOPPED = 6  # host -> Executor: the pool stopped before its jobs were done, and why
+    LOST = 7  # host -> Executor: a worker died at work (pid, why, calls sent again)
 
 
 _FRAME = struct.Struct("!IB")  # length of the body, FrameType
@@ -95,3 +96,16 @@ def decode_failed(body: bytes) -> tuple[int, int, int, str]:
 
 def encode_stopped(reason: str) -> bytes:
     return encode_frame(FrameType.STOPPED, reason.encode())
+
+
+def encode_lost(pid: int, reason: str, resent: int) -> bytes:
+    body = {"pid": pid, "reason": reason, "resent": resent}
+    return encode_frame(FrameType.LOST, json.dumps(body).encode())
+
+
+def decode_lost(body: bytes) -> tuple[int, str, int]:
+    try:
+        lost = json.loads(body)
+        return lost["pid"], lost["reason"], lost["resent"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"bad Lost frame: {e!r}") from None

@@ -5,19 +5,23 @@ this process, one nanny per worker here too, each worker a spawned process of on
 or connects to one (`--scheduler tcp://HOST:PORT`), submits one Dask task per attempt of a
 job, and hands every outcome to the same Recorder as the local engine. Who does what::
 
-    main thread ──submit(run_job, key=taskpool-R-J-A.T, resources, priority)──> scheduler ──> worker
+    main thread ──map(run_job, keys taskpool-R-J-A.T, resources, priority)──> scheduler ──> worker
          ^                                                                                  │
-         ├── start pipe (our own cluster): a job started, written by its worker <───────────┤
+         ├── start pipe (our own cluster): a job started, its value; written by its worker <┤
          │  inbox (a deque) + one byte on the wake pipe                                     │
-         ├── client's loop thread: a future is done ("done")  <─────────────────────────────┤
-         ├── client's loop thread (--scheduler): a job started <── scheduler <── log_event ─┘
+         ├── client's loop thread: a future is done ("done"), erred, cancelled <────────────┤
+         ├── client's loop thread (--scheduler): a job started, its value <── log_event ────┘
+         ├── client's loop thread (--scheduler): a worker joined or was removed (the
+         │   scheduler's "all" topic: the tasks it held)
          ├── stdin thread: jobs and bad lines read from standard input
-         ├── nanny's log (our own cluster): a worker process exited, and how
+         ├── distributed's log records (any of its threads); the nanny's line (our own
+         │   cluster): a worker process exited, and how
          └── SIGINT/SIGTERM: their number, written to the pipe by signal.set_wakeup_fd
 
 The main thread runs the engines' one loop (core/loop.py) and owns every piece of state
 below (tries, attempts, which job runs where, the Recorder); the other threads only append
-to the inbox (deque.append is atomic) and wake it, so no lock is needed. The pieces:
+to the inbox (deque.append is atomic) and wake it, so no lock is needed (but the one that
+keeps a wake-up from a descriptor closed at the end: post()). The pieces:
 
     engine.py      the loop's duties: submit, read the starts and the inbox, record, stop
     supervisor.py  what a try that erred, a worker's death, a --timeout mean for the job
@@ -36,11 +40,11 @@ of the last one dies too) or before we fetched it (Dask's run again was waiting 
 worker's queue). Which one was running is known for sure on our own cluster: the last one
 its one thread started. A job's start is written by its worker to main's start pipe
 (worker.py) before anything else, as a local worker's ACK, and that pipe is read before
-each death is judged. On a cluster given by --scheduler, starts come as scheduler events,
-which a death can overtake: a job with no start seen is sent again uncharged only if its
-one-thread worker was known to run another job, else charged. There, the cluster's own
-allowed-failures stands: Dask may run a task again by itself before it errs, and each start
-we saw counts.
+each death is judged. On a cluster given by --scheduler, a scheduler plugin gives our own
+tasks the same at-once error (cluster.count_attempts_ourselves), and a loss is judged from
+the scheduler's "remove-worker" event, which lists the tasks the worker held: those it had
+told us it started, and for its threads left over the ones it would have run first (a start
+sent as an event can die with its worker), were running (state.Tries.running_on).
 
 A job's result is recorded once: the Recorder keeps the first outcome of a job id and drops
 any other, and every try of a job has its own key, so a late result of an abandoned try

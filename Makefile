@@ -68,8 +68,16 @@ soak: $(STAMP)
 # Bytecode first, as `pip install` leaves it: an editable install under
 # PYTHONDONTWRITEBYTECODE (set in this dev machine) recompiles every module of ours at each
 # start, 30-40 ms of every CLI run timed.
+# GNU parallel (Debian's `parallel`) is a peer of the commands' bench: installed here when
+# this is root with apt-get, else its row says it was skipped.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
+	@command -v parallel >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null 2>&1 && export DEBIAN_FRONTEND=noninteractive \
+	  && { apt-get install -y -qq parallel >/dev/null 2>&1 \
+	       || { apt-get update -qq >/dev/null 2>&1 \
+	            && apt-get install -y -qq parallel >/dev/null 2>&1; }; }; } \
+	  || echo "bench: GNU parallel is not installed and cannot be (needs root and apt-get): its row is skipped"
 	$(PY) -m compileall -q taskpool
 	$(PY) bench/bench.py
 

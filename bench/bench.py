@@ -11,7 +11,8 @@ two limits (a posix_ipc ping-pong, an in-process Executor); a CPU-bound batch's 
 crash-recovery latency over 200 kills; start-up and memory of 64 workers; the makespan of
 typed pools on sleep workloads; the per-job overhead of the two engines of `taskpool run`
 (local and, with the dask extra, Dask) on no-op and fib jobs; what watching a run on a
-terminal costs. The measurements are in peers.py, engines.py and terminal.py.
+terminal costs; 2,000 `true` commands through `taskpool run --cmd` against xargs -P and GNU
+parallel. The measurements are in peers.py, engines.py, terminal.py and commands.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REPEATS = 3
 ROUNDS = 5  # of the dispatch measurements, each pool once a round
 BULK_ITEMS = 1_000_000  # through map: Executor.map against multiprocessing.Pool.map
 KILLS = 200
+COMMANDS = 2000
 
 
 def cli_jobs_per_second(workdir: Path, journal: bool) -> tuple[float, float]:
@@ -108,6 +110,7 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 
 
 def main() -> None:
+    import commands
     import dask_cluster
     import engines
     import peers
@@ -182,6 +185,8 @@ def main() -> None:
     engine_table = engines.overhead_table()
     print("terminal...", file=sys.stderr)
     terminal_table = terminal.terminal_table()
+    print("commands...", file=sys.stderr)
+    command_table = commands.commands_table(COMMANDS, 2, ROUNDS)
     print("dask on a real cluster...", file=sys.stderr)
     dask_table = (dask_cluster.overhead_table() if "dask" in engines.available_engines()
                   else "(not measured: no dask extra)")
@@ -282,8 +287,15 @@ def main() -> None:
         "",
         terminal_table,
         "",
-        "Command: `make bench` (the engines' table alone: `python bench/engines.py`; the "
-        "terminal's: `python bench/terminal.py`).",
+        f"Commands: {COMMANDS:,} `true` commands on 2 workers, one a line of input, each "
+        "tool's whole command timed (start-up included); the tools in turn, round after "
+        f"round, {ROUNDS} rounds: the median and the range. Targets: taskpool at least "
+        "xargs's commands/s, and at least 4x GNU parallel's.",
+        "",
+        command_table,
+        "",
+        "Command: `make bench` (alone: the engines' table `python bench/engines.py`, the "
+        "terminal's `python bench/terminal.py`, the commands' `python bench/commands.py`).",
         "",
         "`--engine dask --scheduler` against raw Dask on the same real cluster (a `dask "
         "scheduler` and `dask worker` processes): the wall time of one more no-op job, "

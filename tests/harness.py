@@ -123,6 +123,7 @@ class PoolRun:
         user: int | None = None,
         command_name: str = "run",
         events: Path | None = None,
+        stdout: Path | None = None,
     ) -> None:
         command = [sys.executable, "-m", "taskpool", command_name, *args]
         if events is not None:
@@ -141,15 +142,18 @@ class PoolRun:
         watch = FileWatch(events) if events is not None else None
         # Written once by the log reader when the log ends, to wake the events reader.
         self._log_ended_r, self._log_ended_w = os.pipe() if events is not None else (-1, -1)
+        out = stdout.open("wb") if stdout is not None else None  # the jobs' output, if kept
         self.proc = subprocess.Popen(
             command,
             cwd=ROOT,
             stdin=subprocess.PIPE if (stdin is not None or pipe_stdin) else subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if out is None else out,
             stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
+        if out is not None:
+            out.close()  # the run has its own copy
         RUNS.append(self)
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -383,6 +387,14 @@ def assert_exactly_once(records: list[dict[str, Any]], job_ids: range | Sequence
     assert not doubled, f"results recorded more than once: {sorted(doubled)}"
     assert sorted(ids) == sorted(job_ids), (
         f"missing {sorted(set(job_ids) - set(ids))}, unexpected {sorted(set(ids) - set(job_ids))}")
+
+
+def results_by_job(path: Path) -> dict[int, dict[str, Any]]:
+    """A results file's records by job id, each job recorded once (asserted)."""
+    records = read_results(path)
+    doubled = {i for i, n in Counter(r["job"] for r in records).items() if n > 1}
+    assert not doubled, f"results recorded more than once: {sorted(doubled)}"
+    return {r["job"]: r for r in records}
 
 
 def assert_done_right(records: list[dict[str, Any]]) -> None:

@@ -33,8 +33,9 @@ def test_a_bad_job_file_lists_every_bad_line_runs_nothing_and_exits_2(tmp_path: 
     assert proc.stderr.splitlines() == [
         f"taskpool: {jobs}:2: fib argument 99 is out of range 0..45",
         f"taskpool: {jobs}:4: sleep argument -2 must be a finite number >= 0",
-        f"taskpool: {jobs}:6: unknown job kind 'work' (expected 'fib N', "
-        "'sleep SECONDS', 'alloc MB', 'crash' or '<job_type> <duration> [priority]')",
+        f"taskpool: {jobs}:6: unknown job kind 'work' (expected 'sh COMMAND', "
+        "'exec PROGRAM [ARGS]', 'call module:function [ARGS]', 'fib N', 'sleep SECONDS', "
+        "'alloc MB', 'crash' or '<job_type> <duration> [priority]')",
         f"taskpool: {jobs}: 3 bad line(s); nothing was run",
     ]
     assert "Traceback" not in proc.stderr

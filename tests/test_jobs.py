@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from taskpool.core.jobfile import LineError, parse_lines, read_job_file
+from taskpool.core.jobfile import (
+    LineError,
+    command_job,
+    parse_job_text,
+    parse_lines,
+    read_job_file,
+)
 from taskpool.core.stdin import stdin_lines
-from taskpool.model.jobs import FIB_MAX, PRIORITY_MAX, SLEEP_MAX, Job, JobKind
+from taskpool.model.jobs import FIB_MAX, PRIORITY_MAX, SLEEP_MAX, Job, JobKind, job_digest
 from taskpool.model.pools import PoolLayout, PoolSpecError
 
 from harness import stdin_in_pieces
@@ -63,7 +69,8 @@ def test_read_job_file_lists_every_bad_line(tmp_path: Path) -> None:
     assert [j.job_id for j in jobs] == [1, 2]
     assert [str(e) for e in errors] == [
         f"{path}:2: fib takes one argument, got 0",
-        f"{path}:4: unknown job kind 'bogus' (expected 'fib N', 'sleep SECONDS', 'alloc MB', "
+        f"{path}:4: unknown job kind 'bogus' (expected 'sh COMMAND', 'exec PROGRAM [ARGS]', "
+        "'call module:function [ARGS]', 'fib N', 'sleep SECONDS', 'alloc MB', "
         "'crash' or '<job_type> <duration> [priority]')",
     ]
 
@@ -162,3 +169,22 @@ def test_stdin_lines_are_whole_lines_however_the_reads_cut_them() -> None:
         lines = list(stdin_lines(before_read=before_read))
     assert lines == ["fib 1\n", "fib 2\n", "sleep 0\n", "\n", "\ufffd x\n",
                      "y" * 60000 + "z\n", "sleep 1\n", "sleep 2\n", "\n", "\n", "last"]
+
+
+def test_options_come_before_a_command_and_the_rest_of_the_line_is_the_command() -> None:
+    layout = PoolLayout.parse(["1", "2"])
+    parsed = parse_job_text("timeout=5 type=2 priority=3 sh echo type=9 # kept\n", layout)
+    assert parsed is not None and not isinstance(parsed, str)
+    assert (parsed.kind.label, parsed.timeout, parsed.pool, parsed.priority, parsed.text) == \
+        ("sh", 5.0, 2, 3, "echo type=9 # kept")
+    both = [parse_job_text(line, layout) for line in ("fib 10 type=2", "type=2 fib 10")]
+    assert both[0] == both[1] and not isinstance(both[0], str)
+    assert parse_job_text("sh true", layout) == \
+        "no pool is named for sh jobs: add type=T to the line, or name a pool sh=N"
+    assert parse_job_text("FOO=1 sh true", layout) == \
+        "unknown option 'foo' (expected timeout=SECONDS, type=T or priority=P)"
+
+
+def test_a_changed_command_is_another_job_to_the_journal() -> None:
+    assert job_digest(command_job(1, "gzip a")) == job_digest(command_job(1, " gzip a "))
+    assert job_digest(command_job(1, "gzip a")) != job_digest(command_job(1, "gzip b"))

@@ -13,8 +13,10 @@ from taskpool.core.supervision import (
     StartBackoff,
     Verdict,
     after_death,
+    after_failure,
+    halt_due,
 )
-from taskpool.model.policy import SupervisionPolicy
+from taskpool.model.policy import HaltPolicy, SupervisionPolicy
 
 KILLED = signal.SIGKILL  # a raw wait status of a death by SIGKILL is the signal number
 
@@ -167,3 +169,64 @@ def test_a_pool_gives_up_only_with_no_worker_for_a_while(
     backoff = StartBackoff(give_up_after=30)
     backoff.refused(since)
     assert backoff.gives_up(now, stranded) == gives_up
+
+
+# --- jobs of real work: a command's crash, and failures that are no crash ------------------
+
+COMMAND_KILLED = Death.of(Cause.COMMAND_KILLED, signal=9, name="SIGKILL")
+EXITED_NONZERO = Death.of(Cause.EXITED_NONZERO, status=3)
+CALL_RAISED = Death.of(Cause.CALL_RAISED, error="ValueError: bad size")
+
+
+def test_a_command_killed_by_a_signal_is_a_crash_charged_an_attempt() -> None:
+    assert COMMAND_KILLED.reason == "its command was killed by signal 9 (SIGKILL)"
+    policy = SupervisionPolicy(max_attempts=2)
+    assert after_death(COMMAND_KILLED, 0, policy).verdict is Verdict.RESEND
+    assert after_death(COMMAND_KILLED, 1, policy).verdict is Verdict.FAIL
+
+
+@pytest.mark.parametrize(("failure", "reason"), [
+    (EXITED_NONZERO, "exit status 3"), (CALL_RAISED, "ValueError: bad size")])
+@pytest.mark.parametrize(("retry_failed", "runs_before", "stopping", "verdict"), [
+    (0, 0, False, Verdict.FAIL),  # the default: failed at once, never run again
+    (2, 0, False, Verdict.RESEND),
+    (2, 1, False, Verdict.RESEND),
+    (2, 2, False, Verdict.FAIL),  # its retries used up
+    (2, 0, True, Verdict.FAIL),  # nothing runs again while the pool stops
+])
+def test_a_job_that_ran_and_failed_runs_again_only_on_request(
+        failure: Death, reason: str, retry_failed: int, runs_before: int, stopping: bool,
+        verdict: Verdict) -> None:
+    assert failure.cause.rule.failed and not failure.charges_attempt
+    assert failure.reason == reason
+    decision = after_failure(failure, runs_before, SupervisionPolicy(retry_failed=retry_failed),
+                             stopping=stopping)
+    assert (decision.verdict, decision.failed_attempts) == (verdict, runs_before + 1)
+
+
+@pytest.mark.parametrize(("text", "failed", "jobs", "halts"), [
+    ("never", 100, 100, False),
+    ("now,fail=1", 0, 10, False),
+    ("now,fail=1", 1, 10, True),
+    ("soon,fail=3", 2, 10, False),
+    ("soon,fail=3", 3, 10, True),
+    ("now,fail=50%", 1, 4, False),
+    ("now,fail=50%", 2, 4, True),
+    ("soon,fail=10%", 1, 25, False),  # 10% of 25 is 2.5: three failures halt
+    ("soon,fail=10%", 3, 25, True),
+    ("now,fail=1%", 1, 3, True),  # at least one failure, however few the jobs
+])
+def test_halt_is_due_after_n_or_p_percent_failures(
+    text: str, failed: int, jobs: int, halts: bool,
+) -> None:
+    halt = halt_due(HaltPolicy.parse(text), failed, jobs)
+    assert (halt is not None) == halts
+    if halt is not None:
+        assert (halt.failed, halt.jobs) == (failed, jobs)
+
+
+@pytest.mark.parametrize(("text", "when", "kills"), [
+    ("soon,fail=2", "soon", False), ("now,fail=2", "now", True), ("never", "never", False)])
+def test_halt_policy_reads_gnu_parallels_form(text: str, when: str, kills: bool) -> None:
+    policy = HaltPolicy.parse(text)
+    assert (policy.when, policy.kills_running, policy.describe()) == (when, kills, text)

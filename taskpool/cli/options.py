@@ -23,6 +23,7 @@ from taskpool.model.policy import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_RESTART_WINDOW,
+    HaltPolicy,
 )
 
 MAX_WORKERS = 512
@@ -104,6 +105,13 @@ def _fault(text: str) -> InjectedFault:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _halt(text: str) -> HaltPolicy:
+    try:
+        return HaltPolicy.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _pool_items(text: str) -> list[str]:
     return [item for item in text.split(",") if item.strip()]
 
@@ -154,6 +162,11 @@ def _add_run_command(commands: Any) -> None:
                          help="typed pools instead of one: worker counts per job type, "
                               "'1,3,1' (types 1..3), or named for a job kind, 'fib=2,sleep=1'; "
                               "the same as 'taskpool dispatch'")
+    run_cmd.add_argument("--cmd", metavar="TEMPLATE",
+                         help="each input line is data for one sh command: TEMPLATE with {} "
+                              "the whole line, {1} {2} ... its fields, {#} the job id, each "
+                              "quoted for the shell ('gzip -9 {}'; no {}: the line is "
+                              "appended)")
     _add_run_options(run_cmd, dispatch=False)
 
 
@@ -169,7 +182,7 @@ def _add_dispatch_command(commands: Any) -> None:
                               help="workers of job type 1, 2, ... (or KIND=COUNT)")
     _add_run_options(dispatch_cmd, dispatch=True)
     # What `run` has flags for and dispatch has not: its pools come from COUNT.
-    dispatch_cmd.set_defaults(demo=False, workers=None)
+    dispatch_cmd.set_defaults(demo=False, workers=None, cmd=None)
 
 
 def _add_run_options(run_cmd: argparse.ArgumentParser, dispatch: bool) -> None:
@@ -233,6 +246,9 @@ def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:
     run_cmd.add_argument("--results", metavar="OUT.jsonl",
                          help="write one JSON object per job as it is recorded; '-': to "
                               "standard output")
+    run_cmd.add_argument("--output-dir", metavar="DIR",
+                         help="keep each sh/exec/call job's output as DIR/<job>.out and "
+                              "DIR/<job>.err (created if missing) instead of printing it")
     run_cmd.add_argument("--log", metavar="FILE",
                          help="write the whole log here instead of stderr (on a terminal, the "
                               "progress line stays)")
@@ -275,6 +291,17 @@ def _add_supervision_options(run_cmd: argparse.ArgumentParser) -> None:
     policy.add_argument("--max-memory", type=_megabytes, metavar="MB",
                         help="cap each worker's address space; a job that exceeds it fails "
                              "the attempt with reason 'memory limit' (default: none)")
+    policy.add_argument("--halt", type=_halt, metavar="WHEN,fail=N",
+                        help="stop the run once N jobs (or P%%: fail=P%%) have failed, as GNU "
+                             "parallel's --halt: soon takes no new job and lets the running "
+                             "ones finish, now also stops them; the rest are not_done, exit 1 "
+                             "(default: never)")
+    policy.add_argument("--retry-failed", type=_count(1, ATTEMPTS_MAX), nargs="?", const=1,
+                        metavar="N",
+                        help="run a job that failed (a non-zero exit status, an exception; "
+                             "not a crash) up to N more times (default 1 with the flag, else "
+                             "0); with --resume, also run again the jobs the journal has as "
+                             "failed")
 
 
 def _add_journal_options(run_cmd: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -36,16 +37,18 @@ from taskpool.core.journal import Journal, JournalError
 from taskpool.core.stdin import GeneratorInput
 from taskpool.model.exits import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE
 from taskpool.model.faults import CrashPlan, Step
-from taskpool.model.jobs import Job, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.outcome import JobRecord
 from taskpool.model.policy import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RESTARTS,
     DEFAULT_RESTART_WINDOW,
+    HaltPolicy,
     SupervisionPolicy,
 )
 from taskpool.model.pools import PoolLayout, PoolSpec, PoolSpecError
+from taskpool.model.template import CommandTemplate, TemplateError
 from taskpool.observe import log as tplog
 from taskpool.observe.log import main_log
 from taskpool.observe.shown import Shown
@@ -72,12 +75,17 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     source = _load_jobs(args, parser, layout)
     if source is None:
         return EXIT_BAD_INPUT
+    source = dataclasses.replace(source, refuse_commands=_commands_refused(args))
+    if not _commands_allowed(args.jobs, source):
+        return EXIT_BAD_INPUT
     journaled = None
     if args.journal is not None:
         journaled = _open_journal(args, source)
         if journaled is None:
             return EXIT_BAD_INPUT
         source = journaled.source
+    if not _check_output_dir(args):
+        return EXIT_BAD_INPUT
     outputs = _open_outputs(args)
     if outputs is None:
         return EXIT_BAD_INPUT
@@ -95,6 +103,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         live_fd=live_fd,
         scheduler=args.scheduler,
         connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+        output_dir=args.output_dir,
         dask_wait=DEFAULT_DASK_WAIT if args.dask_wait is None else args.dask_wait,
         started_at=getattr(args, "started_at", None),
     )
@@ -221,8 +230,8 @@ def _load_jobs(
 ) -> GeneratorInput | None:
     """The validated job list, or None after printing why nothing can run."""
     if args.demo:
-        if args.jobs is not None:
-            parser.error("--demo brings its own jobs: drop --jobs")
+        if args.jobs is not None or args.cmd is not None:
+            parser.error("--demo brings its own jobs: drop --jobs and --cmd")
         return GeneratorInput(
             [Job(i, JobKind.FIB, n) for i, n in enumerate(DEMO_FIB_ARGS, start=1)], layout)
     if (args.jobs is None or args.jobs == "-") and sys.stdin is None:
@@ -232,15 +241,31 @@ def _load_jobs(
         parser.print_usage(sys.stderr)
         error("no jobs: give --jobs FILE, or pipe jobs into standard input")
         return None
+    template = _template(args, parser, layout)
     if args.jobs is None or args.jobs == "-":
-        return GeneratorInput(None, layout)
-    return _read_job_file(args.jobs, layout)
+        return GeneratorInput(None, layout, template=template)
+    return _read_job_file(args.jobs, layout, template)
 
 
-def _read_job_file(path: str, layout: PoolLayout) -> GeneratorInput | None:
+def _template(args: argparse.Namespace, parser: argparse.ArgumentParser,
+              layout: PoolLayout) -> CommandTemplate | None:
+    """--cmd's template, checked; None without --cmd."""
+    if args.cmd is None:
+        return None
+    if isinstance(layout.pool_for_kind(JobKind.SH), str):
+        parser.error("--cmd makes sh jobs, and no pool is named for them: name one sh=N "
+                     "in --pools")
+    try:
+        return CommandTemplate.parse(args.cmd)
+    except TemplateError as e:
+        parser.error(f"--cmd: {e}")
+
+
+def _read_job_file(path: str, layout: PoolLayout,
+                   template: CommandTemplate | None = None) -> GeneratorInput | None:
     """The jobs of the file, each line checked; None after printing every bad line."""
     try:
-        jobs, errors = read_job_file(path, layout)
+        jobs, errors = read_job_file(path, layout, template)
     except OSError as e:
         error(f"{path}: cannot read: {e.strerror}")
         return None
@@ -249,7 +274,32 @@ def _read_job_file(path: str, layout: PoolLayout) -> GeneratorInput | None:
     if errors:
         error(f"{path}: {len(errors)} bad line(s); nothing was run")
         return None
-    return GeneratorInput(jobs, layout)
+    return GeneratorInput(jobs, layout, template=template)
+
+
+def _commands_refused(args: argparse.Namespace) -> str | None:
+    """Why this run cannot take sh, exec and call jobs, if it cannot: the Dask engine does
+    not run them yet (its workers would fail them one by one); and with --results - their
+    output would mix with the results on standard output."""
+    if args.engine == "dask":
+        return "--engine dask does not run sh, exec and call jobs yet: run them on the local engine"
+    if args.results == "-" and args.output_dir is None:
+        return ("with --results -, a command's output would mix with the results on standard "
+                "output: keep it in files with --output-dir DIR")
+    return None
+
+
+def _commands_allowed(path: str | None, source: GeneratorInput) -> bool:
+    """False after naming the first command of a job file this run cannot take (standard
+    input's are refused line by line: core/stdin.py)."""
+    if source.refuse_commands is None or source.jobs is None:
+        return True
+    command = next((job for job in source.jobs if job.kind in COMMAND_KINDS), None)
+    if command is None:
+        return True
+    error(f"{path}:{command.line}: {source.refuse_commands}")
+    error(f"{path}: nothing was run")
+    return False
 
 
 @dataclass(frozen=True)
@@ -280,6 +330,11 @@ def _open_journal(args: argparse.Namespace, source: GeneratorInput) -> Journaled
 def _journaled(journal: Journal, args: argparse.Namespace,
                source: GeneratorInput) -> Journaled:
     resumed = journal.outcomes() if args.resume else {}
+    if args.resume and args.retry_failed:
+        resumed = journal.failed_to_run_again(resumed)
+        if journal.rerunning:
+            main_log.info("Resuming: running again the %d jobs the journal has as failed "
+                          "(--retry-failed)", len(journal.rerunning))
     if source.jobs is not None:
         if args.resume and not args.force_resume:
             difference = journal.first_difference(source.jobs, args.jobs or "<demo>")
@@ -290,11 +345,27 @@ def _journaled(journal: Journal, args: argparse.Namespace,
             journal.add_job(job)
         journal.commit()  # every job is journaled before any runs
     journal_digests = {job: entry[0] for job, entry in journal.jobs().items()}
-    source = GeneratorInput(source.jobs, source.layout, frozenset(resumed), journal_digests)
+    source = dataclasses.replace(source, done=frozenset(resumed),
+                                 journal_digests=journal_digests)
     return Journaled(journal, source, resumed)
 
 
 # --- Outputs and the log ----------------------------------------------------------------
+
+def _check_output_dir(args: argparse.Namespace) -> bool:
+    """--output-dir, made if missing."""
+    if args.output_dir is None:
+        return True
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        error(f"{args.output_dir}: cannot make the output directory: {e.strerror}")
+        return False
+    if not os.access(args.output_dir, os.W_OK | os.X_OK):
+        error(f"{args.output_dir}: cannot write the output directory")
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class Outputs:
@@ -422,4 +493,6 @@ def _policy(args: argparse.Namespace, workers: int) -> SupervisionPolicy:
         grace=args.grace,
         max_tasks_per_child=args.max_tasks_per_child,
         max_memory_mb=args.max_memory,
+        halt=args.halt or HaltPolicy(),
+        retry_failed=args.retry_failed or 0,
     )

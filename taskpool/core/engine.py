@@ -55,6 +55,8 @@ class RunConfig:
     live_fd: int | None = None  # ...the read end of the children's event pipe
     scheduler: str | None = None  # dask: an existing cluster's address; None: start one
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # dask: seconds to reach `scheduler`
+    # --output-dir: each job's output kept as DIR/<job>.out and .err; None: printed
+    output_dir: str | None = None
     dask_wait: float = DEFAULT_DASK_WAIT  # dask: seconds `scheduler` may have no worker
     # When the command started (time.monotonic()): the summary's wall time counts from it,
     # so that it covers what comes before the engine (importing distributed, say).

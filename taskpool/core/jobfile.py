@@ -1,13 +1,25 @@
 """The job file format: each line of text to a Job, or the reason it is bad.
 
-A job file has one job a line, in either of two forms. The core's::
+A job file has one job a line, in either of two forms. The core's, real work::
+
+    sh gzip -9 data/part-001.csv     # a shell command: the rest of the line, /bin/sh -c
+    exec convert in.png out.jpg      # a program, its words split as a shell would, no shell
+    call mypkg.tasks:resize "in.png" 640   # a Python function, JSON arguments
+    timeout=60 type=2 priority=5 sh make -C src   # options first, then the kind
+
+and the demonstration loads::
 
     fib 30          # naive-recursive fib(N), the CPU-bound load
     sleep 0.5       # sleep for SECONDS, the waiting load
     alloc 200       # allocate and touch MB megabytes (to meet --max-memory)
     crash           # kill the worker with SIGSEGV (a poison job, for testing)
     sleep 10 timeout=2   # any job: its own timeout in seconds, overriding --timeout
-    fib 30 type=2 priority=5   # any job: its pool (job type) and priority
+    fib 30 type=2 priority=5   # a demo job's options may also follow it
+    timeout=2 sleep 10   # ...or come first, as for every kind
+
+Options (`timeout=`, `type=`, `priority=`) come before the kind; for sh, exec and call
+everything after the kind is the command, `sh echo type=2` included, and a `#` in it is
+the command's (the shell's comment, exec's and call's too; docs/JOBS.md).
 
 and seed 000's typed form, a sleep of DURATION seconds on a worker of type TYPE::
 
@@ -17,6 +29,8 @@ and seed 000's typed form, a sleep of DURATION seconds on a worker of type TYPE:
 A line whose first word is a number is a typed line. Which pool a core line goes to is
 `PoolLayout.pool_for_kind` (see model/pools.py). Priorities are 0 (the default) to PRIORITY_MAX,
 higher first; they travel as the POSIX queue's own message priority.
+
+With `--cmd TEMPLATE` every line is data instead, for one sh job (model/template.py).
 
 Blank lines and ``#`` comments are ignored. Job ids are 1-based, in input order of the
 accepted jobs. Parsing never raises for bad input: it returns a `LineError` that names the
@@ -31,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from taskpool.model.commands import CommandError, call_spec, exec_argv, shell_text
 from taskpool.model.jobs import (
     ALLOC_MAX_MB,
     FIB_MAX,
@@ -41,6 +56,7 @@ from taskpool.model.jobs import (
     JobKind,
     whole_number,
 )
+from taskpool.model.template import CommandTemplate, TemplateError
 
 if TYPE_CHECKING:
     from taskpool.model.pools import PoolLayout
@@ -68,6 +84,7 @@ class ParsedLine:
     timeout: float | None
     pool: int
     priority: int
+    text: str = ""  # a command's (sh, exec, call): the rest of the line after its kind
 
 
 @dataclass
@@ -154,31 +171,109 @@ def too_long(text: str) -> bool:
     return len(text) > LINE_MAX // 4 and len(text.encode("utf-8", "replace")) > LINE_MAX
 
 
+# A line's leading options and the word after them, its kind: `timeout=5 type=2 sh ...`.
+_LEADING = re.compile(r"\s*((?:[A-Za-z_]+=\S*\s+)*)(\S+)")
+_COMMAND_WORDS = {"sh": JobKind.SH, "exec": JobKind.EXEC, "call": JobKind.FUNCTION}
+
+
 def parse_job_text(text: str, layout: PoolLayout) -> ParsedLine | str | None:
     """Parse one line's text; None for a blank or comment line, or the reason it is bad."""
     if too_long(text):
         return f"the line is longer than {LINE_MAX} bytes"
+    leading = _LEADING.match(text)
+    if leading is not None and leading.group(2).lower() in _COMMAND_WORDS:
+        kind = _COMMAND_WORDS[leading.group(2).lower()]
+        return _parse_command(kind, leading.group(1).split(), text[leading.end():], layout)
     body = text.split("#", 1)[0].strip()
     if not body:
         return None
     words = body.split()
-    if _is_number(words[0]):
+    # The kind is the first word that is no option: options may come before it or after.
+    at = next((i for i, word in enumerate(words) if "=" not in word), 0)
+    if _is_number(words[at]):
         return _parse_typed(words, layout)
-    options = _parse_options(words[1:])
+    options = _parse_options(words[:at] + words[at + 1:])
     if isinstance(options, str):
         return options
     args, opts = options
-    parsed = _parse_kind(words[0], args)
+    parsed = _parse_kind(words[at], args)
     if isinstance(parsed, str):
         return parsed
     kind, arg = parsed
+    pool = _pool_of(kind, opts, layout)
+    if isinstance(pool, str):
+        return pool
+    return ParsedLine(kind, arg, opts.timeout, pool, opts.priority or 0)
+
+
+def parse_templated(text: str, template: CommandTemplate, job_id: int,
+                    layout: PoolLayout) -> ParsedLine | str | None:
+    """One input line of --cmd: the sh job it makes (job `job_id`), None for a blank
+    line, or why it makes none. The whole line is data: no options, no comments."""
+    if too_long(text):
+        return f"the line is longer than {LINE_MAX} bytes"
+    line = text.rstrip("\n")
+    if not line.strip():
+        return None
+    try:
+        command = template.fill(line, job_id).strip()
+        check_command(JobKind.SH, command)
+    except (TemplateError, CommandError) as e:
+        return str(e)
+    pool = layout.pool_for_kind(JobKind.SH)
+    if isinstance(pool, str):
+        return pool
+    return ParsedLine(JobKind.SH, 0, None, pool, 0, command)
+
+
+def _pool_of(kind: JobKind, opts: _Options, layout: PoolLayout) -> int | str:
+    """The job's pool: its type=, or the pool for its kind; or why it has none."""
     pool = opts.pool if opts.pool is not None else layout.pool_for_kind(kind)
     if isinstance(pool, str):
         return pool
-    why_not = layout.check_type(pool)
-    if why_not is not None:
-        return why_not
-    return ParsedLine(kind, arg, opts.timeout, pool, opts.priority or 0)
+    return layout.check_type(pool) or pool
+
+
+def check_command(kind: JobKind, command: str) -> None:
+    """Raise CommandError (its text the reason) if `command` cannot run as a `kind` job."""
+    if kind is JobKind.SH:
+        shell_text(command)
+    elif kind is JobKind.EXEC:
+        exec_argv(command)
+    elif kind is JobKind.FUNCTION:
+        call_spec(command)
+    else:
+        raise CommandError(f"{kind.label} is not a kind of command")
+
+
+def command_job(job_id: int, command: str, kind: JobKind = JobKind.SH, *,
+                timeout: float | None = None, pool: int = 1, priority: int = 0,
+                line: int = 0) -> Job:
+    """A Job of real work (sh by default) from its command text, checked as a job file's
+    line is; CommandError (its text the reason a line reports) if it cannot run. Its id,
+    pool and line are the caller's to give (ids 1-based, in input order)."""
+    command = command.strip()
+    check_command(kind, command)
+    return Job(job_id, kind, 0, timeout, pool, priority, line=line, payload=command.encode())
+
+
+def _parse_command(kind: JobKind, option_words: list[str], rest: str,
+                   layout: PoolLayout) -> ParsedLine | str:
+    """A line of real work: its leading options, and the command after its kind, checked
+    as the worker will read it."""
+    options = _parse_options(option_words)
+    if isinstance(options, str):
+        return options
+    _, opts = options
+    command = rest.strip()
+    try:
+        check_command(kind, command)
+    except CommandError as e:
+        return str(e)
+    pool = _pool_of(kind, opts, layout)
+    if isinstance(pool, str):
+        return pool
+    return ParsedLine(kind, 0, opts.timeout, pool, opts.priority or 0, command)
 
 
 def _parse_typed(words: list[str], layout: PoolLayout) -> ParsedLine | str:
@@ -255,36 +350,44 @@ def _parse_kind(word: str, args: list[str]) -> tuple[JobKind, Arg] | str:
         if isinstance(seconds, str):
             return seconds
         return JobKind.SLEEP, seconds
-    return (f"unknown job kind {word!r} (expected 'fib N', 'sleep SECONDS', 'alloc MB', "
-            "'crash' or '<job_type> <duration> [priority]')")
+    return (f"unknown job kind {word!r} (expected 'sh COMMAND', 'exec PROGRAM [ARGS]', "
+            "'call module:function [ARGS]', 'fib N', 'sleep SECONDS', 'alloc MB', 'crash' or "
+            "'<job_type> <duration> [priority]')")
 
 
 def parse_lines(
-    lines: Iterable[str], source: str, layout: PoolLayout, first_id: int = 1
+    lines: Iterable[str], source: str, layout: PoolLayout, first_id: int = 1,
+    template: CommandTemplate | None = None,
 ) -> Iterator[Job | LineError]:
-    """Yield a Job for each accepted line and a LineError for each bad one, in order.
+    """Yield a Job for each accepted line and a LineError for each bad one, in order. With
+    a `template` (--cmd), each line is data for an sh job (model/template.py).
 
     Ids count accepted jobs only, so a skipped bad line on stdin does not leave a hole."""
     next_id = first_id
     for number, text in enumerate(lines, start=1):
-        parsed = parse_job_text(text, layout)
+        if template is None:
+            parsed = parse_job_text(text, layout)
+        else:
+            parsed = parse_templated(text, template, next_id, layout)
         if parsed is None:
             continue
         if isinstance(parsed, str):
             yield LineError(source, number, parsed)
             continue
         yield Job(next_id, parsed.kind, parsed.arg, parsed.timeout, parsed.pool,
-                  parsed.priority, line=number)
+                  parsed.priority, line=number, payload=parsed.text.encode())
         next_id += 1
 
 
-def read_job_file(path: str, layout: PoolLayout) -> tuple[list[Job], list[LineError]]:
-    """Validate a whole job file. The caller runs nothing if any error comes back."""
+def read_job_file(path: str, layout: PoolLayout, template: CommandTemplate | None = None,
+                  ) -> tuple[list[Job], list[LineError]]:
+    """Validate a whole job file (with --cmd's `template`: its lines are data). The caller
+    runs nothing if any error comes back."""
     jobs: list[Job] = []
     errors: list[LineError] = []
     # utf-8-sig: a byte-order mark (some editors write one) is no part of line 1.
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for item in parse_lines(_bounded_lines(f), path, layout):
+        for item in parse_lines(_bounded_lines(f), path, layout, template=template):
             if isinstance(item, LineError):
                 errors.append(item)
             else:

@@ -23,8 +23,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from taskpool.model.jobs import Job, JobKind, job_digest
-from taskpool.model.outcome import JobRecord
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind, job_digest, kind_of_label
+from taskpool.model.outcome import JobRecord, Status
 
 SCHEMA_VERSION = "2"  # 2 added jobs.pool and jobs.priority (typed pools)
 
@@ -52,7 +52,12 @@ class JournalError(Exception):
 
 
 def describe(job: Job) -> str:
-    return _describe(job.kind.label, job.arg, job.timeout, job.pool, job.priority)
+    return _describe(job.kind.label, _arg_text(job), job.timeout, job.pool, job.priority)
+
+
+def _arg_text(job: Job) -> str:
+    """A job's arg column: a command's text, any other job's repr(arg)."""
+    return job.text if job.kind in COMMAND_KINDS else repr(job.arg)
 
 
 def _describe(kind: str, arg: object, timeout: float | None, pool: int, priority: int) -> str:
@@ -76,6 +81,11 @@ class Journal:
         self.lock_fd = lock_fd
         self.pending_jobs: list[Job] = []
         self.pending_outcomes: list[JobRecord] = []
+        # --resume --retry-failed: the jobs the journal has as failed that this run runs
+        # again. Their new outcome replaces the old one as its batch commits; until then
+        # the old one stands, so a run killed meanwhile still resumes from a whole record.
+        # Every other outcome is written once, never replaced.
+        self.rerunning: frozenset[int] = frozenset()
 
     @classmethod
     def open(cls, path: str, resume: bool, *, for_run: bool = True) -> Journal:
@@ -173,8 +183,7 @@ class Journal:
         rows = self.db.execute(
             "SELECT job, kind, arg, timeout, line, pool, priority FROM jobs ORDER BY job")
         try:
-            return {job: Job(job, JobKind[kind.upper()], _arg(kind, arg), timeout, pool,
-                             priority, line=line)
+            return {job: _job(job, kind, arg, timeout, pool, priority, line)
                     for job, kind, arg, timeout, line, pool, priority in rows}
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise JournalError(f"{self.path}: not a usable taskpool journal (a job cannot be "
@@ -239,13 +248,22 @@ class Journal:
             self.db.execute("BEGIN")
             self.db.executemany(
                 "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(j.job_id, j.kind.label, repr(j.arg), j.timeout, j.line, job_digest(j),
+                [(j.job_id, j.kind.label, _arg_text(j), j.timeout, j.line, job_digest(j),
                   j.pool, j.priority) for j in jobs])
-            self.db.executemany(
-                "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.job, r.status, None if r.result is None else json.dumps(r.result),
-                  r.worker, r.attempts, r.reason) for r in outcomes])
+            for verb, rows in (("IGNORE", [r for r in outcomes if r.job not in self.rerunning]),
+                               ("REPLACE", [r for r in outcomes if r.job in self.rerunning])):
+                self.db.executemany(
+                    f"INSERT OR {verb} INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.job, r.status, None if r.result is None else json.dumps(r.result),
+                      r.worker, r.attempts, r.reason) for r in rows])
         return outcomes
+
+    def failed_to_run_again(self, resumed: dict[int, JobRecord]) -> dict[int, JobRecord]:
+        """--resume --retry-failed: take the failed outcomes out of what resumes (their
+        jobs run again) and mark them to be replaced; the outcomes that stand."""
+        self.rerunning = frozenset(job for job, record in resumed.items()
+                                   if record.status == Status.FAILED.value)
+        return {job: record for job, record in resumed.items() if job not in self.rerunning}
 
     def close(self) -> None:
         self.db.close()
@@ -308,5 +326,20 @@ def _owner(path: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _arg(kind: str, text: str) -> float | int:
+def _arg(kind: str, text: str) -> float | int | str:
+    """A job's arg from its column: a command's is its text."""
+    if kind in _COMMAND_LABELS:
+        return text
     return float(text) if kind == JobKind.SLEEP.label else int(text)
+
+
+_COMMAND_LABELS = frozenset(kind.label for kind in COMMAND_KINDS)
+
+
+def _job(job: int, label: str, arg: str, timeout: float | None, pool: int, priority: int,
+         line: int) -> Job:
+    kind = kind_of_label(label)
+    if kind in COMMAND_KINDS:
+        return Job(job, kind, 0, timeout, pool, priority, line=line, payload=arg.encode())
+    return Job(job, kind, _arg(label, arg), timeout, pool, priority,  # type: ignore[arg-type]
+               line=line)

@@ -12,6 +12,7 @@ the results file, which is what --resume relies on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import time
 from collections import Counter
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from taskpool.core.journal import Journal
+from taskpool.core.output import JobOutput
 from taskpool.model.exits import EXIT_BAD_INPUT, EXIT_JOBS_NOT_DONE, EXIT_OK
-from taskpool.model.jobs import Job
+from taskpool.model.jobs import COMMAND_KINDS, Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
@@ -45,6 +47,7 @@ class Recorder:
     known: dict[int, Job] = field(default_factory=dict)
     outcomes: dict[int, JobRecord] = field(default_factory=dict)
     rejected_lines: int = 0
+    failed: int = 0  # this run's outcomes recorded failed (the journal's are not): --halt
     # The engine's counts: crashes (worker deaths), resends, per pool; why it stopped early.
     stats: DealerStats = field(default_factory=lambda: DealerStats(0, 0))
     batch_started: float | None = None  # when the oldest uncommitted outcome came
@@ -52,6 +55,9 @@ class Recorder:
     results_lost: str | None = None  # why the results file stopped taking them, if it did
     # Told of each outcome as it is recorded: the live view's counts (done, failed).
     on_outcomes: Callable[[list[JobRecord]], None] | None = None
+    # Where the jobs of real work's output goes, as each is recorded (core/output.py);
+    # None where no job can have output (the engine set none).
+    output: JobOutput | None = None
 
     def resume_from(self, resumed: dict[int, JobRecord]) -> None:
         """On --resume, what the journal already holds is recorded first, and the results
@@ -72,8 +78,11 @@ class Recorder:
             if record.job in self.outcomes:
                 log.info("Dropped duplicate record for job %d", record.job)
                 continue
+            record = self._with_text(record)
             self.outcomes[record.job] = record
             recorded.append(record)
+            if record.status == Status.FAILED.value:
+                self.failed += 1
             if self.journal is None or record.status == Status.NOT_DONE.value:
                 unjournaled.append(record)
                 continue
@@ -85,6 +94,14 @@ class Recorder:
         self.write_results(unjournaled)
         if self.on_outcomes is not None and recorded:
             self.on_outcomes(recorded)
+
+    def _with_text(self, record: JobRecord) -> JobRecord:
+        """A job of real work's record, its arg its text: an engine may not send it (the
+        local Dealer has only where it waits in the spool)."""
+        job = self.known.get(record.job)
+        if job is None or job.kind not in COMMAND_KINDS or record.arg == job.text:
+            return record
+        return dataclasses.replace(record, arg=job.text)
 
     def accept(self, job: Job) -> None:
         self.known[job.job_id] = job
@@ -123,12 +140,26 @@ class Recorder:
         self.journal = None
 
     def write_results(self, records: list[JobRecord]) -> None:
+        """Each record's output delivered, then its results line written: both once, as
+        the record is final (committed to the journal, if there is one)."""
+        if self.output is not None:
+            records = self._delivered(records)
         if self.results is not None and records:
             try:
                 self.results.write("".join(map(results_line, records)))
                 self.results.flush()
             except OSError as e:
                 self._results_failed(e)
+
+    def _delivered(self, records: list[JobRecord]) -> list[JobRecord]:
+        assert self.output is not None
+        delivered = []
+        for record in records:
+            kept = self.output.deliver(record)
+            if kept is not record:
+                self.outcomes[record.job] = kept
+            delivered.append(kept)
+        return delivered
 
     def _results_failed(self, error: OSError) -> None:
         """The results file cannot be written (a full disk, /dev/full): said once; the run

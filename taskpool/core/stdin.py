@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from taskpool.core.jobfile import LINE_MAX, LineError, parse_lines
-from taskpool.model.jobs import Job, job_digest
+from taskpool.model.jobs import COMMAND_KINDS, Job, job_digest
 from taskpool.model.pools import PoolLayout
+from taskpool.model.template import CommandTemplate
 from taskpool.wire.records import LineRejected
 
 STDIN_NAME = "<stdin>"
@@ -25,6 +26,10 @@ class GeneratorInput:
     layout: PoolLayout  # how a streamed line is routed to its pool
     done: frozenset[int] = frozenset()
     journal_digests: dict[int, str] = field(default_factory=dict)
+    # Why this run takes no sh, exec or call job, if it takes none: such a line is rejected
+    # with this reason (a job file's, before anything runs: cli/run.py).
+    refuse_commands: str | None = None
+    template: CommandTemplate | None = None  # --cmd: each line is data for an sh job
 
 
 def _no_op() -> None:
@@ -123,9 +128,13 @@ def streamed_jobs(
     """Standard input's jobs, line by line as they come, or why a line is rejected: it does
     not parse, or (on --resume) its job differs from the one the journal has under its id.
     Both engines read standard input through this; `before_read` as in stdin_lines."""
-    for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout):
+    for item in parse_lines(stdin_lines(before_read), STDIN_NAME, source.layout,
+                            template=source.template):
         if isinstance(item, LineError):
             yield LineRejected(f"{item.source}:{item.line}", item.reason, item.line)
+            continue
+        if source.refuse_commands is not None and item.kind in COMMAND_KINDS:
+            yield LineRejected(f"{STDIN_NAME}:{item.line}", source.refuse_commands, item.line)
             continue
         journaled = source.journal_digests.get(item.job_id)
         if journaled is not None and journaled != job_digest(item):

@@ -9,6 +9,13 @@
     after_death()    the pure decision under the policy:
                      RESEND | FAIL (out of attempts) | REQUEUE (uncharged) | NOT_DONE
     RestartIntensity workers dying before they take any job, too fast: give up (OTP style)
+    halt_due()       --halt: enough jobs failed that the run stops (GNU parallel's form)
+
+    a job of real work ran to its end and failed (its command exited non-zero, its call
+    raised): no death, the worker lives on
+        v
+    Death.of(Cause.EXITED_NONZERO | CALL_RAISED ...)   a Rule with `failed=True`
+    after_failure()  FAIL, or RESEND while the policy's `retry_failed` allows another run
 
 Nothing here blocks, forks or logs: the local Dealer, the Dask engine and the Executor's host
 call these, and their tests are tables (tests/test_supervision_rules.py).
@@ -21,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from taskpool.model.policy import SupervisionPolicy
+from taskpool.model.policy import HaltPolicy, SupervisionPolicy
 from taskpool.posix.proc import describe_wait_status
 
 
@@ -35,6 +42,10 @@ class Rule:
     # The words for an Executor's caller, where they differ: it knows its calls, not the
     # job ids the Dealer gave them.
     says_of_a_call: str = ""
+    # The job ran to its end and failed (a command's non-zero exit, a call that raised):
+    # recorded `failed` at once, never resent for a crash; run again only on request
+    # (`SupervisionPolicy.retry_failed`, see after_failure).
+    failed: bool = False
 
 
 class Cause(enum.Enum):
@@ -55,6 +66,10 @@ class Cause(enum.Enum):
     PREEMPTED = Rule(False, "was preempted for job {for_job}", requeue=True)
     GRACE_OVER = Rule(False, "was still running when the {grace:g} s grace period ended")
     STOPPED_WITH_POOL = Rule(False, "was stopped with the pool")  # 2nd Ctrl-C, gave up
+    # A job of real work (sh, exec, call): the worker lives; see after_failure.
+    COMMAND_KILLED = Rule(True, "its command was killed by signal {signal} ({name})")
+    EXITED_NONZERO = Rule(False, "exit status {status}", failed=True)
+    CALL_RAISED = Rule(False, "{error}", failed=True)  # "ValueError: bad size"
 
     @property
     def rule(self) -> Rule:
@@ -141,6 +156,44 @@ def after_death(death: Death, failed_before: int, policy: SupervisionPolicy, *,
     if policy.max_attempts and failed >= policy.max_attempts:
         return Decision(Verdict.FAIL, failed)
     return Decision(Verdict.NOT_DONE if stopping else Verdict.RESEND, failed)
+
+
+def after_failure(failure: Death, runs_before: int, policy: SupervisionPolicy, *,
+                  stopping: bool = False) -> Decision:
+    """What becomes of a job that ran to its end and failed (`failure.cause.rule.failed`):
+    a command's non-zero exit, a call that raised. FAIL, recorded with the reason alone
+    ("exit status 3"); RESEND while it has had fewer than `policy.retry_failed` runs
+    again (`runs_before`: the failed runs before this one, which `failed_attempts` counts
+    as charged). Nothing is run again while the pool is stopping."""
+    runs = runs_before + 1
+    if runs <= policy.retry_failed and not stopping:
+        return Decision(Verdict.RESEND, runs)
+    return Decision(Verdict.FAIL, runs)
+
+
+@dataclass(frozen=True)
+class Halt:
+    """--halt's condition met: `failed` jobs of the run's `jobs` failed. Its reason is what
+    the log, the `halted` event and every job it leaves not done say."""
+
+    policy: HaltPolicy
+    failed: int
+    jobs: int
+
+    @property
+    def reason(self) -> str:
+        jobs = "job" if self.failed == 1 else "jobs"
+        return (f"halted after {self.failed} failed {jobs} (--halt {self.policy.describe()}"
+                + (f", of {self.jobs} jobs)" if self.policy.percent is not None else ")"))
+
+
+def halt_due(policy: HaltPolicy, failed: int, jobs: int) -> Halt | None:
+    """Whether `failed` failed jobs halt the run, under --halt; `jobs`: the run's jobs, the
+    base of a percentage (a job file's jobs that this run runs; on standard input, the
+    jobs read so far). Every engine asks this after each failure it records."""
+    if not policy.halts or failed == 0 or failed < policy.threshold(jobs):
+        return None
+    return Halt(policy, failed, jobs)
 
 
 @dataclass

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 from taskpool.core.engine import RunConfig
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung, set_nonblocking
 from taskpool.core.stdin import streamed_jobs
-from taskpool.core.supervision import Again, sent_again_words
+from taskpool.core.supervision import Again, Halt, halt_due, sent_again_words
 from taskpool.dask.cluster import (
     DaskMissing,
     close_cluster,
@@ -144,6 +144,11 @@ class DaskEngine(EngineLoop):
         self.input_open = config.source.jobs is None
         self.stopping_deadline: float | None = None  # the end of --grace after a signal
         self.stop_now = False
+        self.halted = False  # --halt's condition was met: no job is submitted any more
+        self.failures_seen = 0  # the failures --halt has judged so far
+        # The jobs this run runs (--halt fail=P%'s base): a file's, or those read so far.
+        self.jobs_run = 0 if config.source.jobs is None else sum(
+            1 for job in config.source.jobs if job.job_id not in config.source.done)
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
         self.scratch: str | None = None  # our own cluster's temporary directory
@@ -290,7 +295,7 @@ class DaskEngine(EngineLoop):
     def finished(self) -> bool:
         if self.stop_now:
             return True
-        if self.interrupted is not None:
+        if self.interrupted is not None or self.halted:
             return not self.tries.any_running()
         return not self.input_open and not self.tries and not self.unsent
 
@@ -322,6 +327,13 @@ class DaskEngine(EngineLoop):
         return waits
 
     def check_timers(self) -> None:
+        """The deadlines due; and, once a job has failed since the last look, --halt."""
+        if self.recorder.failed > self.failures_seen and not (self.halted or self.stop_now
+                                                              or self.interrupted):
+            self.failures_seen = self.recorder.failed
+            halt = halt_due(self.policy.halt, self.recorder.failed, self.jobs_run)
+            if halt is not None:
+                self._halt(halt)
         now = time.monotonic()
         self.supervisor.check_parked(now)
         for overdue in self.tries.overdue(now):
@@ -446,10 +458,11 @@ class DaskEngine(EngineLoop):
         self.post(("input_closed",))
 
     def _on_streamed_job(self, job: Job) -> None:
-        if self.interrupted is not None:
+        if self.interrupted is not None or self.halted:
             return  # read after the signal: never accepted, as with the local engine
         self.recorder.accept(job)
         if job.job_id not in self.config.source.done:
+            self.jobs_run += 1
             self._submit(job, attempt=1)
 
     def _submit(self, job: Job, attempt: int, again: Again = None) -> None:
@@ -618,9 +631,29 @@ class DaskEngine(EngineLoop):
 
     # --- stopping --------------------------------------------------------------------------
 
-    def _stop_gracefully(self, signum: int) -> None:
-        """Cancel the tries not started (reported not done); let the running ones finish
-        within --grace."""
+    def _halt(self, halt: Halt) -> None:
+        """--halt's condition is met: no job is submitted any more; with `now` the run ends
+        at once (closing the cluster stops what runs), with `soon` the running jobs finish
+        (a signal then gives them --grace). The jobs left are not done, for this reason."""
+        self.halted = True
+        self.end_reason = halt.reason
+        if halt.policy.kills_running:
+            running = sum(1 for t in self.tries if t.running)
+            not_started = len(self.tries) - running
+            self.stop_now = True
+        else:
+            running, not_started = self._cancel_waiting()
+        what = ("killing %d running jobs" if halt.policy.kills_running
+                else "letting %d running jobs finish")
+        log.info("Halting: %s; " + what + "; %d jobs not started", halt.reason, running,
+                 not_started,
+                 extra=event(ev.HALTED, when=halt.policy.when, failed=halt.failed,
+                             jobs=halt.jobs, reason=halt.reason, running=running,
+                             not_started=not_started))
+
+    def _cancel_waiting(self) -> tuple[int, int]:
+        """Cancel the tries not started (reported not done): the running and the cancelled
+        ones' counts."""
         self.supervisor.stop()
         self.unsent = []  # not started: not done
         waiting = self.tries.waiting()
@@ -629,12 +662,18 @@ class DaskEngine(EngineLoop):
             self.tries.forget(cancelled)
         if waiting and self.client is not None:
             self._cancel(waiting)
+        return running, len(waiting)
+
+    def _stop_gracefully(self, signum: int) -> None:
+        """Cancel the tries not started (reported not done); let the running ones finish
+        within --grace."""
+        running, not_started = self._cancel_waiting()
         grace = self.policy.grace
         log.info("Stopping on %s: letting %d running jobs finish (grace %g s); "
                  "%d jobs not started", signal.Signals(signum).name, running, grace,
-                 len(waiting),
+                 not_started,
                  extra=event(ev.STOPPING, running=running, grace=grace,
-                             not_started=len(waiting)))
+                             not_started=not_started))
         self.stopping_deadline = time.monotonic() + grace
 
     def _close(self) -> None:

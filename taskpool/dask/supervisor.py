@@ -69,9 +69,10 @@ class Supervisor:
         failures = "0" if self.own_cluster else "the cluster's"
         timeout = "none" if policy.timeout is None else f"{policy.timeout:g}s"
         how = "worker killed" if self.own_cluster else "task abandoned, runs on"
+        halt = f", halt={policy.halt.describe()}" if policy.halt.halts else ""
         supervisor_log.info("dask engine, max_attempts=%s (counted here; scheduler "
-                            "allowed-failures=%s), timeout=%s (%s), grace=%gs", attempts,
-                            failures, timeout, how, policy.grace)
+                            "allowed-failures=%s), timeout=%s (%s), grace=%gs%s", attempts,
+                            failures, timeout, how, policy.grace, halt)
 
     def stop(self) -> None:
         self.stopping = True

@@ -61,6 +61,7 @@ from taskpool.observe import log as tplog
 from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, supervisor_log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.spool import Spool
 from taskpool.wire.queue import MAX_MESSAGE_SIZE
 
 
@@ -77,6 +78,13 @@ class DealerConfig:
     # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): kept open in
     # each worker, which otherwise closes all it does not need.
     shared_fds: frozenset[int] = frozenset()
+    # The CLI's run: where the commands' texts wait, and where their output is spooled
+    # (posix/spool.py). None in an Executor's host.
+    spool: Spool | None = None
+    run_dir: str | None = None
+    # The jobs the run sends, when known at start (a job file, less what --resume skips):
+    # the base of --halt fail=P%. None: standard input, counted as it is read.
+    jobs_total: int | None = None
 
     @property
     def credit(self) -> int:
@@ -109,7 +117,7 @@ class Dealer:
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
                         config.initializer, config.request_message_size, ack_every_job,
-                        config.shared_fds),
+                        config.shared_fds, config.spool, config.run_dir),
         )
         self.stopper = Stopper(self.state, config.policy.grace, ready_queue)
         self.receiver = self._receiver()
@@ -119,9 +127,9 @@ class Dealer:
     def _receiver(self) -> Receiver:
         config, tally = self.config, Tally()
         recovery = Recovery(self.state, config.policy, config.layout, self.writer, tally,
-                            self.stopper)
+                            self.stopper, config.run_dir)
         return Receiver(self.state, self.result_queue, self.writer, tally, recovery,
-                        self.stopper, config.policy, config.layout)
+                        self.stopper, config.policy, config.layout, config.jobs_total)
 
     def run(self) -> int:
         layout = self.config.layout
@@ -229,7 +237,14 @@ def run_dealer(
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         proc.redirect_stdin_to_devnull()
-        proc.close_fds_except({0, 1, 2, ready_queue.mqd, record_fd} | tplog.descriptors())
+        spool = {config.spool.fd} if config.spool is not None else set()
+        proc.close_fds_except({0, 1, 2, ready_queue.mqd, record_fd} | spool
+                              | tplog.descriptors())
+        # A worker's command outlives it if the worker dies (SIGKILL, OOM): orphaned, it is
+        # reparented to us, and the recovery thread kills its process group as it reaps the
+        # worker (Supervisor.reap_workers). Without this, it would go to main, which hears
+        # nothing of a worker's death.
+        proc.become_subreaper()
         code = Dealer(config, ready_queue, RecordWriter(record_fd)).run()
     except mqueue.QueueLimitError as e:
         log.error("Cannot start: %s", e)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung
+from taskpool.core.output import JobOutput
 from taskpool.local.dealer import DealerConfig, run_dealer
 from taskpool.local.generator import run_generator
 from taskpool.model.exits import EXIT_ALL_DONE, EXIT_STOPPED_EARLY
@@ -31,6 +32,7 @@ from taskpool.observe import events as ev
 from taskpool.observe.log import event
 from taskpool.observe.log import main_log as log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.spool import Spool, make_run_dir, remove_run_dir, sweep_abandoned_run_dirs
 from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import MAX_MESSAGE_SIZE, READY_MESSAGE_SIZE
 from taskpool.wire.records import JobAccepted, LineRejected, decode_record
@@ -81,6 +83,8 @@ class Main(EngineLoop):
     """The local engine: a forked TaskGenerator and Dealer, and the Dealer's workers."""
 
     last_line_read = 0  # of standard input, as the generator reports its lines
+    run_dir: str | None = None  # the run's private directory (posix/spool.py)
+    spool: Spool | None = None
 
     def execute(self) -> None:
         # A shell may exec us with children of its own (a process substitution): those are
@@ -90,6 +94,7 @@ class Main(EngineLoop):
         self.install_signal_handlers(HANDLED)
         try:
             mqueue.sweep_abandoned_queues()
+            self._make_run_dir()
             if self._fork_children():
                 self.run_loop()
                 self._reap_orphans()
@@ -97,6 +102,28 @@ class Main(EngineLoop):
         finally:
             self.stop_waking()
             self.close_wake_pipe()
+
+    def run(self) -> int:
+        # The run's directory goes after the recorder's last outcomes, which deliver output.
+        try:
+            return super().run()
+        finally:
+            self._remove_run_dir()
+
+    def _make_run_dir(self) -> None:
+        """The run's private directory: the spool of the commands' texts and the output of
+        their attempts (posix/spool.py), removed when the run ends."""
+        output_dir = self.config.output_dir
+        sweep_abandoned_run_dirs(output_dir)
+        self.run_dir = make_run_dir(output_dir)
+        self.spool = Spool.create(self.run_dir)
+        self.recorder.output = JobOutput(self.run_dir, output_dir)
+
+    def _remove_run_dir(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+        if self.run_dir is not None:
+            remove_run_dir(self.run_dir)
 
     def _fork_children(self) -> bool:
         """Fork the Dealer and the TaskGenerator, and open main's ends of their pipes; False
@@ -129,7 +156,7 @@ class Main(EngineLoop):
                 run_dealer(self._dealer_config(), ready_queue, record_w, main_pid)
             generator_pid = os.fork()
             if generator_pid == 0:
-                run_generator(self.config.source, ready_queue, intake_w, main_pid)
+                run_generator(self.config.source, ready_queue, intake_w, main_pid, self.spool)
         ready_queue.close()
         os.close(record_w)
         if intake_w is not None:
@@ -202,8 +229,11 @@ class Main(EngineLoop):
         return mqueue.create_queue("ready", mqueue.READY_QUEUE_DEPTH, MAX_MESSAGE_SIZE)
 
     def _dealer_config(self) -> DealerConfig:
-        pool = self.config.pool
-        return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt)
+        pool, source = self.config.pool, self.config.source
+        jobs_total = None if source.jobs is None else sum(
+            1 for job in source.jobs if job.job_id not in source.done)
+        return DealerConfig(pool.layout, pool.plan, pool.policy, pool.preempt,
+                            spool=self.spool, run_dir=self.run_dir, jobs_total=jobs_total)
 
     def catch_up_live_view(self) -> None:
         self._drain_live_view()
@@ -238,6 +268,8 @@ class Main(EngineLoop):
                 return
             if pid == 0:
                 return
+            if pid not in (self.generator.pid, self.dealer.pid):
+                self._kill_orphans()
             for child in (self.generator, self.dealer):
                 if child.pid == pid:
                     child.status = status
@@ -301,15 +333,29 @@ class Main(EngineLoop):
                 self.recorder.stats = record
         self.recorder.record_all(outcomes)
 
+    def _kill_orphans(self) -> None:
+        """A worker of a lost Dealer died, reparented to us: its command, if it ran one, is
+        ours now too (reparented as the worker died, before we could reap the worker).
+        Kill it with its process group at once, not at the end of the run."""
+        keep = {child.pid for child in (self.generator, self.dealer) if child.running}
+        proc.kill_orphans(keep | self.inherited_children)
+
     def _reap_orphans(self) -> None:
         """Wait for workers orphaned by a lost Dealer: PR_SET_PDEATHSIG has already sent
         them SIGKILL, and as a subreaper we are their parent now (they were reparented as
-        the Dealer exited, before we reaped it)."""
-        for pid in _children_of_self() - self.inherited_children:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        the Dealer exited, before we reaped it). Their commands, orphaned with them, are
+        ours too, each as its worker dies: killed with their process groups, round after
+        round until no child of the run is left."""
+        while True:
+            left = _children_of_self() - self.inherited_children
+            if not left:
+                return
+            proc.kill_orphans(self.inherited_children)
+            for pid in left:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
 
 
 def _signal(child: Child, sig: int) -> None:

@@ -21,18 +21,21 @@ from dataclasses import dataclass, field
 
 import posix_ipc
 
-from taskpool.core.supervision import Cause, Death
+from taskpool.core.commands import TERM_GRACE
+from taskpool.core.supervision import Cause, Death, Decision, Verdict, after_failure, halt_due
 from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.recovery import Recovery
-from taskpool.local.scheduler import Schedule, assign
-from taskpool.local.state import Deadline, PoolState, WorkerHandle
+from taskpool.local.scheduler import Schedule, assign, enqueue
+from taskpool.local.state import Deadline, JobState, PoolState, WorkerHandle
 from taskpool.local.stopping import Stopper
+from taskpool.model.jobs import COMMAND_KINDS, PROCESS_KINDS, JobKind
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, job_event
-from taskpool.wire import decoded_or_dropped
+from taskpool.wire import ProtocolError, decoded_or_dropped
+from taskpool.wire.commands import Ending
 from taskpool.wire.queue import (
     Ack,
     EndOfJobs,
@@ -45,6 +48,28 @@ from taskpool.wire.queue import (
     decode,
     is_acked,
 )
+
+# How long after a command's timeout and TERM_GRACE the Dealer kills its worker, if the
+# worker has not ended the command itself: the worker's own wake-up is late only on a
+# machine under heavy load.
+COMMAND_SLACK = 1.0
+
+
+def _ending_of(result: Result) -> tuple[Ending | None, Death | None]:
+    """How a job of real work ended, and the failure it was if it failed; (None, None) for
+    any other job."""
+    if result.kind not in COMMAND_KINDS:
+        return None, None
+    try:
+        ending = Ending.decode(result.payload)
+    except ProtocolError as e:
+        log.error("A malformed ending of job %d: %s", result.job_id, e)
+        ending = Ending(0.0, error=f"its worker sent a malformed outcome ({e})")
+    if ending.succeeded:
+        return ending, None
+    if result.kind is JobKind.FUNCTION or ending.exit_status is None:
+        return ending, Death.of(Cause.CALL_RAISED, error=ending.error)
+    return ending, Death.of(Cause.EXITED_NONZERO, status=ending.exit_status)
 
 
 @dataclass
@@ -60,8 +85,12 @@ class Receiver:
     stopper: Stopper
     policy: SupervisionPolicy
     layout: PoolLayout
+    # The jobs this run sends, when known before they are read (a job file): the base of
+    # --halt fail=P%. None: the jobs read so far.
+    jobs_total: int | None = None
     # A result too large for one message, so far, by (worker pid, job id). Ours alone.
     result_parts: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
+    failures_seen: int = 0  # the failures --halt has judged so far
 
     def run(self) -> None:
         state = self.state
@@ -74,9 +103,22 @@ class Receiver:
                 log.info("All jobs completed. Shutting down workers...",
                          extra=event(ev.ALL_JOBS_COMPLETED, jobs=self.tally.recorded))
                 self.stopper.stop_pool(kill=False)
+            elif not state.stopping and self.tally.failed > self.failures_seen:
+                self._judge_failures()
             if state.stopping and self._all_workers_gone():
                 self.writer.flush()  # not under the lock: see Dealer._reader_lost
                 return
+
+    def _judge_failures(self) -> None:
+        """A job failed since the last look: halt the run if --halt says so."""
+        self.failures_seen = self.tally.failed
+        jobs = self.jobs_total or self.tally.expected_total
+        if jobs is None:
+            with self.state.lock:
+                jobs = len(self.state.jobs)
+        halt = halt_due(self.policy.halt, self.tally.failed, jobs)
+        if halt is not None:
+            self.stopper.halt(halt)
 
     def _next_message(self) -> Message | None:
         try:
@@ -123,8 +165,13 @@ class Receiver:
             if ack.pid in state.workers and job_state is not None:
                 timeout = job_state.job.timeout or self.policy.timeout
                 if timeout is not None:
+                    # A command's worker ends it itself at its timeout, and exits: ours is
+                    # the backstop, once its TERM_GRACE is over too.
+                    slack = (TERM_GRACE + COMMAND_SLACK
+                             if job_state.job.kind in PROCESS_KINDS else 0.0)
                     schedule.nudge |= state.set_deadline(state.job_deadlines, ack.pid, Deadline(
-                        now + timeout, Death.of(Cause.TIMED_OUT, job=ack.job_id, seconds=timeout)))
+                        now + timeout + slack,
+                        Death.of(Cause.TIMED_OUT, job=ack.job_id, seconds=timeout)))
                 schedule.nudge |= state.expect_heartbeat(ack.pid, now)
         schedule.log(self.layout)
         # The assignment is already known; an Ack only says the job started.
@@ -141,14 +188,16 @@ class Receiver:
     def _on_result(self, result: Result) -> None:
         state = self.state
         schedule = Schedule()  # its log() also nudges the recovery thread, if asked to
+        ending, failure = _ending_of(result)
+        decision = None
         with state.lock:
             worker = self._free_worker(result, schedule)
             job_state = state.jobs.get(result.job_id)
             duplicate = job_state is not None and job_state.recorded
             # Reaped, its death maybe logged already: the result left it before it died.
             from_the_dead = result.pid in state.exited
-            if job_state is not None:
-                job_state.recorded = True
+            if job_state is not None and not duplicate:
+                decision = self._settle(job_state, failure)
             if worker is not None and result.pid in state.workers:
                 assign(state, worker.pool, schedule)  # it lives: hand it more
         schedule.log(self.layout)
@@ -159,6 +208,9 @@ class Receiver:
             log.info("Dropped duplicate result for job %d from worker PID [%d]",
                      result.job_id, result.pid,
                      extra=event(ev.DUPLICATE_DROPPED, job=result.job_id, worker=result.pid))
+            return
+        if ending is not None:
+            self._on_ended(job_state, result, ending, failure, decision)
             return
         self.tally.recorded += 1
         self.writer.done(job_state.job, result)
@@ -172,6 +224,49 @@ class Receiver:
                   result.job_id, result.value, result.pid,
                   job=result.job_id, worker=result.pid, attempt=result.attempt,
                   result=result.value)
+
+    def _settle(self, job_state: JobState, failure: Death | None) -> Decision | None:
+        """A result's job is recorded; or, if it ran and failed and the policy runs it again
+        (retry_failed), back in its backlog. Called with the lock held."""
+        if failure is None:
+            job_state.recorded = True
+            return None
+        decision = after_failure(failure, job_state.failed_runs, self.policy,
+                                 stopping=self.state.stopping)
+        job_state.failed_runs = decision.failed_attempts
+        if decision.verdict is Verdict.RESEND:
+            enqueue(self.state, job_state.job.job_id)
+            self.state.resends += 1
+        else:
+            job_state.recorded = True
+        return decision
+
+    def _on_ended(self, job_state: JobState, result: Result, ending: Ending,
+                  failure: Death | None, decision: Decision | None) -> None:
+        """A job of real work ran to its end: record it done or failed, or say it runs
+        again."""
+        job_id = result.job_id
+        if decision is not None and decision.verdict is Verdict.RESEND:
+            assert failure is not None
+            log.info("Job %d %s: running it again (%d of %d)", job_id, failure.reason,
+                     decision.failed_attempts, self.policy.retry_failed,
+                     extra=event(ev.JOB_RESENT, job=job_id, worker=result.pid,
+                                 reason=failure.reason))
+            return
+        self.tally.recorded += 1
+        if failure is not None:
+            self.tally.failed += 1
+        self.writer.ended(job_state.job, result, ending, failure)
+        if failure is None:
+            job_event(log, ev.JOB_DONE, "Received result for job %d: %s from worker PID [%d]",
+                      job_id, ending.exit_status if ending.result is None else ending.result,
+                      result.pid, job=job_id, worker=result.pid, attempt=result.attempt,
+                      result=ending.result, exit_status=ending.exit_status)
+            return
+        log.info("Job %d failed: %s", job_id, failure.reason,
+                 extra=event(ev.JOB_FAILED, job=job_id, worker=result.pid,
+                             attempts=result.attempt, reason=failure.reason,
+                             exit_status=ending.exit_status))
 
     def _free_worker(self, result: Result, schedule: Schedule) -> WorkerHandle | None:
         """The worker that sent `result` is done with that job: forget its deadlines, and

@@ -17,8 +17,9 @@ from taskpool.model.exits import EXIT_STOPPED_EARLY
 from taskpool.model.jobs import Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.posix import mqueue, proc
+from taskpool.wire.commands import Ending
 from taskpool.wire.queue import Result
-from taskpool.wire.records import encode_done, encode_record
+from taskpool.wire.records import encode_done, encode_ended, encode_record
 
 
 def _exit_stopped_early() -> NoReturn:
@@ -52,6 +53,11 @@ class RecordWriter:
 
     def done(self, job: Job, result: Result) -> None:
         self.write(encode_done(job, result))
+
+    def ended(self, job: Job, result: Result, ending: Ending, failure: Death | None) -> None:
+        """A job of real work ran to its end: done, or failed for `failure`'s reason."""
+        self.write(encode_ended(job, result, ending,
+                                None if failure is None else failure.reason))
 
     def failed(self, job: Job, pid: int, death: Death, decision: Decision) -> None:
         """`job` failed for good: `death` ended its last attempt, `decision` counts them."""
@@ -99,6 +105,7 @@ class Tally:
 
     expected_total: int | None = None  # jobs the generator sent: known from EndOfJobs
     recorded: int = 0  # jobs recorded, done or failed
+    failed: int = 0  # of them, failed: what --halt counts
     # Jobs made by splitting a crashed batch of calls, beyond the one each replaced.
     split_extra: int = 0
 

@@ -42,12 +42,19 @@ from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.scheduler import Schedule, assign, enqueue
 from taskpool.local.state import NUDGE_SIGNAL, JobState, PoolState, WorkerHandle
 from taskpool.local.stopping import Stopper
-from taskpool.model.exits import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT, EXIT_RETIRED
-from taskpool.model.jobs import Job, JobKind
+from taskpool.model.exits import (
+    EXIT_COMMAND_KILLED_BASE,
+    EXIT_COMMAND_TIMED_OUT,
+    EXIT_INITIALIZER_FAILED,
+    EXIT_MEMORY_LIMIT,
+    EXIT_RETIRED,
+)
+from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import event, recovery_log, supervisor_log
+from taskpool.posix.spool import discard_attempt
 from taskpool.wire.calls import CallBatch
 from taskpool.wire.queue import WorkerExited
 
@@ -56,9 +63,10 @@ SPLIT_ID_BASE = 1 << 62
 
 
 def death_of(exited: WorkerExited, killed_for: Death | None,
-             policy: SupervisionPolicy) -> Death:
+             policy: SupervisionPolicy, running: Job | None = None) -> Death:
     """Why the worker died: the reason we killed it for, if we did, else what its wait
-    status says (our own exit statuses by name)."""
+    status says (our own exit statuses by name; `running`, the job it had started, for
+    a command it ended at its timeout)."""
     status = exited.wait_status
     if killed_for is not None:
         # A preempted worker that died of something else first (a crash job, say) is
@@ -67,9 +75,24 @@ def death_of(exited: WorkerExited, killed_for: Death | None,
         return Death.crashed(status) if killed_for.requeue and not by_us else killed_for
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_INITIALIZER_FAILED:
         return Death.of(Cause.INITIALIZER_FAILED)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if code == EXIT_MEMORY_LIMIT:
         return Death.of(Cause.MEMORY_LIMIT, megabytes=policy.max_memory_mb)
+    if code == EXIT_COMMAND_TIMED_OUT:
+        seconds = (running.timeout if running is not None else None) or policy.timeout or 0
+        return Death.of(Cause.TIMED_OUT, job=running.job_id if running else "?",
+                        seconds=seconds)
+    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
+        sig = code - EXIT_COMMAND_KILLED_BASE
+        return Death.of(Cause.COMMAND_KILLED, signal=sig, name=_signal_name(sig))
     return Death.crashed(status)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _retired(wait_status: int) -> bool:
@@ -142,6 +165,7 @@ class Recovery:
     writer: RecordWriter
     tally: Tally
     stopper: Stopper
+    run_dir: str | None = None  # where the commands' attempts spool their output
     intensity: RestartIntensity = field(init=False)
     next_split_id: int = SPLIT_ID_BASE  # the id of the next call split from a batch
 
@@ -159,9 +183,11 @@ class Recovery:
             worker = self.state.exited.pop(exited.pid, None)
             if worker is None:
                 return
+            running = self.state.jobs.get(worker.running) if worker.running else None
             death = death_of(exited, self.state.kill_reasons.pop(exited.pid, None),
-                             self.policy)
+                             self.policy, running.job if running is not None else None)
             aftermath = self._settle(worker, death, at)
+        self._discard_output(aftermath)
         if not aftermath.stopping and not _retired(exited.wait_status):
             # Before the failures: an Executor's caller sees the death of a call's last
             # attempt counted by the time its future fails.
@@ -253,9 +279,19 @@ class Recovery:
         self.state.resends += len(resent)
         assign(self.state, pool, aftermath.schedule)
 
+    def _discard_output(self, aftermath: Aftermath) -> None:
+        """The output of the command the dead worker ran is never delivered: removed now,
+        not with the run's directory at its end (a job that crashes often would fill it)."""
+        if self.run_dir is None:
+            return
+        for held in aftermath.held:
+            if held.started and held.job_state.job.kind in COMMAND_KINDS:
+                discard_attempt(self.run_dir, held.job_id, aftermath.pid)
+
     def _record_failure(self, held: Held, aftermath: Aftermath) -> None:
         pid, death, attempts = aftermath.pid, aftermath.death, held.decision.failed_attempts
         self.tally.recorded += 1
+        self.tally.failed += 1
         self.writer.failed(held.job_state.job, pid, death, held.decision)
         supervisor_log.info("Job %d failed after %d attempts: %s", held.job_id, attempts,
                             death.reason,

@@ -34,7 +34,7 @@ from typing import Any
 
 from taskpool.core.supervision import Cause, Death, sent_again_words
 from taskpool.local.state import NUDGE_SIGNAL, PoolSlots, PoolState, WorkerHandle
-from taskpool.model.jobs import Job
+from taskpool.model.jobs import COMMAND_KINDS, Job
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import dealer_log, event, job_event, supervisor_log
@@ -84,7 +84,9 @@ class Schedule:
             retry = sent_again_words(s.attempt, s.again)
             fields: dict[str, Any] = {
                 "at": s.at, "job": job.job_id, "worker": s.pid, "attempt": s.attempt,
-                "kind": job.kind.label, "arg": job.arg, "type": job.pool,
+                "kind": job.kind.label,
+                # A command's text waits in the spool: the Dealer holds only where.
+                "arg": None if job.kind in COMMAND_KINDS else job.arg, "type": job.pool,
                 "priority": job.priority}
             if s.again is not None:
                 fields.update(again=s.again[0], from_worker=s.again[1])

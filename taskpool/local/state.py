@@ -106,6 +106,9 @@ class JobState:
     # ("preempted", pid), ("moved", pid) taken back from a live worker's queue. Its next
     # "Sent" line says so (core/supervision.AGAIN_WORDS); None for a first send.
     again: tuple[str, int] | None = None
+    # Runs of it that ended failed (a non-zero exit, a call that raised): run again only
+    # while the policy's retry_failed allows (core/supervision.py: after_failure).
+    failed_runs: int = 0
 
 
 @dataclass(frozen=True)

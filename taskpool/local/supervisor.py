@@ -40,6 +40,8 @@ from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
 from taskpool.model.exits import (
+    EXIT_COMMAND_KILLED_BASE,
+    EXIT_COMMAND_TIMED_OUT,
     EXIT_MAIN_LOST,
     EXIT_MEMORY_LIMIT,
     EXIT_RETIRED,
@@ -53,6 +55,7 @@ from taskpool.observe import log as tplog
 from taskpool.observe.log import event
 from taskpool.observe.log import supervisor_log as log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.spool import Spool
 from taskpool.wire.queue import MAX_MESSAGE_SIZE, Terminate, WorkerExited
 
 # The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
@@ -85,8 +88,24 @@ def silence_fork_warning() -> None:
                             category=DeprecationWarning)
 
 
-def _reap_all_children() -> None:
+def _how_it_ended(status: int) -> str:
+    """A dead worker's wait status in words, our exit statuses for a command by name."""
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if code == EXIT_COMMAND_TIMED_OUT:
+        return "ended its command at its timeout"
+    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
+        sig = code - EXIT_COMMAND_KILLED_BASE
+        how = proc.describe_wait_status(sig)  # a raw status of "killed by signal sig"
+        return f"exited: its command was {how}"
+    return proc.describe_wait_status(status)
+
+
+def _kill_and_reap_all_children() -> None:
+    """Every child killed and reaped: the workers, and the commands each one orphans as it
+    dies (reparented to us, a subreaper, before its death can be reaped: so the next
+    round of the loop finds them)."""
     while True:
+        proc.kill_orphans(set())
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
@@ -106,6 +125,8 @@ class WorkerSetup:
     request_message_size: int = MAX_MESSAGE_SIZE
     ack_every_job: bool = True  # see protocol.is_acked
     shared_fds: frozenset[int] = frozenset()  # the Executor's initargs' (DealerConfig)
+    spool: Spool | None = None  # the commands' texts (posix/spool.py); None: no commands
+    run_dir: str | None = None  # where the commands' output is spooled
 
 
 class Supervisor(threading.Thread):
@@ -135,7 +156,7 @@ class Supervisor(threading.Thread):
                     # left to their parent-death signal they would be zombies of whatever
                     # process adopts them, and that one may never reap.
                     self.kill_workers()
-                    _reap_all_children()
+                    _kill_and_reap_all_children()
                     mqueue.exit_between_creations(EXIT_MAIN_LOST)
                 if sig == signal.SIGTERM:
                     self.setup.result_queue.send(Terminate(sig).encode())
@@ -364,13 +385,15 @@ class Supervisor(threading.Thread):
             # SIGTERM to the whole group (a service manager stopping us) must not kill jobs
             # mid-way: the Dealer decides, and lets running jobs finish within --grace.
             proc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
-            proc.close_fds_except(
-                {0, 1, 2, request_queue.mqd, self.setup.result_queue.mqd} | tplog.descriptors()
-                | self.setup.shared_fds
-            )
-            policy = self.setup.policy
+            setup = self.setup
+            spool = {setup.spool.fd} if setup.spool is not None else set()
+            proc.close_fds_except({0, 1, 2, request_queue.mqd, setup.result_queue.mqd}
+                                  | spool | tplog.descriptors() | setup.shared_fds)
+            proc.close_on_exec_all()  # a command it starts inherits none of them
+            policy = setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
-                                  policy.max_memory_mb, self.setup.ack_every_job)
+                                  policy.max_memory_mb, setup.ack_every_job, policy.timeout,
+                                  setup.spool, setup.run_dir)
             run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
                        log_each_job=self.layout.typed, initializer=self.setup.initializer)
         finally:
@@ -410,6 +433,7 @@ class Supervisor(threading.Thread):
                 self._log_killed(pid, stopped)
             if worker is None:
                 continue
+            self.kill_orphans()  # what it left running: its command's process group
             self._log_reaped(worker, status, retired, crash, preempted)
             # Posted before any replacement is forked, so that the job is resent (to another
             # idle worker, if there is one) without waiting for the new worker to start.
@@ -424,7 +448,7 @@ class Supervisor(threading.Thread):
                      extra=event(ev.WORKER_EXITED, worker=pid, type=worker.pool,
                                  reason="retired", crash=False))
         elif crash:
-            how = reason = proc.describe_wait_status(status)
+            how = reason = _how_it_ended(status)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_MEMORY_LIMIT:
                 # Our own exit status, by name: the reason its job will be charged.
                 reason = Death.of(Cause.MEMORY_LIMIT,
@@ -457,6 +481,15 @@ class Supervisor(threading.Thread):
         log.info("Worker PID %d %s: killed it", pid, death.reason,
                  extra=event(ev.WORKER_KILLED, worker=pid, reason=death.reason))
 
+    def kill_orphans(self) -> None:
+        """Kill every child of ours that is no worker: a command orphaned by its worker's
+        death, reparented to the Dealer (a child subreaper), with its process group. Called
+        from this thread only, which forks every worker: none can be missing from the
+        list."""
+        with self.state.lock:
+            workers = set(self.state.workers)
+        proc.kill_orphans(workers)
+
     def kill_workers(self) -> None:
         with self.state.lock:
             for pid in self.state.workers:
@@ -464,6 +497,7 @@ class Supervisor(threading.Thread):
 
     def reap_until_empty(self) -> None:
         while True:
+            self.kill_orphans()  # a worker's death may have orphaned a command
             try:
                 # Wait without reaping, so that the reap below can happen under the lock.
                 os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)

@@ -28,13 +28,21 @@ from typing import NoReturn
 import posix_ipc
 
 from taskpool.core.calls import run_calls
+from taskpool.core.commands import Killed, open_output, run_call, run_command
 from taskpool.core.loads import execute
-from taskpool.model.exits import EXIT_INITIALIZER_FAILED, EXIT_MEMORY_LIMIT, EXIT_RETIRED
+from taskpool.model.exits import (
+    EXIT_COMMAND_KILLED_BASE,
+    EXIT_COMMAND_TIMED_OUT,
+    EXIT_INITIALIZER_FAILED,
+    EXIT_MEMORY_LIMIT,
+    EXIT_RETIRED,
+)
 from taskpool.model.faults import CrashPlan, Step
-from taskpool.model.jobs import Job, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Arg, Job, JobKind
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
 from taskpool.observe.log import worker_log as log
+from taskpool.posix.spool import Spool, attempt_paths
 from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import Ack, Heartbeat, JobMessage, Result, Shutdown, decode, is_acked
 
@@ -54,6 +62,11 @@ class WorkerLimits:
     max_tasks: int | None = None
     max_memory_mb: int | None = None
     ack_every_job: bool = True  # see protocol.is_acked
+    timeout: float | None = None  # --timeout: a command past it is ended here
+    # Where a command's text waits (posix/spool.py), and the run's directory, where each
+    # attempt's output is spooled. None in an Executor's workers, which run no commands.
+    spool: Spool | None = None
+    run_dir: str | None = None
 
 
 class HeartbeatThread(threading.Thread):
@@ -241,9 +254,12 @@ class JobLoop:
         if heartbeat is not None:
             heartbeat.job_started()
         payload = b""
+        value: Arg
         try:
             if job.kind is JobKind.CALL:
                 value, payload = run_calls(job.payload)
+            elif job.kind in COMMAND_KINDS:
+                value, payload = self.run_command(job, attempt)
             else:
                 value = execute(job.kind, job.arg)
         except MemoryError:
@@ -253,6 +269,32 @@ class JobLoop:
         if heartbeat is not None:
             heartbeat.job_finished()
         return Result(job.job_id, attempt, self.pid, job.kind, value, payload)
+
+    def run_command(self, job: Job, attempt: int) -> tuple[int, bytes]:
+        """A job of real work: its command (or call) run with its output in the run's
+        directory; 0 if it succeeded, else 1, and how it ended (wire/commands.py). A command
+        killed by a signal, or past its timeout, ends this worker with an exit status that
+        says so: the Dealer's rules make that a crash of the attempt (resent, charged), and
+        the attempt's output is never delivered."""
+        limits = self.limits
+        assert limits.spool is not None and limits.run_dir is not None
+        text = limits.spool.load(int(job.arg)).decode("utf-8", "replace")
+        out_path, err_path = attempt_paths(limits.run_dir, job.job_id, self.pid)
+        out_fd, err_fd = open_output(out_path), open_output(err_path)
+        try:
+            if job.kind is JobKind.FUNCTION:
+                ending = run_call(text, out_fd, err_fd)
+            else:
+                ended = run_command(job.kind, text, job.timeout or limits.timeout, out_fd,
+                                    err_fd)
+                if isinstance(ended, Killed):
+                    os._exit(EXIT_COMMAND_TIMED_OUT if ended.timed_out
+                             else EXIT_COMMAND_KILLED_BASE + ended.signal)
+                ending = ended
+        finally:
+            os.close(out_fd)
+            os.close(err_fd)
+        return (0 if ending.succeeded else 1), ending.encode()
 
     def answer(self, result: Result) -> None:
         """The result to the Dealer, in parts if it is larger than a message."""

@@ -12,7 +12,9 @@ The pool's own processes, read by their parent and never shown to a user as the 
     Dealer   0 all jobs done, 3 stopped early (terminated, or the pool could not go on),
              1 main lost (it killed and reaped its workers), 70 a thread of it failed (a bug)
     worker   75 retired (--max-tasks-per-child), 76 over --max-memory, 77 the Executor's
-             initializer raised, 70 an unexpected error (a bug: the traceback is logged)
+             initializer raised, 78 its command ran past its timeout (and was ended),
+             160 + N its command was killed by signal N, 70 an unexpected error (a bug:
+             the traceback is logged)
 """
 
 from __future__ import annotations
@@ -34,3 +36,5 @@ EXIT_WORKER_FAILED = 70  # a bug in the worker: the traceback is in the log
 EXIT_RETIRED = 75  # --max-tasks-per-child reached: replace me, nothing went wrong
 EXIT_MEMORY_LIMIT = 76  # a job ran out of --max-memory: counts as a failed attempt
 EXIT_INITIALIZER_FAILED = 77  # the Executor's initializer raised: this worker cannot work
+EXIT_COMMAND_TIMED_OUT = 78  # its command ran past its timeout: a crash of the attempt
+EXIT_COMMAND_KILLED_BASE = 160  # + N: its command was killed by signal N: a crash too

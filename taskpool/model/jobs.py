@@ -1,7 +1,10 @@
 """The job model: what a job is, whatever reads it and whichever engine runs it.
 
 A job has an id (1-based, in input order of the accepted jobs), a kind (`JobKind`) and its
-argument, and may carry a timeout, a type and a priority. Its *type* is the number of the
+argument, and may carry a timeout, a type and a priority. A job of real work (`sh`, `exec`,
+`call`: COMMAND_KINDS) carries its text, what follows the kind on its line, as its payload
+(UTF-8); its arg is 0, but on the local engine's queues, where it is where that text waits
+in the run's spool (wire/spool.py). Its *type* is the number of the
 typed pool that runs it (`model/pools.py`: `taskpool dispatch 1 3 1` has pools of types 1, 2
 and 3); the code calls that number `pool` where it routes a job (`Job.pool`, `Pool.number`)
 and the results file calls it `type`. Priorities are 0 (the default) to PRIORITY_MAX, higher
@@ -31,13 +34,31 @@ class JobKind(enum.IntEnum):
     ALLOC = 3
     CRASH = 4
     CALL = 5  # a batch of Python calls from taskpool.Executor; arg is how many (core/calls.py)
+    SH = 6  # a shell command: /bin/sh -c TEXT
+    EXEC = 7  # a program without a shell: TEXT split as the shell splits words
+    FUNCTION = 8  # a job file's `call module:function ARGS...`: labelled "call"
 
     @property
     def label(self) -> str:
         return _KIND_LABELS[self]  # looked up: Enum.name is a slow property, asked per job
 
 
+# The labels the log, the events, the results file and the journal show. A job file's
+# `call` is the user's word, so FUNCTION has it; the Executor's batches of calls, which no
+# job file names, are "calls" (a batch: its arg is how many).
 _KIND_LABELS = {kind: kind.name.lower() for kind in JobKind}
+_KIND_LABELS.update({JobKind.CALL: "calls", JobKind.FUNCTION: "call"})
+_KINDS_BY_LABEL = {label: kind for kind, label in _KIND_LABELS.items()}
+
+# The kinds of real work: their text is their payload, what follows the kind on the line.
+COMMAND_KINDS = frozenset({JobKind.SH, JobKind.EXEC, JobKind.FUNCTION})
+# Of those, the ones that run as a process of their own (a command), not in the worker.
+PROCESS_KINDS = frozenset({JobKind.SH, JobKind.EXEC})
+
+
+def kind_of_label(label: str) -> JobKind:
+    """The kind whose label is `label` (``"call"``: FUNCTION); KeyError if none is."""
+    return _KINDS_BY_LABEL[label]
 
 
 Arg = Union[int, float]
@@ -56,8 +77,19 @@ class Job:
     # batch in single calls.
     payload: bytes = field(default=b"", compare=False, repr=False)
 
+    @property
+    def text(self) -> str:
+        """A job of real work's text: the command, or the call's ``module:function ARGS``."""
+        return self.payload.decode("utf-8", "replace")
+
     def describe(self) -> str:
-        """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``."""
+        """The job as the log shows it: ``fib(30)``, ``sleep(0.5)``, ``crash()``; a
+        command's first 40 characters, when this process has its text: ``sh(gzip x)``."""
+        if self.kind in COMMAND_KINDS:
+            if not self.payload:  # the Dealer's copy: the text waits in the run's spool
+                return self.kind.label
+            text = self.text
+            return f"{self.kind.label}({text[:40]}{'...' if len(text) > 40 else ''})"
         return f"{self.kind.label}({'' if self.kind is JobKind.CRASH else self.arg})"
 
     def describe_typed(self) -> str:
@@ -82,5 +114,7 @@ def job_digest(job: Job) -> str:
     text = f"{job.kind.label} {job.arg!r} {job.timeout!r}"
     if job.pool != 1 or job.priority:  # so that schema-1 journals keep their digests
         text += f" {job.pool} {job.priority}"
+    if job.kind in COMMAND_KINDS:  # the command's text: a changed command is another job
+        text += f" {job.text!r}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

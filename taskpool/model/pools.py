@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from taskpool.model.faults import CrashPlan
-from taskpool.model.jobs import JobKind, whole_number
+from taskpool.model.jobs import JobKind, kind_of_label, whole_number
 from taskpool.model.policy import SupervisionPolicy
 
 MAX_POOLS = 64  # types are carried as 16 bits on the wire; 64 is plenty for people
@@ -58,13 +58,13 @@ class PoolLayout:
             kind = None
             if name:
                 try:
-                    kind = JobKind[name.strip().upper()]
+                    kind = kind_of_label(name.strip().lower())
                     if kind is JobKind.CALL:
                         raise KeyError(name)  # the Executor's, not a job file's
                 except KeyError:
                     raise PoolSpecError(
-                        f"{item!r}: unknown job kind {name!r} (expected fib, sleep, alloc "
-                        "or crash)") from None
+                        f"{item!r}: unknown job kind {name!r} (expected fib, sleep, alloc, "
+                        "crash, sh, exec or call)") from None
                 if kind in kinds:
                     raise PoolSpecError(f"{item!r}: a second pool for {kind.label} jobs")
                 kinds.add(kind)

@@ -15,7 +15,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     worker_shutdown      worker
     simulated_crash      worker                        job, step, attempt
     initializer_failed   worker (Executor)             reason
-    job_sent             Dealer                        job, worker, attempt, kind, arg, type,
+    job_sent             Dealer                        job, worker, attempt, kind, arg (null:
+                                                       sh, exec, call), type,
                                                        priority[, pool: a typed pool's label]
                                                        [, again, from_worker: why it is sent
                                                        again (resent, requeued, preempted,
@@ -23,9 +24,11 @@ tests read them back by the same names. An event's fields are its JSON object's 
     job_started          Dealer (on an Ack), Dask      job, worker, attempt
     job_finished         worker (typed pools)          job
     job_done             Dealer, Dask engine           job, worker, attempt, result
+                                                       [, exit_status: sh, exec]
                                                        [, sent_before_death: from a worker
                                                        already reaped]
-    job_failed           Supervisor                    job, worker, attempts, reason
+    job_failed           Supervisor; Dealer (sh, exec, job, worker, attempts, reason
+                         call that ran and failed)     [, exit_status: sh, exec]
     job_resent           Recovery                      job, worker, reason
     job_requeued         Recovery                      job, worker, reason
     job_split            Recovery (Executor batches)   job, worker, reason, jobs
@@ -38,6 +41,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
                                                        jobs: Dask, the jobs it was running]
     worker_killed        Supervisor; Dask (at close)   worker, reason
     gave_up              Supervisor                    reason
+    halted               Dealer, Dask engine           when, failed, jobs, reason, running,
+                                                       not_started
     all_jobs_completed   Dealer                        jobs
     interrupted          Main                          signal
     interrupted_again    Main                          signal, rung (2: running jobs
@@ -83,6 +88,7 @@ DUPLICATE_DROPPED = "duplicate_dropped"
 WORKER_EXITED = "worker_exited"
 WORKER_KILLED = "worker_killed"
 GAVE_UP = "gave_up"
+HALTED = "halted"
 ALL_JOBS_COMPLETED = "all_jobs_completed"
 INTERRUPTED = "interrupted"
 INTERRUPTED_AGAIN = "interrupted_again"

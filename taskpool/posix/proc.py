@@ -44,6 +44,56 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def children_of_self() -> set[int]:
+    """This process's children, of all its threads (a child belongs to the thread that
+    forked it; an orphan reparented to us, to one of our threads)."""
+    children: set[int] = set()
+    for task in _listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(child) for child in f.read().split())
+        except OSError:
+            pass  # a thread that has just ended
+    return children
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def kill_orphans(keep: set[int]) -> None:
+    """SIGKILL every child of ours not in `keep`: processes orphaned by a worker that died
+    and reparented to us, a child subreaper. A child that leads a process group of its own
+    (a command: core/commands.py starts each in its own session) takes its whole group with
+    it. A child is not reaped until we wait for it, so its pid, and the group's id, are
+    still its own when we signal them."""
+    own_group = os.getpgrp()
+    for pid in children_of_self() - keep:
+        try:
+            if os.getpgid(pid) == pid != own_group:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+
+def close_on_exec_all() -> None:
+    """Mark every descriptor but 0, 1 and 2 close-on-exec, so that a command a worker
+    starts inherits none of the pool's (queues, pipes): posix_ipc opens its queues without
+    O_CLOEXEC."""
+    for name in _listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own descriptor, already closed
+
+
 def close_fds_except(keep: set[int]) -> None:
     """Close every descriptor not in `keep`: queues, pipes and pidfds a forked child
     inherited but must not hold (a held queue outlives its owner and eats the budget)."""

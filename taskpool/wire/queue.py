@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Union
 
-from taskpool.model.jobs import Arg, Job, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Arg, Job, JobKind
 from taskpool.wire import ProtocolError
 
 VERSION = 1
@@ -63,8 +63,12 @@ def _kind(code: int) -> JobKind:
 
 
 def _payload_of(kind: JobKind, body: bytes, fixed: int, mtype: MessageType) -> bytes:
+    """What follows a message's fixed fields: a CALL job's calls; the outcomes of a CALL
+    job's calls, or how a job of real work ended (wire/commands.py), in its Result. A job
+    of real work's text never travels here: its arg says where it is in the run's spool."""
     payload = body[fixed:]
-    if payload and kind is not JobKind.CALL:
+    if payload and kind is not JobKind.CALL and (
+            mtype is not MessageType.RESULT or kind not in COMMAND_KINDS):
         raise ProtocolError(f"{mtype.name} message has {len(payload)} unexpected bytes")
     return payload
 

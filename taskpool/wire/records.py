@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Union
 
 from taskpool.model.jobs import Job, JobKind
-from taskpool.model.outcome import DealerStats, JobRecord, record_fields
+from taskpool.model.outcome import DealerStats, JobRecord, ran_fields, record_fields
 from taskpool.wire import ProtocolError
+from taskpool.wire.commands import Ending
 from taskpool.wire.queue import Result
 
 
@@ -59,6 +60,17 @@ def encode_done(job: Job, result: Result) -> bytes:
         result.value, result.pid, result.attempt, None)).encode() + b"\n"
 
 
+def encode_ended(job: Job, result: Result, ending: Ending, reason: str | None) -> bytes:
+    """The record of a job of real work that ran to its end: done, or (`reason`) failed.
+    Its arg is left to main, who has its text (the Dealer has only where it is)."""
+    fields = record_fields(
+        {"t": "record"}, job.job_id, job.kind.label, "", job.pool, job.priority,
+        "done" if reason is None else "failed", ending.result, result.pid, result.attempt,
+        reason)
+    return _COMPACT_JSON(ran_fields(fields, ending.exit_status,
+                                    round(ending.duration, 6))).encode() + b"\n"
+
+
 def encode_record(record: PipeRecord) -> bytes:
     body: dict[str, Any]
     if isinstance(record, JobRecord):
@@ -70,6 +82,8 @@ def encode_record(record: PipeRecord) -> bytes:
         body = {"t": "accepted", "job": job.job_id, "kind": int(job.kind), "arg": job.arg,
                 "timeout": job.timeout, "pool": job.pool, "priority": job.priority,
                 "line": job.line}
+        if job.payload:  # a command's text (one writer: the line may be longer than PIPE_BUF)
+            body["text"] = job.text
     else:
         body = {"t": "rejected", **asdict(record)}
     return _COMPACT_JSON(body).encode() + b"\n"
@@ -99,7 +113,8 @@ def decode_record(line: bytes) -> PipeRecord:
         if tag == "accepted":
             return JobAccepted(Job(body["job"], JobKind(body["kind"]), body["arg"],
                                    body.get("timeout"), body["pool"], body["priority"],
-                                   line=body.get("line", 0)))
+                                   line=body.get("line", 0),
+                                   payload=body.get("text", "").encode()))
         if tag == "rejected":
             return LineRejected(**body)
     except (ValueError, TypeError, KeyError, AttributeError) as e:

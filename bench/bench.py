@@ -111,6 +111,7 @@ def dispatch_makespan(workdir: Path, jobs: list[tuple[int, float]]) -> float:
 
 def main() -> None:
     import commands
+    import dask_cluster
     import engines
     import peers
     import terminal
@@ -186,6 +187,9 @@ def main() -> None:
     terminal_table = terminal.terminal_table()
     print("commands...", file=sys.stderr)
     command_table = commands.commands_table(COMMANDS, 2, ROUNDS)
+    print("dask on a real cluster...", file=sys.stderr)
+    dask_table = (dask_cluster.overhead_table() if "dask" in engines.available_engines()
+                  else "(not measured: no dask extra)")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
                f"Python {platform.python_version()}, {datetime.date.today()}")
     peers_rates = {k: rates[k] for k in ("ppe", "mp", "loky", "pebble") if k in rates}
@@ -292,6 +296,14 @@ def main() -> None:
         "",
         "Command: `make bench` (alone: the engines' table `python bench/engines.py`, the "
         "terminal's `python bench/terminal.py`, the commands' `python bench/commands.py`).",
+        "",
+        "`--engine dask --scheduler` against raw Dask on the same real cluster (a `dask "
+        "scheduler` and `dask worker` processes): the wall time of one more no-op job, "
+        "start-up and close excluded.",
+        "",
+        dask_table,
+        "",
+        "Command: `make bench` (this table alone: `python bench/dask_cluster.py`).",
     ])
     print(table)
     write_results(ROOT / "bench" / "results.md", table)

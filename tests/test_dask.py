@@ -266,11 +266,12 @@ class _StandInClient:
         self.futures: dict[int, _StandInFuture] = {}  # the latest try of each job
         self.sent: list[tuple[int, int]] = []
 
-    def submit(self, fn: Any, job_id: int, kind: int, arg: Any, attempt: int, *args: Any,
-               key: str, **kwargs: Any) -> _StandInFuture:
-        self.futures[job_id] = _StandInFuture(key)
-        self.sent.append((job_id, attempt))
-        return self.futures[job_id]
+    def map(self, fn: Any, job_ids: list[int], kinds: list[int], args: list[Any],
+            attempts: list[int], keys: list[str], **kwargs: Any) -> list[_StandInFuture]:
+        for job_id, attempt, key in zip(job_ids, attempts, keys):
+            self.futures[job_id] = _StandInFuture(key)
+            self.sent.append((job_id, attempt))
+        return [self.futures[job_id] for job_id in job_ids]
 
     def cancel(self, futures: Any) -> None:
         pass
@@ -303,6 +304,7 @@ class _OwnCluster:
         self.engine.client = self.client  # type: ignore[assignment]
         for job in source:
             self.engine._submit(job, attempt=1)
+        self.engine._send_unsent()
 
     def started(self, job: int, pid: int) -> None:
         """The worker process `pid` starts the latest try of `job` (dask_worker.run_job)."""
@@ -334,9 +336,7 @@ class _OwnCluster:
         self.engine.post(("worker_exited", pid, "killed by signal 11 (SIGSEGV)"))
 
     def step(self) -> None:
-        arrived = len(self.engine.inbox)
-        self.engine._read_starts()
-        self.engine._drain_inbox(arrived)
+        self.engine.read_ready([])
 
     def close(self) -> None:
         self.engine._close()
@@ -703,3 +703,27 @@ def test_a_cluster_that_does_not_close_has_its_worker_processes_killed() -> None
 
     _close_or_kill(Unclosable())  # type: ignore[arg-type]
     assert worker.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_a_lost_workers_running_jobs_are_those_it_told_of_then_those_it_would_run_first() -> None:
+    # On a given cluster, a worker's start may die with it (a job that kills it at once):
+    # its threads left over are taken to run what it held in the order it runs them.
+    from taskpool.dask.state import Tries, Try
+    from taskpool.model.jobs import Job, JobKind
+
+    tries = Tries(own_cluster=False)
+    address = "tcp://10.0.0.6:4000"
+    held = [Try(Job(job_id, JobKind.FIB, 20, priority=priority), 1, f"k{job_id}",
+                _StandInFuture(f"k{job_id}"))  # type: ignore[arg-type]
+            for job_id, priority in ((3, 0), (2, 0), (4, 5))]
+
+    def running(threads: int) -> list[int]:
+        return [t.job.job_id for t in tries.running_on(address, held, threads)]
+
+    assert running(1) == [4]  # none told: the highest priority, then the oldest
+    held.pop()
+    assert running(1) == [2]
+    tries.add(held[0])
+    tries.note_start({"key": "k3", "address": address, "pid": 7, "nthreads": 1}, lambda j: None)
+    assert running(1) == [3]  # it told of job 3: job 2 only waited
+    assert running(2) == [3, 2]

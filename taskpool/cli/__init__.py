@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from taskpool.model.exits import EXIT_INTERRUPTED
@@ -16,9 +17,10 @@ from taskpool.model.exits import EXIT_INTERRUPTED
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`taskpool ARGS...`; returns the exit status."""
+    started_at = time.monotonic()  # a run's summary counts its wall time from here
     from taskpool.cli.app import main as run
 
-    return run(argv)
+    return run(argv, started_at)
 
 
 def entry_point() -> None:

@@ -15,9 +15,10 @@ from taskpool.cli.options import REPORT_FORMATS, build_parser
 from taskpool.cli.run import run_command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, started_at: float | None = None) -> int:
     parser = build_parser()
     args = parser.parse_command_line(argv)
+    args.started_at = started_at
     if args.command == "results":
         return print_results(args.journal, args.format, args.status)
     if args.command == "report":

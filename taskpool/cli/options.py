@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from taskpool import __version__
-from taskpool.core.engine import DEFAULT_CONNECT_TIMEOUT, ENGINES
+from taskpool.core.engine import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DASK_WAIT, ENGINES
 from taskpool.model.faults import InjectedFault
 from taskpool.model.outcome import Status
 from taskpool.model.policy import (
@@ -232,6 +232,10 @@ def _add_engine_options(run_cmd: argparse.ArgumentParser) -> None:
     engine.add_argument("--connect-timeout", type=_seconds, metavar="SECONDS",
                         help="with --scheduler: how long to try to reach it before giving "
                              f"up, exit 2 (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    engine.add_argument("--dask-wait", type=_seconds, metavar="SECONDS",
+                        help="with --scheduler: how long its cluster may have no worker at "
+                             "all before the run ends, jobs not done, exit 1 (default "
+                             f"{DEFAULT_DASK_WAIT:g})")
 
 
 def _add_input_output_options(run_cmd: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ from taskpool.cli.options import (
     DEMO_WORKERS,
     MAX_WORKERS,
 )
-from taskpool.core.engine import DEFAULT_CONNECT_TIMEOUT, Engine, RunConfig
+from taskpool.core.engine import DEFAULT_CONNECT_TIMEOUT, DEFAULT_DASK_WAIT, Engine, RunConfig
 from taskpool.core.jobfile import read_job_file
 from taskpool.core.journal import Journal, JournalError
 from taskpool.core.stdin import GeneratorInput
@@ -104,6 +104,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         scheduler=args.scheduler,
         connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT,
         output_dir=args.output_dir,
+        dask_wait=DEFAULT_DASK_WAIT if args.dask_wait is None else args.dask_wait,
+        started_at=getattr(args, "started_at", None),
     )
     return _run(args.engine, config)
 
@@ -171,6 +173,8 @@ def _check_engine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--scheduler is for --engine dask")
     if args.connect_timeout is not None and args.scheduler is None:
         parser.error("--connect-timeout is for --scheduler")
+    if args.dask_wait is not None and args.scheduler is None:
+        parser.error("--dask-wait is for --scheduler")
     if args.engine != "dask":
         return True
     _check_dask_usage(args, parser)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 ENGINES = ("local", "dask")
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to reach a --scheduler
+DEFAULT_DASK_WAIT = 30.0  # seconds a --scheduler's cluster may have no worker at all
 
 
 @dataclass
@@ -56,6 +57,10 @@ class RunConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # dask: seconds to reach `scheduler`
     # --output-dir: each job's output kept as DIR/<job>.out and .err; None: printed
     output_dir: str | None = None
+    dask_wait: float = DEFAULT_DASK_WAIT  # dask: seconds `scheduler` may have no worker
+    # When the command started (time.monotonic()): the summary's wall time counts from it,
+    # so that it covers what comes before the engine (importing distributed, say).
+    started_at: float | None = None
 
 
 class Engine(ABC):
@@ -83,7 +88,7 @@ class Engine(ABC):
         self.bad_setup = False
 
     def run(self) -> int:
-        started = time.monotonic()
+        started = self.config.started_at or time.monotonic()
         if self.config.resuming:
             self._log_resumed()
         self.execute()

@@ -218,8 +218,9 @@ class Recorder:
         )
 
     def _log_table(self, layout: PoolLayout) -> None:
-        """Per pool: workers, jobs done, failed, not done, crashes and restarts; then how
-        many attempts the done jobs took. Each line is an event with its figures."""
+        """Per pool: workers (the most at once, on a Dask --scheduler cluster), jobs done,
+        failed, not done, crashes and restarts; then how many attempts the done jobs took.
+        Each line is an event with its figures."""
         outcomes = list(self.outcomes.values())
         pool_stats = {p["type"]: p for p in self.stats.pools}
         log.info("%-10s %7s %6s %6s %8s %7s %8s", "pool", "workers", "done", "failed",
@@ -227,7 +228,8 @@ class Recorder:
         for pool in layout.pools:
             counts = Counter(r.status for r in outcomes if r.type == pool.number)
             stats = pool_stats.get(pool.number, {})
-            row = {"type": pool.number, "workers": pool.size,
+            # The engine's count when it has one: a --scheduler cluster's own workers.
+            row = {"type": pool.number, "workers": stats.get("workers", pool.size),
                    "done": counts[Status.DONE.value], "failed": counts[Status.FAILED.value],
                    "not_done": counts[Status.NOT_DONE.value],
                    "crashes": stats.get("crashes", 0), "restarts": stats.get("restarts", 0)}

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ INSTALL_HINT = "--engine dask needs the dask extra: pip install 'taskpool[dask]'
 # Seconds for our cluster to close; distributed's Nanny kills a worker process that has not
 # stopped after 0.8 of it (4 s), which README gives as the wait.
 CLOSE_TIMEOUT = 5.0
+RECONNECT_WINDOW = 0.5  # seconds a client tries to reach a lost --scheduler again
 
 
 class DaskMissing(Exception):
@@ -104,7 +106,10 @@ def local_cluster(layout: PoolLayout) -> SpecCluster:
                 options["resources"] = {resource_name(pool.number): 1}
             workers[f"type{pool.number}-{i + 1}"] = {"cls": Nanny, "options": options}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0,
-                                               "dashboard": False, "dashboard_address": None}}
+                                               "dashboard": False,
+                                               # its HTTP server (health, metrics) always
+                                               # starts: on loopback, any free port
+                                               "dashboard_address": "127.0.0.1:0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL,
                        name="taskpool")
 
@@ -132,7 +137,13 @@ def connect(address: str, timeout: float) -> Client:
 
     log.info("Connecting to the Dask scheduler at %s (for up to %g s)", address, timeout,
              extra=event(ev.DASK_CONNECTING, scheduler=address, timeout=timeout))
-    return Client(address, timeout=timeout, set_as_default=False)
+    client = Client(address, timeout=timeout, set_as_default=False)
+    # Once connected, the same timeout is how long the client tries to reconnect to a lost
+    # scheduler, and its close() waits for that; but a loss cancels every future at once,
+    # which ends our run (DaskEngine._on_cancelled): a short window, so that it ends within
+    # about a second. distributed has no setting of its own for this window.
+    client._timeout = RECONNECT_WINDOW
+    return client
 
 
 def log_connected(address: str, workers: dict[str, Any]) -> None:
@@ -152,6 +163,95 @@ def cluster_workers(client: Any) -> dict[str, Any]:
     except TypeError:
         info = client.scheduler_info()
     return dict(info.get("workers", {}))
+
+
+def taskpool_problems(client: Client, workers: list[str], timeout: float) -> list[str]:
+    """Why these workers of a given cluster cannot run taskpool's tasks, one line each: a
+    worker that cannot import taskpool, or has another version of it, would fail every task
+    it is given (distributed unpickles `run_job` by reference). Asked of all at once;
+    raises TimeoutError if they have not all answered within `timeout` seconds."""
+    ours = our_version()
+    answers = client.run(_taskpool_probe(), workers=workers, on_error="return",
+                         callback_timeout=timeout)
+    problems = []
+    for address, answer in sorted(answers.items()):
+        if isinstance(answer, OSError):
+            continue  # it could not be reached: gone already (its "remove-worker" follows)
+        if isinstance(answer, BaseException):
+            problems.append(f"worker {address} cannot import taskpool "
+                            f"({type(answer).__name__}: {answer})")
+        elif answer != ours:
+            problems.append(f"worker {address} has taskpool {answer}, this is {ours}")
+    return problems
+
+
+def our_version() -> str:
+    """This taskpool's version: read from the package already loaded (we run in it),
+    without an import of the package's lazy front (the Executor)."""
+    return str(sys.modules["taskpool"].__version__)
+
+
+def install_hint() -> str:
+    version = our_version()
+    return (f"every worker needs taskpool {version} in its Python "
+            f"(pip install 'taskpool[dask]=={version}', or this checkout: "
+            f"pip install -e '.[dask]')")
+
+
+def _taskpool_probe() -> Callable[[], str]:
+    """What a worker is asked: the version of the taskpool it imports. Made in a function,
+    so that cloudpickle sends it by value: a worker without taskpool can still run it, and
+    says why the import fails."""
+
+    def taskpool_version() -> str:
+        import importlib
+
+        return str(importlib.import_module("taskpool").__version__)
+
+    return taskpool_version
+
+
+def count_attempts_ourselves(client: Client, prefix: str) -> str | None:
+    """Make a given cluster's scheduler err our tasks (those whose key starts with
+    `prefix`) at the first death of a worker that holds them, as our own cluster's
+    allowed-failures 0 does, and leave every other task to its allowed-failures: so that
+    our supervision decides, and Dask never runs a job again by itself after a crash.
+
+    The scheduler errs a task with KilledWorker once its `suspicious` count (the deaths of
+    workers that held it) exceeds allowed-failures; a scheduler plugin sets that count to
+    allowed-failures as each of our tasks enters the graph, before it can run. The plugin
+    is sent by value (a class made here): the scheduler needs nothing of taskpool.
+    Returns the plugin's name (to remove it at the end), or None if the scheduler refused
+    it (the caller falls back to counting Dask's own runs)."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class TaskpoolCountsAttempts(SchedulerPlugin):
+        def update_graph(self, scheduler: Any, *, tasks: Any = (), **kwargs: Any) -> None:
+            allowed = scheduler.allowed_failures
+            for key in tasks:
+                if isinstance(key, str) and key.startswith(prefix):
+                    state = scheduler.tasks.get(key)
+                    if state is not None and state.suspicious < allowed:
+                        state.suspicious = allowed
+
+    name = f"{prefix}attempts"
+    try:
+        client.register_plugin(TaskpoolCountsAttempts(), name=name)
+    except Exception as e:  # noqa: BLE001 - a scheduler that takes no pickled plugin
+        log.warning("The scheduler refused taskpool's plugin (%s): Dask may run a job again "
+                    "by itself after a worker dies (its allowed-failures); each run counts "
+                    "as an attempt", e)
+        return None
+    return name
+
+
+def remove_plugin(client: Client, name: str | None) -> None:
+    if name is None:
+        return
+    try:
+        client.unregister_scheduler_plugin(name)
+    except Exception:  # noqa: BLE001 - a lost scheduler took it with it
+        pass
 
 
 def warn_of_missing_resources(layout: PoolLayout, workers: dict[str, Any]) -> None:
@@ -251,15 +351,50 @@ class _NannyExits(logging.Handler):
         self.post(("worker_exited", pid, proc.describe_wait_status(status)))
 
 
-def quiet_distributed(post: Callable[[tuple[Any, ...]], None]) -> None:
-    """distributed logs to stderr, our log; what it says that matters (a worker's death, a
-    task's failure) we say ourselves, so its own lines are kept out, but for the nanny's
-    line about a worker process's exit, which `post` gets as an inbox item."""
-    import distributed  # noqa: F401 - it sets up its loggers on import: quiet them after
+# The loggers of what runs in our process for the Dask engine: distributed's client (and our
+# own cluster's scheduler and nannies), and the libraries under its event loop. dask's
+# logging configuration gives some of them a stderr handler of their own.
+_THEIR_LOGGERS = ("distributed", "tornado", "asyncio", "bokeh")
 
-    root = logging.getLogger("distributed")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.addHandler(logging.NullHandler())
-    root.propagate = False
+
+class _IntoOurLog(logging.Handler):
+    """distributed's records (and tornado's, asyncio's: its event loop's) become inbox
+    items, ("their_log", logger, text), which the main loop writes to taskpool's log as one
+    [Dask] line at debug level: in --events, and in the text log with --verbose; never
+    raw to stderr. What they say that matters (a worker lost, the scheduler lost, a task
+    that failed), the engine says itself, in its own words. One line a record: a
+    traceback is reduced to its exception."""
+
+    def __init__(self, post: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__(logging.DEBUG)
+        self.post = post
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            lines = record.getMessage().strip().splitlines()
+            text = lines[0] if lines else ""
+            error = record.exc_info[1] if record.exc_info else None
+            if error is not None:
+                text = f"{text} ({type(error).__name__}: {error})".strip()
+            self.post(("their_log", record.name, f"{record.levelname.lower()}: {text}"))
+        except Exception:  # noqa: BLE001 - a log line must never take a thread down
+            pass
+
+
+def quiet_distributed(post: Callable[[tuple[Any, ...]], None]) -> None:
+    """distributed logs to stderr, our log; its records go to `post` instead (see
+    _IntoOurLog), and the nanny's line about a worker process's exit also as an inbox item
+    of its own. Only the CLI's process runs the Dask engine: these loggers are its own."""
+    import distributed  # noqa: F401 - it sets up its loggers on import: route them after
+
+    forward = _IntoOurLog(post)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in _THEIR_LOGGERS:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+    for name in _THEIR_LOGGERS:
+        top = logging.getLogger(name)
+        top.addHandler(forward)
+        top.propagate = False
     logging.getLogger("distributed.nanny").addHandler(_NannyExits(post))

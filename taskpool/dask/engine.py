@@ -5,19 +5,23 @@ this process, one nanny per worker here too, each worker a spawned process of on
 or connects to one (`--scheduler tcp://HOST:PORT`), submits one Dask task per attempt of a
 job, and hands every outcome to the same Recorder as the local engine. Who does what::
 
-    main thread ──submit(run_job, key=taskpool-R-J-A.T, resources, priority)──> scheduler ──> worker
+    main thread ──map(run_job, keys taskpool-R-J-A.T, resources, priority)──> scheduler ──> worker
          ^                                                                                  │
-         ├── start pipe (our own cluster): a job started, written by its worker <───────────┤
+         ├── start pipe (our own cluster): a job started, its value; written by its worker <┤
          │  inbox (a deque) + one byte on the wake pipe                                     │
-         ├── client's loop thread: a future is done ("done")  <─────────────────────────────┤
-         ├── client's loop thread (--scheduler): a job started <── scheduler <── log_event ─┘
+         ├── client's loop thread: a future is done ("done"), erred, cancelled <────────────┤
+         ├── client's loop thread (--scheduler): a job started, its value <── log_event ────┘
+         ├── client's loop thread (--scheduler): a worker joined or was removed (the
+         │   scheduler's "all" topic: the tasks it held)
          ├── stdin thread: jobs and bad lines read from standard input
-         ├── nanny's log (our own cluster): a worker process exited, and how
+         ├── distributed's log records (any of its threads); the nanny's line (our own
+         │   cluster): a worker process exited, and how
          └── SIGINT/SIGTERM: their number, written to the pipe by signal.set_wakeup_fd
 
 The main thread runs the engines' one loop (core/loop.py) and owns every piece of state
 below (tries, attempts, which job runs where, the Recorder); the other threads only append
-to the inbox (deque.append is atomic) and wake it, so no lock is needed. The pieces:
+to the inbox (deque.append is atomic) and wake it, so no lock is needed (but the one that
+keeps a wake-up from a descriptor closed at the end: post()). The pieces:
 
     engine.py      the loop's duties: submit, read the starts and the inbox, record, stop
     supervisor.py  what a try that erred, a worker's death, a --timeout mean for the job
@@ -36,11 +40,11 @@ of the last one dies too) or before we fetched it (Dask's run again was waiting 
 worker's queue). Which one was running is known for sure on our own cluster: the last one
 its one thread started. A job's start is written by its worker to main's start pipe
 (worker.py) before anything else, as a local worker's ACK, and that pipe is read before
-each death is judged. On a cluster given by --scheduler, starts come as scheduler events,
-which a death can overtake: a job with no start seen is sent again uncharged only if its
-one-thread worker was known to run another job, else charged. There, the cluster's own
-allowed-failures stands: Dask may run a task again by itself before it errs, and each start
-we saw counts.
+each death is judged. On a cluster given by --scheduler, a scheduler plugin gives our own
+tasks the same at-once error (cluster.count_attempts_ourselves), and a loss is judged from
+the scheduler's "remove-worker" event, which lists the tasks the worker held: those it had
+told us it started, and for its threads left over the ones it would have run first (a start
+sent as an event can die with its worker), were running (state.Tries.running_on).
 
 A job's result is recorded once: the Recorder keeps the first outcome of a job id and drops
 any other, and every try of a job has its own key, so a late result of an abandoned try
@@ -74,16 +78,20 @@ from taskpool.dask.cluster import (
     cluster_workers,
     configure_own_cluster,
     connect,
+    count_attempts_ourselves,
+    install_hint,
     local_cluster,
     log_connected,
     log_own_cluster_started,
     quiet_distributed,
+    remove_plugin,
     require_distributed,
     resource_name,
     scheduler_address_error,
+    taskpool_problems,
     warn_of_missing_resources,
 )
-from taskpool.dask.state import Tries, Try
+from taskpool.dask.state import ClusterWorkers, Tries, Try, dask_priority
 from taskpool.dask.supervisor import Supervisor
 from taskpool.dask.worker import TOPIC, run_job
 from taskpool.model.jobs import Job
@@ -100,9 +108,8 @@ if TYPE_CHECKING:
 __all__ = ["DaskEngine", "DaskMissing", "require_distributed", "scheduler_address_error"]
 
 
-# Job ids below this keep their order within a priority (dask_priority); the largest
-# encoded value, 32767 * 2**40, fits the 64-bit integers Dask's messages carry.
-ID_SPAN = 2**40
+# A job to submit: (job, attempt, why it is sent again).
+Unsent = tuple[Job, int, Again]
 
 
 class DaskEngine(EngineLoop):
@@ -115,9 +122,15 @@ class DaskEngine(EngineLoop):
         plan = config.pool.plan
         self.plan = plan if plan.rate > 0 or plan.injected else None
         self.own_cluster = config.scheduler is None
-        self.run_token = secrets.token_hex(4)  # keys unique on a scheduler shared by runs
+        # Our keys, unique on a scheduler shared by runs: taskpool-<run>-<job>-<attempt>.<try>
+        self.key_prefix = f"taskpool-{secrets.token_hex(4)}-"
+        self.unsent: list[Unsent] = []  # submitted at the end of the loop's turn
+        self.done_records: list[JobRecord] = []  # recorded at the end of the loop's turn
         self.try_numbers = itertools.count(1)
         self.inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        # Guards the wake pipe's closing against post()s from distributed's threads.
+        self.wake_lock = threading.Lock()
+        self.wake_closed = False
         # Our own cluster's workers write each job's start here (see worker.py).
         self.start_r, self.start_w = os.pipe() if self.own_cluster else (-1, -1)
         self.start_path = f"/proc/{os.getpid()}/fd/{self.start_w}" if self.own_cluster \
@@ -139,14 +152,21 @@ class DaskEngine(EngineLoop):
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
         self.scratch: str | None = None  # our own cluster's temporary directory
+        self.cluster_workers = ClusterWorkers(config.dask_wait)  # a --scheduler's workers
+        self.attempts_plugin: str | None = None  # see cluster.count_attempts_ourselves
 
     def post(self, item: tuple[Any, ...]) -> None:
-        """From any thread: hand an item to the main loop and wake it."""
+        """From any thread: hand an item to the main loop and wake it. Once the loop's
+        wake pipe is closed (distributed's threads may still log as the run ends), the
+        item is only kept: its descriptor number may already be another file's."""
         self.inbox.append(item)
-        try:
-            os.write(self.wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already: the loop will see the item
+        with self.wake_lock:
+            if self.wake_closed:
+                return
+            try:
+                os.write(self.wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the loop will see the item
 
     # --- the run ---------------------------------------------------------------------
 
@@ -188,12 +208,11 @@ class DaskEngine(EngineLoop):
             return False
         assert self.client is not None
         self.supervisor.log_policy()
-        if not self.own_cluster:
-            self.client.subscribe_topic(TOPIC, lambda ev: self.post(("started", ev[1])))
         if self.config.source.jobs is not None:
             for job in self.config.source.jobs:
                 if job.job_id not in self.config.source.done:
                     self._submit(job, attempt=1)
+            self._send_unsent()
         else:
             threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
         return True
@@ -212,18 +231,59 @@ class DaskEngine(EngineLoop):
         return True
 
     def _connect(self) -> bool:
+        """Reach the --scheduler, hear of its workers joining and leaving (its "all" topic)
+        and of our jobs' starts (our topic), check its workers, and make its scheduler
+        leave the counting of attempts to us (cluster.count_attempts_ourselves)."""
         address = self.config.scheduler
         assert address is not None
         try:
             self.client = connect(address, self.config.connect_timeout)
+            self.client.subscribe_topic(TOPIC, lambda ev: self.post(("started", ev[1])))
+            self.client.subscribe_topic("all", lambda ev: self._on_cluster_event(ev[1]))
             workers = cluster_workers(self.client)
         except Exception as e:  # noqa: BLE001
             self._no_cluster(f"the Dask scheduler at {address} could not be reached ({e})")
             self.bad_setup = True  # an address the user gave: exit 2
             return False
         log_connected(address, workers)
+        self.cluster_workers.describe(workers, self.layout)
+        if not workers:
+            self._wait_for_a_worker()
+        elif not self._check_workers():
+            return False
         warn_of_missing_resources(self.layout, workers)
+        self.attempts_plugin = count_attempts_ourselves(self.client, self.key_prefix)
+        self.tries.dask_retries = self.attempts_plugin is None
         return True
+
+    def _check_workers(self) -> bool:
+        """The pre-flight: every worker present, not checked yet, imports taskpool at our
+        version; else the run cannot work there, a set-up error (exit 2) said plainly."""
+        assert self.client is not None
+        unchecked = [a for a in self.cluster_workers.present
+                     if a not in self.cluster_workers.checked]
+        if not unchecked:
+            return True
+        try:
+            problems = taskpool_problems(self.client, unchecked, self.config.connect_timeout)
+        except Exception as e:  # noqa: BLE001 - a worker that does not answer in time
+            problems = [f"its workers did not all answer within {self.config.connect_timeout:g}"
+                        f" s whether they have taskpool ({type(e).__name__}: {e})"]
+        if not problems:
+            self.cluster_workers.checked.update(unchecked)
+            return True
+        self._no_cluster(f"the Dask cluster at {self.config.scheduler} cannot run taskpool's "
+                         f"jobs: {'; '.join(problems)}; {install_hint()}")
+        self.bad_setup = True
+        self.stop_now = True
+        return False
+
+    def _wait_for_a_worker(self) -> None:
+        """The cluster has no worker: jobs wait (on the scheduler) for one to join, up to
+        --dask-wait seconds (a timer of the loop), and are then reported not done."""
+        wait = self.config.dask_wait
+        log.warning("The Dask cluster has no worker: waiting up to %g s for one "
+                    "(--dask-wait)", wait, extra=event(ev.DASK_NO_WORKER, wait=wait))
 
     def _no_cluster(self, why: str) -> None:
         self.config.report_error(why)
@@ -237,7 +297,7 @@ class DaskEngine(EngineLoop):
             return True
         if self.interrupted is not None or self.halted:
             return not self.tries.any_running()
-        return not self.input_open and not self.tries
+        return not self.input_open and not self.tries and not self.unsent
 
     def descriptors(self) -> list[int]:
         return [self.start_r] if self.own_cluster else []
@@ -249,16 +309,21 @@ class DaskEngine(EngineLoop):
         arrived = len(self.inbox)
         self._read_starts()
         self._drain_inbox(arrived)
+        self._record_turn()
+        self._send_unsent()
 
     def input_done(self) -> bool:
         return not self.input_open
 
     def timers(self) -> list[float]:
-        """The next --timeout, end of --grace, or parked death's wait due."""
+        """The next --timeout, end of --grace, parked death's wait or --dask-wait due."""
         now = time.monotonic()
         waits = self.tries.seconds_to_deadlines(now) + self.supervisor.seconds_to_parked(now)
         if self.stopping_deadline is not None:
             waits.append(self.stopping_deadline - now)
+        give_up = self.cluster_workers.seconds_to_give_up(now)
+        if give_up is not None and not self.own_cluster:
+            waits.append(give_up)
         return waits
 
     def check_timers(self) -> None:
@@ -278,6 +343,19 @@ class DaskEngine(EngineLoop):
             log.info("Grace period over: %d running jobs not done", len(running),
                      extra=event(ev.GRACE_OVER, running=len(running)))
             self.stop_now = True
+        give_up = self.cluster_workers.seconds_to_give_up(now)
+        if give_up is not None and give_up <= 0 and not self.own_cluster:
+            self._end_without_workers()
+        self._send_unsent()
+
+    def _end_without_workers(self) -> None:
+        wait = self.config.dask_wait
+        self.cut_short = True
+        self.end_reason = f"the Dask cluster had no worker for {wait:g} s (--dask-wait)"
+        main_log.error("The Dask cluster at %s had no worker for %g s (--dask-wait): ending "
+                       "the run", self.config.scheduler, wait,
+                       extra=event(ev.ROLE_LOST, lost="workers", how="none for --dask-wait"))
+        self.stop_now = True
 
     def on_interrupt(self, rung: Rung, signum: int) -> None:
         """First signal: jobs not started are cancelled (reported not done), running ones
@@ -320,8 +398,52 @@ class DaskEngine(EngineLoop):
                 self.config.report_error(args[0])
             elif kind == "input_closed":
                 self.input_open = False
+            else:
+                self._on_cluster_item(kind, args)
         if finished:
             self._record_results(finished)
+
+    # --- a given cluster's workers ----------------------------------------------------------
+
+    def _on_cluster_event(self, msg: dict[str, Any]) -> None:
+        """The client's loop thread: an event of the scheduler's "all" topic."""
+        action = msg.get("action")
+        if action == "add-worker":
+            self.post(("worker_added", msg["worker"]))
+        elif action == "remove-worker":
+            self.post(("worker_removed", msg["worker"], list(msg.get("processing-tasks", ())),
+                       bool(msg.get("expected"))))
+
+    def _on_cluster_item(self, kind: str, args: list[Any]) -> None:
+        if kind == "their_log":
+            log.debug("%s: %s", args[0], args[1])
+        elif kind == "worker_added":
+            self._on_worker_added(args[0])
+        elif kind == "worker_removed":
+            address, keys, expected = args
+            pool = self.cluster_workers.pool_of(address, self.layout)
+            threads = self.cluster_workers.threads(address)
+            self.supervisor.on_worker_removed(address, keys, expected, pool, threads)
+            if self.cluster_workers.removed(address):
+                self._wait_for_a_worker()
+
+    def _on_worker_added(self, address: str) -> None:
+        """A worker joined: it is described (for the exit table) and checked, and what
+        waited for a checked worker is sent."""
+        assert self.client is not None
+        was_empty = not self.cluster_workers.present
+        try:
+            self.cluster_workers.describe(cluster_workers(self.client), self.layout)
+        except Exception:  # noqa: BLE001 - a lost scheduler: said by its futures
+            return
+        if address not in self.cluster_workers.present:
+            return  # gone again already
+        (log.info if was_empty else log.debug)(
+            "Worker %s joined the cluster (%d workers)", address,
+            len(self.cluster_workers.present), extra=event(
+                ev.DASK_WORKER_JOINED, address=address,
+                workers=len(self.cluster_workers.present)))
+        self._check_workers()
 
     # --- jobs in -----------------------------------------------------------------------
 
@@ -344,18 +466,47 @@ class DaskEngine(EngineLoop):
             self._submit(job, attempt=1)
 
     def _submit(self, job: Job, attempt: int, again: Again = None) -> None:
+        """Send a job at the end of this turn of the loop (`_send_unsent`), with the others
+        of the turn; `again`: why it is sent again, for the log."""
+        self.unsent.append((job, attempt, again))
+
+    def _send_unsent(self) -> None:
+        """Submit the jobs of this turn: one client.map (one graph update, one message to
+        the scheduler) for all of them, or one for each priority (and each pool, in typed
+        pools): a map gives all its tasks one priority, one resource. Nothing is sent to a
+        given cluster before one of its workers passed the pre-flight."""
+        if not self.unsent or (not self.own_cluster and not self.cluster_workers.checked):
+            return
+        groups: dict[tuple[int, int], list[Unsent]] = collections.defaultdict(list)
+        for unsent in sorted(self.unsent, key=lambda sent: -dask_priority(sent[0])):
+            job = unsent[0]
+            groups[job.pool if self.layout.typed else 0, job.priority].append(unsent)
+        self.unsent = []
+        for (pool, priority), batch in groups.items():
+            self._map(batch, priority, {resource_name(pool): 1} if self.layout.typed else None)
+
+    def _map(self, batch: list[Unsent], priority: int,
+             resources: dict[str, int] | None) -> None:
+        """One client.map of `batch`, in the order a worker should run it (the older job
+        first): the scheduler orders one map's tasks by their place in it, and a map after
+        the one before (fifo_timeout=0: each map is a generation of its own), after the
+        priority."""
         assert self.client is not None
-        key = f"taskpool-{self.run_token}-{job.job_id}-{attempt}.{next(self.try_numbers)}"
-        resources = {resource_name(job.pool): 1} if self.layout.typed else None
-        future = self.client.submit(
-            run_job, job.job_id, int(job.kind), job.arg, attempt, key, self.plan,
-            self.start_path,
-            key=key, pure=False, priority=dask_priority(job), resources=resources, retries=0)
-        submitted = Try(job, attempt, key, future)
-        self.tries.add(submitted)
-        self._rearm(submitted)
-        if log.isEnabledFor(logging.INFO):
-            self._log_sent(job, attempt, key, again)
+        keys = [f"{self.key_prefix}{job.job_id}-{attempt}.{next(self.try_numbers)}"
+                for job, attempt, _ in batch]
+        jobs = [job for job, _, _ in batch]
+        futures = self.client.map(
+            run_job, [j.job_id for j in jobs], [int(j.kind) for j in jobs],
+            [j.arg for j in jobs], [attempt for _, attempt, _ in batch], keys, key=keys,
+            plan=self.plan, start_path=self.start_path, pure=False, retries=0,
+            priority=priority, fifo_timeout="0s", resources=resources)
+        logged = log.isEnabledFor(logging.INFO)
+        for (job, attempt, again), key, future in zip(batch, keys, futures):
+            submitted = Try(job, attempt, key, future)
+            self.tries.add(submitted)
+            self._rearm(submitted)
+            if logged:
+                self._log_sent(job, attempt, key, again)
 
     def _log_sent(self, job: Job, attempt: int, key: str, why: Again) -> None:
         again = sent_again_words(attempt, why)
@@ -374,6 +525,10 @@ class DaskEngine(EngineLoop):
     # --- what the cluster tells ------------------------------------------------------------
 
     def _on_started(self, msg: dict[str, Any]) -> None:
+        """A worker's record: a try started, or (with "result") ended with a value."""
+        if "result" in msg:
+            self._on_result(msg)
+            return
         started = self.tries.note_start(msg, self.supervisor.timeout_of)
         if started is None:
             return
@@ -422,16 +577,35 @@ class DaskEngine(EngineLoop):
             if outcome is None:
                 self._rearm(done)
                 continue
-            value, pid, address = outcome
-            self.tries.forget(done)
-            job = done.job
-            attempts = self.tries.attempts_used(done)
-            self.recorder.record(JobRecord.of(job, Status.DONE, result=value, worker=pid,
+            self._record_done(done, *outcome)
+
+    def _on_result(self, msg: dict[str, Any]) -> None:
+        """A worker's record of a try's value (worker.py), which comes before the future is
+        done (the same worker's stream, or the start pipe read first): recorded now, and
+        the future's end finds nothing left to fetch. A try already ended (abandoned,
+        cancelled, or recorded, its job run again after its result was lost) is dropped."""
+        done = self.tries.get(str(msg["key"]))
+        if done is not None:
+            self._record_done(done, msg["result"], int(msg["pid"]), str(msg["address"]))
+
+    def _record_done(self, done: Try, value: Any, pid: int, address: str) -> None:
+        """A try's value: recorded with the others of this turn (_record_turn)."""
+        self.tries.forget(done)
+        job = done.job
+        attempts = self.tries.attempts_used(done)
+        self.done_records.append(JobRecord.of(job, Status.DONE, result=value, worker=pid,
                                               attempts=attempts))
-            log.info("Job %d (%s %s) done by worker PID [%d] at %s: %s", job.job_id,
-                     job.kind.label, job.arg, pid, address, value,
-                     extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
-                                 result=value, address=address))
+        log.info("Job %d (%s %s) done by worker PID [%d] at %s: %s", job.job_id,
+                 job.kind.label, job.arg, pid, address, value,
+                 extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
+                             result=value, address=address))
+
+    def _record_turn(self) -> None:
+        """The values of this turn of the loop, recorded together: one write of their
+        results lines (Recorder.record_all), not one a job."""
+        if self.done_records:
+            records, self.done_records = self.done_records, []
+            self.recorder.record_all(records)
 
     def _cancel(self, tries: list[Try]) -> None:
         assert self.client is not None
@@ -481,6 +655,7 @@ class DaskEngine(EngineLoop):
         """Cancel the tries not started (reported not done): the running and the cancelled
         ones' counts."""
         self.supervisor.stop()
+        self.unsent = []  # not started: not done
         waiting = self.tries.waiting()
         running = len(self.tries) - len(waiting)
         for cancelled in waiting:
@@ -503,12 +678,21 @@ class DaskEngine(EngineLoop):
 
     def _close(self) -> None:
         """Close the client and our cluster (see cluster.close_cluster), and our pipes."""
+        self._record_turn()
+        if self.client is not None and not self.own_cluster:
+            remove_plugin(self.client, self.attempts_plugin)
         close_cluster(self.client, self.cluster, self.scratch,
                       [t.future for t in self.tries])
         for fd in (self.start_r, self.start_w):
             if fd >= 0:
                 os.close(fd)
-        self.close_wake_pipe()
+        with self.wake_lock:
+            self.wake_closed = True
+            self.close_wake_pipe()
+        # What distributed said as it closed, or after the loop's last turn.
+        for kind, *args in list(self.inbox):
+            if kind == "their_log":
+                log.debug("%s: %s", args[0], args[1])
         log.info("Dask engine closed.", extra=event(ev.DEALER_STOPPED))
 
     def _set_stats(self) -> None:
@@ -516,13 +700,9 @@ class DaskEngine(EngineLoop):
         pools = []
         for pool in self.layout.pools:
             crashes = counts.per_pool.get(pool.number, 0)
-            pools.append({"type": pool.number, "workers": pool.size, "crashes": crashes,
+            workers = pool.size if self.own_cluster else \
+                self.cluster_workers.peak.get(pool.number, 0)
+            pools.append({"type": pool.number, "workers": workers, "crashes": crashes,
                           "restarts": crashes if self.own_cluster else 0})
         self.recorder.stats = DealerStats(counts.crashes, counts.resends, pools=pools)
 
-
-def dask_priority(job: Job) -> int:
-    """Dask's priority= for a job: its priority, then the older job (lower id) first, as in
-    the local engine. Dask itself leaves tasks of one priority submitted together in no
-    set order."""
-    return job.priority * ID_SPAN - job.job_id

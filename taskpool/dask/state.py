@@ -18,6 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from taskpool.dask.cluster import pool_of_worker
 from taskpool.model.jobs import Job
+from taskpool.model.pools import PoolLayout
+
+# Job ids below this keep their order within a priority (dask_priority); the largest
+# encoded value, 32767 * 2**40, fits the 64-bit integers Dask's messages carry.
+ID_SPAN = 2**40
+
+
+def dask_priority(job: Job) -> int:
+    """Dask's priority for a job: its priority, then the older job (lower id) first, as in
+    the local engine; a worker runs the tasks it holds in this order."""
+    return job.priority * ID_SPAN - job.job_id
 
 if TYPE_CHECKING:
     from distributed import Future
@@ -62,6 +73,50 @@ class Counts:
     per_pool: dict[int, int] = field(default_factory=lambda: collections.defaultdict(int))
 
 
+@dataclass
+class ClusterWorkers:
+    """A given cluster's workers, as its scheduler describes them (scheduler_info()) and
+    announces them (its "add-worker" and "remove-worker" events): for --dask-wait, the
+    pre-flight check of each, and the exit table's worker counts."""
+
+    wait: float  # --dask-wait: seconds the cluster may have no worker at all
+    present: dict[str, dict[str, Any]] = field(default_factory=dict)  # address: description
+    checked: set[str] = field(default_factory=set)  # addresses that passed the pre-flight
+    peak: dict[int, int] = field(default_factory=dict)  # pool: most workers for it at once
+    empty_since: float | None = None  # time.monotonic() since when it has had no worker
+
+    def describe(self, workers: dict[str, dict[str, Any]], layout: PoolLayout) -> None:
+        """The scheduler's description of every worker present now."""
+        self.present = dict(workers)
+        for pool in layout.pools:
+            offering = [w for w in workers.values()
+                        if not layout.typed or f"type{pool.number}" in w.get("resources", {})]
+            self.peak[pool.number] = max(self.peak.get(pool.number, 0), len(offering))
+        self.empty_since = None if workers else (self.empty_since or time.monotonic())
+
+    def removed(self, address: str) -> bool:
+        """A worker left; True if the cluster has none left now."""
+        self.present.pop(address, None)
+        if self.present or self.empty_since is not None:
+            return False
+        self.empty_since = time.monotonic()
+        return True
+
+    def threads(self, address: str) -> int:
+        return int(self.present.get(address, {}).get("nthreads", 1))
+
+    def pool_of(self, address: str, layout: PoolLayout) -> int:
+        """The pool a worker serves (the first type it offers): its crashes count there."""
+        if layout.typed:
+            for name in self.present.get(address, {}).get("resources", {}):
+                if pool_of_worker(f"{name}-1") is not None:
+                    return int(name[len("type"):])
+        return layout.pools[0].number
+
+    def seconds_to_give_up(self, now: float) -> float | None:
+        return None if self.empty_since is None else self.empty_since + self.wait - now
+
+
 class Tries:
     """The tries outstanding (by key), and the workers seen running them (by address).
 
@@ -72,7 +127,13 @@ class Tries:
 
     def __init__(self, own_cluster: bool) -> None:
         self.own_cluster = own_cluster
+        # Whether the scheduler may run a task again by itself after a worker death: a
+        # given cluster whose scheduler refused our plugin (cluster.count_attempts_ourselves)
+        self.dask_retries = False
         self.by_key: dict[str, Try] = {}
+        # The tries with a --timeout running: the loop's timers look at these alone, not
+        # at every try outstanding, at each of its turns.
+        self.timed: dict[str, Try] = {}
         self.workers: dict[str, WorkerSeen] = {}
         self.pid_pools: dict[int, int | None] = {}  # worker pid: its pool (our own cluster)
 
@@ -95,11 +156,11 @@ class Tries:
         return any(t.running for t in self.by_key.values())
 
     def overdue(self, now: float) -> list[Try]:
-        return [t for t in self.by_key.values()
+        return [t for t in self.timed.values()
                 if t.deadline is not None and not t.timed_out and t.deadline <= now]
 
     def seconds_to_deadlines(self, now: float) -> list[float]:
-        return [t.deadline - now for t in self.by_key.values()
+        return [t.deadline - now for t in self.timed.values()
                 if t.deadline is not None and not t.timed_out]
 
     # --- starts -------------------------------------------------------------------------
@@ -125,6 +186,7 @@ class Tries:
         seconds = timeout(started.job)
         if seconds is not None:
             started.deadline = started.started_at + seconds
+            self.timed[key] = started
         return started
 
     # --- ends ---------------------------------------------------------------------------
@@ -139,6 +201,7 @@ class Tries:
     def forget(self, ended: Try, off_worker: bool = True) -> None:
         """A try has an outcome: drop it here and on the cluster."""
         self.by_key.pop(ended.key, None)
+        self.timed.pop(ended.key, None)
         if off_worker:
             self.off_worker(ended)
         ended.future.release()
@@ -157,9 +220,11 @@ class Tries:
         a worker death during a run errs at once (allowed-failures 0), so a second start
         of a key is Dask computing again a result lost with its worker before we fetched
         it: the job had completed, and the local engine charges nothing for that either.
-        On a given cluster, a second start may be Dask's own retry after a death; the two
-        cannot be told apart there, and each counts."""
-        return 0 if self.own_cluster else max(0, ended.starts - 1)
+        So too on a given cluster, whose scheduler errs our tasks at the first death as
+        well (cluster.count_attempts_ourselves); unless it refused that, and a second start
+        may be Dask's own retry after a death: the two cannot be told apart then, and each
+        counts."""
+        return max(0, ended.starts - 1) if self.dask_retries else 0
 
     def ran_on(self, failed: Try, address: str, pid: int) -> bool:
         """Whether `failed` was running on the worker (`address`, `pid`) that died, rather
@@ -176,6 +241,21 @@ class Tries:
         completed, and Dask erred it with this death only because its result was lost."""
         worker = self.workers.get(address)
         return worker is not None and worker.running == failed.key and failed.pid == pid
+
+    def running_on(self, address: str, held: list[Try], threads: int) -> list[Try]:
+        """Which of `held` (our tries that a given cluster's worker at `address`, of
+        `threads` threads, held when it was lost) it was running, rather than holding in
+        its queue. Those whose start it sent; and, for its threads left over, those whose
+        start it may not have sent before it died (a job that kills its worker at once),
+        in the order it runs what it holds: highest priority first."""
+        sent = [t for t in held if t.running and t.address == address]
+        unsent = sorted((t for t in held if t not in sent),
+                        key=lambda t: dask_priority(t.job), reverse=True)
+        return sent + unsent[:max(0, threads - len(sent))]
+
+    def pid_at(self, address: str) -> int | None:
+        worker = self.workers.get(address)
+        return worker.pid if worker is not None else None
 
     def _ran_another(self, address: str, key: str) -> bool:
         """Whether the one-thread worker at `address` was running another job when it died:

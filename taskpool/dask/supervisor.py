@@ -149,22 +149,25 @@ class Supervisor:
     def _carry_out(self, decision: Decision, failed: Try, death: Death, pid: int | None,
                    address: str) -> None:
         job = failed.job
+        # The worker: its PID and address; a given cluster's worker whose PID no start of
+        # ours told (it died at its first job) by its address alone.
+        worker = f"{pid} ({address})" if pid is not None else address
         if decision.verdict is Verdict.FAIL:
             self._fail(job, decision, death, pid)
         elif decision.verdict is Verdict.REQUEUE:
             if failed.starts == 0:
-                why, text = "unstarted", "it was waiting, unstarted, for %d (%s)"
+                why, text = "unstarted", "it was waiting, unstarted, for %s"
             else:
                 why, text = "result_lost", ("it had completed, but its result was lost "
-                                            "with a worker; it was not running on %d (%s)")
-            recovery_log.info("Requeued job %d: " + text, job.job_id, pid, address,
+                                            "with a worker; it was not running on %s")
+            recovery_log.info("Requeued job %d: " + text, job.job_id, worker,
                               extra=event(ev.JOB_REQUEUED, job=job.job_id, worker=pid,
                                           reason=why, address=address))
             self.submit(job, decision.next_attempt,
                         ("requeued" if why == "unstarted" else why, pid or address))
         else:
-            recovery_log.info("Resent job %d after crash of %s (%s): %s", job.job_id, pid,
-                              address, death.reason,
+            recovery_log.info("Resent job %d after crash of %s: %s", job.job_id, worker,
+                              death.reason,
                               extra=event(ev.JOB_RESENT, job=job.job_id, worker=pid,
                                           address=address, reason=death.reason))
             self._resend(job, decision, pid or address)
@@ -191,18 +194,55 @@ class Supervisor:
 
     # --- workers' deaths ---------------------------------------------------------------
 
-    def _on_worker_lost(self, address: str) -> None:
-        """A worker the scheduler removed while it held our tasks; counted once. Our own
-        cluster's deaths are counted from the nanny (with their exit status) instead."""
+    def _on_worker_lost(self, address: str, running: list[Try] | None = None,
+                        pool: int | None = None) -> None:
+        """A given cluster's worker that the scheduler removed while it held our tasks
+        (`running`: those it was running), counted once as a crash. Our own cluster's
+        deaths are counted from the nanny (with their exit status) instead."""
         if address in self.dead_addresses:
             return
         self.dead_addresses.add(address)
         if self.own_cluster:
             return
         self.counts.crashes += 1
-        supervisor_log.info("Worker %s lost", address,
-                            extra=event(ev.WORKER_EXITED, worker=None, address=address,
-                                        reason="lost", crash=True))
+        if pool is not None:
+            self.counts.per_pool[pool] += 1
+        pid = self.tries.pid_at(address)
+        jobs = sorted(t.job.job_id for t in running or [])
+        supervisor_log.info(
+            "Worker %s%s lost: %s", f"PID {pid} at " if pid is not None else "", address,
+            f"it was running job {', '.join(map(str, jobs))}" if jobs else
+            "it was running no job of ours", extra=event(
+                ev.WORKER_EXITED, worker=pid, type=pool, address=address, reason="lost",
+                crash=True, jobs=jobs))
+
+    def on_worker_removed(self, address: str, keys: list[str], expected: bool, pool: int,
+                          threads: int) -> None:
+        """A given cluster's scheduler removed a worker that held the tries of `keys`
+        (some may be another client's). One that left on purpose (`expected`: retired,
+        closed) hands its tasks back, and Dask runs them elsewhere under the same keys. One
+        that was lost is a crash: the tries it was running are charged an attempt, those
+        in its queue are sent again uncharged, all under new keys (their old ones err with
+        KilledWorker, now or at Dask's next death of theirs: nothing to judge then)."""
+        held = [t for t in map(self.tries.get, keys) if t is not None]
+        if expected:
+            supervisor_log.info("Worker %s left the cluster", address,
+                                extra=event(ev.WORKER_EXITED, worker=self.tries.pid_at(address),
+                                            address=address, reason="left", crash=False))
+            return
+        running = self.tries.running_on(address, held, threads)
+        self._on_worker_lost(address, running, pool)
+        if self.tries.dask_retries:
+            self.cancel(held)  # Dask would run them again by itself
+        pid = self.tries.pid_at(address)
+        for failed in held:
+            self.tries.forget(failed, off_worker=False)
+            if self.stopping:
+                continue  # reported not done
+            death = self._timed_out(failed) if failed.timed_out else \
+                Death.of(Cause.WORKER_LOST, address=address)
+            decision = self._decide(failed, death, started=failed in running)
+            self._carry_out(decision, failed, death, pid, address)
 
     def on_worker_exited(self, pid: int, how: str) -> None:
         """Our own cluster's nanny said how a worker process ended."""

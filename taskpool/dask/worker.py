@@ -2,8 +2,10 @@
 
 `run_job` is what the Dask engine submits, once per attempt, under a key of its own
 (`taskpool-<run>-<job>-<attempt>.<try>`). It tells the client it has started (the job's
-ACK: see `_tell_started`), then computes with the same `jobs.execute` as a local worker, and
-returns the value with who computed it. A job has started, for taskpool, when `run_job`
+ACK: see `_tell`), then computes with the same `jobs.execute` as a local worker, tells the
+client the value the same way (so that the client need not fetch it from the worker: one
+message instead of a round trip through the scheduler), and returns it with who computed
+it. A job has started, for taskpool, when `run_job`
 has begun: a simulated crash "before the ACK" comes after that record, where a local
 worker's comes after it has taken the job, and is charged as that one is. A simulated crash
 (`--crash-rate`, `--inject-fault`) kills the worker process with a signal, as a local
@@ -50,18 +52,18 @@ def _crash_at(plan: CrashPlan | None, job_id: int, attempt: int, step: Step) -> 
 _start_fds: dict[str, int] = {}
 
 
-def _tell_started(worker: Any, start_path: str | None, started: dict[str, Any]) -> None:
+def _tell(worker: Any, start_path: str | None, record: dict[str, Any]) -> None:
     """On taskpool's own cluster (same machine, same user), through the write end of main's
     start pipe, reached as /proc/MAIN/fd/N: once write() returns, the record is main's even
     if this process dies the next instant, as a local worker's ACK is. On a given cluster,
     as an event through the scheduler, which a death right after may lose."""
     if start_path is None:
-        worker.log_event(TOPIC, started)
+        worker.log_event(TOPIC, record)
         return
     fd = _start_fds.get(start_path)
     if fd is None:
         fd = _start_fds[start_path] = os.open(start_path, os.O_WRONLY | os.O_CLOEXEC)
-    os.write(fd, json.dumps(started).encode() + b"\n")  # < PIPE_BUF: one atomic write
+    os.write(fd, json.dumps(record).encode() + b"\n")  # < PIPE_BUF: one atomic write
 
 
 def run_job(job_id: int, kind: int, arg: Arg, attempt: int, key: str,
@@ -75,9 +77,11 @@ def run_job(job_id: int, kind: int, arg: Arg, attempt: int, key: str,
                                "address": worker.address, "name": str(worker.name),
                                "nthreads": worker.state.nthreads,
                                "resources": dict(worker.state.total_resources)}
-    _tell_started(worker, start_path, started)
+    _tell(worker, start_path, started)
     _crash_at(plan, job_id, attempt, Step.BEFORE_ACK)
     _crash_at(plan, job_id, attempt, Step.DURING_COMPUTE)
     value = execute(JobKind(kind), arg)
     _crash_at(plan, job_id, attempt, Step.BEFORE_RESULT)
+    _tell(worker, start_path, {"key": key, "result": value, "pid": pid,
+                               "address": worker.address})
     return value, pid, worker.address

@@ -9,6 +9,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     dealer_stopped       Dealer, Dask engine
     dask_connecting      Dask engine                   scheduler, timeout
     dask_started         Dask engine                   scheduler, workers, own_cluster[, threads]
+    dask_worker_joined   Dask engine (--scheduler)     address, workers
+    dask_no_worker       Dask engine (--scheduler)     wait
     worker_started       worker
     worker_shutdown      worker
     simulated_crash      worker                        job, step, attempt
@@ -35,7 +37,8 @@ tests read them back by the same names. An event's fields are its JSON object's 
     job_abandoned        Supervisor (Dask)             job, worker, reason
     jobs_not_done        Supervisor                    jobs, worker, reason
     duplicate_dropped    Dealer                        job, worker
-    worker_exited        Supervisor                    worker, type, reason, crash
+    worker_exited        Supervisor                    worker, type, reason, crash[, address,
+                                                       jobs: Dask, the jobs it was running]
     worker_killed        Supervisor; Dask (at close)   worker, reason
     gave_up              Supervisor                    reason
     halted               Dealer, Dask engine           when, failed, jobs, reason, running,
@@ -63,6 +66,8 @@ DEALER_STARTED = "dealer_started"
 DEALER_STOPPED = "dealer_stopped"
 DASK_CONNECTING = "dask_connecting"
 DASK_STARTED = "dask_started"
+DASK_WORKER_JOINED = "dask_worker_joined"
+DASK_NO_WORKER = "dask_no_worker"
 WORKER_STARTED = "worker_started"
 WORKER_SHUTDOWN = "worker_shutdown"
 SIMULATED_CRASH = "simulated_crash"

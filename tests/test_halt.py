@@ -138,7 +138,9 @@ def test_halt_on_the_dask_engine(tmp_path: Path, when: str) -> None:
 
 
 def test_resume_runs_the_jobs_a_halt_left_not_done(tmp_path: Path) -> None:
-    jobs = write_job_file(tmp_path, ["crash", "sleep 2", "fib 5"])
+    # Both others take a second: a replacement worker could otherwise finish one (done, rightly)
+    # between the crash and the halt's kill.
+    jobs = write_job_file(tmp_path, ["crash", "sleep 1", "sleep 1"])
     journal, results = tmp_path / "run.db", tmp_path / "r.jsonl"
     base = ["--workers", "1", "--jobs", str(jobs), "--max-attempts", "1",
             "--journal", str(journal), "--results", str(results)]

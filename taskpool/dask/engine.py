@@ -58,6 +58,7 @@ scheduler), [Supervisor] for worker deaths and verdicts, [Recovery] for jobs sen
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import logging
@@ -70,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskpool.core.engine import RunConfig
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung, set_nonblocking
+from taskpool.core.output import JobOutput
 from taskpool.core.stdin import streamed_jobs
 from taskpool.core.supervision import Again, Halt, halt_due, sent_again_words
 from taskpool.dask.cluster import (
@@ -93,12 +95,19 @@ from taskpool.dask.cluster import (
 )
 from taskpool.dask.state import ClusterWorkers, Tries, Try, dask_priority
 from taskpool.dask.supervisor import Supervisor
-from taskpool.dask.worker import TOPIC, run_job
-from taskpool.model.jobs import Job
+from taskpool.dask.worker import TOPIC, RealWork, run_job
+from taskpool.model.jobs import COMMAND_KINDS, Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.log import dask_log as log
 from taskpool.observe.log import event, job_event, main_log
+from taskpool.posix.spool import (
+    attempt_paths,
+    make_run_dir,
+    remove_run_dir,
+    sweep_abandoned_run_dirs,
+)
+from taskpool.wire.commands import Ending
 from taskpool.wire.records import LineRejected
 
 if TYPE_CHECKING:
@@ -154,6 +163,17 @@ class DaskEngine(EngineLoop):
         self.scratch: str | None = None  # our own cluster's temporary directory
         self.cluster_workers = ClusterWorkers(config.dask_wait)  # a --scheduler's workers
         self.attempts_plugin: str | None = None  # see cluster.count_attempts_ourselves
+        # Our private run directory: the output of jobs of real work until it is delivered
+        # (dask/commands.py), removed when the run ends.
+        self.run_dir: str | None = None
+
+    def run(self) -> int:
+        # The run's directory goes after the recorder's last outcomes, which deliver output.
+        try:
+            return super().run()
+        finally:
+            if self.run_dir is not None:
+                remove_run_dir(self.run_dir)
 
     def post(self, item: tuple[Any, ...]) -> None:
         """From any thread: hand an item to the main loop and wake it. Once the loop's
@@ -204,6 +224,9 @@ class DaskEngine(EngineLoop):
         """Start or reach the cluster, then submit the file's jobs; False if there is no
         cluster to run on."""
         quiet_distributed(self.post)
+        sweep_abandoned_run_dirs(self.config.output_dir)
+        self.run_dir = make_run_dir(self.config.output_dir)
+        self.recorder.output = JobOutput(self.run_dir, self.config.output_dir)
         if not (self._start_own_cluster() if self.own_cluster else self._connect()):
             return False
         assert self.client is not None
@@ -497,8 +520,9 @@ class DaskEngine(EngineLoop):
         jobs = [job for job, _, _ in batch]
         futures = self.client.map(
             run_job, [j.job_id for j in jobs], [int(j.kind) for j in jobs],
-            [j.arg for j in jobs], [attempt for _, attempt, _ in batch], keys, key=keys,
-            plan=self.plan, start_path=self.start_path, pure=False, retries=0,
+            [j.text if j.kind in COMMAND_KINDS else j.arg for j in jobs],
+            [attempt for _, attempt, _ in batch], keys, [self._real_work(j) for j in jobs],
+            key=keys, plan=self.plan, start_path=self.start_path, pure=False, retries=0,
             priority=priority, fifo_timeout="0s", resources=resources)
         logged = log.isEnabledFor(logging.INFO)
         for (job, attempt, again), key, future in zip(batch, keys, futures):
@@ -507,6 +531,13 @@ class DaskEngine(EngineLoop):
             self._rearm(submitted)
             if logged:
                 self._log_sent(job, attempt, key, again)
+
+    def _real_work(self, job: Job) -> RealWork | None:
+        """How a worker runs a job of real work: see dask/commands.py."""
+        if job.kind not in COMMAND_KINDS:
+            return None
+        return RealWork(self.supervisor.timeout_of(job),
+                        self.run_dir if self.own_cluster else None)
 
     def _log_sent(self, job: Job, attempt: int, key: str, why: Again) -> None:
         again = sent_again_words(attempt, why)
@@ -529,7 +560,10 @@ class DaskEngine(EngineLoop):
         if "result" in msg:
             self._on_result(msg)
             return
-        started = self.tries.note_start(msg, self.supervisor.timeout_of)
+        if "command" in msg:
+            self.tries.note_command(str(msg["key"]), int(msg["command"]))
+            return
+        started = self.tries.note_start(msg, self.supervisor.deadline_of)
         if started is None:
             return
         # The attempt this run is charged as: on our own cluster, a second start of a key
@@ -592,6 +626,9 @@ class DaskEngine(EngineLoop):
         """A try's value: recorded with the others of this turn (_record_turn)."""
         self.tries.forget(done)
         job = done.job
+        if job.kind in COMMAND_KINDS:
+            self._record_real_work(done, value, pid, address)
+            return
         attempts = self.tries.attempts_used(done)
         self.done_records.append(JobRecord.of(job, Status.DONE, result=value, worker=pid,
                                               attempts=attempts))
@@ -599,6 +636,45 @@ class DaskEngine(EngineLoop):
                  job.kind.label, job.arg, pid, address, value,
                  extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
                              result=value, address=address))
+
+    def _record_real_work(self, done: Try, value: dict[str, Any], pid: int,
+                          address: str) -> None:
+        """A job of real work's value (dask/commands.py): a command killed is judged as a
+        crash of the attempt; one that ran to its end is done, or failed and perhaps run
+        again (--retry-failed); the record carries its exit status and duration, and its
+        output is delivered as it is recorded (core/output.py), as in the local engine."""
+        assert self.run_dir is not None
+        job = done.job
+        if "signal" in value or "timed_out" in value:
+            self.supervisor.on_command_killed(done, value.get("signal"), pid, address,
+                                              self.run_dir)
+            return
+        ending = Ending(float(value["d"]), value.get("x"), value.get("r"), value.get("e"))
+        if "out" in value:  # a given cluster's worker: its output inline
+            for path, data in zip(attempt_paths(self.run_dir, job.job_id, pid),
+                                  (value["out"], value["err"])):
+                with open(path, "wb") as f:
+                    f.write(data)
+        failure = self.supervisor.failed_run(done, job.kind, ending, pid, self.run_dir)
+        if failure is False:
+            return  # run again
+        attempts = self.tries.attempts_used(done)
+        status = Status.DONE if failure is None else Status.FAILED
+        self.done_records.append(dataclasses.replace(
+            JobRecord.of(job, status, result=ending.result, worker=pid, attempts=attempts,
+                         reason=None if failure is None else failure.reason),
+            exit_status=ending.exit_status, duration=round(ending.duration, 6)))
+        if failure is None:
+            log.info("Job %d (%s) done by worker PID [%d] at %s: %s", job.job_id,
+                     job.describe(), pid, address,
+                     ending.exit_status if ending.result is None else ending.result,
+                     extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
+                                 result=ending.result, exit_status=ending.exit_status,
+                                 address=address))
+            return
+        log.info("Job %d failed: %s", job.job_id, failure.reason,
+                 extra=event(ev.JOB_FAILED, job=job.job_id, worker=pid, attempts=attempts,
+                             reason=failure.reason, exit_status=ending.exit_status))
 
     def _record_turn(self) -> None:
         """The values of this turn of the loop, recorded together: one write of their
@@ -683,6 +759,10 @@ class DaskEngine(EngineLoop):
             remove_plugin(self.client, self.attempts_plugin)
         close_cluster(self.client, self.cluster, self.scratch,
                       [t.future for t in self.tries])
+        # A command its worker was still running as the cluster closed (--halt now, a
+        # second signal, the end of --grace): its process group goes with it.
+        for running in self.tries:
+            self.supervisor.kill_command(running)
         for fd in (self.start_r, self.start_w):
             if fd >= 0:
                 os.close(fd)

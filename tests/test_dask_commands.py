@@ -191,3 +191,21 @@ def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
     assert (record["status"], record["attempts"], record["exit_status"]) == ("done", 2, 0)
     assert (kept / "1.out").read_text() == "second attempt\n", "its output, once"
     assert out.read_text() == ""
+
+
+def test_halt_now_ends_the_running_commands_with_the_run(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    jobs = write_job_file(tmp_path, [
+        f"sh echo $$ > {marks}/leader; (sleep 300 & wait) & wait",
+        f"sh while [ ! -e {marks}/leader ]; do sleep 0.05; done; exit 1", "sh echo never"])
+    results = tmp_path / "r.jsonl"
+    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results),
+                   "--halt", "now,fail=1"], events=tmp_path / "events.jsonl")
+    assert run.finish() == 1
+    records = by_job(results)
+    assert records[2]["status"] == "failed"
+    assert (records[1]["status"], records[3]["status"]) == ("not_done", "not_done")
+    run.one_event(ev.HALTED)
+    leader = int((marks / "leader").read_text())
+    assert wait_until_ended(group_members(leader)) == [], "a command outlived its run"

@@ -240,7 +240,8 @@ class Supervisor:
                           extra=event(ev.JOB_RESENT, job=job.job_id, worker=pid,
                                       reason=failure.reason))
         self.counts.resends += 1
-        self.submit(job, self.tries.attempts_used(ended) + 1, ("retried", pid))
+        # It keeps its attempt number, as locally: a crash is bounded by --max-attempts alone.
+        self.submit(job, self.tries.attempts_used(ended), ("retried", pid))
         return False
 
     def kill_command(self, ended: Try) -> None:

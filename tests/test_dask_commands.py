@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_command_jobs import group_members, parent_of, wait_until_ended
 
 from taskpool.observe import events as ev
 
 from harness import PoolRun, read_results, wait_for_files, write_job_file
-from test_command_jobs import group_members, parent_of, wait_until_ended
 
 pytest.importorskip("distributed")
 

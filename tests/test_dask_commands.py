@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_command_jobs import group_members, parent_of, wait_until_ended
+
+# Each test's runs have a TMPDIR of their own, empty at the end: no run directory, no Dask
+# scratch space, no job output left behind.
+from test_dask import temporary_directory  # noqa: F401 - an autouse fixture
 
 from taskpool.observe import events as ev
 
@@ -22,18 +25,6 @@ from harness import PoolRun, read_results, wait_for_files, write_job_file
 pytest.importorskip("distributed")
 
 DASK = ["--engine", "dask"]
-
-
-@pytest.fixture(autouse=True)
-def temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The TMPDIR of the test's runs, empty at the end: no run directory, no Dask scratch
-    space, no job output left behind."""
-    scratch = tmp_path / "TMPDIR"
-    scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))
-    yield scratch
-    left = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*"))
-    assert left == [], f"left in TMPDIR: {left}"
 
 
 def by_job(path: Path) -> dict[int, dict[str, Any]]:

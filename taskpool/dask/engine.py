@@ -28,6 +28,7 @@ keeps a wake-up from a descriptor closed at the end: post()). The pieces:
     state.py       the bookkeeping: Try, WorkerSeen, Counts, Tries
     cluster.py     starting, reaching and closing the cluster; distributed's logging
     worker.py      what runs in a Dask worker: one attempt of one job
+    commands.py    ... and of a job of real work (sh, exec, call), by core/commands.py
 
 Attempts are counted here, not by Dask. On our own cluster the scheduler's allowed-failures
 is 0: when a worker dies, every task it held errs at once with KilledWorker, and this loop
@@ -45,6 +46,12 @@ tasks the same at-once error (cluster.count_attempts_ourselves), and a loss is j
 the scheduler's "remove-worker" event, which lists the tasks the worker held: those it had
 told us it started, and for its threads left over the ones it would have run first (a start
 sent as an event can die with its worker), were running (state.Tries.running_on).
+
+A job of real work (sh, exec, call) is run by its worker with the local workers' code; its
+value says how it ended (dask/commands.py), and its output waits in our private run
+directory (written there by the command on our own cluster, by us from the value on a given
+one) until the Recorder delivers it, once, as it records the job (core/output.py). Its
+worker tells us its command's process group, which we kill if the worker dies first.
 
 A job's result is recorded once: the Recorder keeps the first outcome of a job id and drops
 any other, and every try of a job has its own key, so a late result of an abandoned try
@@ -651,10 +658,7 @@ class DaskEngine(EngineLoop):
             return
         ending = Ending(float(value["d"]), value.get("x"), value.get("r"), value.get("e"))
         if "out" in value:  # a given cluster's worker: its output inline
-            for path, data in zip(attempt_paths(self.run_dir, job.job_id, pid),
-                                  (value["out"], value["err"])):
-                with open(path, "wb") as f:
-                    f.write(data)
+            _spool_inline(self.run_dir, job.job_id, pid, value["out"], value["err"])
         failure = self.supervisor.failed_run(done, job.kind, ending, pid, self.run_dir)
         if failure is False:
             return  # run again
@@ -786,3 +790,14 @@ class DaskEngine(EngineLoop):
                           "restarts": crashes if self.own_cluster else 0})
         self.recorder.stats = DealerStats(counts.crashes, counts.resends, pools=pools)
 
+
+def _spool_inline(run_dir: str, job_id: int, pid: int, out: bytes, err: bytes) -> None:
+    """A given cluster's job output, returned inline, into our run directory, where the
+    Recorder delivers it from (a full disk loses it, said, not the run)."""
+    for path, data in zip(attempt_paths(run_dir, job_id, pid), (out, err)):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            main_log.error("Cannot keep the output of job %d (%s): it is not shown", job_id,
+                           e.strerror or e)

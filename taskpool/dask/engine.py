@@ -171,7 +171,8 @@ class DaskEngine(EngineLoop):
         self.cluster_workers = ClusterWorkers(config.dask_wait)  # a --scheduler's workers
         self.attempts_plugin: str | None = None  # see cluster.count_attempts_ourselves
         # Our private run directory: the output of jobs of real work until it is delivered
-        # (dask/commands.py), removed when the run ends.
+        # (dask/commands.py); made with the first such job, removed when the run ends (a
+        # SIGKILLed main's is swept by the next run, as the local engine's).
         self.run_dir: str | None = None
 
     def run(self) -> int:
@@ -231,9 +232,6 @@ class DaskEngine(EngineLoop):
         """Start or reach the cluster, then submit the file's jobs; False if there is no
         cluster to run on."""
         quiet_distributed(self.post)
-        sweep_abandoned_run_dirs(self.config.output_dir)
-        self.run_dir = make_run_dir(self.config.output_dir)
-        self.recorder.output = JobOutput(self.run_dir, self.config.output_dir)
         if not (self._start_own_cluster() if self.own_cluster else self._connect()):
             return False
         assert self.client is not None
@@ -543,6 +541,10 @@ class DaskEngine(EngineLoop):
         """How a worker runs a job of real work: see dask/commands.py."""
         if job.kind not in COMMAND_KINDS:
             return None
+        if self.run_dir is None:  # made for the first one: a run of none leaves nothing
+            sweep_abandoned_run_dirs(self.config.output_dir)
+            self.run_dir = make_run_dir(self.config.output_dir)
+            self.recorder.output = JobOutput(self.run_dir, self.config.output_dir)
         return RealWork(self.supervisor.timeout_of(job),
                         self.run_dir if self.own_cluster else None)
 

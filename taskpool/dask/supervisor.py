@@ -97,8 +97,11 @@ class Supervisor:
         from distributed.scheduler import KilledWorker
 
         error = failed.future.exception()
-        if isinstance(error, KilledWorker):
-            self.kill_command(failed)  # now: nothing of a job outlives its worker
+        if isinstance(error, KilledWorker) and self.tries.ran_on(
+                failed, error.last_worker.address, error.last_worker.pid):
+            # Now: nothing of a job outlives its worker. Only the command of the try it was
+            # running: another try's has ended, and its group's id may be another's by now.
+            self.kill_command(failed)
         if isinstance(error, KilledWorker) and self.own_cluster \
                 and not self.stopping and error.last_worker.pid not in self.deaths:
             self.parked.append((time.monotonic() + DEATH_REPORT_WAIT, failed, error))

@@ -267,7 +267,8 @@ class _StandInClient:
         self.sent: list[tuple[int, int]] = []
 
     def map(self, fn: Any, job_ids: list[int], kinds: list[int], args: list[Any],
-            attempts: list[int], keys: list[str], **kwargs: Any) -> list[_StandInFuture]:
+            attempts: list[int], keys: list[str], works: list[Any],
+            **kwargs: Any) -> list[_StandInFuture]:
         for job_id, attempt, key in zip(job_ids, attempts, keys):
             self.futures[job_id] = _StandInFuture(key)
             self.sent.append((job_id, attempt))

@@ -329,3 +329,28 @@ def test_chaos_on_a_real_cluster_loses_and_doubles_nothing(
     lost = run.events_named(ev.WORKER_EXITED, crash=True)
     assert summary["crashes"] == len(lost) >= len(set(killed))
     assert summary["resends"] == len(run.events_named(ev.JOB_RESENT))
+
+
+# --- jobs of real work ------------------------------------------------------------------------
+
+def test_a_given_clusters_workers_return_each_jobs_output_inline_cut_at_its_bound(
+        real_cluster: RealCluster, tmp_path: Path) -> None:
+    real_cluster.add_worker()
+    kept = tmp_path / "kept"
+    big = 1100000  # over the 1 MiB a stream that a given cluster's worker returns inline
+    run = _run(real_cluster, tmp_path, [
+        "sh echo one; echo uno >&2; exit 3", "call tests.call_targets:square 4",
+        f"sh head -c {big} /dev/zero | tr '\\0' x"], "--output-dir", str(kept))
+    assert run.finish() == 1
+    records = {r["job"]: r for r in read_results(tmp_path / "r.jsonl")}
+    assert (records[1]["status"], records[1]["reason"], records[1]["exit_status"]) == \
+        ("failed", "exit status 3", 3)
+    assert (records[2]["status"], records[2]["result"]) == ("done", 16)
+    assert (kept / "1.out").read_text() == "one\n" and (kept / "1.err").read_text() == "uno\n"
+    assert (kept / "2.out").read_text() == "squaring 4\n"
+    assert (kept / "2.err").read_text() == "to stderr 4\n"
+    cut = (kept / "3.out").read_bytes()
+    assert cut.startswith(b"x" * (1 << 20)) and not cut.startswith(b"x" * ((1 << 20) + 1))
+    assert cut.endswith(f"output cut at {1 << 20} bytes of {big}: on a cluster given by "
+                        "--scheduler, a job's output returns inline]\n".encode())
+    assert records[3]["status"] == "done"

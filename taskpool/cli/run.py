@@ -278,11 +278,8 @@ def _read_job_file(path: str, layout: PoolLayout,
 
 
 def _commands_refused(args: argparse.Namespace) -> str | None:
-    """Why this run cannot take sh, exec and call jobs, if it cannot: the Dask engine does
-    not run them yet (its workers would fail them one by one); and with --results - their
-    output would mix with the results on standard output."""
-    if args.engine == "dask":
-        return "--engine dask does not run sh, exec and call jobs yet: run them on the local engine"
+    """Why this run cannot take sh, exec and call jobs, if it cannot: with --results -
+    their output would mix with the results on standard output."""
     if args.results == "-" and args.output_dir is None:
         return ("with --results -, a command's output would mix with the results on standard "
                 "output: keep it in files with --output-dir DIR")

@@ -62,8 +62,10 @@ class Killed:
 
 
 def run_command(kind: JobKind, text: str, timeout: float | None, stdout_fd: int,
-                stderr_fd: int) -> Ending | Killed:
-    """Run an sh or exec job's command to its end (or its timeout)."""
+                stderr_fd: int, spawned: Callable[[int], None] | None = None) -> Ending | Killed:
+    """Run an sh or exec job's command to its end (or its timeout). `spawned` is told the
+    command's pid (its process group's id) once it runs: a Dask worker tells main, who
+    kills the group if the worker dies first (dask/worker.py)."""
     started = time.monotonic()
     try:
         argv = ["/bin/sh", "-c", text] if kind is JobKind.SH else exec_argv(text)
@@ -78,6 +80,8 @@ def run_command(kind: JobKind, text: str, timeout: float | None, stdout_fd: int,
             setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=())
     except OSError as e:
         return _not_started(argv[0], e, stderr_fd, started)
+    if spawned is not None:
+        spawned(pid)
     status, timed_out = _wait(pid, timeout)
     duration = time.monotonic() - started
     if timed_out:

@@ -24,12 +24,15 @@ call these, and their tests are tables (tests/test_supervision_rules.py).
 from __future__ import annotations
 
 import enum
+import signal
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from taskpool.model.jobs import JobKind
 from taskpool.model.policy import HaltPolicy, SupervisionPolicy
 from taskpool.posix.proc import describe_wait_status
+from taskpool.wire.commands import Ending
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,15 @@ class Death:
     def crashed(cls, wait_status: int) -> Death:
         """A worker that died on its own, from its raw wait status."""
         return cls.of(Cause.CRASHED, how=describe_wait_status(wait_status))
+
+    @classmethod
+    def command_killed(cls, signum: int) -> Death:
+        """A job's command killed by signal `signum`, not by us: a crash of the attempt."""
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return cls.of(Cause.COMMAND_KILLED, signal=signum, name=name)
 
     @property
     def call_reason(self) -> str:
@@ -169,6 +181,17 @@ def after_failure(failure: Death, runs_before: int, policy: SupervisionPolicy, *
     if runs <= policy.retry_failed and not stopping:
         return Decision(Verdict.RESEND, runs)
     return Decision(Verdict.FAIL, runs)
+
+
+def failure_of(kind: JobKind, ending: Ending) -> Death | None:
+    """The failure a job of real work that ran to its end was, if it failed: a call that
+    raised (or could not be imported), a command that could not start or exited non-zero.
+    Every engine words it so."""
+    if ending.succeeded:
+        return None
+    if kind is JobKind.FUNCTION or ending.exit_status is None:
+        return Death.of(Cause.CALL_RAISED, error=ending.error)
+    return Death.of(Cause.EXITED_NONZERO, status=ending.exit_status)
 
 
 @dataclass(frozen=True)
@@ -266,6 +289,7 @@ AGAIN_WORDS = {
     "moved": "moved from worker {worker}'s queue",
     "result_lost": "its result was lost with worker {worker}",  # Dask
     "cancelled": "cancelled by the cluster",  # Dask
+    "retried": "it failed on {worker}, and --retry-failed runs it again",  # Dask
 }
 
 

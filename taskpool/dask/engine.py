@@ -28,6 +28,7 @@ keeps a wake-up from a descriptor closed at the end: post()). The pieces:
     state.py       the bookkeeping: Try, WorkerSeen, Counts, Tries
     cluster.py     starting, reaching and closing the cluster; distributed's logging
     worker.py      what runs in a Dask worker: one attempt of one job
+    commands.py    ... and of a job of real work (sh, exec, call), by core/commands.py
 
 Attempts are counted here, not by Dask. On our own cluster the scheduler's allowed-failures
 is 0: when a worker dies, every task it held errs at once with KilledWorker, and this loop
@@ -46,6 +47,12 @@ the scheduler's "remove-worker" event, which lists the tasks the worker held: th
 told us it started, and for its threads left over the ones it would have run first (a start
 sent as an event can die with its worker), were running (state.Tries.running_on).
 
+A job of real work (sh, exec, call) is run by its worker with the local workers' code; its
+value says how it ended (dask/commands.py), and its output waits in our private run
+directory (written there by the command on our own cluster, by us from the value on a given
+one) until the Recorder delivers it, once, as it records the job (core/output.py). Its
+worker tells us its command's process group, which we kill if the worker dies first.
+
 A job's result is recorded once: the Recorder keeps the first outcome of a job id and drops
 any other, and every try of a job has its own key, so a late result of an abandoned try
 cannot be mistaken for another's.
@@ -58,6 +65,7 @@ scheduler), [Supervisor] for worker deaths and verdicts, [Recovery] for jobs sen
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import logging
@@ -70,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskpool.core.engine import RunConfig
 from taskpool.core.loop import INTERRUPTS, EngineLoop, Rung, set_nonblocking
+from taskpool.core.output import JobOutput
 from taskpool.core.stdin import streamed_jobs
 from taskpool.core.supervision import Again, Halt, halt_due, sent_again_words
 from taskpool.dask.cluster import (
@@ -93,12 +102,19 @@ from taskpool.dask.cluster import (
 )
 from taskpool.dask.state import ClusterWorkers, Tries, Try, dask_priority
 from taskpool.dask.supervisor import Supervisor
-from taskpool.dask.worker import TOPIC, run_job
-from taskpool.model.jobs import Job
+from taskpool.dask.worker import TOPIC, RealWork, run_job
+from taskpool.model.jobs import COMMAND_KINDS, Job
 from taskpool.model.outcome import DealerStats, JobRecord, Status
 from taskpool.observe import events as ev
 from taskpool.observe.log import dask_log as log
 from taskpool.observe.log import event, job_event, main_log
+from taskpool.posix.spool import (
+    attempt_paths,
+    make_run_dir,
+    remove_run_dir,
+    sweep_abandoned_run_dirs,
+)
+from taskpool.wire.commands import Ending
 from taskpool.wire.records import LineRejected
 
 if TYPE_CHECKING:
@@ -154,6 +170,18 @@ class DaskEngine(EngineLoop):
         self.scratch: str | None = None  # our own cluster's temporary directory
         self.cluster_workers = ClusterWorkers(config.dask_wait)  # a --scheduler's workers
         self.attempts_plugin: str | None = None  # see cluster.count_attempts_ourselves
+        # Our private run directory: the output of jobs of real work until it is delivered
+        # (dask/commands.py); made with the first such job, removed when the run ends (a
+        # SIGKILLed main's is swept by the next run, as the local engine's).
+        self.run_dir: str | None = None
+
+    def run(self) -> int:
+        # The run's directory goes after the recorder's last outcomes, which deliver output.
+        try:
+            return super().run()
+        finally:
+            if self.run_dir is not None:
+                remove_run_dir(self.run_dir)
 
     def post(self, item: tuple[Any, ...]) -> None:
         """From any thread: hand an item to the main loop and wake it. Once the loop's
@@ -497,8 +525,9 @@ class DaskEngine(EngineLoop):
         jobs = [job for job, _, _ in batch]
         futures = self.client.map(
             run_job, [j.job_id for j in jobs], [int(j.kind) for j in jobs],
-            [j.arg for j in jobs], [attempt for _, attempt, _ in batch], keys, key=keys,
-            plan=self.plan, start_path=self.start_path, pure=False, retries=0,
+            [j.text if j.kind in COMMAND_KINDS else j.arg for j in jobs],
+            [attempt for _, attempt, _ in batch], keys, [self._real_work(j) for j in jobs],
+            key=keys, plan=self.plan, start_path=self.start_path, pure=False, retries=0,
             priority=priority, fifo_timeout="0s", resources=resources)
         logged = log.isEnabledFor(logging.INFO)
         for (job, attempt, again), key, future in zip(batch, keys, futures):
@@ -507,6 +536,17 @@ class DaskEngine(EngineLoop):
             self._rearm(submitted)
             if logged:
                 self._log_sent(job, attempt, key, again)
+
+    def _real_work(self, job: Job) -> RealWork | None:
+        """How a worker runs a job of real work: see dask/commands.py."""
+        if job.kind not in COMMAND_KINDS:
+            return None
+        if self.run_dir is None:  # made for the first one: a run of none leaves nothing
+            sweep_abandoned_run_dirs(self.config.output_dir)
+            self.run_dir = make_run_dir(self.config.output_dir)
+            self.recorder.output = JobOutput(self.run_dir, self.config.output_dir)
+        return RealWork(self.supervisor.timeout_of(job),
+                        self.run_dir if self.own_cluster else None)
 
     def _log_sent(self, job: Job, attempt: int, key: str, why: Again) -> None:
         again = sent_again_words(attempt, why)
@@ -529,7 +569,10 @@ class DaskEngine(EngineLoop):
         if "result" in msg:
             self._on_result(msg)
             return
-        started = self.tries.note_start(msg, self.supervisor.timeout_of)
+        if "command" in msg:
+            self.tries.note_command(str(msg["key"]), int(msg["command"]))
+            return
+        started = self.tries.note_start(msg, self.supervisor.deadline_of)
         if started is None:
             return
         # The attempt this run is charged as: on our own cluster, a second start of a key
@@ -592,6 +635,9 @@ class DaskEngine(EngineLoop):
         """A try's value: recorded with the others of this turn (_record_turn)."""
         self.tries.forget(done)
         job = done.job
+        if job.kind in COMMAND_KINDS:
+            self._record_real_work(done, value, pid, address)
+            return
         attempts = self.tries.attempts_used(done)
         self.done_records.append(JobRecord.of(job, Status.DONE, result=value, worker=pid,
                                               attempts=attempts))
@@ -599,6 +645,42 @@ class DaskEngine(EngineLoop):
                  job.kind.label, job.arg, pid, address, value,
                  extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
                              result=value, address=address))
+
+    def _record_real_work(self, done: Try, value: dict[str, Any], pid: int,
+                          address: str) -> None:
+        """A job of real work's value (dask/commands.py): a command killed is judged as a
+        crash of the attempt; one that ran to its end is done, or failed and perhaps run
+        again (--retry-failed); the record carries its exit status and duration, and its
+        output is delivered as it is recorded (core/output.py), as in the local engine."""
+        assert self.run_dir is not None
+        job = done.job
+        if "signal" in value or "timed_out" in value:
+            self.supervisor.on_command_killed(done, value.get("signal"), pid, address,
+                                              self.run_dir)
+            return
+        ending = Ending(float(value["d"]), value.get("x"), value.get("r"), value.get("e"))
+        if "out" in value:  # a given cluster's worker: its output inline
+            _spool_inline(self.run_dir, job.job_id, pid, value["out"], value["err"])
+        failure = self.supervisor.failed_run(done, job.kind, ending, pid, self.run_dir)
+        if failure is False:
+            return  # run again
+        attempts = self.tries.attempts_used(done)
+        status = Status.DONE if failure is None else Status.FAILED
+        self.done_records.append(dataclasses.replace(
+            JobRecord.of(job, status, result=ending.result, worker=pid, attempts=attempts,
+                         reason=None if failure is None else failure.reason),
+            exit_status=ending.exit_status, duration=round(ending.duration, 6)))
+        if failure is None:
+            log.info("Job %d (%s) done by worker PID [%d] at %s: %s", job.job_id,
+                     job.describe(), pid, address,
+                     ending.exit_status if ending.result is None else ending.result,
+                     extra=event(ev.JOB_DONE, job=job.job_id, worker=pid, attempt=attempts,
+                                 result=ending.result, exit_status=ending.exit_status,
+                                 address=address))
+            return
+        log.info("Job %d failed: %s", job.job_id, failure.reason,
+                 extra=event(ev.JOB_FAILED, job=job.job_id, worker=pid, attempts=attempts,
+                             reason=failure.reason, exit_status=ending.exit_status))
 
     def _record_turn(self) -> None:
         """The values of this turn of the loop, recorded together: one write of their
@@ -683,6 +765,10 @@ class DaskEngine(EngineLoop):
             remove_plugin(self.client, self.attempts_plugin)
         close_cluster(self.client, self.cluster, self.scratch,
                       [t.future for t in self.tries])
+        # A command its worker was still running as the cluster closed (--halt now, a
+        # second signal, the end of --grace): its process group goes with it.
+        for running in self.tries:
+            self.supervisor.kill_command(running)
         for fd in (self.start_r, self.start_w):
             if fd >= 0:
                 os.close(fd)
@@ -706,3 +792,14 @@ class DaskEngine(EngineLoop):
                           "restarts": crashes if self.own_cluster else 0})
         self.recorder.stats = DealerStats(counts.crashes, counts.resends, pools=pools)
 
+
+def _spool_inline(run_dir: str, job_id: int, pid: int, out: bytes, err: bytes) -> None:
+    """A given cluster's job output, returned inline, into our run directory, where the
+    Recorder delivers it from (a full disk loses it, said, not the run)."""
+    for path, data in zip(attempt_paths(run_dir, job_id, pid), (out, err)):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            main_log.error("Cannot keep the output of job %d (%s): it is not shown", job_id,
+                           e.strerror or e)

@@ -49,6 +49,9 @@ class Try:
     started_at: float | None = None  # time.monotonic() when its start reached us
     deadline: float | None = None  # its --timeout, from its start
     timed_out: bool = False
+    # The process group of its command (sh, exec) on our own cluster, once its worker
+    # spawned it: killed if the worker dies first (dask/worker.py).
+    command_pgid: int | None = None
 
     @property
     def running(self) -> bool:
@@ -188,6 +191,12 @@ class Tries:
             started.deadline = started.started_at + seconds
             self.timed[key] = started
         return started
+
+    def note_command(self, key: str, pgid: int) -> None:
+        """A worker's record that the try of `key` spawned its command, group `pgid`."""
+        started = self.by_key.get(key)
+        if started is not None:
+            started.command_pgid = pgid
 
     # --- ends ---------------------------------------------------------------------------
 

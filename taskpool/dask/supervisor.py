@@ -13,12 +13,14 @@ state, it belongs to the engine's main thread (engine.py), which calls it from i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+from taskpool.core.commands import TERM_GRACE
 from taskpool.core.recorder import Recorder
 from taskpool.core.supervision import (
     Again,
@@ -27,15 +29,22 @@ from taskpool.core.supervision import (
     Decision,
     Verdict,
     after_death,
+    after_failure,
+    failure_of,
 )
 from taskpool.dask.state import Counts, Tries, Try
-from taskpool.model.jobs import Job
+from taskpool.model.jobs import Job, JobKind
 from taskpool.model.outcome import JobRecord, Status
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.observe import events as ev
 from taskpool.observe.log import event, recovery_log, supervisor_log
+from taskpool.posix.spool import discard_attempt
+from taskpool.wire.commands import Ending
 
 DEATH_REPORT_WAIT = 2.0  # seconds a worker's death waits for its exit status (the nanny's)
+# How long after a command's timeout and TERM_GRACE main kills its worker, if the worker
+# has not ended the command itself (late only under heavy load): as the local Dealer.
+COMMAND_SLACK = 1.0
 
 
 class Supervisor:
@@ -62,6 +71,7 @@ class Supervisor:
         self.dead_addresses: set[str] = set()
         # Deaths of our own cluster's workers waiting for the nanny's report (see on_error)
         self.parked: list[tuple[float, Try, Any]] = []
+        self.failed_runs: dict[int, int] = {}  # job id: its failed runs (--retry-failed)
 
     def log_policy(self) -> None:
         policy = self.policy
@@ -87,6 +97,11 @@ class Supervisor:
         from distributed.scheduler import KilledWorker
 
         error = failed.future.exception()
+        if isinstance(error, KilledWorker) and self.tries.ran_on(
+                failed, error.last_worker.address, error.last_worker.pid):
+            # Now: nothing of a job outlives its worker. Only the command of the try it was
+            # running: another try's has ended, and its group's id may be another's by now.
+            self.kill_command(failed)
         if isinstance(error, KilledWorker) and self.own_cluster \
                 and not self.stopping and error.last_worker.pid not in self.deaths:
             self.parked.append((time.monotonic() + DEATH_REPORT_WAIT, failed, error))
@@ -192,6 +207,55 @@ class Supervisor:
                                                        reason="cancelled"))
         self.submit(lost.job, lost.attempt, ("cancelled", None))
 
+    # --- jobs of real work -------------------------------------------------------------
+
+    def on_command_killed(self, killed: Try, signum: int | None, pid: int, address: str,
+                          run_dir: str) -> None:
+        """A try's command was killed by a signal (not ours), or past its timeout by its
+        worker: a crash of the attempt, charged and resent (or failed, out of attempts), as
+        in the local engine; its output is never delivered. Its worker lives on."""
+        discard_attempt(run_dir, killed.job.job_id, pid)
+        if self.stopping:
+            return  # reported not done
+        if signum is None:
+            death = self._timed_out(killed)
+        else:
+            death = Death.command_killed(signum)
+        self._carry_out(self._decide(killed, death), killed, death, pid, address)
+
+    def failed_run(self, ended: Try, kind: JobKind, ending: Ending, pid: int,
+                   run_dir: str) -> Death | None | Literal[False]:
+        """A try of real work ran to its end: None if it succeeded, else the failure it is
+        recorded with; False if it failed and --retry-failed runs it again (sent now, its
+        output never delivered)."""
+        failure = failure_of(kind, ending)
+        if failure is None:
+            return None
+        job = ended.job
+        decision = after_failure(failure, self.failed_runs.get(job.job_id, 0), self.policy,
+                                 stopping=self.stopping)
+        self.failed_runs[job.job_id] = decision.failed_attempts
+        if decision.verdict is not Verdict.RESEND:
+            return failure
+        discard_attempt(run_dir, job.job_id, pid)
+        recovery_log.info("Job %d %s: running it again (%d of %d)", job.job_id,
+                          failure.reason, decision.failed_attempts, self.policy.retry_failed,
+                          extra=event(ev.JOB_RESENT, job=job.job_id, worker=pid,
+                                      reason=failure.reason))
+        self.counts.resends += 1
+        # It keeps its attempt number, as locally: a crash is bounded by --max-attempts alone.
+        self.submit(job, self.tries.attempts_used(ended), ("retried", pid))
+        return False
+
+    def kill_command(self, ended: Try) -> None:
+        """The process group of a try's command, killed: its worker died (or is killed),
+        or the cluster closed while it ran. The group's id cannot have been reused while
+        any process of the group lives."""
+        if ended.command_pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(ended.command_pgid, signal.SIGKILL)
+            ended.command_pgid = None
+
     # --- workers' deaths ---------------------------------------------------------------
 
     def _on_worker_lost(self, address: str, running: list[Try] | None = None,
@@ -264,6 +328,15 @@ class Supervisor:
     def timeout_of(self, job: Job) -> float | None:
         return job.timeout or self.policy.timeout
 
+    def deadline_of(self, job: Job) -> float | None:
+        """When, from its start, main ends a try past its timeout. A command's worker ends
+        the command itself (SIGTERM, then SIGKILL after TERM_GRACE) and lives: main kills
+        the worker only if that has not happened COMMAND_SLACK later, as the local Dealer."""
+        timeout = self.timeout_of(job)
+        if timeout is None or job.kind not in (JobKind.SH, JobKind.EXEC):
+            return timeout
+        return timeout + TERM_GRACE + COMMAND_SLACK
+
     def _timed_out(self, overdue: Try) -> Death:
         timeout = self.timeout_of(overdue.job)
         assert timeout is not None  # it had a deadline
@@ -280,6 +353,7 @@ class Supervisor:
                                 extra=event(ev.WORKER_KILLED, worker=overdue.pid,
                                             reason="timeout", job=overdue.job.job_id))
             _kill(overdue.pid)
+            self.kill_command(overdue)
             return
         supervisor_log.info("Job %d ran past its timeout of %g s on %s: abandoned it (Dask "
                             "cannot stop one task)", overdue.job.job_id,

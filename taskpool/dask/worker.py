@@ -11,8 +11,12 @@ worker's comes after it has taken the job, and is charged as that one is. A simu
 (`--crash-rate`, `--inject-fault`) kills the worker process with a signal, as a local
 worker does: Dask's nanny then starts a new one.
 
+A job of real work (sh, exec, call) runs through core/commands.py, as in a local worker
+(dask/commands.py); its command's process group is told to main first, which kills it if
+the worker dies mid-command (our own cluster).
+
 This module is imported by Dask workers (it is pickled by reference): it imports only the
-job model, not the pool.
+job model and what runs a job, not the pool.
 """
 
 from __future__ import annotations
@@ -22,13 +26,27 @@ import os
 import resource
 import signal
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from taskpool.core.loads import execute
+from taskpool.dask.commands import run_real_work
 from taskpool.model.faults import CrashPlan, Step
-from taskpool.model.jobs import Arg, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, Arg, JobKind
 
 TOPIC = "taskpool"
+# A worker's record, at most: one write of the start pipe under PIPE_BUF stays atomic.
+RECORD_MAX = 4000
+
+
+@dataclass(frozen=True)
+class RealWork:
+    """How a Dask worker runs a job of real work: its --timeout / timeout= (the worker ends
+    the command's process group itself, as a local worker does), and main's run directory,
+    where its output goes on our own cluster (None on a given cluster: returned inline)."""
+
+    timeout: float | None
+    run_dir: str | None
 
 
 def _crash(sig: int) -> None:
@@ -66,9 +84,11 @@ def _tell(worker: Any, start_path: str | None, record: dict[str, Any]) -> None:
     os.write(fd, json.dumps(record).encode() + b"\n")  # < PIPE_BUF: one atomic write
 
 
-def run_job(job_id: int, kind: int, arg: Arg, attempt: int, key: str,
-            plan: CrashPlan | None, start_path: str | None = None) -> tuple[Arg, int, str]:
-    """One attempt of a job; (value, worker pid, worker address)."""
+def run_job(job_id: int, kind: int, arg: Arg | str, attempt: int, key: str,
+            work: RealWork | None, plan: CrashPlan | None,
+            start_path: str | None = None) -> tuple[Any, int, str]:
+    """One attempt of a job; (value, worker pid, worker address). A job of real work's
+    `arg` is its text, and `work` says how to run it."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -80,8 +100,32 @@ def run_job(job_id: int, kind: int, arg: Arg, attempt: int, key: str,
     _tell(worker, start_path, started)
     _crash_at(plan, job_id, attempt, Step.BEFORE_ACK)
     _crash_at(plan, job_id, attempt, Step.DURING_COMPUTE)
-    value = execute(JobKind(kind), arg)
+    if JobKind(kind) in COMMAND_KINDS:
+        assert work is not None and isinstance(arg, str)
+        value: Any = run_real_work(
+            JobKind(kind), job_id, arg, work.timeout, work.run_dir,
+            lambda pgid: _tell_command(worker, start_path, key, pgid))
+    else:
+        assert not isinstance(arg, str)
+        value = execute(JobKind(kind), arg)
     _crash_at(plan, job_id, attempt, Step.BEFORE_RESULT)
-    _tell(worker, start_path, {"key": key, "result": value, "pid": pid,
-                               "address": worker.address})
+    told = {"key": key, "result": value, "pid": pid, "address": worker.address}
+    if _fits_a_record(told):
+        _tell(worker, start_path, told)
     return value, pid, worker.address
+
+
+def _tell_command(worker: Any, start_path: str | None, key: str, pgid: int) -> None:
+    """On our own cluster: main is told the command's process group, to kill it if this
+    worker dies before the command ends (on a given cluster it could not reach it)."""
+    if start_path is not None:
+        _tell(worker, start_path, {"key": key, "command": pgid})
+
+
+def _fits_a_record(record: dict[str, Any]) -> bool:
+    """Whether a value can go as a worker's record (one atomic write of the start pipe):
+    a large one (a call's return value, output inline) is fetched by main instead."""
+    try:
+        return len(json.dumps(record)) < RECORD_MAX
+    except (TypeError, ValueError):
+        return False

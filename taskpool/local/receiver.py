@@ -22,13 +22,21 @@ from dataclasses import dataclass, field
 import posix_ipc
 
 from taskpool.core.commands import TERM_GRACE
-from taskpool.core.supervision import Cause, Death, Decision, Verdict, after_failure, halt_due
+from taskpool.core.supervision import (
+    Cause,
+    Death,
+    Decision,
+    Verdict,
+    after_failure,
+    failure_of,
+    halt_due,
+)
 from taskpool.local.records import RecordWriter, Tally
 from taskpool.local.recovery import Recovery
 from taskpool.local.scheduler import Schedule, assign, enqueue
 from taskpool.local.state import Deadline, JobState, PoolState, WorkerHandle
 from taskpool.local.stopping import Stopper
-from taskpool.model.jobs import COMMAND_KINDS, PROCESS_KINDS, JobKind
+from taskpool.model.jobs import COMMAND_KINDS, PROCESS_KINDS
 from taskpool.model.policy import SupervisionPolicy
 from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
@@ -65,11 +73,7 @@ def _ending_of(result: Result) -> tuple[Ending | None, Death | None]:
     except ProtocolError as e:
         log.error("A malformed ending of job %d: %s", result.job_id, e)
         ending = Ending(0.0, error=f"its worker sent a malformed outcome ({e})")
-    if ending.succeeded:
-        return ending, None
-    if result.kind is JobKind.FUNCTION or ending.exit_status is None:
-        return ending, Death.of(Cause.CALL_RAISED, error=ending.error)
-    return ending, Death.of(Cause.EXITED_NONZERO, status=ending.exit_status)
+    return ending, failure_of(result.kind, ending)
 
 
 @dataclass

@@ -84,15 +84,8 @@ def death_of(exited: WorkerExited, killed_for: Death | None,
                         seconds=seconds)
     if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
         sig = code - EXIT_COMMAND_KILLED_BASE
-        return Death.of(Cause.COMMAND_KILLED, signal=sig, name=_signal_name(sig))
+        return Death.command_killed(sig)
     return Death.crashed(status)
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 def _retired(wait_status: int) -> bool:

@@ -143,3 +143,21 @@ def test_results_dash_refuses_a_log_that_is_standard_output_too(tmp_path: Path) 
                                 "--results - writes the results: give --log a file of its "
                                 "own\n")
     assert out.read_text() == ""
+
+
+def test_the_results_table_keeps_its_columns_for_commands_long_and_short() -> None:
+    import io
+
+    from taskpool.cli.commands import SPEC_WIDTH_MAX, _write_table
+
+    rows = [{"job": 1, "kind": "sh", "arg": "gzip -9 -f data/part-001.csv", "status": "done",
+             "result": None, "attempts": 1},
+            {"job": 2, "kind": "sh", "arg": "x" * 100, "status": "failed", "result": None,
+             "attempts": 2}]
+    out = io.StringIO()
+    _write_table(out, rows, 2)
+    header, first, second = out.getvalue().splitlines()[:3]
+    status_at = header.index("status")
+    assert first[status_at:].startswith("done") and second[status_at:].startswith("failed")
+    # The spec column starts after "   job  " (8 characters) and is at most SPEC_WIDTH_MAX wide.
+    assert status_at - 8 == SPEC_WIDTH_MAX + 1 and "x..." in second

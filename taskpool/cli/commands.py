@@ -64,13 +64,24 @@ def print_results(path: str, form: str, statuses: list[str] | None = None) -> in
     return 0
 
 
+SPEC_WIDTH_MAX = 48  # a longer command is cut, with "...": the row stays one line
+
+
+def _spec(row: dict[str, Any]) -> str:
+    return f"{row['kind']} {row['arg']}"
+
+
 def _write_table(out: IO[str], rows: list[dict[str, Any]], every_job: int) -> None:
     """A row a job, then the counts (of the rows shown, out of the journal's jobs)."""
-    out.write(f"{'job':>6}  {'job spec':<18} {'status':<9} {'result':>14}  attempts\n")
-    for row in rows:
-        spec = f"{row['kind']} {row['arg']}"
+    specs = [_spec(row) for row in rows]
+    # As wide as the longest spec (a command's text), within SPEC_WIDTH_MAX.
+    width = min(max([18, *map(len, specs)]), SPEC_WIDTH_MAX)
+    out.write(f"{'job':>6}  {'job spec':<{width}} {'status':<9} {'result':>14}  attempts\n")
+    for row, spec in zip(rows, specs):
+        if len(spec) > width:
+            spec = spec[:width - 3] + "..."
         result = "" if row["result"] is None else str(row["result"])
-        out.write(f"{row['job']:>6}  {spec:<18} {row['status']:<9} {result:>14}  "
+        out.write(f"{row['job']:>6}  {spec:<{width}} {row['status']:<9} {result:>14}  "
                   f"{row['attempts']}\n")
     counts = {s: sum(1 for r in rows if r["status"] == s)
               for s in ("done", "failed", "not_done")}

@@ -190,9 +190,10 @@ def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
 def test_halt_now_ends_the_running_commands_with_the_run(tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
+    os.mkfifo(marks / "up")  # job 2 fails once job 1 has written its leader's pid
     jobs = write_job_file(tmp_path, [
-        f"sh echo $$ > {marks}/leader; (sleep 300 & wait) & wait",
-        f"sh while [ ! -e {marks}/leader ]; do sleep 0.05; done; exit 1", "sh echo never"])
+        f"sh echo $$ > {marks}/leader; echo up > {marks}/up; (sleep 300 & wait) & wait",
+        f"sh read line < {marks}/up; exit 1", "sh echo never"])
     results = tmp_path / "r.jsonl"
     run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--halt", "now,fail=1"], events=tmp_path / "events.jsonl")

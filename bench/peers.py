@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -243,18 +240,22 @@ def _events(stream: Any) -> Any:
         yield json.loads(line)
 
 
-def recovery_latency(kills: int) -> tuple[list[float], list[float]]:
-    """SIGKILL a busy worker of a 2-worker CLI run, `kills` times. For each: seconds from
-    the kill to its job sent again (the job_sent event of its next attempt), and to the
-    replacement worker up (its worker_started event). The events' clock is
-    CLOCK_MONOTONIC, the same as time.monotonic() here."""
+def recovery_latency(kills: int, workers: int = 2,
+                     preexec_fn: Callable[[], None] | None = None,
+                     ) -> tuple[list[float], list[float]]:
+    """SIGKILL a busy worker of a CLI run of `workers` workers (each running a job, with one
+    more queued behind it), `kills` times, each once every worker runs a job again. For
+    each: seconds from the kill to its job sent again (the job_sent event of its next
+    attempt), and to the replacement worker up (its worker_started event). The events'
+    clock is CLOCK_MONOTONIC, the same as time.monotonic() here."""
     read_fd, write_fd = os.pipe()
     jobs = Path(os.environ.get("TMPDIR", "/tmp")) / f"taskpool-bench-{os.getpid()}.txt"
-    jobs.write_text("sleep 3600\n" * 4)
+    jobs.write_text("sleep 3600\n" * (2 * workers))
     run = subprocess.Popen(
-        [sys.executable, "-m", "taskpool", "run", "--workers", "2", "--jobs", str(jobs),
-         "--max-attempts", "0", "--log", os.devnull, "--events", f"/dev/fd/{write_fd}"],
-        cwd=ROOT, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+        [sys.executable, "-m", "taskpool", "run", "--workers", str(workers), "--jobs",
+         str(jobs), "--max-attempts", "0", "--log", os.devnull,
+         "--events", f"/dev/fd/{write_fd}"],
+        cwd=ROOT, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
     os.close(write_fd)
     to_resend: list[float] = []
     to_replacement: list[float] = []
@@ -276,74 +277,30 @@ def recovery_latency(kills: int) -> tuple[list[float], list[float]]:
                 victim, resent_at, replaced_at = None, None, None
                 if len(to_resend) == kills:
                     break
-            if victim is None and len(running) == 2:
-                # Both workers run a job: kill the one whose job started first.
+            if victim is None and len(running) == workers:
+                # Every worker runs a job: kill the one whose job started first.
                 pid = next(iter(running))
                 victim = (pid, running.pop(pid), time.monotonic())
                 os.kill(pid, signal.SIGKILL)
-        run.send_signal(signal.SIGTERM)
-        run.send_signal(signal.SIGTERM)  # the second stops the running sleeps at once
-        for _ in stream:
-            pass
+        stop_at_once(run, _events(stream))
     run.wait()
     jobs.unlink()
     return to_resend, to_replacement
 
 
+def stop_at_once(run: subprocess.Popen[bytes], events: Any) -> None:
+    """End a run of sleeps: SIGTERM, and once main has taken it (its interrupted event), a
+    second, which stops the running jobs at once (two sent together may arrive as one, and
+    the run then waits out its grace period); then read its events to their end."""
+    run.send_signal(signal.SIGTERM)
+    for ev in events:
+        if ev["event"] == "interrupted":
+            run.send_signal(signal.SIGTERM)
+            break
+    for _ in events:
+        pass
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def scale(workers: int) -> tuple[float, float, float]:
-    """A CLI run of `workers` workers as a normal user under the default queue limits
-    (nobody, through setpriv, when we are root, since root is exempt from the limit):
-    seconds from the Dealer's start to the last worker up, and the mean RSS and PSS of a
-    worker (PSS shares the pages a fork leaves shared between them), in MB."""
-    workdir = Path(tempfile.mkdtemp(prefix="taskpool-bench-"))
-    os.chmod(workdir, 0o755)
-    jobs = workdir / "jobs.txt"
-    jobs.write_text("sleep 3600\n" * workers)
-    os.chmod(jobs, 0o644)
-    fifo = workdir / "events"  # a FIFO the other user can open: a pipe of ours it cannot
-    os.mkfifo(fifo, 0o666)
-    os.chmod(fifo, 0o666)
-    as_user = (["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-               if os.getuid() == 0 else [])
-    run = subprocess.Popen(
-        [*as_user, sys.executable, "-m", "taskpool", "run", "--workers", str(workers),
-         "--jobs", str(jobs), "--log", os.devnull, "--events", str(fifo)],
-        cwd="/tmp", stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    read_fd = os.open(fifo, os.O_RDONLY)
-    started_at = None
-    pids = []
-    busy = 0
-    with os.fdopen(read_fd) as stream:
-        for ev in _events(stream):
-            if ev["event"] == "dealer_started":
-                started_at = ev["t"]
-            elif ev["event"] == "worker_started":
-                pids.append(ev["pid"])
-                last_up = ev["t"]
-            elif ev["event"] == "job_started":
-                busy += 1
-                if busy == workers:
-                    break
-        rss = [_status_kb(pid, "Rss:") for pid in pids]
-        pss = [_status_kb(pid, "Pss:") for pid in pids]
-        run.send_signal(signal.SIGTERM)
-        run.send_signal(signal.SIGTERM)
-        for _ in stream:
-            pass
-    run.wait()
-    shutil.rmtree(workdir)
-    assert started_at is not None
-    return last_up - started_at, statistics.mean(rss) / 1024, statistics.mean(pss) / 1024
-
-
-def _status_kb(pid: int, field: str) -> float:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith(field):
-                return float(line.split()[1])
-    return 0.0

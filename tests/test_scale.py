@@ -35,6 +35,7 @@ from harness import (
     WAIT,
     FileWatch,
     PoolRun,
+    _group_members,
     as_user,
     assert_done_right,
     assert_exactly_once,
@@ -142,6 +143,7 @@ def _await_full_pool(run: PoolRun, workers: int, victims: dict[int, int]) -> Non
 
 # --- several pools, and an Executor of 256 workers: make test -----------------------------
 
+@pytest.mark.timeout(300)
 def test_8_concurrent_runs_of_64_workers_by_one_user_all_complete(shared_dir: Path) -> None:
     """All 8 pools are alive at once: each run gets half its jobs, and the rest (and the end
     of its input) only once every run has started its 64 workers."""
@@ -211,7 +213,8 @@ def test_an_executor_of_256_workers_starts_and_maps_as_a_normal_user(shared_dir:
     assert answer["squares"] == [x * x for x in range(20_000)]
     assert answer["chunked"] == [x**3 for x in range(5_000)]
     assert answer["crashes"] == 0
-    assert not await_exit(pids, timeout=WAIT), "workers outlived their Executor"
+    assert not await_exit([*pids, *_group_members(proc.pid)], timeout=WAIT), (
+        "the Executor's Dealer or workers outlived it")
 
 
 def _python_of(user: int | None) -> tuple[list[str], list[str]]:

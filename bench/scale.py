@@ -12,8 +12,9 @@ worker runs its job (the events tell):
   share of the pages the forks leave shared) and USS (its private pages: what its end frees);
 - the queues the run holds: each distinct POSIX queue open in any of its processes (main,
   generator, Dealer, workers), its size read from the kernel (mq_getattr), its bytes by
-  mqueue.queue_cost, against the 819,200 bytes of RLIMIT_MSGQUEUE; and the Dealer's open
-  descriptors (what `ulimit -n` bounds).
+  mqueue.queue_cost, against the 819,200 bytes of RLIMIT_MSGQUEUE; the anonymous shared
+  memory mapped (the Dealer's mailboxes), and the Dealer's open descriptors (what `ulimit -n`
+  bounds).
 The same queue figures for a taskpool.Executor in this process, once each of its workers
 runs a call; and the recovery latency (SIGKILL of a busy worker to its job sent again, and
 to the replacement up) at the largest size. `make bench` runs it too (bench.py calls
@@ -87,6 +88,7 @@ class Footprint:
     pss: float
     uss: float
     queues: Queues
+    shared_bytes: int  # anonymous shared memory (the mailboxes) mapped in the run
     dealer_fds: int
 
 
@@ -126,6 +128,24 @@ def queues_held(pids: list[int]) -> Queues:
             except OSError:
                 continue  # closed meanwhile
     return Queues(list(found.values()))
+
+
+def shared_memory_held(pids: list[int]) -> int:
+    """Bytes of anonymous shared mappings (mmap(-1, ...): `rw-s ... /dev/zero (deleted)` in
+    /proc/PID/maps, such as the Dealer's mailboxes) in any of `pids`, each mapping once
+    however many processes inherited it. Mapped, not necessarily touched."""
+    found: dict[tuple[str, str], int] = {}
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 6 and fields[1].endswith("s") and fields[5] == "/dev/zero":
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found[(fields[3], fields[4])] = end - start
+    return sum(found.values())
 
 
 def _fd_paths(pid: int) -> list[str]:
@@ -232,10 +252,11 @@ def _measure_when_busy(events: Iterator[dict[str, Any]], main: int,
         workers=workers, up=last_up - started_at,
         **{key: statistics.mean(m[key] for m in memory) / 1024 for key in ("rss", "pss", "uss")},
         queues=queues_held([main, *descendants(main)]),
+        shared_bytes=shared_memory_held([main, *descendants(main)]),
         dealer_fds=len(_fd_paths(dealer)))
 
 
-def executor_queues(workers: int) -> Queues:
+def executor_queues(workers: int) -> tuple[Queues, int]:
     """The queues a taskpool.Executor of `workers` workers holds (its Dealer and workers:
     this process holds none), once each worker runs a call: each call opens a FIFO (kept
     open for writing here, so the open does not block), then notes its pid, then reads the
@@ -251,7 +272,9 @@ def executor_queues(workers: int) -> Queues:
             calls = [pool.submit(hold_until_closed, str(gate), str(workdir))
                      for _ in range(workers)]
             _await_pid_files(workdir, workers)
-            queues = queues_held(descendants(os.getpid()))
+            pool_processes = descendants(os.getpid())
+            queues = queues_held(pool_processes)
+            shared = shared_memory_held(pool_processes)
             os.close(held)
             held = -1
             for call in calls:
@@ -260,7 +283,7 @@ def executor_queues(workers: int) -> Queues:
         if held >= 0:
             os.close(held)
         shutil.rmtree(workdir)
-    return queues
+    return queues, shared
 
 
 def hold_until_closed(gate: str, notes: str) -> int:
@@ -311,20 +334,21 @@ def scale_table(sizes: list[int], executor_sizes: list[int], kills: int) -> str:
         try:
             f = footprint(workers)
         except PoolFailed as e:
-            rows.append(f"| CLI run, {workers} workers | failed: {e} | | | | |")
+            rows.append(f"| CLI run, {workers} workers | failed: {e} | | | | | |")
             continue
         rows.append(f"| CLI run, {workers} workers | {f.up:.2f} s | {f.rss:.1f} / {f.pss:.1f} / "
                     f"{f.uss:.1f} MB | {f.queues.count}: {f.queues.describe()} | "
-                    f"{f.queues.cost:,} B ({f.queues.cost / budget:.1%}) | {f.dealer_fds} |")
+                    f"{f.queues.cost:,} B ({f.queues.cost / budget:.1%}) | "
+                    f"{f.shared_bytes:,} B | {f.dealer_fds} |")
     for workers in executor_sizes:
         print(f"scale: an Executor of {workers} workers...", file=sys.stderr)
         try:
-            q = executor_queues(workers)
+            q, shared = executor_queues(workers)
         except Exception as e:  # noqa: BLE001 - its row says why, the others are still taken
-            rows.append(f"| taskpool.Executor({workers}) | failed: {e} | | | | |")
+            rows.append(f"| taskpool.Executor({workers}) | failed: {e} | | | | | |")
             continue
         rows.append(f"| taskpool.Executor({workers}) | | | {q.count}: {q.describe()} | "
-                    f"{q.cost:,} B ({q.cost / budget:.1%}) | |")
+                    f"{q.cost:,} B ({q.cost / budget:.1%}) | {shared:,} B | |")
     largest = max(sizes)
     print(f"scale: recovery at {largest} workers...", file=sys.stderr)
     resend, replaced = recovery(largest, kills)
@@ -335,12 +359,13 @@ def scale_table(sizes: list[int], executor_sizes: list[int], kills: int) -> str:
         "Dealer's start to the last worker up. Memory: a worker's mean RSS / PSS (its share "
         "of the pages the forks share) / USS (its private pages). Queues: each distinct "
         "POSIX queue the run's processes hold, its size from the kernel, its bytes by "
-        "`mqueue.queue_cost` (share of RLIMIT_MSGQUEUE). An Executor's queues once each of "
-        "its workers runs a call.",
+        "`mqueue.queue_cost` (share of RLIMIT_MSGQUEUE). Shared memory: the anonymous "
+        "shared mappings (the mailboxes) of the run's processes, as mapped. An Executor's "
+        "figures once each of its workers runs a call.",
         "",
         "| pool | start-up | RSS / PSS / USS a worker | queues (messages x bytes) | queue "
-        "bytes | Dealer's descriptors |",
-        "| --- | ---: | ---: | --- | ---: | ---: |",
+        "bytes | shared memory mapped | Dealer's descriptors |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
         *rows,
         "",
         f"Crash recovery at {largest} workers (as root, under the same limits): {len(resend)} "

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import posix_ipc
 
@@ -240,14 +240,21 @@ def _events(stream: Any) -> Any:
         yield json.loads(line)
 
 
+class RecoveryTimes(NamedTuple):
+    """Seconds from each SIGKILL of a busy worker: to its death seen by the Dealer (its
+    worker_exited event), to its job sent again (the job_sent event of the next attempt),
+    and to the replacement worker up (its worker_started event)."""
+
+    to_death_seen: list[float]
+    to_resend: list[float]
+    to_replacement: list[float]
+
+
 def recovery_latency(kills: int, workers: int = 2,
-                     preexec_fn: Callable[[], None] | None = None,
-                     ) -> tuple[list[float], list[float]]:
+                     preexec_fn: Callable[[], None] | None = None) -> RecoveryTimes:
     """SIGKILL a busy worker of a CLI run of `workers` workers (each running a job, with one
-    more queued behind it), `kills` times, each once every worker runs a job again. For
-    each: seconds from the kill to its job sent again (the job_sent event of its next
-    attempt), and to the replacement worker up (its worker_started event). The events'
-    clock is CLOCK_MONOTONIC, the same as time.monotonic() here."""
+    more queued behind it), `kills` times, each once every worker runs a job again. The
+    events' clock is CLOCK_MONOTONIC, the same as time.monotonic() here."""
     read_fd, write_fd = os.pipe()
     jobs = Path(os.environ.get("TMPDIR", "/tmp")) / f"taskpool-bench-{os.getpid()}.txt"
     jobs.write_text("sleep 3600\n" * (2 * workers))
@@ -257,25 +264,23 @@ def recovery_latency(kills: int, workers: int = 2,
          "--events", f"/dev/fd/{write_fd}"],
         cwd=ROOT, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
     os.close(write_fd)
-    to_resend: list[float] = []
-    to_replacement: list[float] = []
+    times = RecoveryTimes([], [], [])
     running: dict[int, int] = {}  # worker pid -> job id it runs
     victim: tuple[int, int, float] | None = None  # pid, job, when killed
-    resent_at = replaced_at = None
+    seen: dict[str, float] = {}  # of the victim: when each of the three events came
     with os.fdopen(read_fd) as stream:
         for ev in _events(stream):
             name = ev["event"]
             if name == "job_started":
                 running[ev["worker"]] = ev["job"]
-            elif victim is not None and name == "job_sent" and ev["job"] == victim[1]:
-                resent_at = ev["t"]
-            elif victim is not None and name == "worker_started":
-                replaced_at = ev["t"]
-            if victim is not None and resent_at is not None and replaced_at is not None:
-                to_resend.append(resent_at - victim[2])
-                to_replacement.append(replaced_at - victim[2])
-                victim, resent_at, replaced_at = None, None, None
-                if len(to_resend) == kills:
+            elif victim is not None and _marks_recovery(ev, victim[0], victim[1]):
+                seen.setdefault(name, ev["t"])
+            if victim is not None and len(seen) == 3:
+                times.to_death_seen.append(seen["worker_exited"] - victim[2])
+                times.to_resend.append(seen["job_sent"] - victim[2])
+                times.to_replacement.append(seen["worker_started"] - victim[2])
+                victim, seen = None, {}
+                if len(times.to_resend) == kills:
                     break
             if victim is None and len(running) == workers:
                 # Every worker runs a job: kill the one whose job started first.
@@ -285,7 +290,15 @@ def recovery_latency(kills: int, workers: int = 2,
         stop_at_once(run, _events(stream))
     run.wait()
     jobs.unlink()
-    return to_resend, to_replacement
+    return times
+
+
+def _marks_recovery(ev: dict[str, Any], victim: int, job: int) -> bool:
+    """The victim's death seen, its job sent again, or a worker started (its replacement:
+    nothing else starts one here)."""
+    name = ev["event"]
+    return bool((name == "worker_exited" and ev["worker"] == victim)
+                or (name == "job_sent" and ev["job"] == job) or name == "worker_started")
 
 
 def stop_at_once(run: subprocess.Popen[bytes], events: Any) -> None:

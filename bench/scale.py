@@ -311,12 +311,10 @@ def _await_pid_files(directory: Path, count: int) -> None:
         os.close(watch)
 
 
-def recovery(workers: int, kills: int) -> tuple[list[float], list[float]]:
-    """peers.recovery_latency at `workers` workers, under the default limits: kill -> job
-    sent again, kill -> replacement up, in ms."""
-    to_resend, to_replacement = peers.recovery_latency(kills, workers=workers,
-                                                       preexec_fn=normal_user_limits)
-    return [1000 * s for s in to_resend], [1000 * s for s in to_replacement]
+def recovery(workers: int, kills: int) -> peers.RecoveryTimes:
+    """peers.recovery_latency at `workers` workers, under the default limits, in ms."""
+    times = peers.recovery_latency(kills, workers=workers, preexec_fn=normal_user_limits)
+    return peers.RecoveryTimes(*([1000 * s for s in field] for field in times))
 
 
 def _spread(ms: list[float]) -> str:
@@ -351,7 +349,7 @@ def scale_table(sizes: list[int], executor_sizes: list[int], kills: int) -> str:
                     f"{q.cost:,} B ({q.cost / budget:.1%}) | {shared:,} B | |")
     largest = max(sizes)
     print(f"scale: recovery at {largest} workers...", file=sys.stderr)
-    resend, replaced = recovery(largest, kills)
+    times = recovery(largest, kills)
     return "\n".join([
         "Scale, as a normal user (`nobody`) under the default limits (RLIMIT_MSGQUEUE "
         f"{budget:,} bytes, RLIMIT_NOFILE {USUAL_OPEN_FILES:,}): a CLI run of one "
@@ -368,21 +366,22 @@ def scale_table(sizes: list[int], executor_sizes: list[int], kills: int) -> str:
         "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
         *rows,
         "",
-        f"Crash recovery at {largest} workers (as root, under the same limits): {len(resend)} "
-        "SIGKILLs of a busy worker, from the kill to its job sent again and to the "
-        "replacement up.",
+        f"Crash recovery at {largest} workers (as root, under the same limits): "
+        f"{len(times.to_resend)} SIGKILLs of a busy worker, from the kill to its death seen "
+        "by the Dealer, to its job sent again, and to the replacement up.",
         "",
         "| | median | range | p99 |",
         "| --- | ---: | ---: | ---: |",
-        f"| kill -> job re-sent | {_spread(resend)} |",
-        f"| kill -> replacement up | {_spread(replaced)} |",
+        f"| kill -> death seen | {_spread(times.to_death_seen)} |",
+        f"| kill -> job re-sent | {_spread(times.to_resend)} |",
+        f"| kill -> replacement up | {_spread(times.to_replacement)} |",
     ])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[64, 512])
-    parser.add_argument("--executor-workers", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--executor-workers", type=int, nargs="+", default=[8, 256])
     parser.add_argument("--kills", type=int, default=50)
     args = parser.parse_args()
     print(scale_table(args.workers, args.executor_workers, args.kills))

@@ -13,8 +13,8 @@ worker runs its job (the events tell):
 - the queues the run holds: each distinct POSIX queue open in any of its processes (main,
   generator, Dealer, workers), its size read from the kernel (mq_getattr), its bytes by
   mqueue.queue_cost, against the 819,200 bytes of RLIMIT_MSGQUEUE; the anonymous shared
-  memory mapped (the Dealer's mailboxes), and the Dealer's open descriptors (what `ulimit -n`
-  bounds).
+  memory mapped (the Dealer's mailboxes); the Dealer's RSS and open descriptors (what
+  `ulimit -n` bounds).
 The same queue figures for a taskpool.Executor in this process, once each of its workers
 runs a call; and the recovery latency (SIGKILL of a busy worker to its job sent again, and
 to the replacement up) at the largest size. `make bench` runs it too (bench.py calls
@@ -90,6 +90,7 @@ class Footprint:
     queues: Queues
     shared_bytes: int  # anonymous shared memory (the mailboxes) mapped in the run
     dealer_fds: int
+    dealer_rss: float  # MB
 
 
 class _MqAttr(ctypes.Structure):
@@ -253,7 +254,7 @@ def _measure_when_busy(events: Iterator[dict[str, Any]], main: int,
         **{key: statistics.mean(m[key] for m in memory) / 1024 for key in ("rss", "pss", "uss")},
         queues=queues_held([main, *descendants(main)]),
         shared_bytes=shared_memory_held([main, *descendants(main)]),
-        dealer_fds=len(_fd_paths(dealer)))
+        dealer_fds=len(_fd_paths(dealer)), dealer_rss=_memory_kb(dealer)["rss"] / 1024)
 
 
 def executor_queues(workers: int) -> tuple[Queues, int]:
@@ -337,7 +338,7 @@ def scale_table(sizes: list[int], executor_sizes: list[int], kills: int) -> str:
         rows.append(f"| CLI run, {workers} workers | {f.up:.2f} s | {f.rss:.1f} / {f.pss:.1f} / "
                     f"{f.uss:.1f} MB | {f.queues.count}: {f.queues.describe()} | "
                     f"{f.queues.cost:,} B ({f.queues.cost / budget:.1%}) | "
-                    f"{f.shared_bytes:,} B | {f.dealer_fds} |")
+                    f"{f.shared_bytes:,} B | {f.dealer_rss:.1f} MB, {f.dealer_fds} |")
     for workers in executor_sizes:
         print(f"scale: an Executor of {workers} workers...", file=sys.stderr)
         try:
@@ -362,7 +363,7 @@ def scale_table(sizes: list[int], executor_sizes: list[int], kills: int) -> str:
         "figures once each of its workers runs a call.",
         "",
         "| pool | start-up | RSS / PSS / USS a worker | queues (messages x bytes) | queue "
-        "bytes | shared memory mapped | Dealer's descriptors |",
+        "bytes | shared memory mapped | Dealer's RSS, descriptors |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
         *rows,
         "",

@@ -23,6 +23,7 @@ import site
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,14 +236,17 @@ def _python_of(user: int | None) -> tuple[list[str], list[str]]:
 
 def _await_pid_files(directory: Path, count: int, proc: subprocess.Popen[bytes]) -> list[int]:
     """The pids of `count` pid files in `directory` (inotify wakes us at each), or a failure
-    as soon as `proc` exits without them."""
+    as soon as `proc` exits without them (or, bounding a hang, after 5 x WAIT)."""
     watch, exited = FileWatch(directory), os.pidfd_open(proc.pid)
+    deadline = time.monotonic() + 5 * WAIT
     try:
         while True:
             names = [n for n in os.listdir(directory) if n.isdigit()]
             if len(names) >= count:
                 return [int(n) for n in names]
-            if exited in watch.wait(also=exited, timeout=WAIT):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"only {len(names)} of {count} workers ran a call"
+            if exited in watch.wait(also=exited, timeout=remaining):
                 proc.wait()
                 assert proc.stderr is not None
                 raise AssertionError(f"the Executor's process ended with {proc.returncode} "

@@ -135,7 +135,9 @@ def shared_memory_held(pids: list[int]) -> int:
     """Bytes of anonymous shared mappings (mmap(-1, ...): `rw-s ... /dev/zero (deleted)` in
     /proc/PID/maps, such as the Dealer's mailboxes) in any of `pids`, each mapping once
     however many processes inherited it. Mapped, not necessarily touched."""
-    found: dict[tuple[str, str], int] = {}
+    # A mapping whose pages have different protections (a worker fences off the slots not
+    # its own) shows as several lines: its extent is the furthest offset + length of any.
+    extent: dict[tuple[str, str], int] = {}
     for pid in pids:
         try:
             lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
@@ -145,8 +147,9 @@ def shared_memory_held(pids: list[int]) -> int:
             fields = line.split()
             if len(fields) >= 6 and fields[1].endswith("s") and fields[5] == "/dev/zero":
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                found[(fields[3], fields[4])] = end - start
-    return sum(found.values())
+                key = (fields[3], fields[4])
+                extent[key] = max(extent.get(key, 0), int(fields[2], 16) + end - start)
+    return sum(extent.values())
 
 
 def _fd_paths(pid: int) -> list[str]:

@@ -294,11 +294,14 @@ def recovery_latency(kills: int, workers: int = 2,
 
 
 def _marks_recovery(ev: dict[str, Any], victim: int, job: int) -> bool:
-    """The victim's death seen, its job sent again, or a worker started (its replacement:
-    nothing else starts one here)."""
+    """The victim's death seen, its job sent again (from it: the events of two threads may
+    come out of order, and its first send be read after its start), or a worker started
+    (its replacement: nothing else starts one here)."""
     name = ev["event"]
     return bool((name == "worker_exited" and ev["worker"] == victim)
-                or (name == "job_sent" and ev["job"] == job) or name == "worker_started")
+                or (name == "job_sent" and ev["job"] == job
+                    and ev.get("from_worker") == victim)
+                or name == "worker_started")
 
 
 def stop_at_once(run: subprocess.Popen[bytes], events: Any) -> None:

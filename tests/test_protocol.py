@@ -22,6 +22,7 @@ from taskpool.wire.queue import (
     JobMessage,
     MessageType,
     Result,
+    ResultHandedOver,
     ResultPart,
     Shutdown,
     Stop,
@@ -54,6 +55,7 @@ MESSAGES = [
     Terminate(15),
     JobBatch((Job(7, JobKind.FIB, 20, priority=3), Job(8, JobKind.SLEEP, 0.5, priority=3))),
     ResultPart(3, 2, 4242, b"the head of a payload"),
+    ResultHandedOver(3, 2, 4242, JobKind.CALL, 0.25, 5_000_000),
 ]
 
 

@@ -320,8 +320,8 @@ class Receiver:
         if payload is not None:
             return message.with_payload(payload)
         death = Death.of(Cause.RESULT_LOST, size=message.size)
-        log.error("Worker PID [%d]: job %d %s: ending the worker, to run the job again",
-                  message.pid, message.job_id, death.reason)
+        log.error("Worker PID [%d] %s (job %d): ending it, so that the job runs again",
+                  message.pid, death.reason, message.job_id)
         state = self.state
         with state.lock:
             if message.pid in state.workers:  # not reaped: the pid is still ours

@@ -35,6 +35,7 @@ waits on the socket.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -71,8 +72,13 @@ class PayloadHandoff:
         memory for a memfd, too many in flight): then the caller sends it another way."""
         head = _KEY.pack(*key)
         if len(payload) <= INLINE_LIMIT:
-            self.send_end.sendmsg([head, payload])
-            return
+            try:
+                self.send_end.sendmsg([head, payload])
+                return
+            except OSError as e:
+                if e.errno != errno.EMSGSIZE:
+                    raise
+                # A send buffer below the default (net.core.wmem_default): by memfd.
         fd = os.memfd_create("taskpool-payload", os.MFD_CLOEXEC)
         try:
             view = memoryview(payload)

@@ -1,6 +1,7 @@
 """taskpool: a fault-tolerant task pool on fork() and POSIX message queues.
 
-Data flow of a local run (`taskpool run`; `[ ]` is a POSIX message queue, `=` a pipe)::
+Data flow of a local run (`taskpool run`; `[ ]` is a POSIX message queue, `=` a pipe,
+`{ }` shared memory)::
 
     cli ──RunConfig──> local.main (main: the recorder)
                          │ fork                              │ fork
@@ -8,7 +9,7 @@ Data flow of a local run (`taskpool run`; `[ ]` is a POSIX message queue, `=` a 
               local.generator ──JobBatch──> [ready] ──> local.dealer: send thread
               (the job file or stdin)                        │ per pool backlogs; scheduler
                          │=intake (JobAccepted)=>main        v
-                                                  [request, one per worker] ──> local.worker
+                                                 {mailbox, one per worker} ──> local.worker
               main <=record (JobRecord, stats)= recv thread <── [result] <──Ack/Result/Heartbeat
                          │                           ^
                          v                           └── WorkerExited ── recovery thread
@@ -24,7 +25,7 @@ The sub-packages, bottom up (each imports only those below it; `make lint` check
 
     model/     pure data: jobs, pools, the policy, outcomes, crash plans, exit statuses
     wire/      one module a channel: queue messages, JSON-line records, Executor frames
-    posix/     message queues and their budget; a forked child's set-up
+    posix/     message queues and their budget; mailboxes; a forked child's set-up
     observe/   the event vocabulary, the log, the live view, the report
     core/      engine-neutral: job file and stdin, supervision rules, recorder, journal
     local/     the local engine's process roles: main, generator, Dealer, supervisor, worker

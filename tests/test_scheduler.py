@@ -1,5 +1,5 @@
-"""scheduler.assign on real queues, with the test playing the workers: which job ends up in
-which worker's queue, in what order. No process is forked; no pid is signalled."""
+"""scheduler.assign on real mailboxes, with the test playing the workers: which job ends up
+in which worker's mailbox, in what order. No process is forked; no pid is signalled."""
 
 from __future__ import annotations
 
@@ -13,21 +13,20 @@ import pytest
 from taskpool.local.scheduler import assign, enqueue
 from taskpool.local.state import JobState, PoolSlots, PoolState, WorkerHandle
 from taskpool.model.jobs import Job, JobKind
-from taskpool.posix import mqueue
+from taskpool.posix.mailbox import Mailboxes
 from taskpool.wire.queue import MAX_MESSAGE_SIZE, JobMessage, decode
 
 
 @pytest.fixture
 def state() -> Iterator[PoolState]:
-    state = PoolState(credit=2, pools={1: PoolSlots(1, 2)})
-    yield state
-    for worker in state.workers.values():
-        worker.request_queue.close()
+    yield PoolState(credit=2, mailboxes=Mailboxes(8, 2, MAX_MESSAGE_SIZE),
+                    pools={1: PoolSlots(1, 2)})
 
 
 def add_worker(state: PoolState, pid: int) -> WorkerHandle:
-    queue = mqueue.create_queue("worker", mqueue.WORKER_QUEUE_DEPTH, MAX_MESSAGE_SIZE)
-    worker = WorkerHandle(pid, 1, queue)
+    mailbox = state.mailboxes.allocate()
+    assert mailbox is not None
+    worker = WorkerHandle(pid, 1, mailbox)
     state.workers[pid] = worker
     return worker
 
@@ -40,8 +39,8 @@ def submit(state: PoolState, job_id: int, priority: int = 0) -> None:
 
 
 def take(worker: WorkerHandle) -> int:
-    """What the worker would do: take the next job from its queue."""
-    data, _ = worker.request_queue.receive(timeout=0)
+    """What the worker would do: take the next job from its mailbox."""
+    data = worker.mailbox.receive()
     message = decode(data)
     assert isinstance(message, JobMessage)
     return message.job.job_id
@@ -142,26 +141,23 @@ def test_full_backlogs_call_the_send_thread_back_only_once_they_want_a_refill() 
     # The send thread stops reading once the backlogs are full. Woken at every job taken
     # from them, it would read one job per job done, a thread switch each; it is woken
     # only once they have room for a run of jobs (backlog_refill).
-    state = PoolState(credit=1, pools={1: PoolSlots(1, 1)}, backlog_max=4, backlog_refill=2)
+    state = PoolState(credit=1, mailboxes=Mailboxes(2, 1, MAX_MESSAGE_SIZE),
+                      pools={1: PoolSlots(1, 1)}, backlog_max=4, backlog_refill=2)
     room = CountingCondition(state.lock)  # type: ignore[arg-type]
     state.backlog_room = room
-    try:
-        for job_id in range(1, 5):
-            submit(state, job_id)  # no worker yet: all wait
-        assert not state.backlog_has_room()
-        worker = add_worker(state, 101)
-        notified = []
-        for _ in range(3):
-            with state.lock:
-                assign(state, 1)
-            notified.append(room.notified)
-            job_id = take(worker)  # the worker runs it; its result frees the worker
-            worker.outstanding.remove(job_id)
-        # Backlogs of 3, then 2 (= max - refill: the send thread is woken), then 1.
-        assert notified == [0, 1, 1]
-    finally:
-        for worker in state.workers.values():
-            worker.request_queue.close()
+    for job_id in range(1, 5):
+        submit(state, job_id)  # no worker yet: all wait
+    assert not state.backlog_has_room()
+    worker = add_worker(state, 101)
+    notified = []
+    for _ in range(3):
+        with state.lock:
+            assign(state, 1)
+        notified.append(room.notified)
+        job_id = take(worker)  # the worker runs it; its result frees the worker
+        worker.outstanding.remove(job_id)
+    # Backlogs of 3, then 2 (= max - refill: the send thread is woken), then 1.
+    assert notified == [0, 1, 1]
 
 
 

@@ -62,8 +62,15 @@ from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, supervisor_log
 from taskpool.posix import mqueue, proc
 from taskpool.posix.handoff import PayloadHandoff
+from taskpool.posix.mailbox import Mailboxes
 from taskpool.posix.spool import Spool
 from taskpool.wire.queue import MAX_MESSAGE_SIZE
+
+# Jobs a worker holds at most without --preempt: the one it runs and one behind it.
+PREFETCH_CREDIT = 2
+# Mailboxes a Dealer has, for each worker of its pool: a replacement is forked as soon as
+# a worker is reaped, before the recv thread has drained the dead one's mailbox.
+MAILBOXES_PER_WORKER = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ class DealerConfig:
     plan: CrashPlan
     policy: SupervisionPolicy = SupervisionPolicy()
     preempt: bool = False
-    # Queue message sizes: the CLI's messages are small structs; an Executor's carry calls.
+    # Message sizes (a worker's mailbox, the result queue): the CLI's messages are small
+    # structs; an Executor's carry calls.
     request_message_size: int = MAX_MESSAGE_SIZE
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
@@ -94,7 +102,7 @@ class DealerConfig:
     def credit(self) -> int:
         """Jobs a worker may hold: one running and one prefetched, or only the running one
         with --preempt (an urgent job must never wait behind a prefetched one)."""
-        return 1 if self.preempt else mqueue.WORKER_QUEUE_DEPTH
+        return 1 if self.preempt else PREFETCH_CREDIT
 
 
 class Dealer:
@@ -113,14 +121,17 @@ class Dealer:
         # event is a DEBUG one.
         ack_every_job = (config.preempt or config.policy.timeout is not None
                          or log.isEnabledFor(logging.DEBUG))
+        # Made before any worker is forked: every worker inherits the mapping.
+        mailboxes = Mailboxes(MAILBOXES_PER_WORKER * config.layout.total_workers,
+                              config.credit, config.request_message_size)
         self.state = PoolState(
-            credit=config.credit, preempt=config.preempt,
+            credit=config.credit, mailboxes=mailboxes, preempt=config.preempt,
             pools={p.number: PoolSlots(p.number, p.size) for p in config.layout.pools},
             ack_every_job=ack_every_job, heartbeat=config.policy.heartbeat)
         self.supervisor = Supervisor(
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
-                        config.initializer, config.request_message_size, ack_every_job,
+                        config.initializer, ack_every_job,
                         config.shared_fds, config.spool, config.run_dir),
         )
         self.stopper = Stopper(self.state, config.policy.grace, ready_queue)
@@ -156,7 +167,7 @@ class Dealer:
         for thread in threads:
             thread.start()
         # No job is sent before the whole pool is up: a pool that cannot start its workers
-        # (the queue budget, say) runs nothing rather than a part of the pool.
+        # (fork() refused for good, say) runs nothing rather than a part of the pool.
         self.supervisor.pool_started.wait()
         if self.supervisor.failure is None:
             threads.append(threading.Thread(target=self._guarded(self.sender.run),
@@ -166,8 +177,6 @@ class Dealer:
 
     def _finish(self) -> int:
         """Once every other thread has ended: the stats, then the queues closed."""
-        for queue in self.state.spare_queues:
-            queue.close()
         stopper = self.stopper
         if self.supervisor.failure is not None and stopper.stop_reason is None:
             stopper.stop_reason = (

@@ -16,6 +16,7 @@ killed Dealer (which PR_SET_PDEATHSIG kills at once) are reaped here too, not le
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -129,16 +130,13 @@ class Main(EngineLoop):
         """Fork the Dealer and the TaskGenerator, and open main's ends of their pipes; False
         if the pool cannot start (its ready queue is refused): every job is then reported
         not done, with the reason."""
-        try:
-            ready_queue = self._create_ready_queue()
-        except mqueue.QueueLimitError as e:
-            self.config.report_error(str(e))
-            self.cut_short = True
-            self.end_reason = f"the pool could not start: {e}"
-            return False
-        record_r, record_w = os.pipe()
         streaming = self.config.source.jobs is None
-        intake_r, intake_w = os.pipe() if streaming else (None, None)
+        try:
+            ready_queue, (record_r, record_w), (intake_r, intake_w) = self._open_channels(
+                streaming)
+        except mqueue.QueueLimitError as e:
+            self._cannot_start(str(e))
+            return False
         main_pid = os.getpid()
         if self.config.results is not None:
             self.config.results.flush()
@@ -175,6 +173,31 @@ class Main(EngineLoop):
         live_fd = self.config.live_fd
         self.live_reader = LineReader(live_fd) if live_fd is not None else None
         return True
+
+    def _open_channels(self, streaming: bool) -> tuple[
+            posix_ipc.MessageQueue, tuple[int, int], tuple[int | None, int | None]]:
+        """The ready queue, the record pipe and (reading standard input) the intake pipe;
+        QueueLimitError, naming the limit, if the kernel refuses one of them."""
+        opened: list[int] = []
+        queue = self._create_ready_queue()
+        try:
+            opened += os.pipe()
+            if streaming:
+                opened += os.pipe()
+        except OSError as e:
+            queue.close()
+            for fd in opened:
+                os.close(fd)
+            if e.errno != errno.EMFILE:
+                raise
+            raise mqueue.QueueLimitError(mqueue.out_of_descriptors_reason()) from None
+        intake = (opened[2], opened[3]) if streaming else (None, None)
+        return queue, (opened[0], opened[1]), intake
+
+    def _cannot_start(self, reason: str) -> None:
+        self.config.report_error(reason)
+        self.cut_short = True
+        self.end_reason = f"the pool could not start: {reason}"
 
     # --- the loop's duties (core/loop.py) ------------------------------------------------
 
@@ -213,13 +236,12 @@ class Main(EngineLoop):
 
     def _create_ready_queue(self) -> posix_ipc.MessageQueue:
         """Of READY_MESSAGE_SIZE messages (JobBatches of 32 jobs) if the queue budget holds
-        them with the Dealer's and workers' queues; else, or if the kernel refuses them
+        them with the Dealer's result queue; else, or if the kernel refuses them
         (fs.mqueue.msgsize_max), of the smallest ones (batches of 4 jobs), so that a tight
-        budget (`ulimit -q`) goes to workers first."""
+        budget (`ulimit -q`) still runs. These two are all the queues a run has, whatever
+        its number of workers (workers take their jobs from mailboxes: posix/mailbox.py)."""
         dealer = self._dealer_config()
-        others = (mqueue.queue_cost(mqueue.RESULT_QUEUE_DEPTH, dealer.result_message_size)
-                  + dealer.layout.total_workers
-                  * mqueue.queue_cost(mqueue.WORKER_QUEUE_DEPTH, dealer.request_message_size))
+        others = mqueue.queue_cost(mqueue.RESULT_QUEUE_DEPTH, dealer.result_message_size)
         ready = mqueue.queue_cost(mqueue.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
         if mqueue.fits_budget(ready + others):
             try:

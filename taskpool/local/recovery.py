@@ -4,7 +4,7 @@
         │                 worker: after every message the worker sent
         v
     death_of()            why it died, as a Death (core/supervision.py)
-    Recovery._take_back   the jobs it held, and which of them were still in its queue
+    Recovery._take_back   the jobs it held, and which of them were still in its mailbox
     after_death()         for each: RESEND | FAIL | REQUEUE | SPLIT | NOT_DONE
     Recovery._resend      back in the backlog, and handed out again: all under the lock
     Recovery._log         once the lock is released, one line for each job
@@ -12,12 +12,12 @@
 
 No job is lost, whenever a worker dies:
 - a job is recorded in its worker's `outstanding` list, under the lock, in the same critical
-  section that sends it to that worker's own queue (and removed in the one that takes it
+  section that sends it to that worker's own mailbox (and removed in the one that takes it
   back, if it does). From then on the Dealer knows exactly which worker holds it, whether
   the worker has read it yet or not; so the seed's window between a worker's receive and
   its ACK does not exist here;
 - when a worker dies, the recv thread (after every message the worker sent) drains the dead
-  worker's queue: what is still there was never started; what is outstanding and not there
+  worker's mailbox: what is still there was never started; what is outstanding and not there
   was taken (at most one job: a worker takes the next job only after sending the result of
   the last). All of them are resent; only the taken one counts an attempt.
 """
@@ -209,21 +209,18 @@ class Recovery:
         return aftermath
 
     def _take_back(self, worker: WorkerHandle) -> set[int]:
-        """Take back the jobs still waiting in the dead worker's queue (never started), and
-        free what it had: its deadlines, its pool's preemption, its queue. Called with the
-        lock held."""
+        """Take back the jobs still waiting in the dead worker's mailbox (never started),
+        and free what it had: its deadlines, its pool's preemption, its mailbox. Called with
+        the lock held."""
         state = self.state
         pool = state.pools[worker.pool]
         if pool.preempting == worker.pid:
             pool.preempting = None
         state.forget_deadlines(worker.pid)
         unstarted = {job.job_id for job in worker.take_back_waiting()}
+        state.mailboxes.release(worker.mailbox)  # empty now: another worker's
         if state.short_of_workers and not state.stopping:
-            state.spare_queues.append(worker.request_queue)  # empty now: reusable
-            os.kill(os.getpid(), NUDGE_SIGNAL)
-        else:
-            worker.request_queue.close()
-            state.queues_closed += 1
+            os.kill(os.getpid(), NUDGE_SIGNAL)  # the recovery thread waits for a mailbox
         return unstarted
 
     def _decide(self, job_state: JobState, death: Death, started: bool) -> Held:

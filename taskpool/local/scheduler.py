@@ -4,7 +4,7 @@
 possible: the send thread (a new job), the recv thread (a result freed a worker, a death
 put jobs back) or the recovery thread (a new worker). It hands out all it can and returns
 what it did, for the caller to log once the lock is released. Nothing here blocks: a send
-goes only to a worker with free credit, so its queue has room.
+goes only to a worker with free credit, so its mailbox has room.
 
 The rules, each of which a user would call right:
 - A job runs only on a worker of its own pool, and waits only for one of them: pools have
@@ -13,7 +13,7 @@ The rules, each of which a user would call right:
   goes ahead of newer jobs of its priority.
 - Prefetch: a worker may hold one job queued behind the one it runs (credit 2), so that it
   never idles while the Dealer answers its result. A prefetched job is not committed: it is
-  taken back from the worker's queue (`_take_back`) when a job of higher priority arrives
+  taken back from the worker's mailbox (`_take_back`) when a job of higher priority arrives
   and no worker is free, and when a worker of its pool falls idle with nothing in the
   backlog. So a queued job never waits behind a lower one, nor behind a running job while
   another worker of its pool is idle.
@@ -137,8 +137,8 @@ def assign(state: PoolState, number: int, schedule: Schedule | None = None) -> S
                 # Idle, the worker takes it at once; no Ack will say so.
                 schedule.nudge |= state.expect_heartbeat(worker.pid, now)
             worker.outstanding.append(job_id)
-            # Never blocks: this worker has fewer outstanding jobs than its queue has slots.
-            worker.request_queue.send(JobMessage(job_state.job, attempt).encode(), timeout=0)
+            # Never blocks: this worker has fewer outstanding jobs than its mailbox has places.
+            worker.mailbox.send(JobMessage(job_state.job, attempt).encode())
             schedule.sent.append(Sent(job_state.job, worker.pid, attempt, now, job_state.again))
             job_state.again = None
         elif not _steal_for_idle(state, pool, tried, schedule):
@@ -184,12 +184,12 @@ def _take_back(
     state: PoolState, pool: PoolSlots, worker: WorkerHandle, tried: set[int],
     schedule: Schedule,
 ) -> bool:
-    """Take every unstarted job out of `worker`'s queue, back into the backlog, from where
-    `assign` sends them again in priority order. All of them, not one: the queue gives its
-    oldest first, which may be a job the worker has not started yet and that outranks the
-    one behind it. True if any was taken back."""
+    """Take every unstarted job out of `worker`'s mailbox, back into the backlog, from where
+    `assign` sends them again in priority order. All of them, not one: the worker takes its
+    oldest first, which may be a job it has not started yet and that outranks the one
+    behind it. True if any was taken back."""
     tried.add(worker.pid)
-    # Until its queue is empty: then the worker has taken what was left. (A Shutdown is
+    # Until its mailbox is empty: then the worker has taken what was left. (A Shutdown is
     # only sent once stopping, when nothing is assigned: never among these.)
     taken = worker.take_back_waiting()
     for job in taken:

@@ -13,9 +13,9 @@ Whichever of them adds a job to a backlog or frees a worker also hands out what 
 (`scheduler.assign`), in the same critical section: so no thread ever waits for a worker.
 
 Every field below is read and written under `PoolState.lock`, with one exception named
-where it is. Nothing blocks while holding the lock: sends to a worker's queue are
-non-blocking by construction (a worker never has more `outstanding` jobs than its queue
-has slots), and the recovery thread's fork() is quick.
+where it is. Nothing blocks while holding the lock: a send to a worker's mailbox never
+blocks (a worker never has more `outstanding` jobs than its mailbox has places), and the
+recovery thread's fork() is quick.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
-import posix_ipc
-
 from taskpool.core.supervision import Cause, Death
 from taskpool.model.jobs import Job
+from taskpool.posix.mailbox import Mailbox, Mailboxes
 from taskpool.wire import ProtocolError
 from taskpool.wire.queue import JobMessage, decode
 
@@ -51,31 +50,28 @@ BACKLOG_REFILL = 1_000
 class WorkerHandle:
     pid: int
     pool: int  # its job type
-    # This worker's own queue. The worker reads it; the Dealer only takes back from it
-    # jobs not yet started (a receive is atomic: each job is either taken by the worker or
-    # taken back, never both).
-    request_queue: posix_ipc.MessageQueue
+    # This worker's own mailbox (posix/mailbox.py). The worker takes its jobs from it; the
+    # Dealer only takes back from it jobs not yet started (atomically: each job is either
+    # taken by the worker or taken back, never both).
+    mailbox: Mailbox
     # Job ids sent to this worker and not yet answered by a Result, in the order sent. The
-    # worker takes them in this order (its queue is FIFO), one at a time.
+    # worker takes them in this order (its mailbox is FIFO), one at a time.
     outstanding: list[int] = field(default_factory=list)
     took_a_job: bool = False  # ever: a worker that never did is what a crash loop makes
     running: int | None = None  # the job it ACKed and has not answered yet (if acked)
 
     def take_back_waiting(self) -> list[Job]:
-        """Take every job still waiting in this worker's queue, unstarted, oldest first.
+        """Take every job still waiting in this worker's mailbox, unstarted, oldest first.
         Called with the lock held; never blocks."""
         waiting: list[Job] = []
-        while True:
-            try:
-                data, _ = self.request_queue.receive(timeout=0)
-            except posix_ipc.BusyError:
-                return waiting
+        for data in self.mailbox.take_back_all():
             try:
                 message = decode(data)
             except ProtocolError:
                 continue
             if isinstance(message, JobMessage):
                 waiting.append(message.job)
+        return waiting
 
 
 @dataclass
@@ -123,6 +119,9 @@ class Deadline:
 @dataclass
 class PoolState:
     credit: int  # jobs a worker may hold at once: one running, the rest queued
+    # Every worker's mailbox: allocated by the recovery thread as it forks a worker,
+    # released by the recv thread once it has drained a dead worker's.
+    mailboxes: Mailboxes
     lock: threading.Lock = field(default_factory=threading.Lock)
     workers: dict[int, WorkerHandle] = field(default_factory=dict)  # live: not yet reaped
     # Reaped, and their WorkerExited not yet handled by the recv thread. While a pid is here,
@@ -136,13 +135,10 @@ class PoolState:
     # thread also reads it without the lock at the top of its loop: a stale False costs
     # one more iteration, never a wrong send, since sends re-check it under the lock.
     stopping: bool = False
-    # Set by the recovery thread when the kernel refused a replacement's queue. The recv
-    # thread then hands each dead worker's drained queue over in `spare_queues` instead of
-    # closing it (a replacement reuses it, needing no new budget), and nudges the recovery
-    # thread.
+    # Set by the recovery thread when every mailbox is in use (dead workers' mailboxes not
+    # yet drained: a crash loop outrunning the recv thread). The recv thread nudges it when
+    # it releases one.
     short_of_workers: bool = False
-    spare_queues: list[posix_ipc.MessageQueue] = field(default_factory=list)
-    queues_closed: int = 0  # dead workers' queues closed so far, by the recv thread
     # Set by the recv thread (on Ack, Result, Heartbeat, Terminate) and by any thread that
     # sends a job not acked to an idle worker (scheduler.assign); enforced by the recovery
     # thread, which sleeps in sigtimedwait() until the earliest one. `wake_at` is when it

@@ -100,11 +100,8 @@ class Stopper:
                     state.kill_reasons[worker.pid] = Death.of(Cause.STOPPED_WITH_POOL)
                     os.kill(worker.pid, signal.SIGKILL)
                 else:
-                    try:
-                        # With all jobs done, every worker's queue is empty: never blocks.
-                        worker.request_queue.send(Shutdown().encode(), timeout=0)
-                    except posix_ipc.BusyError:
-                        os.kill(worker.pid, signal.SIGKILL)
+                    # A mailbox has a place for a Shutdown beyond the jobs it may hold.
+                    worker.mailbox.send(Shutdown().encode())
             state.backlog_room.notify_all()
         self._stop_send_thread()
         # The recovery thread may be waiting with no worker left to wake it.
@@ -145,8 +142,8 @@ class Stopper:
                                           if j not in taken_back]
                     if not worker.outstanding:
                         state.heartbeat_deadlines.pop(worker.pid, None)  # idle: owes no beat
-                    # The queue is empty now: never blocks. The worker reads it after its job.
-                    worker.request_queue.send(Shutdown().encode(), timeout=0)
+                    # The worker reads it after its job.
+                    worker.mailbox.send(Shutdown().encode())
             running, not_started = _unfinished(state)
             if grace is not None:
                 state.grace_deadline = Deadline(time.monotonic() + grace,

@@ -55,8 +55,9 @@ from taskpool.observe import log as tplog
 from taskpool.observe.log import event
 from taskpool.observe.log import supervisor_log as log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.mailbox import Mailbox
 from taskpool.posix.spool import Spool
-from taskpool.wire.queue import MAX_MESSAGE_SIZE, Terminate, WorkerExited
+from taskpool.wire.queue import Terminate, WorkerExited
 
 # The Dealer's parent-death signal. Not SIGKILL, which could land between a queue's mq_open
 # and mq_unlink and leave its name behind with nobody alive to sweep it (ipc's module doc).
@@ -122,7 +123,6 @@ class WorkerSetup:
     policy: SupervisionPolicy
     layout: PoolLayout
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
-    request_message_size: int = MAX_MESSAGE_SIZE
     ack_every_job: bool = True  # see protocol.is_acked
     shared_fds: frozenset[int] = frozenset()  # the Executor's initargs' (DealerConfig)
     spool: Spool | None = None  # the commands' texts (posix/spool.py); None: no commands
@@ -147,7 +147,7 @@ class Supervisor(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.fill_pool(starting=True)
+            self.fill_pool()
             self.pool_started.set()
             while True:
                 sig = self.wait_for_signal_or_deadline()
@@ -166,7 +166,7 @@ class Supervisor(threading.Thread):
                 with self.state.lock:
                     if self.state.stopping and not self.state.workers:
                         return
-        except (mqueue.QueueLimitError, ForkRefused) as e:
+        except ForkRefused as e:
             log.error("Cannot start a worker: %s", e)
             self.failure = e
         except BaseException as e:  # a bug: say so, and let the Dealer end the run
@@ -223,14 +223,13 @@ class Supervisor(threading.Thread):
         for pid, deadline in overdue:
             self._log_killed(pid, deadline.death)
 
-    def fill_pool(self, starting: bool = False) -> None:
+    def fill_pool(self) -> None:
         """Fork workers until every pool has its size again (unless stopping).
 
-        A replacement takes a spare queue (a dead worker's, drained) if there is one, else a
-        new one. When the kernel refuses a new queue: if dead workers' queues are still to
-        be drained, wait for the recv thread to hand them over (it nudges us); if not, the
-        pool runs smaller and says so, and tries again at the next death. Only a pool that
-        cannot start, or has no worker left, is a failure."""
+        Each worker takes a free mailbox. If none is free (dead workers' mailboxes not yet
+        drained: a crash loop outrunning the recv thread), wait for the recv thread, which
+        nudges us as it frees one. If the kernel refuses the fork, the pool runs smaller
+        and tries again later (`_fork_refused`)."""
         self.state.fork_retry_at = None  # this is the try
         while True:
             with self.state.lock:
@@ -238,44 +237,33 @@ class Supervisor(threading.Thread):
                 if self.state.stopping or pool is None:
                     self.state.short_of_workers = False
                     return
-                queue = self.state.spare_queues.pop() if self.state.spare_queues else None
-                closed_before = self.state.queues_closed
+                mailbox = self.state.mailboxes.allocate()
+                self.state.short_of_workers = mailbox is None
+                if mailbox is None:
+                    return
             try:
-                if queue is None:
-                    queue = mqueue.create_queue("worker", self.state.credit,
-                                             self.setup.request_message_size)
-            except mqueue.QueueLimitError as e:
-                with self.state.lock:
-                    if self.state.spare_queues or self.state.queues_closed != closed_before:
-                        continue  # budget or a queue was freed since we tried
-                    self.state.short_of_workers = True
-                    if self.state.exited:
-                        return  # the recv thread will hand over their queues
-                    if starting or self._a_pool_has_no_worker():
-                        raise  # its backlog would wait forever
-                    live = len(self.state.workers)
-                log.warning("Running with %d of %d workers until a queue frees up: %s",
-                            live, self.layout.total_workers, e)
-                return
-            try:
-                pid = self.spawn_worker(queue, pool)
+                pid = self.spawn_worker(mailbox, pool)
             except OSError as e:
+                self._release(mailbox)
                 if e.errno not in (errno.EAGAIN, errno.ENOMEM):
                     raise
-                self._fork_refused(queue, e)
+                self._fork_refused(e)
                 return
             if pid is None:
-                queue.close()
+                self._release(mailbox)
             else:
                 self._fork_accepted()
 
-    def _fork_refused(self, queue: posix_ipc.MessageQueue, error: OSError) -> None:
+    def _release(self, mailbox: Mailbox) -> None:
+        with self.state.lock:
+            self.state.mailboxes.release(mailbox)
+
+    def _fork_refused(self, error: OSError) -> None:
         """The kernel refused a fork: the pool runs smaller, says so once, and tries again
         after the backoff (a timed wait of this thread: fork_retry_at); it gives up only
         when a pool has no worker left and none could be started for a while."""
         now = time.monotonic()
         with self.state.lock:
-            self.state.spare_queues.append(queue)  # empty, and kept for the next try
             live = len(self.state.workers)
             stranded = self._a_pool_has_no_worker()
         first = self.backoff.failing_since is None
@@ -310,23 +298,23 @@ class Supervisor(threading.Thread):
                 return pool.number
         return None
 
-    def spawn_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> int | None:
-        """Fork a worker of `pool` on `request_queue`, and give it work; None if the pool
-        is stopping."""
+    def spawn_worker(self, mailbox: Mailbox, pool: int) -> int | None:
+        """Fork a worker of `pool` with `mailbox`, and give it work; None if the pool is
+        stopping."""
         schedule = Schedule()
         with self.state.lock:
             # Checked under the lock that the recv thread holds while it sends Shutdown to
             # every live worker: a worker is either told to shut down or never forked.
             if self.state.stopping:
                 return None
-            pid = self._fork(request_queue, pool)  # FORK SAFETY: see there
-            self.state.workers[pid] = WorkerHandle(pid, pool, request_queue)
+            pid = self._fork(mailbox, pool)  # FORK SAFETY: see there
+            self.state.workers[pid] = WorkerHandle(pid, pool, mailbox)
             self.state.pools[pool].forked += 1
             assign(self.state, pool, schedule)
         schedule.log(self.layout)
         return pid
 
-    def _fork(self, request_queue: posix_ipc.MessageQueue, pool: int) -> int:
+    def _fork(self, mailbox: Mailbox, pool: int) -> int:
         """fork(); the child becomes the worker and never returns. Called with state.lock
         held, by spawn_worker."""
         # FORK SAFETY. The child gets only this thread. The other threads of the process
@@ -352,9 +340,13 @@ class Supervisor(threading.Thread):
         #   held only inside logging, which calls none of our code under it.) threading's
         #   own at-fork hook resets its module state and the threads' internal locks;
         # - every other lock above belongs to an object the child never touches: it uses
-        #   only `self.setup`, the layout and its two queues, not the Dealer, the state, the
-        #   writer, the Events or the submit pipe's reader; it creates no queue and leaves
-        #   by os._exit(), so it never takes mqueue._CREATING;
+        #   only `self.setup`, the layout, its mailbox and the result queue, not the Dealer,
+        #   the state, the writer, the Events or the submit pipe's reader; it creates no
+        #   queue and leaves by os._exit(), so it never takes mqueue._CREATING;
+        # - its mailbox (posix/mailbox.py) is shared memory with a process-shared semaphore:
+        #   no lock a thread of ours could hold at the fork; the Dealer's threads touch
+        #   mailboxes only under state.lock, which we hold, and this child's is new: nothing
+        #   was posted to it yet;
         # - log lines go through log.FdHandler, one os.write() per line: no thread of ours
         #   holds the buffer lock of sys.stdout or sys.stderr (CPython gh-84579: not reset
         #   at fork) but on a path that is already a failure (logging's handleError after a
@@ -364,20 +356,20 @@ class Supervisor(threading.Thread):
         # - the GIL, the import lock and glibc's malloc locks are reset by CPython and glibc
         #   at fork; no thread of ours imports anything once the threads run, so no module
         #   import lock is held; posix_ipc holds no locks across its calls; libc for prctl()
-        #   was loaded before any thread started (proc._LIBC), so the child calls no
-        #   dlopen();
+        #   and the semaphores was loaded before any thread started (proc._LIBC,
+        #   mailbox._LIBC), so the child calls no dlopen();
         # - the child's first acts are to reset its signal handlers and mask and close every
-        #   descriptor it does not need; then it runs run_worker(), which uses only its two
-        #   queues and the log descriptor, and leaves by os._exit(), never returning into
-        #   this stack.
+        #   descriptor it does not need; then it runs run_worker(), which uses only its
+        #   mailbox, the result queue and the log descriptor, and leaves by os._exit(),
+        #   never returning into this stack.
         # PR_SET_PDEATHSIG ties a worker to the thread that forked it, which is why every
         # worker is forked here: this thread lives until the last worker is reaped.
         pid = os.fork()
         if pid == 0:
-            self._become_worker(request_queue, pool)
+            self._become_worker(mailbox, pool)
         return pid
 
-    def _become_worker(self, request_queue: posix_ipc.MessageQueue, pool: int) -> NoReturn:
+    def _become_worker(self, mailbox: Mailbox, pool: int) -> NoReturn:
         try:
             if self.layout.typed:
                 tplog.set_worker_pool(pool, self.layout.pool(pool).label)
@@ -387,14 +379,14 @@ class Supervisor(threading.Thread):
             proc.reset_signals_in_child(ignored=frozenset({signal.SIGINT, signal.SIGTERM}))
             setup = self.setup
             spool = {setup.spool.fd} if setup.spool is not None else set()
-            proc.close_fds_except({0, 1, 2, request_queue.mqd, setup.result_queue.mqd}
+            proc.close_fds_except({0, 1, 2, setup.result_queue.mqd}
                                   | spool | tplog.descriptors() | setup.shared_fds)
             proc.close_on_exec_all()  # a command it starts inherits none of them
             policy = setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
                                   policy.max_memory_mb, setup.ack_every_job, policy.timeout,
                                   setup.spool, setup.run_dir)
-            run_worker(request_queue, self.setup.result_queue, self.setup.plan, limits,
+            run_worker(mailbox, self.setup.result_queue, self.setup.plan, limits,
                        log_each_job=self.layout.typed, initializer=self.setup.initializer)
         finally:
             os._exit(EXIT_WORKER_FAILED)

@@ -1,6 +1,6 @@
 """The worker: a forked process that runs one job at a time.
 
-Protocol, per job (`JobLoop`): receive it from its own request queue, send an Ack to the
+Protocol, per job (`JobLoop`): take it from its own mailbox, send an Ack to the
 shared result queue (if the Dealer needs one: wire.queue.is_acked), run it, send the Result.
 Each step boundary is a `Step`; simulated crashes (--crash-rate) and injected kills
 (--inject-fault, a test hook) happen exactly there, so that a test can kill a worker at
@@ -43,6 +43,7 @@ from taskpool.observe import events as ev
 from taskpool.observe.log import event
 from taskpool.observe.log import worker_log as log
 from taskpool.posix.handoff import pool_handoff
+from taskpool.posix.mailbox import Mailbox
 from taskpool.posix.spool import Spool, attempt_paths
 from taskpool.wire import decoded_or_dropped
 from taskpool.wire.queue import (
@@ -150,7 +151,7 @@ def _run_initializer(initializer: bytes) -> None:
 
 
 def run_worker(
-    request_queue: posix_ipc.MessageQueue,
+    mailbox: Mailbox,
     result_queue: posix_ipc.MessageQueue,
     plan: CrashPlan,
     limits: WorkerLimits = WorkerLimits(),
@@ -158,9 +159,10 @@ def run_worker(
     initializer: bytes | None = None,
 ) -> NoReturn:
     """The worker, in the child the supervisor thread forked (supervisor.py argues why that
-    fork cannot deadlock). It uses its two queues and the log's descriptors, nothing else
-    of the Dealer's, and returns only through os._exit(): never into the parent's stack,
-    never by sys.exit(), which would run the Dealer's finally blocks and atexit handlers."""
+    fork cannot deadlock). It uses its mailbox, the result queue and the log's descriptors,
+    nothing else of the Dealer's, and returns only through os._exit(): never into the
+    parent's stack, never by sys.exit(), which would run the Dealer's finally blocks and
+    atexit handlers."""
     log.info("Starting up", extra=event(ev.WORKER_STARTED))
     if initializer is not None:
         _run_initializer(initializer)
@@ -172,7 +174,7 @@ def run_worker(
         heartbeat.start()  # before the memory cap: a thread's stack is address space too
     if limits.max_memory_mb is not None:
         _cap_address_space(limits.max_memory_mb)
-    JobLoop(request_queue, result_queue, plan, limits, log_each_job, heartbeat).serve()
+    JobLoop(mailbox, result_queue, plan, limits, log_each_job, heartbeat).serve()
 
 
 def _cap_address_space(megabytes: int) -> None:
@@ -193,14 +195,14 @@ class JobLoop:
 
     def __init__(
         self,
-        request_queue: posix_ipc.MessageQueue,
+        mailbox: Mailbox,
         result_queue: posix_ipc.MessageQueue,
         plan: CrashPlan,
         limits: WorkerLimits,
         log_each_job: bool,
         heartbeat: HeartbeatThread | None,
     ) -> None:
-        self.request_queue = request_queue
+        self.mailbox = mailbox
         self.result_queue = result_queue
         self.result_message_size = result_queue.max_message_size  # read once: mq_getattr
         self.plan = plan
@@ -217,10 +219,10 @@ class JobLoop:
             self.retire_if_due()
 
     def receive(self) -> JobMessage:
-        """The next job from the request queue; a Shutdown ends the worker here, and
-        anything else is logged and dropped."""
+        """The next job from the mailbox; a Shutdown ends the worker here, and anything
+        else is logged and dropped."""
         while True:
-            data, _priority = self.request_queue.receive()
+            data = self.mailbox.receive()
             message = decoded_or_dropped(decode, data, log, "message")
             if message is None:
                 continue

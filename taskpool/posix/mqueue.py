@@ -7,16 +7,18 @@ the queue lives exactly as long as some process of ours holds it open.
 
 The one window is the microseconds between mq_open and mq_unlink, and SIGKILL can land in
 it. Each creator has a survivor that removes what it left: main creates only before it forks
-anything; the Dealer creates (in its recovery thread alone) and main sweeps the Dealer's names
-when it reaps it; when main dies, the Dealer is told by a catchable parent-death signal, and
-every exit of a Dealer that main cannot see waits for a creation in progress to end
-(`exit_between_creations`). A name whose creator is
-dead (main killed during its own start-up) is swept by the next run (`sweep_abandoned_queues`).
+anything; the Dealer creates its one queue before it starts any thread, and main sweeps the
+Dealer's names when it reaps it; when main dies, the Dealer is told by a catchable
+parent-death signal, and every exit of a Dealer that main cannot see waits for a creation in
+progress to end (`exit_between_creations`). A name whose creator is dead (main killed during
+its own start-up) is swept by the next run (`sweep_abandoned_queues`).
 
 Queue budget: the kernel charges a queue about max_messages * (msgsize + 96) bytes against
-the user's RLIMIT_MSGQUEUE (819,200 bytes by default). Our messages are under 128 bytes, so a
-worker's queue of `WORKER_QUEUE_DEPTH` messages costs ~450 bytes and 64 workers fit with
-room to spare for other programs.
+the user's RLIMIT_MSGQUEUE (819,200 bytes by default), and counts it against
+fs.mqueue.queues_max (256 queues for every unprivileged user of the machine together). So a
+run has two queues whatever its number of workers, the ready queue and the result queue
+(workers take their jobs from mailboxes in shared memory: posix/mailbox.py): a CLI run's
+cost 13,440 bytes (10 x 1,024 and 10 x 128 byte messages).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import posix_ipc
 # The kernel's default fs.mqueue.msg_max is 10: never ask for more.
 READY_QUEUE_DEPTH = 10
 RESULT_QUEUE_DEPTH = 10
-WORKER_QUEUE_DEPTH = 2
 
 QUEUE_DIR = "/dev/mqueue"  # where Linux shows queue names, when mounted (containers mount it)
 _NAME_PREFIX = "taskpool-"
@@ -105,18 +106,24 @@ def _create_and_unlink(role: str, depth: int, msgsize: int) -> posix_ipc.Message
         # open" for EMFILE, which is what mq_open returns both when this process is out of
         # descriptors and when RLIMIT_MSGQUEUE is used up; ENOSPC is fs.mqueue.queues_max.
         if e.errno in (errno.EMFILE, errno.ENOMEM, errno.ENOSPC, None):
-            raise QueueLimitError(_which_limit(e.errno, depth, msgsize)) from None
+            raise QueueLimitError(_which_limit(_errno_of(e), depth, msgsize)) from None
         raise
     queue.unlink()
     return queue
 
 
+def _errno_of(error: OSError) -> int | None:
+    """posix_ipc raises OSError with no errno for ENOSPC (fs.mqueue.queues_max) and
+    EMFILE: its message says which."""
+    if error.errno is None and "insufficient space" in str(error).lower():
+        return errno.ENOSPC
+    return error.errno
+
+
 def _which_limit(error: int | None, depth: int, msgsize: int) -> str:
     """Which limit refused a queue, with its numbers and the setting that raises it."""
     if error != errno.ENOSPC and _out_of_descriptors():
-        fd_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return (f"this process ran out of file descriptors (`ulimit -n` is {fd_limit}): "
-                "each worker's queue is a descriptor of the Dealer; raise it with `ulimit -n`")
+        return out_of_descriptors_reason()
     queues_max = _read_sysctl("queues_max")
     if error == errno.ENOSPC or (queues_max.isdigit() and len(_queue_names_all()) >= int(
             queues_max)):
@@ -129,6 +136,13 @@ def _which_limit(error: int | None, depth: int, msgsize: int) -> str:
             f"{queue_cost(depth, msgsize)} bytes. Other programs, or queues still open in "
             "processes of an earlier run, may hold the rest: raise the limit with `ulimit -q` "
             "(or `prlimit --msgqueue`)")
+
+
+def out_of_descriptors_reason() -> str:
+    """What to tell a user whose process hit its descriptor limit (EMFILE)."""
+    fd_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process ran out of file descriptors (`ulimit -n` is {fd_limit}): "
+            "raise it with `ulimit -n`")
 
 
 def _out_of_descriptors() -> bool:

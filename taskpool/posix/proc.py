@@ -9,7 +9,9 @@ not need closed. What each fork's child may and may not touch is argued where th
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import resource
 import signal
 
 PR_SET_PDEATHSIG = 1  # prctl(2) options
@@ -97,13 +99,30 @@ def close_on_exec_all() -> None:
 def close_fds_except(keep: set[int]) -> None:
     """Close every descriptor not in `keep`: queues, pipes and pidfds a forked child
     inherited but must not hold (a held queue outlives its owner and eats the budget)."""
-    for name in os.listdir("/proc/self/fd"):
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        _close_range_except(keep)  # no descriptor left to list them with
+        return
+    for name in names:
         fd = int(name)
         if fd not in keep:
             try:
                 os.close(fd)
             except OSError:
                 pass  # the listing's own descriptor, already closed
+
+
+def _close_range_except(keep: set[int]) -> None:
+    """Close every descriptor below the limit but those in `keep`, range by range."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    start = 0
+    for fd in sorted(keep | {limit}):
+        if start < fd:  # closerange(a, b) with b <= a closes everything from a on
+            os.closerange(start, fd)
+        start = fd + 1
 
 
 def redirect_stdin_to_devnull() -> None:

@@ -1,4 +1,5 @@
-"""The wire formats, one module a channel: `queue` (POSIX queue messages), `records` (JSON
+"""The wire formats, one module a channel: `queue` (POSIX queue messages, and the same
+messages in a worker's mailbox, posix/mailbox.py), `records` (JSON
 lines on the pipes to main, and the results file's lines), `frames` (the Executor's pipes),
 `calls` (a CALL job's payload). Each is the only place that knows its bytes.
 
@@ -6,7 +7,7 @@ Who sends what, on which channel::
 
     TaskGenerator --JobBatch, Job, EndOfJobs----> ready queue ----> Dealer send thread
     Dealer (own threads) --Stop-----------------> ready queue ----> Dealer send thread
-    Dealer send thread --Job, Shutdown----------> request queue (one per worker) --> Worker
+    Dealer send thread --Job, Shutdown----------> mailbox (one per worker) -------> Worker
     Worker --Ack, Result, Heartbeat-------------> result queue ---> Dealer recv thread
     Dealer recovery thread --WorkerExited, Terminate--> result queue
     Dealer send thread --EndOfJobs--------------> result queue

@@ -312,9 +312,8 @@ class JobLoop:
         """The result to the Dealer: in one message if it fits; else its payload handed
         over out of the queue where the pool has a handoff (an Executor's: see
         posix/handoff.py), then the message that says so; else in parts."""
-        encoded = result.encode()
-        if len(encoded) <= self.result_message_size:
-            self.result_queue.send(encoded)
+        if Result.FIXED_SIZE + len(result.payload) <= self.result_message_size:
+            self.result_queue.send(result.encode())
         elif not self.handed_over(result):
             for part in result.encode_in_parts(self.result_message_size):
                 self.result_queue.send(part)

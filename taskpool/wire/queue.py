@@ -260,6 +260,7 @@ class Result(QueueMessage, mtype=MessageType.RESULT):
 
     # job id, attempt, worker pid, kind, value; then a CALL job's payload
     LAYOUT: ClassVar = struct.Struct("!QHIB8s")
+    FIXED_SIZE: ClassVar = _HEADER.size + LAYOUT.size  # the bytes before the payload
 
     job_id: int
     attempt: int

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import signal
 import subprocess
 import sys
 import sysconfig
 import textwrap
+from concurrent.futures import wait
 from pathlib import Path
 
 import executor_jobs as jobs
@@ -96,6 +99,67 @@ def test_a_large_result_survives_its_worker_retiring_right_after_sending_it() ->
     with taskpool.Executor(2, max_tasks_per_child=1, max_attempts=1) as pool:
         assert list(pool.map(jobs.random_bytes, sizes, range(9), timeout=WAIT)) == [
             jobs.random_bytes(n, seed) for seed, n in enumerate(sizes)]
+
+
+def _dealer_memfds(dealer: int) -> int:
+    """The Dealer's descriptors that are handoff memfds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{dealer}/fd"):
+        try:
+            link = os.readlink(f"/proc/{dealer}/fd/{fd}")
+        except OSError:
+            continue
+        count += link.startswith("/memfd:taskpool-payload")
+    return count
+
+
+def test_workers_killed_while_handing_over_large_results_lose_none_and_leave_none(
+        tmp_path: Path) -> None:
+    """Killed at random instants, some between a payload and its message: every result
+    arrives once and whole, and the Dealer holds no payload of a dead worker afterwards."""
+    rng = random.Random(21)
+    noted = tmp_path / "noted"
+    noted.mkdir()
+    sizes = [2_000, INLINE_LIMIT + 5_000, 300_000]
+    n = 600
+    with taskpool.Executor(2, max_attempts=0) as pool:
+        futures = [pool.submit(jobs.note_worker_bytes, x, str(noted), sizes[x % 3])
+                   for x in range(n)]
+        dealer = pool._dealer.pid
+        killed: set[int] = set()
+        # The next kill a few ms after the last, unless all is done.
+        while len(killed) < 12 and wait(futures, timeout=rng.uniform(0.002, 0.01)).not_done:
+            victims = [p for p in _children_of(dealer)
+                       if p not in killed and (noted / str(p)).exists()]
+            if victims:
+                killed.add(victim := rng.choice(victims))
+                os.kill(victim, signal.SIGKILL)
+        for x, future in enumerate(futures):
+            assert future.result(timeout=WAIT) == jobs.random_bytes(sizes[x % 3], x), x
+        assert _dealer_memfds(dealer) == 0
+    assert len(killed) >= 4, f"only {len(killed)} kills happened during the calls"
+
+
+def test_a_payload_whose_worker_died_before_announcing_it_is_dropped(tmp_path: Path) -> None:
+    """Its memfd goes when the Dealer hears of the death: a later handoff, which reads the
+    socket past it, does not keep it either."""
+    with taskpool.Executor(1) as pool:
+        assert pool.submit(jobs.hand_over_then_die, str(tmp_path / "died")).result(
+            timeout=WAIT) == "survived"
+        big = INLINE_LIMIT + 7
+        assert pool.submit(jobs.random_bytes, big, 3).result(timeout=WAIT) == (
+            jobs.random_bytes(big, 3))
+        assert _dealer_memfds(pool._dealer.pid) == 0
+
+
+def _children_of(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+        except OSError:
+            pass
+    return children
 
 
 # --- the handoff, in one process ---------------------------------------------------------

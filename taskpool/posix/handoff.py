@@ -22,10 +22,17 @@ still finds it (`take`, its message was sent) or drops it (`forget`, at the work
 WorkerExited: its message never came); if the Dealer dies, the kernel closes the socket and
 whatever is in it. A memfd is anonymous memory, gone with its last descriptor.
 
+Why not as a batch of calls goes (a memfd the reader opens through /proc/PID/fd/N): a worker
+that exits right after its result (max_tasks_per_child, a Shutdown) would take its memfd
+with it before the Dealer opened it; a socket owns what is in flight. Why not one memfd
+shared by the pool, a region a worker: a dead worker's unannounced region could not be told
+from that of a replacement given the same pid.
+
 The socket pair is made by the Dealer before it forks any worker; every worker inherits the
 send end (the Dealer keeps it in the workers' descriptors: DealerConfig.shared_fds), and
 finds it as this module's `pool_handoff()`, set in the Dealer's process by `install` before
-the first fork. A datagram is sent whole or not at all, so the workers share the socket.
+the first fork (a worker closes the receive end, and never touches its object). A datagram
+is sent whole or not at all, so the workers share the socket.
 Back-pressure: when net.unix.max_dgram_qlen (10) datagrams, or the send end's buffer
 (net.core.wmem_default, 208 KB), wait unread, a worker's sendmsg() blocks; each of them is
 taken as the Dealer reads its message (sent already, or about to be by a live worker past

@@ -7,10 +7,15 @@ import os
 import random
 import signal
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from taskpool.posix.mailbox import Mailboxes
+
+from harness import assert_done_right, assert_exactly_once, read_results, write_job_file
 
 
 def test_the_worker_takes_messages_in_the_order_sent_and_take_back_gets_the_rest() -> None:
@@ -118,3 +123,54 @@ def test_a_worker_killed_while_waiting_leaves_a_slot_another_worker_can_use() ->
     reused.send(b"go")
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_a_worker_cannot_reach_another_workers_mailbox_once_fenced() -> None:
+    boxes = Mailboxes(3, 2, 128)
+    mine, other = boxes.allocate(), boxes.allocate()
+    assert mine is not None and other is not None
+    mine.send(b"for you")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            mine.fence()
+            os.write(write_fd, mine.receive())  # its own slot: fine
+            other.send(b"stray write")  # SIGSEGV: the process ends here
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_fd, 100) == b"for you"
+    os.close(read_fd)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+    assert other.take_back() is None, "nothing reached the other slot"
+
+
+_ONE_MAILBOX_A_WORKER = """
+import sys
+import taskpool.local.dealer
+taskpool.local.dealer.MAILBOXES_PER_WORKER = 1  # a replacement waits for the dead one's
+from taskpool.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_pool_whose_mailboxes_are_all_in_use_waits_for_a_dead_workers_and_goes_on(
+    shared_dir: Path,
+) -> None:
+    """With one mailbox a worker, each replacement is forked before the recv thread has
+    drained its predecessor's: the recovery thread must wait for it (nudged by the recv
+    thread). Workers retire after every job and some crash: a death a job."""
+    jobs = write_job_file(shared_dir, ["fib 5"] * 300)
+    results = shared_dir / "r.jsonl"
+    faults = [arg for job in (3, 50, 150, 299)
+              for arg in ("--inject-fault", f"{job}:during_compute")]
+    code = subprocess.run(
+        [sys.executable, "-c", _ONE_MAILBOX_A_WORKER, "run", "--workers", "3", "--jobs",
+         str(jobs), "--results", str(results), "--max-tasks-per-child", "1", "-q", *faults],
+        stdin=subprocess.DEVNULL, timeout=300).returncode
+    assert code == 0
+    records = read_results(results)
+    assert_exactly_once(records, range(1, 301))
+    assert_done_right(records)

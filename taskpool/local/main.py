@@ -188,6 +188,9 @@ class Main(EngineLoop):
             queue.close()
             for fd in opened:
                 os.close(fd)
+            if e.errno == errno.ENFILE:
+                raise mqueue.QueueLimitError(
+                    "the system ran out of file descriptors (fs.file-max)") from None
             if e.errno != errno.EMFILE:
                 raise
             raise mqueue.QueueLimitError(mqueue.out_of_descriptors_reason()) from None

@@ -67,6 +67,14 @@ SUPERVISOR_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, NUDGE_SIGNAL, MA
 HOLD_OFF = 0.25  # seconds a due deadline waits while the recv thread has messages to read
 
 
+class ForkFailed(Exception):
+    """fork() itself failed (not what followed it, which never frees a worker's mailbox)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class ForkRefused(RuntimeError):
     """The kernel kept refusing to fork a worker for a pool that has none left."""
 
@@ -243,11 +251,11 @@ class Supervisor(threading.Thread):
                     return
             try:
                 pid = self.spawn_worker(mailbox, pool)
-            except OSError as e:
+            except ForkFailed as e:
                 self._release(mailbox)
-                if e.errno not in (errno.EAGAIN, errno.ENOMEM):
-                    raise
-                self._fork_refused(e)
+                if e.error.errno not in (errno.EAGAIN, errno.ENOMEM):
+                    raise e.error from None
+                self._fork_refused(e.error)
                 return
             if pid is None:
                 self._release(mailbox)
@@ -307,7 +315,10 @@ class Supervisor(threading.Thread):
             # every live worker: a worker is either told to shut down or never forked.
             if self.state.stopping:
                 return None
-            pid = self._fork(mailbox, pool)  # FORK SAFETY: see there
+            try:
+                pid = self._fork(mailbox, pool)  # FORK SAFETY: see there
+            except OSError as e:
+                raise ForkFailed(e) from None  # no worker has this mailbox: it goes back
             self.state.workers[pid] = WorkerHandle(pid, pool, mailbox)
             self.state.pools[pool].forked += 1
             assign(self.state, pool, schedule)
@@ -382,6 +393,7 @@ class Supervisor(threading.Thread):
             proc.close_fds_except({0, 1, 2, setup.result_queue.mqd}
                                   | spool | tplog.descriptors() | setup.shared_fds)
             proc.close_on_exec_all()  # a command it starts inherits none of them
+            mailbox.fence()  # no other worker's mailbox within its reach
             policy = setup.policy
             limits = WorkerLimits(policy.heartbeat, policy.max_tasks_per_child,
                                   policy.max_memory_mb, setup.ack_every_job, policy.timeout,

@@ -33,9 +33,11 @@ sends more: its credit), and one more for a Shutdown, so that a message is never
 over one the worker may still be reading.
 
 Nothing here is named: a killed run leaves nothing behind (the mapping ends with the last
-process that maps it), and nothing counts against any IPC limit. Memory: a slot costs
-128 + (depth + 1) * (4 + message size) bytes of shared memory (a CLI worker's: 524), touched
-only when used.
+process that maps it), and nothing counts against any IPC limit. Memory: a slot is
+128 + (depth + 1) * (4 + message size) bytes rounded up to whole pages (a CLI worker's
+4 KB, an Executor's 16 KB), two slots a worker, touched only when used. A worker fences
+off every slot but its own (`Mailbox.fence`): it can no more write into another worker's
+mailbox than it could into another worker's queue.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ for _name in ("sem_init", "sem_destroy", "sem_post", "sem_wait", "sem_trywait"):
     getattr(_LIBC, _name).argtypes = [ctypes.c_void_p] + (
         [ctypes.c_int, ctypes.c_uint] if _name == "sem_init" else [])
     getattr(_LIBC, _name).restype = ctypes.c_int
+_LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_LIBC.mprotect.restype = ctypes.c_int
+_PROT_NONE = 0
 
-# sizeof(sem_t) is 32 bytes in glibc on 64-bit machines and 128 in musl: room for either,
-# and every slot starts on a 64-byte boundary.
+# sizeof(sem_t) is 32 bytes in glibc and musl on 64-bit machines: room to spare.
 _SEM_SIZE = 128
 _LENGTH = struct.Struct("=I")  # a message's length, before its bytes in the ring
 
@@ -79,7 +83,9 @@ class Mailboxes:
         self.message_size = message_size
         self.places = depth + 1
         entry = _LENGTH.size + message_size
-        self.slot_size = -(-(_SEM_SIZE + self.places * entry) // 64) * 64
+        # Whole pages, so that a worker can fence off every slot but its own (`fence`).
+        page = mmap.PAGESIZE
+        self.slot_size = -(-(_SEM_SIZE + self.places * entry) // page) * page
         self.memory = mmap.mmap(-1, max(1, count) * self.slot_size)  # MAP_SHARED|ANONYMOUS
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         self.free = list(range(count - 1, -1, -1))  # slot numbers, the lowest last
@@ -111,12 +117,14 @@ class Mailbox:
     `head` (the Dealer's: where the next message goes) and `tail` (the worker's: the next
     message it reads)."""
 
-    __slots__ = ("memory", "slot", "sem", "start", "places", "entry", "head", "tail",
-                 "message_size")
+    __slots__ = ("memory", "base", "slot", "slot_size", "sem", "start", "places", "entry",
+                 "head", "tail", "message_size")
 
     def __init__(self, boxes: Mailboxes, slot: int) -> None:
         self.memory = boxes.memory
+        self.base = boxes._base
         self.slot = slot
+        self.slot_size = boxes.slot_size
         offset = slot * boxes.slot_size
         self.sem = boxes._base + offset  # the semaphore's address
         self.start = offset + _SEM_SIZE  # the ring's offset in the mapping
@@ -125,6 +133,15 @@ class Mailbox:
         self.entry = _LENGTH.size + boxes.message_size
         self.head = 0
         self.tail = 0
+
+    def fence(self) -> None:
+        """In the worker, once forked: make every other worker's slot inaccessible to this
+        process, so that a stray write (a C extension's, in a call) ends this worker with a
+        SIGSEGV, a crash like any, rather than corrupting another worker's mailbox."""
+        own = self.slot * self.slot_size
+        for start, end in ((0, own), (own + self.slot_size, len(self.memory))):
+            if start < end:
+                _check(_LIBC.mprotect(self.base + start, end - start, _PROT_NONE), "mprotect")
 
     def _at(self, index: int) -> int:
         return self.start + (index % self.places) * self.entry

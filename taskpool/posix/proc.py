@@ -116,11 +116,13 @@ def close_fds_except(keep: set[int]) -> None:
 
 
 def _close_range_except(keep: set[int]) -> None:
-    """Close every descriptor below the limit but those in `keep`, range by range."""
-    limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    """Close every descriptor but those in `keep`, range by range: up to the hard limit,
+    since some may have been opened under a higher soft limit than today's."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft if hard == resource.RLIM_INFINITY else max(soft, hard)
     start = 0
     for fd in sorted(keep | {limit}):
-        if start < fd:  # closerange(a, b) with b <= a closes everything from a on
+        if start < fd:  # closerange(a, 0) would close everything from a on
             os.closerange(start, fd)
         start = fd + 1
 

@@ -90,6 +90,29 @@ def note_worker(x: int, directory: str) -> int:
     return x * x
 
 
+def note_worker_bytes(seed: int, directory: str, size: int) -> bytes:
+    """random_bytes(size, seed), noting (once per worker) that this worker has taken a
+    job."""
+    note_worker(0, directory)
+    return random_bytes(size, seed)
+
+
+def hand_over_then_die(marker: str) -> str:
+    """The first time (no `marker` yet): what a worker killed between handing a result's
+    payload over and announcing it leaves (taskpool/posix/handoff.py), then death. After:
+    'survived'."""
+    if os.path.exists(marker):
+        return "survived"
+    open(marker, "w").close()
+    from taskpool.posix.handoff import INLINE_LIMIT, pool_handoff
+
+    handoff = pool_handoff()
+    assert handoff is not None
+    handoff.hand_over((os.getpid(), 2**40, 1), b"o" * (INLINE_LIMIT + 1))  # by memfd
+    os.kill(os.getpid(), signal.SIGKILL)
+    return "not reached"
+
+
 def random_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 

@@ -22,6 +22,7 @@ from taskpool.wire.queue import (
     JobMessage,
     MessageType,
     Result,
+    ResultHandedOver,
     ResultPart,
     Shutdown,
     Stop,
@@ -54,6 +55,7 @@ MESSAGES = [
     Terminate(15),
     JobBatch((Job(7, JobKind.FIB, 20, priority=3), Job(8, JobKind.SLEEP, 0.5, priority=3))),
     ResultPart(3, 2, 4242, b"the head of a payload"),
+    ResultHandedOver(3, 2, 4242, JobKind.CALL, 0.25, 5_000_000),
 ]
 
 
@@ -173,3 +175,11 @@ def test_a_done_record_is_the_record_of_the_jobs_result(job: Job, result: Result
 def test_malformed_pipe_records_are_rejected(line: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_record(line)
+
+
+def test_a_result_handed_over_carries_its_fields_and_size_and_gets_its_payload_back() -> None:
+    result = Result(3, 2, 4242, JobKind.CALL, 0.25, b"outcomes" * 1000)
+    assert len(result.encode()) == Result.FIXED_SIZE + len(result.payload)
+    message = decode(ResultHandedOver.of(result).encode())
+    assert isinstance(message, ResultHandedOver) and message.size == len(result.payload)
+    assert message.with_payload(result.payload) == result

@@ -33,6 +33,7 @@ DEATHS = {
     "preempted": Death.of(Cause.PREEMPTED, for_job=9),
     "grace_over": Death.of(Cause.GRACE_OVER, grace=10),
     "stopped_with_pool": Death.of(Cause.STOPPED_WITH_POOL),
+    "result_lost": Death.of(Cause.RESULT_LOST, size=5_000_000),
 }
 
 
@@ -49,6 +50,7 @@ DEATHS = {
     ("preempted", "was preempted for job 9"),
     ("grace_over", "was still running when the 10 s grace period ended"),
     ("stopped_with_pool", "was stopped with the pool"),
+    ("result_lost", "sent a result of 5000000 bytes that could not be read"),
 ])
 def test_each_death_says_why_in_the_words_the_log_and_results_use(death: str,
                                                                  reason: str) -> None:
@@ -70,7 +72,7 @@ def test_a_death_told_to_an_executor_caller_speaks_of_the_call(death: str,
 
 
 CHARGED = {"crashed", "exited", "timed_out", "no_heartbeat", "stopped", "memory_limit",
-           "initializer_failed", "raised", "worker_lost"}
+           "initializer_failed", "raised", "worker_lost", "result_lost"}
 
 
 @pytest.mark.parametrize("death", sorted(DEATHS))

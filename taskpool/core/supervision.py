@@ -69,6 +69,10 @@ class Cause(enum.Enum):
     PREEMPTED = Rule(False, "was preempted for job {for_job}", requeue=True)
     GRACE_OVER = Rule(False, "was still running when the {grace:g} s grace period ended")
     STOPPED_WITH_POOL = Rule(False, "was stopped with the pool")  # 2nd Ctrl-C, gave up
+    # A result's payload handed over out of the queue (posix/handoff.py) that the Dealer
+    # could not read (out of descriptors, say): the worker is ended, so that the attempt
+    # runs again. Charged, so that a Dealer that can never read one stops trying.
+    RESULT_LOST = Rule(True, "sent a result of {size} bytes that could not be read")
     # A job of real work (sh, exec, call): the worker lives; see after_failure.
     COMMAND_KILLED = Rule(True, "its command was killed by signal {signal} ({name})")
     EXITED_NONZERO = Rule(False, "exit status {status}", failed=True)

@@ -33,7 +33,12 @@ import threading
 from typing import Any, NoReturn
 
 from taskpool.core.supervision import Death, Decision
-from taskpool.executor.settings import REQUEST_MESSAGE_SIZE, RESULT_MESSAGE_SIZE, ExecutorSettings
+from taskpool.executor.settings import (
+    READY_QUEUE_DEPTH,
+    REQUEST_MESSAGE_SIZE,
+    RESULT_MESSAGE_SIZE,
+    ExecutorSettings,
+)
 from taskpool.local.dealer import Dealer, DealerConfig
 from taskpool.local.records import RecordWriter
 from taskpool.local.supervisor import MAIN_LOST_SIGNAL, SUPERVISOR_SIGNALS, silence_fork_warning
@@ -46,6 +51,8 @@ from taskpool.model.pools import PoolLayout
 from taskpool.observe import log as tplog
 from taskpool.observe.log import dealer_log as log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.handoff import PayloadHandoff
+from taskpool.posix.handoff import install as install_handoff
 from taskpool.wire import ProtocolError
 from taskpool.wire.calls import CallBatch
 from taskpool.wire.frames import (
@@ -164,7 +171,10 @@ def _serve(submit_fd: int, outcome_fd: int, lifeline_fd: int) -> int:
 
 def _run_dealer(settings: ExecutorSettings, read: Any, outcome_fd: int, lifeline_fd: int
                 ) -> int:
-    ready_queue = mqueue.create_queue("ready", mqueue.READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
+    ready_queue = mqueue.create_queue("ready", READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
+    # Made before any worker is forked, which inherits its send end (see handoff.py).
+    handoff = PayloadHandoff()
+    install_handoff(handoff)
     policy = SupervisionPolicy(
         max_attempts=settings.max_attempts, timeout=settings.timeout, heartbeat=None,
         max_tasks_per_child=settings.max_tasks_per_child,
@@ -173,12 +183,16 @@ def _run_dealer(settings: ExecutorSettings, read: Any, outcome_fd: int, lifeline
     config = DealerConfig(
         PoolLayout.single(settings.workers), CrashPlan(), policy,
         request_message_size=REQUEST_MESSAGE_SIZE, result_message_size=RESULT_MESSAGE_SIZE,
-        initializer=settings.initializer, shared_fds=frozenset(settings.shared_fds))
+        initializer=settings.initializer, handoff=handoff,
+        shared_fds=frozenset((*settings.shared_fds, handoff.send_end.fileno())))
     dealer = Dealer(config, ready_queue, FrameWriter(outcome_fd))
     for target, args in ((_intake, (read, ready_queue)), (_lifeline, (lifeline_fd,))):
         threading.Thread(target=target, args=args, name=target.__name__[1:],
                          daemon=True).start()
-    return dealer.run()
+    try:
+        return dealer.run()
+    finally:
+        handoff.close()
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from taskpool.observe import log as tplog
 from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, supervisor_log
 from taskpool.posix import mqueue, proc
+from taskpool.posix.handoff import PayloadHandoff
 from taskpool.posix.mailbox import Mailboxes
 from taskpool.posix.spool import Spool
 from taskpool.wire.queue import MAX_MESSAGE_SIZE
@@ -83,6 +84,9 @@ class DealerConfig:
     request_message_size: int = MAX_MESSAGE_SIZE
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
+    # Where workers hand over result payloads too large for a message (the Executor's:
+    # posix/handoff.py; its send end must be in `shared_fds`). None: in parts.
+    handoff: PayloadHandoff | None = None
     # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): kept open in
     # each worker, which otherwise closes all it does not need.
     shared_fds: frozenset[int] = frozenset()
@@ -140,7 +144,8 @@ class Dealer:
         recovery = Recovery(self.state, config.policy, config.layout, self.writer, tally,
                             self.stopper, config.run_dir)
         return Receiver(self.state, self.result_queue, self.writer, tally, recovery,
-                        self.stopper, config.policy, config.layout, config.jobs_total)
+                        self.stopper, config.policy, config.layout, config.jobs_total,
+                        handoff=config.handoff)
 
     def run(self) -> int:
         layout = self.config.layout

@@ -1,6 +1,7 @@
 """The recv thread: every message of the result queue, in order, and what follows from it.
 
-It reads what the workers send (Ack, Heartbeat, Result and its parts), what the recovery
+It reads what the workers send (Ack, Heartbeat, Result and its parts, or a Result whose
+payload was handed over out of the queue: posix/handoff.py), what the recovery
 thread posts (WorkerExited, Terminate) and the send thread's EndOfJobs. It owns the job
 records, the all-done decision, and, through Recovery (recovery.py), what to resend after
 a death. It is the sink: it never waits for another thread of ours (its sends to workers'
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +45,7 @@ from taskpool.model.pools import PoolLayout
 from taskpool.observe import events as ev
 from taskpool.observe.log import dealer_log as log
 from taskpool.observe.log import event, job_event
+from taskpool.posix.handoff import PayloadHandoff
 from taskpool.wire import ProtocolError, decoded_or_dropped
 from taskpool.wire.commands import Ending
 from taskpool.wire.queue import (
@@ -50,6 +54,7 @@ from taskpool.wire.queue import (
     Heartbeat,
     Message,
     Result,
+    ResultHandedOver,
     ResultPart,
     Terminate,
     WorkerExited,
@@ -92,6 +97,9 @@ class Receiver:
     # The jobs this run sends, when known before they are read (a job file): the base of
     # --halt fail=P%. None: the jobs read so far.
     jobs_total: int | None = None
+    # Where the workers hand over payloads too large for a message (an Executor's pool:
+    # posix/handoff.py); None: they come in parts.
+    handoff: PayloadHandoff | None = None
     # A result too large for one message, so far, by (worker pid, job id). Ours alone.
     result_parts: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
     failures_seen: int = 0  # the failures --halt has judged so far
@@ -135,6 +143,10 @@ class Receiver:
     def _handle(self, message: Message) -> None:
         if isinstance(message, Result):
             self._on_result(self._joined(message))
+        elif isinstance(message, ResultHandedOver):
+            result = self._taken(message)
+            if result is not None:
+                self._on_result(result)
         elif isinstance(message, ResultPart):
             self.result_parts.setdefault((message.pid, message.job_id), []).append(
                 message.piece)
@@ -293,7 +305,30 @@ class Receiver:
     def _on_worker_exited(self, exited: WorkerExited) -> None:
         for key in [key for key in self.result_parts if key[0] == exited.pid]:
             del self.result_parts[key]  # the rest of that result will never come
+        if self.handoff is not None:
+            self.handoff.forget(exited.pid)  # what it handed over and never announced
         self.recovery.on_worker_exited(exited)
+
+    def _taken(self, message: ResultHandedOver) -> Result | None:
+        """The Result whose payload was handed over before `message`; None if it cannot be
+        read. Then, as if the worker had died before sending it: the worker is ended (the
+        attempt's death, RESULT_LOST), and the job runs again."""
+        payload = None
+        if self.handoff is not None:
+            payload = self.handoff.take((message.pid, message.job_id, message.attempt),
+                                        message.size)
+        if payload is not None:
+            return message.with_payload(payload)
+        death = Death.of(Cause.RESULT_LOST, size=message.size)
+        log.error("Worker PID [%d] %s (job %d): ending it, so that the job runs again",
+                  message.pid, death.reason, message.job_id)
+        state = self.state
+        with state.lock:
+            if message.pid in state.workers:  # not reaped: the pid is still ours
+                state.forget_deadlines(message.pid)
+                state.kill_reasons[message.pid] = death
+                os.kill(message.pid, signal.SIGKILL)
+        return None
 
     def _joined(self, result: Result) -> Result:
         parts = self.result_parts.pop((result.pid, result.job_id), None)

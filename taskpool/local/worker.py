@@ -42,10 +42,20 @@ from taskpool.model.jobs import COMMAND_KINDS, Arg, Job, JobKind
 from taskpool.observe import events as ev
 from taskpool.observe.log import event
 from taskpool.observe.log import worker_log as log
+from taskpool.posix.handoff import pool_handoff
 from taskpool.posix.mailbox import Mailbox
 from taskpool.posix.spool import Spool, attempt_paths
 from taskpool.wire import decoded_or_dropped
-from taskpool.wire.queue import Ack, Heartbeat, JobMessage, Result, Shutdown, decode, is_acked
+from taskpool.wire.queue import (
+    Ack,
+    Heartbeat,
+    JobMessage,
+    Result,
+    ResultHandedOver,
+    Shutdown,
+    decode,
+    is_acked,
+)
 
 
 def _simulate_crash(job_id: int, step: Step, attempt: int) -> NoReturn:
@@ -299,12 +309,33 @@ class JobLoop:
         return (0 if ending.succeeded else 1), ending.encode()
 
     def answer(self, result: Result) -> None:
-        """The result to the Dealer, in parts if it is larger than a message."""
-        for encoded in result.encode_in_parts(self.result_message_size):
-            self.result_queue.send(encoded)
+        """The result to the Dealer: in one message if it fits; else its payload handed
+        over out of the queue where the pool has a handoff (an Executor's: see
+        posix/handoff.py), then the message that says so; else in parts."""
+        if Result.FIXED_SIZE + len(result.payload) <= self.result_message_size:
+            self.result_queue.send(result.encode())
+        elif not self.handed_over(result):
+            for part in result.encode_in_parts(self.result_message_size):
+                self.result_queue.send(part)
         if self.log_each_job:
             log.info("Done job %d", result.job_id,
                      extra=event(ev.JOB_FINISHED, job=result.job_id))
+
+    def handed_over(self, result: Result) -> bool:
+        """Whether `result`'s payload went by the pool's handoff, and its message after
+        it. Not if the pool has none, nor if the handoff failed (no descriptor or memory
+        for a memfd): the parts carry it then, more slowly."""
+        handoff = pool_handoff()
+        if handoff is None:
+            return False
+        try:
+            handoff.hand_over((self.pid, result.job_id, result.attempt), result.payload)
+        except OSError as e:
+            log.info("Sending job %d's result in parts: its handoff failed (%s)",
+                     result.job_id, e)
+            return False
+        self.result_queue.send(ResultHandedOver.of(result).encode())
+        return True
 
     def retire_if_due(self) -> None:
         self.jobs_done += 1

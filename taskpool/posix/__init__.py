@@ -1,1 +1,2 @@
-"""Linux plumbing: POSIX message queues and process set-up."""
+"""Linux plumbing: POSIX message queues, process set-up, and the handoff of payloads too
+large for a queue message."""

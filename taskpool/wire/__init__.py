@@ -18,7 +18,10 @@ and, when the caller is a taskpool.Executor (the Dealer runs in executor/host.py
 
     Executor feeder thread --Settings, Batch, End--> submit pipe ---> host's intake thread
     host intake thread --Job (kind CALL), EndOfJobs--> ready queue ---> Dealer send thread
-    Worker --ResultPart..., Result--------------> result queue (a result over one message)
+    Worker --ResultHandedOver-------------------> result queue (a result over one message,
+                                                  its payload first by the handoff socket,
+                                                  posix/handoff.py; where a pool has none,
+                                                  as ResultPart..., Result)
     Dealer recv thread --Outcomes, Failed, Stopped--> outcome pipe --> Executor collector
 
 A CALL job carries a CallBatch as a payload after the fixed fields, and its Result carries

@@ -39,6 +39,7 @@ class MessageType(enum.IntEnum):
     HEARTBEAT = 10
     RESULT_PART = 11
     JOB_BATCH = 12
+    RESULT_HANDED_OVER = 13
 
 
 # An argument or result is 8 bytes: float64 for sleep, int64 otherwise.
@@ -259,6 +260,7 @@ class Result(QueueMessage, mtype=MessageType.RESULT):
 
     # job id, attempt, worker pid, kind, value; then a CALL job's payload
     LAYOUT: ClassVar = struct.Struct("!QHIB8s")
+    FIXED_SIZE: ClassVar = _HEADER.size + LAYOUT.size  # the bytes before the payload
 
     job_id: int
     attempt: int
@@ -321,6 +323,41 @@ class ResultPart(QueueMessage, mtype=MessageType.RESULT_PART):
 
 
 @dataclass(frozen=True)
+class ResultHandedOver(QueueMessage, mtype=MessageType.RESULT_HANDED_OVER):
+    """A Result whose payload, too large for a message, was handed to the Dealer out of the
+    queue just before this message (posix/handoff.py, under the key (pid, job id,
+    attempt)): the Result's fields, and the payload's size."""
+
+    LAYOUT: ClassVar = struct.Struct("!QHIB8sQ")  # Result's fields; the payload's size
+
+    job_id: int
+    attempt: int
+    pid: int
+    kind: JobKind
+    value: Arg
+    size: int
+
+    def encode(self) -> bytes:
+        return self.HEADER + self.LAYOUT.pack(
+            self.job_id, self.attempt, self.pid, self.kind, _pack_value(self.kind, self.value),
+            self.size)
+
+    @classmethod
+    def decode(cls, body: bytes) -> ResultHandedOver:
+        job_id, attempt, pid, kind_code, raw, size = cls.LAYOUT.unpack(body)
+        kind = _kind(kind_code)
+        return cls(job_id, attempt, pid, kind, _unpack_value(kind, raw, True), size)
+
+    @classmethod
+    def of(cls, result: Result) -> ResultHandedOver:
+        return cls(result.job_id, result.attempt, result.pid, result.kind, result.value,
+                   len(result.payload))
+
+    def with_payload(self, payload: bytes) -> Result:
+        return Result(self.job_id, self.attempt, self.pid, self.kind, self.value, payload)
+
+
+@dataclass(frozen=True)
 class WorkerExited(QueueMessage, mtype=MessageType.WORKER_EXITED):
     """Sent by the recovery thread after it reaped `pid`. The worker is dead, so every message
     it sent is already in the result queue ahead of this one."""
@@ -333,7 +370,7 @@ class WorkerExited(QueueMessage, mtype=MessageType.WORKER_EXITED):
 
 Message = Union[
     JobMessage, JobBatch, EndOfJobs, Stop, Shutdown, Ack, Heartbeat, Result, ResultPart,
-    WorkerExited, Terminate,
+    ResultHandedOver, WorkerExited, Terminate,
 ]
 
 

@@ -6,9 +6,9 @@ When the tests run as root, each pool runs as `nobody` (root may pass queues_max
 msg_max), with RLIMIT_MSGQUEUE and RLIMIT_NOFILE set to those defaults, soft and hard, in
 the child before it becomes `nobody`: a design that needs more queues, queue bytes or
 descriptors than a normal user has fails here. (16 Executors of 8 workers in one process:
-tests/test_executor.py.)
+tests/test_executor_scale.py.)
 
-Each takes 3-5 s on a 2-core machine (about 1.2 GB of memory at 512 workers), so all are in
+Each takes 2-5 s on a 2-core machine (about 1.2 GB of memory at 512 workers), so all are in
 `make test`; `make soak` repeats the kills at 512 workers many more times.
 """
 

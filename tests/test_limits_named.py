@@ -96,6 +96,8 @@ def test_the_systems_queue_count_used_up_is_named_with_its_setting(shared_dir: P
     of queues meanwhile, and none of theirs frees one."""
     if os.geteuid() != 0:
         pytest.skip("needs root for a new IPC namespace, and a normal user in it")
+    if subprocess.run(["unshare", "--ipc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine allows no new IPC namespace (unshare --ipc)")
     jobs = write_job_file(shared_dir, ["fib 1"])
     filler = as_user(NOBODY, [sys.executable, "-c", _FILL_QUEUE_COUNT])
     pool = as_user(NOBODY, [sys.executable, "-m", "taskpool", "run", "--workers", "2",

@@ -18,6 +18,11 @@ from taskpool.posix.mailbox import Mailboxes
 
 from harness import assert_done_right, assert_exactly_once, read_results, write_job_file
 
+# The forks below play workers: each child uses only its mailbox and raw descriptors and
+# leaves by os._exit(), so a thread of pytest's (event readers of other tests) cannot
+# deadlock it; Python 3.12+ warns of any fork from a threaded process.
+pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+
 
 def test_the_worker_takes_messages_in_the_order_sent_and_take_back_gets_the_rest() -> None:
     boxes = Mailboxes(2, 2, 16)

@@ -492,7 +492,7 @@ def stdin_in_pieces(pieces: list[bytes]) -> Iterator[Callable[[], None]]:
 
 # --- leftovers ------------------------------------------------------------------------------
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """Processes (alive or zombie) in process group `pgid`: every process of a run."""
     members = []
     for entry in os.listdir("/proc"):
@@ -539,12 +539,12 @@ def leftovers_of(run: PoolRun, timeout: float = 10.0) -> list[str]:
     Processes get `timeout` to go (the promise is 2 s; the margin is for a loaded CI)."""
     if run.proc.poll() is None:
         return [f"main (PID {run.pid}) is still running"]
-    members = [p for p in _group_members(run.pid)]
+    members = [p for p in group_members(run.pid)]
     await_exit(members, timeout)
     for pid in members:
         _reap_if_ours(pid)  # orphans are reparented to the test process, a subreaper
     problems = []
-    for pid in _group_members(run.pid):
+    for pid in group_members(run.pid):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

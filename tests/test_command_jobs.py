@@ -10,30 +10,22 @@ import select
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from taskpool.observe import events as ev
 
-from harness import ROOT, PoolRun, read_results, wait_for_files, write_job_file
-
-
-def group_members(pgid: int) -> list[int]:
-    """Every process (a zombie too) whose process group is `pgid`."""
-    members = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if int(fields[2]) == pgid:
-            members.append(int(name))
-    return members
+from harness import (
+    ROOT,
+    PoolRun,
+    group_members,
+    read_results,
+    wait_for_files,
+    write_job_file,
+)
 
 
 def parent_of(pid: int) -> int:
@@ -64,55 +56,87 @@ def wait_until_ended(pids: list[int], timeout: float = 60.0) -> list[int]:
             os.close(fd)
 
 
-def by_job(path: Path) -> dict[int, dict]:
+def by_job(path: Path) -> dict[int, dict[str, Any]]:
     return {r["job"]: r for r in read_results(path)}
 
 
-def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
-        tmp_path: Path) -> None:
+@dataclass
+class MidCommand:
+    """A run (of either engine) whose job 1 is a command tree held mid-way in its first
+    attempt, and whose job 2 keeps the run open until the test releases it."""
+
+    run: PoolRun
+    marks: Path
+    kept: Path
+    results: Path
+    out: Path
+    leader: int  # the command's first process: its process group's id
+    tree: list[int]  # the processes of its group
+    worker: int  # the worker whose child it is
+
+
+def start_mid_command(tmp_path: Path, engine: list[str]) -> MidCommand:
     marks, kept = tmp_path / "marks", tmp_path / "kept"
     marks.mkdir()
     os.mkfifo(marks / "release")
     # Attempt 1: a shell, a subshell and its sleep, all in the command's group; it says so
     # in files, then waits. Attempt 2 prints and ends. Job 2 keeps the run going until the
-    # test has seen the first tree end: its death is the Dealer's doing, not the run's end.
+    # test has seen the first tree end: its death is the engine's doing, not the run's end.
     first = (f"if [ -e {marks}/first ]; then echo second attempt; else echo first attempt; "
              f"echo $$ > {marks}/leader; (sleep 300 & touch {marks}/first; wait) & wait; fi")
     jobs = write_job_file(tmp_path, [f"sh {first}", f"sh read line < {marks}/release"])
     results, out = tmp_path / "r.jsonl", tmp_path / "out.txt"
-    run = PoolRun(["--workers", "2", "--jobs", str(jobs), "--results", str(results),
+    run = PoolRun([*engine, "--workers", "2", "--jobs", str(jobs), "--results", str(results),
                    "--output-dir", str(kept)], events=tmp_path / "events.jsonl", stdout=out)
     wait_for_files(marks, lambda: (marks / "first").exists() or None, "the first attempt")
     leader = int((marks / "leader").read_text())
     tree = group_members(leader)
     assert len(tree) >= 3, f"the shell, the subshell and its sleep: {tree}"
-    worker = parent_of(leader)
-    assert worker in run.worker_pids(), "the command is a child of its worker"
-    [run_dir] = kept.glob("taskpool-run-*")
-    assert (run_dir / f"1.{worker}.out").read_text() == "first attempt\n"
+    return MidCommand(run, marks, kept, results, out, leader, tree, parent_of(leader))
 
-    os.kill(worker, signal.SIGKILL)
-    assert wait_until_ended(tree) == [], "the command's tree outlived its worker"
-    [resent] = run.wait_for_event(ev.JOB_RESENT)
-    assert (resent["job"], resent["worker"]) == (1, worker)
-    assert not (run_dir / f"1.{worker}.out").exists(), "the cut attempt's output is dropped"
-    with open(marks / "release", "w") as release:
+
+def kill_its_worker(case: MidCommand) -> None:
+    """SIGKILL the worker mid-command: the command's tree ends with it, the job is resent."""
+    os.kill(case.worker, signal.SIGKILL)
+    assert wait_until_ended(case.tree) == [], "the command's tree outlived its worker"
+    [resent] = case.run.wait_for_event(ev.JOB_RESENT)
+    assert (resent["job"], resent["worker"]) == (1, case.worker)
+
+
+def finish_mid_command(case: MidCommand) -> None:
+    """Release job 2; job 1 is done on its second attempt, its output kept once."""
+    with open(case.marks / "release", "w") as release:
         release.write("go\n")
-    assert run.finish() == 0
-    record = by_job(results)[1]
+    assert case.run.finish() == 0
+    record = by_job(case.results)[1]
     assert (record["status"], record["attempts"], record["exit_status"]) == ("done", 2, 0)
-    assert (kept / "1.out").read_text() == "second attempt\n", "its output, once"
-    assert out.read_text() == ""
-    assert group_members(leader) == []
+    assert (case.kept / "1.out").read_text() == "second attempt\n", "its output, once"
+    assert case.out.read_text() == ""
 
 
-def test_timeout_ends_a_command_that_ignores_sigterm(tmp_path: Path) -> None:
+def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
+        tmp_path: Path) -> None:
+    case = start_mid_command(tmp_path, [])
+    assert case.worker in case.run.worker_pids(), "the command is a child of its worker"
+    [run_dir] = case.kept.glob("taskpool-run-*")
+    assert (run_dir / f"1.{case.worker}.out").read_text() == "first attempt\n"
+    kill_its_worker(case)
+    assert not (run_dir / f"1.{case.worker}.out").exists(), "the cut attempt's output is dropped"
+    finish_mid_command(case)
+    assert group_members(case.leader) == []
+
+
+def run_a_command_past_its_timeout(tmp_path: Path, engine: list[str]
+                                   ) -> tuple[PoolRun, dict[int, dict[str, Any]], int]:
+    """A command that ignores SIGTERM run past its timeout, on one attempt, and a job after
+    it: the first fails for its timeout, the other is done. The run, its records, and the
+    command's first process (its process group's id)."""
     marks = tmp_path / "marks"
     marks.mkdir()
     jobs = write_job_file(tmp_path, [
         f"timeout=0.5 sh trap '' TERM; echo $$ > {marks}/leader; sleep 300", "sh echo fine"])
     results = tmp_path / "r.jsonl"
-    run = PoolRun(["--workers", "1", "--jobs", str(jobs), "--results", str(results),
+    run = PoolRun([*engine, "--workers", "1", "--jobs", str(jobs), "--results", str(results),
                    "--max-attempts", "1"], events=tmp_path / "events.jsonl")
     assert run.finish() == 1
     records = by_job(results)
@@ -120,7 +144,12 @@ def test_timeout_ends_a_command_that_ignores_sigterm(tmp_path: Path) -> None:
     assert records[1]["reason"] == "ran job 1 past its timeout of 0.5 s on 1 attempts"
     assert "exit_status" not in records[1]
     assert records[2]["status"] == "done"
-    assert group_members(int((marks / "leader").read_text())) == []
+    return run, records, int((marks / "leader").read_text())
+
+
+def test_timeout_ends_a_command_that_ignores_sigterm(tmp_path: Path) -> None:
+    run, _, leader = run_a_command_past_its_timeout(tmp_path, [])
+    assert group_members(leader) == []
     [failed] = run.events_named(ev.JOB_FAILED, job=1)
     assert failed["attempts"] == 1
 

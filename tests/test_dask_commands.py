@@ -7,12 +7,18 @@ process group in /proc, never by a log line."""
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_command_jobs import group_members, parent_of, wait_until_ended
+from test_command_jobs import (
+    by_job,
+    finish_mid_command,
+    kill_its_worker,
+    run_a_command_past_its_timeout,
+    start_mid_command,
+    wait_until_ended,
+)
 
 # Each test's runs have a TMPDIR of their own, empty at the end: no run directory, no Dask
 # scratch space, no job output left behind.
@@ -20,15 +26,11 @@ from test_dask import temporary_directory  # noqa: F401 - an autouse fixture
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, read_results, wait_for_files, write_job_file
+from harness import PoolRun, group_members, write_job_file
 
 pytest.importorskip("distributed")
 
 DASK = ["--engine", "dask"]
-
-
-def by_job(path: Path) -> dict[int, dict[str, Any]]:
-    return {r["job"]: r for r in read_results(path)}
 
 
 def _substance(record: dict[str, Any]) -> dict[str, Any]:
@@ -73,22 +75,10 @@ def test_sh_exec_and_call_jobs_give_the_local_engines_results_and_output(
 
 def test_timeout_ends_a_command_that_ignores_sigterm_and_its_worker_lives(
         tmp_path: Path) -> None:
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    jobs = write_job_file(tmp_path, [
-        f"timeout=0.5 sh trap '' TERM; echo $$ > {marks}/leader; sleep 300", "sh echo fine"])
-    results = tmp_path / "r.jsonl"
-    run = PoolRun([*DASK, "--workers", "1", "--jobs", str(jobs), "--results", str(results),
-                   "--max-attempts", "1"], events=tmp_path / "events.jsonl")
-    assert run.finish() == 1
-    records = by_job(results)
-    assert records[1]["status"] == "failed"
-    assert records[1]["reason"] == "ran job 1 past its timeout of 0.5 s on 1 attempts"
-    assert "exit_status" not in records[1]
-    assert records[2]["status"] == "done"
+    run, records, leader = run_a_command_past_its_timeout(tmp_path, DASK)
     # Ended: killed, the orphans among them reaped by whoever adopted them (no subreaper
     # here: a zombie may linger for a moment).
-    assert wait_until_ended(group_members(int((marks / "leader").read_text()))) == []
+    assert wait_until_ended(group_members(leader)) == []
     # The worker ended the command itself (SIGTERM, then SIGKILL): main killed no worker.
     assert run.events_named(ev.WORKER_KILLED) == [] and run.events_named(ev.WORKER_EXITED) == []
     assert records[1]["worker"] == records[2]["worker"]
@@ -157,34 +147,11 @@ def test_output_dir_keeps_each_jobs_output_and_results_name_the_files(tmp_path: 
 
 def test_worker_killed_mid_command_takes_the_command_tree_and_the_job_is_resent(
         tmp_path: Path) -> None:
-    marks, kept = tmp_path / "marks", tmp_path / "kept"
-    marks.mkdir()
-    os.mkfifo(marks / "release")
-    first = (f"if [ -e {marks}/first ]; then echo second attempt; else echo first attempt; "
-             f"echo $$ > {marks}/leader; (sleep 300 & touch {marks}/first; wait) & wait; fi")
-    jobs = write_job_file(tmp_path, [f"sh {first}", f"sh read line < {marks}/release"])
-    results, out = tmp_path / "r.jsonl", tmp_path / "out.txt"
-    run = PoolRun([*DASK, "--workers", "2", "--jobs", str(jobs), "--results", str(results),
-                   "--output-dir", str(kept)], events=tmp_path / "events.jsonl", stdout=out)
-    wait_for_files(marks, lambda: (marks / "first").exists() or None, "the first attempt")
-    leader = int((marks / "leader").read_text())
-    tree = group_members(leader)
-    assert len(tree) >= 3, f"the shell, the subshell and its sleep: {tree}"
-    worker = parent_of(leader)
-    [started] = run.events_named(ev.JOB_STARTED, job=1)
-    assert started["worker"] == worker, "the command is a child of its Dask worker"
-
-    os.kill(worker, signal.SIGKILL)
-    assert wait_until_ended(tree) == [], "the command's tree outlived its worker"
-    [resent] = run.wait_for_event(ev.JOB_RESENT)
-    assert (resent["job"], resent["worker"]) == (1, worker)
-    with open(marks / "release", "w") as release:
-        release.write("go\n")
-    assert run.finish() == 0
-    record = by_job(results)[1]
-    assert (record["status"], record["attempts"], record["exit_status"]) == ("done", 2, 0)
-    assert (kept / "1.out").read_text() == "second attempt\n", "its output, once"
-    assert out.read_text() == ""
+    case = start_mid_command(tmp_path, DASK)
+    [started] = case.run.events_named(ev.JOB_STARTED, job=1)
+    assert started["worker"] == case.worker, "the command is a child of its Dask worker"
+    kill_its_worker(case)
+    finish_mid_command(case)
 
 
 def test_halt_now_ends_the_running_commands_with_the_run(tmp_path: Path) -> None:

@@ -27,11 +27,9 @@ import pytest
 import taskpool
 from taskpool.executor.settings import (
     EXECUTOR_QUEUE_COST,
-    READY_QUEUE_DEPTH,
     REQUEST_MESSAGE_SIZE,
     RESULT_MESSAGE_SIZE,
 )
-from taskpool.posix import mqueue
 from taskpool.posix.handoff import INLINE_LIMIT, PayloadHandoff
 
 from harness import WAIT, as_user
@@ -43,12 +41,6 @@ BUDGET_USER = 47_021
 
 
 # --- the budget, from the settings ------------------------------------------------------
-
-def test_an_executors_queues_cost_what_its_settings_say() -> None:
-    assert EXECUTOR_QUEUE_COST == (
-        mqueue.queue_cost(READY_QUEUE_DEPTH, REQUEST_MESSAGE_SIZE)
-        + mqueue.queue_cost(mqueue.RESULT_QUEUE_DEPTH, RESULT_MESSAGE_SIZE))
-
 
 def test_sixteen_executors_take_under_half_of_a_users_default_queue_budget() -> None:
     """Whatever their number of workers: a worker costs no queue memory."""

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from taskpool.observe import events as ev
 
-from harness import PoolRun, _group_members
+from harness import PoolRun, group_members
 
 
 def _context_switches(pgid: int) -> dict[tuple[int, int], int]:
     """Voluntary + involuntary switches of every thread of every process of the run."""
     counts = {}
-    for pid in _group_members(pgid):
+    for pid in group_members(pgid):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:

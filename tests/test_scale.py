@@ -36,11 +36,11 @@ from harness import (
     WAIT,
     FileWatch,
     PoolRun,
-    _group_members,
     as_user,
     assert_done_right,
     assert_exactly_once,
     await_exit,
+    group_members,
     kill_quietly,
     read_results,
     write_job_file,
@@ -216,7 +216,7 @@ def test_an_executor_of_256_workers_starts_and_maps_as_a_normal_user(shared_dir:
     assert answer["squares"] == [x * x for x in range(20_000)]
     assert answer["chunked"] == [x**3 for x in range(5_000)]
     assert answer["crashes"] == 0
-    assert not await_exit([*pids, *_group_members(proc.pid)], timeout=WAIT), (
+    assert not await_exit([*pids, *group_members(proc.pid)], timeout=WAIT), (
         "the Executor's Dealer or workers outlived it")
 
 

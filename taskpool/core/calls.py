@@ -29,6 +29,7 @@ import traceback
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from taskpool.posix.proc import read_exactly
 from taskpool.wire.calls import PLAIN_TYPES, CallBatch, CallWhere, decode_memfd_ref
 
 
@@ -172,10 +173,7 @@ def _read_memfd(ref: bytes) -> bytes:
     pid, fd, size = decode_memfd_ref(ref)
     handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY)
     try:
-        data = os.pread(handle, size, 0)
-        while len(data) < size:
-            data += os.pread(handle, size - len(data), len(data))
-        return data
+        return read_exactly(handle, size)
     finally:
         os.close(handle)
 

@@ -30,6 +30,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ RESULT_MAX = 1 << 20
 EXIT_NOT_FOUND = 127
 EXIT_CANNOT_RUN = 126
 
+# A call's output is caught by pointing this process's descriptors 1 and 2 at its files:
+# two calls in one process (a Dask worker of several threads) would share them, so calls
+# in one process run one at a time.
+_CALL_LOCK = threading.Lock()
+
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
@@ -59,6 +65,20 @@ class Killed:
 
     signal: int = 0  # the signal that killed it; 0 if it timed out
     timed_out: bool = False
+
+
+def run_attempt(kind: JobKind, text: str, timeout: float | None, paths: tuple[str, str],
+                spawned: Callable[[int], None] | None = None) -> Ending | Killed:
+    """One attempt of a job of real work, its output to the files at `paths` (made new:
+    open_output): a call run here, or a command run to its end or its timeout."""
+    out_fd, err_fd = open_output(paths[0]), open_output(paths[1])
+    try:
+        if kind is JobKind.FUNCTION:
+            return run_call(text, out_fd, err_fd)
+        return run_command(kind, text, timeout, out_fd, err_fd, spawned)
+    finally:
+        os.close(out_fd)
+        os.close(err_fd)
 
 
 def run_command(kind: JobKind, text: str, timeout: float | None, stdout_fd: int,
@@ -139,7 +159,7 @@ def run_call(text: str, stdout_fd: int, stderr_fd: int) -> Ending:
     prints goes to the attempt's output files."""
     started = time.monotonic()
     _cwd_importable()
-    with _output_to(stdout_fd, stderr_fd):
+    with _CALL_LOCK, _output_to(stdout_fd, stderr_fd):
         try:
             module, function, args = call_spec(text)
             target = _resolve(module, function)

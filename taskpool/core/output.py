@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 
 from taskpool.model.outcome import JobRecord
 from taskpool.observe.log import main_log as log
+from taskpool.posix.proc import write_all
 from taskpool.posix.spool import attempt_paths
 
 _CHUNK = 1 << 20
@@ -87,7 +89,7 @@ def _copy(source: int, target: int) -> None:
         try:
             sent = os.sendfile(target, source, offset, _CHUNK)
         except OSError as e:
-            if e.errno not in (22, 38):  # EINVAL, ENOSYS: a target sendfile cannot write
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):  # a target sendfile cannot write
                 raise
             _copy_by_reads(source, target, offset)
             return
@@ -101,7 +103,5 @@ def _copy_by_reads(source: int, target: int, offset: int) -> None:
         chunk = os.pread(source, _CHUNK, offset)
         if not chunk:
             return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(target, view):]
+        write_all(target, chunk)
         offset += len(chunk)

@@ -23,23 +23,16 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from taskpool.core.commands import Killed, open_output, run_call, run_command
+from taskpool.core.commands import Killed, run_attempt
 from taskpool.model.jobs import JobKind
 from taskpool.posix.spool import attempt_paths
 
 # Each stream's output a given cluster's worker returns inline, at most: what main holds
 # for a job until it is recorded (it is recorded in the loop's turn that fetched it).
 INLINE_MAX = 1 << 20
-
-# A call's output is caught by pointing this process's descriptors 1 and 2 at its files:
-# two calls in one worker process (a worker of several threads) would share them, so
-# calls in one process run one at a time.
-_call_lock = threading.Lock()
-
 
 def run_real_work(kind: JobKind, job_id: int, text: str, timeout: float | None,
                   run_dir: str | None, spawned: Callable[[int], None]) -> dict[str, Any]:
@@ -63,23 +56,13 @@ def _killed(value: dict[str, Any]) -> bool:
 
 def _run(kind: JobKind, text: str, timeout: float | None, paths: tuple[str, str],
          spawned: Callable[[int], None]) -> dict[str, Any]:
-    out_fd, err_fd = open_output(paths[0]), open_output(paths[1])
-    try:
-        if kind is JobKind.FUNCTION:
-            with _call_lock:
-                ending = run_call(text, out_fd, err_fd)
-        else:
-            ended = run_command(kind, text, timeout, out_fd, err_fd, spawned)
-            if isinstance(ended, Killed):
-                # Never delivered: its files go now (main removes them too, on our cluster).
-                for path in paths:
-                    os.unlink(path)
-                return ({"d": 0.0, "timed_out": True} if ended.timed_out
-                        else {"d": 0.0, "signal": ended.signal})
-            ending = ended
-    finally:
-        os.close(out_fd)
-        os.close(err_fd)
+    ending = run_attempt(kind, text, timeout, paths, spawned)
+    if isinstance(ending, Killed):
+        # Never delivered: its files go now (main removes them too, on our cluster).
+        for path in paths:
+            os.unlink(path)
+        return ({"d": 0.0, "timed_out": True} if ending.timed_out
+                else {"d": 0.0, "signal": ending.signal})
     body: dict[str, Any] = json.loads(ending.encode())
     return body
 

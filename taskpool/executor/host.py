@@ -184,7 +184,7 @@ def _run_dealer(settings: ExecutorSettings, read: Any, outcome_fd: int, lifeline
         PoolLayout.single(settings.workers), CrashPlan(), policy,
         request_message_size=REQUEST_MESSAGE_SIZE, result_message_size=RESULT_MESSAGE_SIZE,
         initializer=settings.initializer, handoff=handoff,
-        shared_fds=frozenset((*settings.shared_fds, handoff.send_end.fileno())))
+        shared_fds=frozenset(settings.shared_fds))
     dealer = Dealer(config, ready_queue, FrameWriter(outcome_fd))
     for target, args in ((_intake, (read, ready_queue)), (_lifeline, (lifeline_fd,))):
         threading.Thread(target=target, args=args, name=target.__name__[1:],

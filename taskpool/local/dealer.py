@@ -85,7 +85,7 @@ class DealerConfig:
     result_message_size: int = MAX_MESSAGE_SIZE
     initializer: bytes | None = None  # the Executor's pickled (initializer, initargs)
     # Where workers hand over result payloads too large for a message (the Executor's:
-    # posix/handoff.py; its send end must be in `shared_fds`). None: in parts.
+    # posix/handoff.py; each worker keeps its send end). None: in parts.
     handoff: PayloadHandoff | None = None
     # Descriptors the initargs refer to (a multiprocessing.Queue's pipe): kept open in
     # each worker, which otherwise closes all it does not need.
@@ -132,12 +132,16 @@ class Dealer:
             self.state,
             WorkerSetup(self.result_queue, config.plan, config.policy, config.layout,
                         config.initializer, ack_every_job,
-                        config.shared_fds, config.spool, config.run_dir),
+                        config.shared_fds | self._handoff_fds(), config.spool, config.run_dir),
         )
         self.stopper = Stopper(self.state, config.policy.grace, ready_queue)
         self.receiver = self._receiver()
         self.sender = Sender(self.state, ready_queue, self.result_queue, config.layout)
         writer.reader_lost = self._reader_lost
+
+    def _handoff_fds(self) -> frozenset[int]:
+        handoff = self.config.handoff
+        return frozenset() if handoff is None else frozenset({handoff.send_end.fileno()})
 
     def _receiver(self) -> Receiver:
         config, tally = self.config, Tally()

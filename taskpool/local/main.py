@@ -243,8 +243,8 @@ class Main(EngineLoop):
         (fs.mqueue.msgsize_max), of the smallest ones (batches of 4 jobs), so that a tight
         budget (`ulimit -q`) still runs. These two are all the queues a run has, whatever
         its number of workers (workers take their jobs from mailboxes: posix/mailbox.py)."""
-        dealer = self._dealer_config()
-        others = mqueue.queue_cost(mqueue.RESULT_QUEUE_DEPTH, dealer.result_message_size)
+        # The Dealer's result queue: a CLI run's messages are of the smallest size.
+        others = mqueue.queue_cost(mqueue.RESULT_QUEUE_DEPTH, MAX_MESSAGE_SIZE)
         ready = mqueue.queue_cost(mqueue.READY_QUEUE_DEPTH, READY_MESSAGE_SIZE)
         if mqueue.fits_budget(ready + others):
             try:

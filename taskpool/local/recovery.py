@@ -43,11 +43,11 @@ from taskpool.local.scheduler import Schedule, assign, enqueue
 from taskpool.local.state import NUDGE_SIGNAL, JobState, PoolState, WorkerHandle
 from taskpool.local.stopping import Stopper
 from taskpool.model.exits import (
-    EXIT_COMMAND_KILLED_BASE,
     EXIT_COMMAND_TIMED_OUT,
     EXIT_INITIALIZER_FAILED,
     EXIT_MEMORY_LIMIT,
     EXIT_RETIRED,
+    command_signal,
 )
 from taskpool.model.jobs import COMMAND_KINDS, Job, JobKind
 from taskpool.model.policy import SupervisionPolicy
@@ -82,10 +82,8 @@ def death_of(exited: WorkerExited, killed_for: Death | None,
         seconds = (running.timeout if running is not None else None) or policy.timeout or 0
         return Death.of(Cause.TIMED_OUT, job=running.job_id if running else "?",
                         seconds=seconds)
-    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
-        sig = code - EXIT_COMMAND_KILLED_BASE
-        return Death.command_killed(sig)
-    return Death.crashed(status)
+    sig = command_signal(code)
+    return Death.crashed(status) if sig is None else Death.command_killed(sig)
 
 
 def _retired(wait_status: int) -> bool:

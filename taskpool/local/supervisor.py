@@ -40,12 +40,12 @@ from taskpool.local.scheduler import Schedule, assign
 from taskpool.local.state import NUDGE_SIGNAL, Deadline, PoolState, WorkerHandle
 from taskpool.local.worker import WorkerLimits, run_worker
 from taskpool.model.exits import (
-    EXIT_COMMAND_KILLED_BASE,
     EXIT_COMMAND_TIMED_OUT,
     EXIT_MAIN_LOST,
     EXIT_MEMORY_LIMIT,
     EXIT_RETIRED,
     EXIT_WORKER_FAILED,
+    command_signal,
 )
 from taskpool.model.faults import CrashPlan
 from taskpool.model.policy import SupervisionPolicy
@@ -102,8 +102,8 @@ def _how_it_ended(status: int) -> str:
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     if code == EXIT_COMMAND_TIMED_OUT:
         return "ended its command at its timeout"
-    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
-        sig = code - EXIT_COMMAND_KILLED_BASE
+    sig = command_signal(code)
+    if sig is not None:
         how = proc.describe_wait_status(sig)  # a raw status of "killed by signal sig"
         return f"exited: its command was {how}"
     return proc.describe_wait_status(status)

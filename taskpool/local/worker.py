@@ -28,7 +28,7 @@ from typing import NoReturn
 import posix_ipc
 
 from taskpool.core.calls import run_calls
-from taskpool.core.commands import Killed, open_output, run_call, run_command
+from taskpool.core.commands import Killed, run_attempt
 from taskpool.core.loads import execute
 from taskpool.model.exits import (
     EXIT_COMMAND_KILLED_BASE,
@@ -291,21 +291,11 @@ class JobLoop:
         limits = self.limits
         assert limits.spool is not None and limits.run_dir is not None
         text = limits.spool.load(int(job.arg)).decode("utf-8", "replace")
-        out_path, err_path = attempt_paths(limits.run_dir, job.job_id, self.pid)
-        out_fd, err_fd = open_output(out_path), open_output(err_path)
-        try:
-            if job.kind is JobKind.FUNCTION:
-                ending = run_call(text, out_fd, err_fd)
-            else:
-                ended = run_command(job.kind, text, job.timeout or limits.timeout, out_fd,
-                                    err_fd)
-                if isinstance(ended, Killed):
-                    os._exit(EXIT_COMMAND_TIMED_OUT if ended.timed_out
-                             else EXIT_COMMAND_KILLED_BASE + ended.signal)
-                ending = ended
-        finally:
-            os.close(out_fd)
-            os.close(err_fd)
+        paths = attempt_paths(limits.run_dir, job.job_id, self.pid)
+        ending = run_attempt(job.kind, text, job.timeout or limits.timeout, paths)
+        if isinstance(ending, Killed):
+            os._exit(EXIT_COMMAND_TIMED_OUT if ending.timed_out
+                     else EXIT_COMMAND_KILLED_BASE + ending.signal)
         return (0 if ending.succeeded else 1), ending.encode()
 
     def answer(self, result: Result) -> None:

@@ -38,3 +38,11 @@ EXIT_MEMORY_LIMIT = 76  # a job ran out of --max-memory: counts as a failed atte
 EXIT_INITIALIZER_FAILED = 77  # the Executor's initializer raised: this worker cannot work
 EXIT_COMMAND_TIMED_OUT = 78  # its command ran past its timeout: a crash of the attempt
 EXIT_COMMAND_KILLED_BASE = 160  # + N: its command was killed by signal N: a crash too
+
+
+def command_signal(code: int | None) -> int | None:
+    """The signal that killed a worker's command, from the worker's exit code (160 + N);
+    None for any other code."""
+    if code is not None and EXIT_COMMAND_KILLED_BASE < code < EXIT_COMMAND_KILLED_BASE + 65:
+        return code - EXIT_COMMAND_KILLED_BASE
+    return None

@@ -29,7 +29,7 @@ shared by the pool, a region a worker: a dead worker's unannounced region could 
 from that of a replacement given the same pid.
 
 The socket pair is made by the Dealer before it forks any worker; every worker inherits the
-send end (the Dealer keeps it in the workers' descriptors: DealerConfig.shared_fds), and
+send end (the Dealer keeps it open in each worker: local/dealer.py, _handoff_fds), and
 finds it as this module's `pool_handoff()`, set in the Dealer's process by `install` before
 the first fork (a worker closes the receive end, and never touches its object). A datagram
 is sent whole or not at all, so the workers share the socket.
@@ -47,6 +47,8 @@ import os
 import socket
 import struct
 from typing import Union
+
+from taskpool.posix.proc import read_exactly, write_all
 
 # The key of a handed-over payload: worker pid, job id, attempt (one worker runs an attempt).
 _KEY = struct.Struct("!IQH")
@@ -88,9 +90,7 @@ class PayloadHandoff:
                 # A send buffer below the default (net.core.wmem_default): by memfd.
         fd = os.memfd_create("taskpool-payload", os.MFD_CLOEXEC)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, payload)
             socket.send_fds(self.send_end, [head], [fd])
         finally:
             os.close(fd)  # the socket holds its own reference now
@@ -107,7 +107,7 @@ class PayloadHandoff:
         if isinstance(arrived, int):
             memfd = arrived
             try:
-                arrived = _read_exactly(memfd, size)
+                arrived = read_exactly(memfd, size)
             except OSError:
                 arrived = None
             finally:
@@ -156,16 +156,6 @@ class PayloadHandoff:
 def _close_if_memfd(arrived: Arrived) -> None:
     if isinstance(arrived, int):
         os.close(arrived)
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    data = os.pread(fd, size, 0)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), len(data))
-        if not more:
-            raise OSError(f"a handed-over payload has {len(data)} bytes of {size}")
-        data += more
-    return data
 
 
 # The handoff of the pool this process's Dealer runs, for its workers (forks of it): set

@@ -30,6 +30,18 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def read_exactly(fd: int, size: int, offset: int = 0) -> bytes:
+    """`size` bytes of a file at `offset` (pread: no shared position); OSError if it ends
+    before them."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise OSError(f"the file ends at {offset + len(data)}, before {offset + size}")
+        data += more
+    return data
+
+
 def set_parent_death_signal(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Die with `sig` when the thread that forked us exits; if the parent is already gone,
     exit now. Call first thing in a child."""

@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from taskpool.posix.proc import read_exactly
+
 RUN_DIR_PREFIX = "taskpool-run-"
 _LENGTH_BITS = 24  # a text's length: up to 16 MB (a line is at most 1 MB)
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
@@ -57,14 +59,7 @@ class Spool:
         return (offset << _LENGTH_BITS) | len(data)
 
     def load(self, ref: int) -> bytes:
-        offset, length = ref >> _LENGTH_BITS, ref & _LENGTH_MASK
-        data = os.pread(self.fd, length, offset)
-        while len(data) < length:
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise OSError(f"the spool ends before {offset + length}")
-            data += more
-        return data
+        return read_exactly(self.fd, ref & _LENGTH_MASK, ref >> _LENGTH_BITS)
 
     def close(self) -> None:
         os.close(self.fd)
